@@ -1,0 +1,109 @@
+"""Adapter op throughput: fused Triton vs eager reference vs torch.compile(reference) vs the
+memory floor (bytes that must move / measured device copy bandwidth).
+
+    python benchmarks/bench_adapter.py [--out benchmarks/results] [--quick]
+
+Forward is `residual + adapter(h)`; fwd+bwd adds the gradients of h, the residual and all six
+weights. Floor bytes: forward reads x and h and writes out; backward reads dy and h and writes dh.
+On CPU only the eager reference runs (small shapes): the fused and compiled numbers need CUDA.
+"""
+import argparse
+
+import torch
+
+from cma_benchmarks.common import copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
+from cma_kernels import adapter_reference, fused_adapter
+
+GPU_SHAPES = [(N, D) for D in (512, 768) for N in (19200, 153600, 1048576)]
+CPU_SHAPES = [(4096, 512), (4096, 768)]
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def make_inputs(N, D, r, ds, dtype, device, seed=0):
+    """Fresh random adapter inputs: (h, residual, [w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared])."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    weights = [rand(r, D, scale=0.02), rand(r, scale=0.02), rand(D - ds, r, scale=0.02), rand(D - ds, scale=0.02),
+               rand(ds, r, scale=0.02), rand(ds, scale=0.02)]
+    return rand(N, D), rand(N, D), weights
+
+
+def bench_shape(N, D, dtype, device, r, ds, variants, bandwidth):
+    h, x, weights = make_inputs(N, D, r, ds, dtype, device)
+    inputs = [h, x] + weights
+    dy = torch.randn(N, D, dtype=dtype, device=device)
+    row = {"N": N, "D": D, "dtype": str(dtype).replace("torch.", ""), "r": r, "d_s": ds}
+    for name, fn in variants.items():
+        with torch.no_grad():
+            row[f"{name}_fwd_ms"] = time_ms(lambda: fn(h, *weights, residual=x), device)
+        row[f"{name}_fwdbwd_ms"] = time_ms(
+            lambda: torch.autograd.grad(fn(h, *weights, residual=x), inputs, dy), device)
+    nbytes = N * D * dtype.itemsize
+    row["floor_fwd_ms"] = 3 * nbytes / (bandwidth * 1e9) * 1e3
+    row["floor_fwdbwd_ms"] = 6 * nbytes / (bandwidth * 1e9) * 1e3
+    if "fused" in variants:
+        row["fused_fwd_pct_of_copy_bw"] = 100 * row["floor_fwd_ms"] / row["fused_fwd_ms"]
+        row["fused_fwdbwd_pct_of_copy_bw"] = 100 * row["floor_fwdbwd_ms"] / row["fused_fwdbwd_ms"]
+    return row
+
+
+def plot(rows, variants, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    labels = [f"{r['dtype']}\n{r['N']}x{r['D']}" for r in rows]
+    names = list(variants) + ["floor"]
+    width = 0.8 / len(names)
+    for ax, kind in zip(axes, ("fwd", "fwdbwd")):
+        for i, name in enumerate(names):
+            ax.bar([j + i * width for j in range(len(rows))], [r[f"{name}_{kind}_ms"] for r in rows], width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (median)")
+        ax.set_title("forward" if kind == "fwd" else "forward + backward")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/bench", help="folder for the JSON/CSV/PNG results (default runs/bench)")
+    p.add_argument("--quick", action="store_true", help="GPU: only N=19200 and 153600 at D=768")
+    p.add_argument("--r", type=int, default=8, help="bottleneck width r (default 8, the MSR-VTT config)")
+    p.add_argument("--ds", type=int, default=16, help="shared channels d_s (default 16)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = run_info(device)
+    bandwidth = copy_bandwidth_gbps(device)
+    info["copy_GBps"] = bandwidth
+    if device.type == "cuda":
+        variants = {"fused": fused_adapter, "eager": adapter_reference,
+                    "compile": torch.compile(adapter_reference, dynamic=False)}
+        shapes = [(N, 768) for N in (19200, 153600)] if args.quick else GPU_SHAPES
+        dtypes = list(DTYPES.values())
+    else:
+        print("No CUDA device: timing the eager reference on CPU only. Fused and torch.compile numbers need CUDA.")
+        variants, shapes, dtypes = {"eager": adapter_reference}, CPU_SHAPES, [torch.float32]
+    print(f"{info['device']}  copy bandwidth {bandwidth:.0f} GB/s  r={args.r} d_s={args.ds}")
+
+    rows = [bench_shape(N, D, dt, device, args.r, args.ds, variants, bandwidth) for dt in dtypes for N, D in shapes]
+    cols = ["dtype", "N", "D"] + [f"{v}_{k}_ms" for k in ("fwd", "fwdbwd") for v in list(variants) + ["floor"]]
+    if "fused" in variants:
+        cols += ["fused_fwd_pct_of_copy_bw", "fused_fwdbwd_pct_of_copy_bw"]
+    print_table(rows, cols)
+    stem = f"adapter_{slug(info['device'])}_{info['date']}"
+    path = write_results(args.out, stem, info, rows)
+    plot(rows, variants, path + ".png")
+    print(f"wrote {path}.json, .csv, .png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""cma_kernels: fused Triton kernels for the Cross-Modal Adapter, the plain PyTorch reference they
+are tested against, and the C++ frame-preprocessing op."""
+from .reference import ACTIVATIONS, activation_fn, adapter_reference
+from .fused_adapter import MAX_RANK, adapter_backward, adapter_forward, fused_adapter, triton_runs_on
+
+__all__ = ["ACTIVATIONS", "activation_fn", "adapter_reference", "MAX_RANK", "adapter_backward",
+           "adapter_forward", "fused_adapter", "triton_runs_on"]

@@ -1,0 +1,399 @@
+"""Fused Cross-Modal Adapter: one Triton launch forward, one backward (weight grads included).
+
+    out = residual + h + [W_up_unique; W_up_shared] . act(W_down . h + b_down) + [b_up_unique; b_up_shared]
+
+Forward reads h (and the residual) once and writes out once: a program owns BLOCK_N rows,
+loops over D in BLOCK_D chunks to accumulate the r-wide bottleneck z in fp32, applies the
+activation, then loops over D again (h chunks come back from cache) writing the output.
+
+Backward recomputes z from h instead of saving it, so nothing of size N x D is saved beyond h.
+A program owns a contiguous run of row tiles; per tile it accumulates z and
+da = dy . W_up, then sweeps D again writing dh = dy + (da * act'(z)) . W_down and adding the
+tile's weight-gradient products into ITS OWN fp32 partial buffers (no atomics). The partials
+are summed over programs by torch afterwards: the same inputs give bit-identical gradients.
+The residual's gradient is dy itself.
+
+r < 16 is padded to 16 with masked zero rows so tl.dot sees K >= 16 on the GPU (REFERENCE.md
+section 7). fp32 inputs use IEEE dots so fp32 matches fp32 PyTorch; 16-bit inputs use tensor
+cores with fp32 accumulation.
+"""
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import ACTIVATIONS
+
+MAX_RANK = 64   # r up to this runs fused; larger bottlenecks use the reference path
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """True where the kernels can launch: CUDA, or CPU under TRITON_INTERPRET=1."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    if ACT == 0:  # quick_gelu
+        return z * tl.sigmoid(1.702 * z)
+    else:  # exact gelu
+        return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _activation_grad(z, ACT: tl.constexpr):
+    if ACT == 0:
+        s = tl.sigmoid(1.702 * z)
+        return s + 1.702 * z * s * (1.0 - s)
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        return cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+@triton.jit
+def _load_w_up(w_up_unique_ptr, w_up_shared_ptr, cols, col_mask, ranks, rank_mask, D_UNIQUE, R: tl.constexpr):
+    """W_up rows for output channels `cols` as a [BLOCK_D, R_PAD] tile: unique rows, then shared."""
+    is_shared = cols >= D_UNIQUE
+    unique = tl.load(w_up_unique_ptr + cols[:, None] * R + ranks[None, :],
+                     mask=(col_mask & ~is_shared)[:, None] & rank_mask[None, :], other=0.0)
+    shared = tl.load(w_up_shared_ptr + (cols - D_UNIQUE)[:, None] * R + ranks[None, :],
+                     mask=(col_mask & is_shared)[:, None] & rank_mask[None, :], other=0.0)
+    return unique + shared
+
+
+@triton.jit
+def _adapter_fwd_kernel(
+    h_ptr,              # [N, D] row stride stride_h, unit column stride
+    residual_ptr,       # [N, D] row stride stride_res; unused unless HAS_RESIDUAL
+    out_ptr,            # [N, D] contiguous
+    w_down_ptr,         # [R, D] contiguous
+    b_down_ptr,         # [R]
+    w_up_unique_ptr,    # [D - DS, R] contiguous
+    b_up_unique_ptr,    # [D - DS]
+    w_up_shared_ptr,    # [DS, R] contiguous
+    b_up_shared_ptr,    # [DS]
+    N, D, DS, stride_h, stride_res,
+    R: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    dtype = h_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = rows.to(tl.int64)
+    ranks = tl.arange(0, R_PAD)
+    rank_mask = ranks < R
+    D_UNIQUE = D - DS
+
+    # z = h . W_down^T, accumulated over D chunks in fp32: [BLOCK_N, R_PAD]
+    z = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        w_down_t = tl.load(w_down_ptr + ranks[None, :] * D + cols[:, None],
+                           mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
+        z = tl.dot(h, w_down_t.to(dtype), z, input_precision=DOT_PRECISION)
+    z += tl.load(b_down_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
+    a = _activation(z, ACT).to(dtype)
+
+    # out = residual + h + a . W_up^T + b_up, one D chunk at a time
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        w_up = _load_w_up(w_up_unique_ptr, w_up_shared_ptr, cols, col_mask, ranks, rank_mask, D_UNIQUE, R)
+        is_shared = cols >= D_UNIQUE
+        b_up = (tl.load(b_up_unique_ptr + cols, mask=col_mask & ~is_shared, other=0.0)
+                + tl.load(b_up_shared_ptr + (cols - D_UNIQUE), mask=col_mask & is_shared, other=0.0))
+        y = tl.dot(a, tl.trans(w_up.to(dtype)), input_precision=DOT_PRECISION)
+        h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+        y += h.to(tl.float32) + b_up.to(tl.float32)[None, :]
+        if HAS_RESIDUAL:
+            res = tl.load(residual_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
+            y += res.to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * D + cols[None, :], y, mask=mask)
+
+
+@triton.jit
+def _adapter_bwd_kernel(
+    dy_ptr,             # [N, D] row stride stride_dy, unit column stride
+    h_ptr,              # [N, D] row stride stride_h, unit column stride
+    dh_ptr,             # [N, D] contiguous
+    w_down_ptr,         # [R, D] contiguous
+    b_down_ptr,         # [R]
+    w_up_unique_ptr,    # [D - DS, R] contiguous
+    w_up_shared_ptr,    # [DS, R] contiguous
+    dw_down_part_ptr,   # [P, R_PAD, D] fp32, this program's partial dL/dW_down
+    db_down_part_ptr,   # [P, R_PAD] fp32
+    dw_up_part_ptr,     # [P, D, R_PAD] fp32, output channels in order: unique rows, then shared rows
+    db_up_part_ptr,     # [P, D] fp32
+    N, D, DS, stride_dy, stride_h, TILES_PER_PROGRAM,
+    R: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    dtype = h_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    ranks = tl.arange(0, R_PAD)
+    rank_mask = ranks < R
+    D_UNIQUE = D - DS
+    b_down = tl.load(b_down_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
+    dw_down_part_ptr += pid.to(tl.int64) * R_PAD * D
+    dw_up_part_ptr += pid.to(tl.int64) * D * R_PAD
+    db_up_part_ptr += pid.to(tl.int64) * D
+    db_down = tl.zeros((R_PAD,), dtype=tl.float32)
+
+    for tile in range(pid * TILES_PER_PROGRAM, (pid + 1) * TILES_PER_PROGRAM):
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        rows = rows.to(tl.int64)
+
+        # sweep 1: z = h . W_down^T and da = dy . W_up, both [BLOCK_N, R_PAD] fp32
+        z = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        da = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+            dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(dtype)
+            w_down_t = tl.load(w_down_ptr + ranks[None, :] * D + cols[:, None],
+                               mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
+            w_up = _load_w_up(w_up_unique_ptr, w_up_shared_ptr, cols, col_mask, ranks, rank_mask, D_UNIQUE, R)
+            z = tl.dot(h, w_down_t.to(dtype), z, input_precision=DOT_PRECISION)
+            da = tl.dot(dy, w_up.to(dtype), da, input_precision=DOT_PRECISION)
+        z += b_down[None, :]
+        a = _activation(z, ACT)
+        dz = da * _activation_grad(z, ACT)     # zero on masked rows, since dy is zero there
+        db_down += tl.sum(dz, axis=0)
+        a = tl.where(row_mask[:, None], a, 0.0).to(dtype)
+        dz = dz.to(dtype)
+
+        # sweep 2: dh = dy + dz . W_down, plus this tile's weight-gradient products
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            mask = row_mask[:, None] & col_mask[None, :]
+            h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+            dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+            w_down = tl.load(w_down_ptr + ranks[:, None] * D + cols[None, :],
+                             mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+            dh = dy.to(tl.float32) + tl.dot(dz, w_down.to(dtype), input_precision=DOT_PRECISION)
+            tl.store(dh_ptr + rows[:, None] * D + cols[None, :], dh, mask=mask)
+
+            part = dw_up_part_ptr + cols[:, None] * R_PAD + ranks[None, :]
+            part_mask = col_mask[:, None]
+            acc = tl.load(part, mask=part_mask, other=0.0)
+            acc = tl.dot(tl.trans(dy.to(dtype)), a, acc, input_precision=DOT_PRECISION)
+            tl.store(part, acc, mask=part_mask)
+
+            part = dw_down_part_ptr + ranks[:, None] * D + cols[None, :]
+            part_mask = col_mask[None, :]
+            acc = tl.load(part, mask=part_mask, other=0.0)
+            acc = tl.dot(tl.trans(dz), h, acc, input_precision=DOT_PRECISION)
+            tl.store(part, acc, mask=part_mask)
+
+            part = db_up_part_ptr + cols
+            tl.store(part, tl.load(part, mask=col_mask, other=0.0) + tl.sum(dy.to(tl.float32), axis=0), mask=col_mask)
+
+    tl.store(db_down_part_ptr + pid * R_PAD + ranks, db_down)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+def _rank_pad(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [N, D] with unit column stride; a view whenever the layout allows."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"   # tf32 is ignored for 16-bit inputs
+
+
+def _num_programs_cap(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4   # interpreter: a few programs, so the multi-tile loop is exercised
+
+
+def check_adapter_args(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared,
+                       residual=None, activation="quick_gelu"):
+    """Raise ValueError naming the first argument whose shape, dtype or device does not fit."""
+    if h.dim() < 1:
+        raise ValueError("h must have shape [..., D], got a scalar")
+    D = h.shape[-1]
+    if w_down.dim() != 2 or w_down.shape[1] != D:
+        raise ValueError(f"w_down must be [r, D={D}], got {list(w_down.shape)}")
+    r = w_down.shape[0]
+    ds = w_up_shared.shape[0] if w_up_shared.dim() == 2 else -1
+    expected = {"b_down": (b_down, [r]), "w_up_unique": (w_up_unique, [D - ds, r]),
+                "b_up_unique": (b_up_unique, [D - ds]), "w_up_shared": (w_up_shared, [ds, r]),
+                "b_up_shared": (b_up_shared, [ds])}
+    if residual is not None:
+        expected["residual"] = (residual, list(h.shape))
+    for name, (t, shape) in expected.items():
+        if list(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (h is {list(h.shape)}, r={r}, d_s={ds}), "
+                             f"got {list(t.shape)}")
+        if t.device != h.device:
+            raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
+    for name, t in [("h", h), ("w_down", w_down)] + [(n, t) for n, (t, _) in expected.items()]:
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor, got {t.dtype}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+
+
+def adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared,
+                    residual=None, activation="quick_gelu"):
+    """Launch the fused forward. Shapes as `fused_adapter`; returns out [..., D] in the promoted
+    dtype of h and residual. Weights may be another float dtype than h (fp32 masters under bf16
+    autocast): they are cast to h's dtype inside the kernel."""
+    D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
+    out_dtype = h.dtype if residual is None else torch.promote_types(h.dtype, residual.dtype)
+    h2 = _rows(h)
+    N = h2.shape[0]
+    out = torch.empty((N, D), dtype=out_dtype, device=h.device)
+    if N == 0:
+        return out.view(h.shape)
+    res2 = _rows(residual) if residual is not None else h2
+    BLOCK_N, BLOCK_D = 32, 128
+    _adapter_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+        h2, res2, out, w_down.contiguous(), b_down.contiguous(),
+        *_nonempty(w_up_unique, b_up_unique, w_up_shared, b_up_shared),
+        N, D, ds, h2.stride(0), res2.stride(0),
+        R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation), HAS_RESIDUAL=residual is not None,
+        DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        num_warps=4, num_stages=3,
+    )
+    return out.view(h.shape)
+
+
+def _nonempty(w_up_unique, b_up_unique, w_up_shared, b_up_shared):
+    """d_s = 0 or d_s = D leaves one half empty; hand the kernel a real pointer it never reads."""
+    if w_up_unique.numel() == 0:
+        w_up_unique, b_up_unique = w_up_shared, b_up_shared
+    if w_up_shared.numel() == 0:
+        w_up_shared, b_up_shared = w_up_unique, b_up_unique
+    return w_up_unique.contiguous(), b_up_unique.contiguous(), w_up_shared.contiguous(), b_up_shared.contiguous()
+
+
+def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation="quick_gelu"):
+    """Launch the fused backward.
+
+    dy, h: [..., D]. Returns (dh [..., D] in h's dtype, dw_down [r, D], db_down [r],
+    dw_up_unique [D - d_s, r], db_up_unique [D - d_s], dw_up_shared [d_s, r], db_up_shared [d_s]),
+    each weight gradient in its weight's dtype, reduced over tokens in fp32 deterministically.
+    """
+    D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
+    h2, dy2 = _rows(h), _rows(dy)
+    N = h2.shape[0]
+    R_PAD = _rank_pad(r)
+    BLOCK_N, BLOCK_D = 64, 64
+    num_tiles = triton.cdiv(N, BLOCK_N)
+    tiles_per_program = max(1, triton.cdiv(num_tiles, _num_programs_cap(h.device)))
+    P = max(1, triton.cdiv(num_tiles, tiles_per_program))
+    f32 = dict(dtype=torch.float32, device=h.device)
+    dw_down_part = torch.zeros((P, R_PAD, D), **f32)
+    db_down_part = torch.zeros((P, R_PAD), **f32)
+    dw_up_part = torch.zeros((P, D, R_PAD), **f32)
+    db_up_part = torch.zeros((P, D), **f32)
+    dh = torch.empty((N, D), dtype=h.dtype, device=h.device)
+    if N > 0:
+        w_up_unique_, _, w_up_shared_, _ = _nonempty(w_up_unique, b_down, w_up_shared, b_down)
+        _adapter_bwd_kernel[(P,)](
+            dy2, h2, dh, w_down.contiguous(), b_down.contiguous(), w_up_unique_, w_up_shared_,
+            dw_down_part, db_down_part, dw_up_part, db_up_part,
+            N, D, ds, dy2.stride(0), h2.stride(0), tiles_per_program,
+            R=r, R_PAD=R_PAD, ACT=ACTIVATIONS.index(activation),
+            DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+            num_warps=4, num_stages=2,
+        )
+    du = D - ds   # each gradient is its own sum (custom ops may not return aliasing outputs)
+    return (dh.view(h.shape),
+            dw_down_part[:, :r].sum(0).to(w_down.dtype),
+            db_down_part[:, :r].sum(0).to(b_down.dtype),
+            dw_up_part[:, :du, :r].sum(0).to(w_up_unique.dtype), db_up_part[:, :du].sum(0).to(w_up_unique.dtype),
+            dw_up_part[:, du:, :r].sum(0).to(w_up_shared.dtype), db_up_part[:, du:].sum(0).to(w_up_shared.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration: one definition serves eager autograd and torch.compile
+
+
+@torch.library.custom_op("cma::fused_adapter", mutates_args=())
+def _fused_adapter_op(h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor,
+                      w_up_unique: torch.Tensor, b_up_unique: torch.Tensor,
+                      w_up_shared: torch.Tensor, b_up_shared: torch.Tensor,
+                      residual: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    return adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared,
+                           residual, activation)
+
+
+@_fused_adapter_op.register_fake
+def _(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared, residual, activation):
+    dtype = h.dtype if residual is None else torch.promote_types(h.dtype, residual.dtype)
+    return h.new_empty(h.shape, dtype=dtype)
+
+
+@torch.library.custom_op("cma::fused_adapter_backward", mutates_args=())
+def _fused_adapter_backward_op(dy: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor,
+                               w_up_unique: torch.Tensor, w_up_shared: torch.Tensor, activation: str
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor, torch.Tensor]:
+    return adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation)
+
+
+@_fused_adapter_backward_op.register_fake
+def _(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation):
+    ds = w_up_shared.shape[0]
+    return (h.new_empty(h.shape), torch.empty_like(w_down), torch.empty_like(b_down),
+            torch.empty_like(w_up_unique), w_up_unique.new_empty(w_up_unique.shape[0]),
+            torch.empty_like(w_up_shared), w_up_shared.new_empty(ds))
+
+
+def _setup_context(ctx, inputs, output):
+    h, w_down, b_down, w_up_unique, _, w_up_shared, _, residual, activation = inputs
+    ctx.save_for_backward(h, w_down, b_down, w_up_unique, w_up_shared)
+    ctx.activation = activation
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, dy):
+    h, w_down, b_down, w_up_unique, w_up_shared = ctx.saved_tensors
+    dh, dw_down, db_down, dw_up_unique, db_up_unique, dw_up_shared, db_up_shared = \
+        torch.ops.cma.fused_adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, ctx.activation)
+    d_residual = dy if ctx.has_residual else None   # the residual's gradient is dy itself: no copy
+    return dh, dw_down, db_down, dw_up_unique, db_up_unique, dw_up_shared, db_up_shared, d_residual, None
+
+
+_fused_adapter_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_adapter(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared,
+                  residual=None, activation="quick_gelu"):
+    """Cross-Modal Adapter (plus the block's residual add) in one Triton launch; differentiable.
+
+    h, residual: [..., D] (fp32, fp16 or bf16; any layout, a copy is made only when rows cannot
+    be viewed with unit column stride); w_down: [r, D]; b_down: [r]; w_up_unique: [D - d_s, r];
+    b_up_unique: [D - d_s]; w_up_shared: [d_s, r]; b_up_shared: [d_s]; 1 <= r <= 64, 0 <= d_s <= D.
+    Returns residual + h + W_up . act(W_down . h + b_down) + b_up, [..., D]. Runs on CUDA
+    tensors, or on CPU tensors under TRITON_INTERPRET=1.
+    """
+    check_adapter_args(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared, residual, activation)
+    if not 1 <= w_down.shape[0] <= MAX_RANK:
+        raise ValueError(f"fused_adapter supports 1 <= r <= {MAX_RANK}, got r={w_down.shape[0]}; "
+                         f"use cma_kernels.adapter_reference for larger bottlenecks")
+    if not triton_runs_on(h.device):
+        raise ValueError(f"fused_adapter runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+                         f"before import), got {h.device}; use backend='reference' there")
+    return torch.ops.cma.fused_adapter(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared,
+                                       residual, activation)

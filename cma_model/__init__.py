@@ -1,0 +1,8 @@
+"""cma_model: the Cross-Modal Adapter on open_clip models, data, losses and metrics."""
+from .adapter import (BACKENDS, CrossModalAdapter, CrossModalAdapterConfig, SharedUpProjection, adapter_modules,
+                      adapter_named_parameters, adapter_state_dict, add_cross_modal_adapters,
+                      count_trainable_parameters, load_adapter_state_dict, pair_blocks, set_adapter_backend)
+
+__all__ = ["BACKENDS", "CrossModalAdapter", "CrossModalAdapterConfig", "SharedUpProjection", "adapter_modules",
+           "adapter_named_parameters", "adapter_state_dict", "add_cross_modal_adapters", "count_trainable_parameters",
+           "load_adapter_state_dict", "pair_blocks", "set_adapter_backend"]
