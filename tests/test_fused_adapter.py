@@ -1,0 +1,229 @@
+"""cma_kernels.fused_adapter against the PyTorch reference computed in float64.
+
+On CPU the kernels run in the Triton interpreter (fp32, fp16: REFERENCE.md section 7); bf16,
+compilation by the real Triton compiler and inductor need CUDA and are marked so.
+Tolerance: max |fused - reference64| <= TOL[dtype] * max(1, max |reference64|), per tensor.
+"""
+import copy
+
+import pytest
+import torch
+from conftest import CUDA, clip_inputs, requires_cuda, small_clip
+
+from cma_kernels import adapter_backward, adapter_reference, fused_adapter
+from cma_model import CrossModalAdapterConfig, adapter_named_parameters, add_cross_modal_adapters, set_adapter_backend
+
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def make_case(N, D, r, ds, dtype, seed=0, lead=(), weight_dtype=None):
+    """Fresh random inputs with an adapter term of the same order as h (weights scaled to fan-in)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(shape, scale, dt):
+        return (torch.randn(shape, generator=g) * scale).to(DEVICE, dt).requires_grad_()
+
+    wd = weight_dtype or dtype
+    h, x = rand((*lead, N, D), 1.0, dtype), rand((*lead, N, D), 1.0, dtype)
+    weights = [rand((r, D), D ** -0.5, wd), rand((r,), 0.5, wd), rand((D - ds, r), r ** -0.5, wd),
+               rand((D - ds,), 0.5, wd), rand((ds, r), r ** -0.5, wd), rand((ds,), 0.5, wd)]
+    return h, x, weights
+
+
+def assert_matches(actual, expected, dtype, name):
+    assert actual.shape == expected.shape, name
+    if expected.numel() == 0:
+        return
+    err = (actual.double() - expected).abs().max().item()
+    bound = TOL[dtype] * max(1.0, expected.abs().max().item())
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+def check_against_float64(h, x, weights, activation="quick_gelu", residual=True):
+    dtype = h.dtype
+    inputs = [h] + ([x] if residual else []) + weights
+    out = fused_adapter(h, *weights, residual=x if residual else None, activation=activation)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out)
+    grads = torch.autograd.grad(out, inputs, dy)
+
+    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    ref_x = ref_inputs[1] if residual else None
+    ref = adapter_reference(ref_inputs[0], *ref_inputs[-6:], residual=ref_x, activation=activation)
+    ref_grads = torch.autograd.grad(ref, ref_inputs, dy.double().cpu())
+
+    assert out.dtype == dtype
+    assert_matches(out.cpu(), ref, dtype, "out")
+    names = ["dh"] + (["dx"] if residual else []) + ["dw_down", "db_down", "dw_up_unique", "db_up_unique",
+                                                     "dw_up_shared", "db_up_shared"]
+    for name, g, rg, t in zip(names, grads, ref_grads, inputs):
+        assert g.dtype == t.dtype, name
+        assert_matches(g.cpu(), rg, dtype, name)
+    return out, grads
+
+
+SMALL = [(N, D, r, ds) for N in (0, 1, 7, 257) for D in (64, 96) for r in (4, 8, 16) for ds in (0, 16, D)]
+WIDE = [(N, D, r, ds) for N in (1, 257) for D in (512, 768) for r in (4, 8, 16) for ds in (0, 16, D)]
+
+
+@pytest.mark.parametrize("N,D,r,ds", SMALL + WIDE)
+def test_fp32_forward_and_every_gradient(N, D, r, ds):
+    residual = (N + D + r + ds) % 2 == 0   # half the cases without the residual, spread over the grid
+    check_against_float64(*make_case(N, D, r, ds, torch.float32), residual=residual)
+
+
+@pytest.mark.parametrize("N,D,r,ds", [(7, 96, 4, 16), (257, 96, 8, 0), (257, 96, 16, 96), (257, 768, 8, 16),
+                                      (1, 512, 16, 512), (0, 768, 8, 16)])
+def test_fp16_forward_and_every_gradient(N, D, r, ds):
+    check_against_float64(*make_case(N, D, r, ds, torch.float16))
+
+
+@pytest.mark.parametrize("r", [1, 4, 8, 16, 32, 64])
+def test_every_rank(r):
+    check_against_float64(*make_case(65, 96, r, 16, torch.float32))
+
+
+@pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
+def test_activations(activation):
+    check_against_float64(*make_case(33, 64, 8, 16, torch.float32), activation=activation)
+
+
+def test_three_dimensional_input():
+    check_against_float64(*make_case(19, 96, 8, 16, torch.float32, lead=(3,)))
+
+
+def test_non_contiguous_inputs():
+    h, x, weights = make_case(40, 96, 8, 16, torch.float32, lead=(2,))
+    # [2, 40, D] -> transposed [40, 2, D] views: rows are not evenly strided, a copy is made
+    check_against_float64(h.transpose(0, 1), x.transpose(0, 1), weights)
+    # every other row: a strided 2-D view the kernel reads in place
+    big, _, _ = make_case(80, 96, 8, 16, torch.float32)
+    check_against_float64(big[::2], x[0], weights)
+    # weights given transposed-and-back (non-contiguous)
+    w_down = weights[0].detach().t().contiguous().t().requires_grad_()
+    check_against_float64(h[0], x[0], [w_down] + weights[1:])
+
+
+def test_fp32_weights_with_fp16_activations():
+    """Autocast-style: fp32 master weights, 16-bit activations; grads come back in the weights' dtype."""
+    check_against_float64(*make_case(33, 96, 8, 16, torch.float16, weight_dtype=torch.float32))
+
+
+def test_backward_is_deterministic():
+    h, x, weights = make_case(700, 96, 8, 16, torch.float32)   # several programs with several tiles each
+    dy = torch.randn(700, 96).to(DEVICE)
+    first = adapter_backward(dy, h, *weights[:3], weights[4])
+    second = adapter_backward(dy, h, *weights[:3], weights[4])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_residual_gradient_is_dy_itself():
+    h, x, weights = make_case(7, 64, 4, 16, torch.float32)
+    out = fused_adapter(h, *weights, residual=x)
+    dy = torch.randn_like(out)
+    captured = []
+    x.register_hook(lambda g: captured.append(g))
+    out.backward(dy)
+    assert captured[0].data_ptr() == dy.data_ptr()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(w_down=torch.zeros(8, 95)), r"w_down must be \[r, D=96\]"),
+    (dict(b_down=torch.zeros(7)), r"b_down must have shape \[8\]"),
+    (dict(w_up_unique=torch.zeros(79, 8)), r"w_up_unique must have shape \[80, 8\]"),
+    (dict(residual=torch.zeros(3, 96)), r"residual must have shape \[5, 96\]"),
+    (dict(h=torch.zeros(5, 96, dtype=torch.int32)), "h must be a floating point tensor"),
+    (dict(activation="relu"), "unknown activation 'relu'"),
+    (dict(w_down=torch.zeros(65, 96), b_down=torch.zeros(65), w_up_unique=torch.zeros(80, 65),
+          w_up_shared=torch.zeros(16, 65)), "1 <= r <= 64"),
+])
+def test_bad_arguments_raise(bad, message):
+    args = dict(h=torch.zeros(5, 96), w_down=torch.zeros(8, 96), b_down=torch.zeros(8), w_up_unique=torch.zeros(80, 8),
+                b_up_unique=torch.zeros(80), w_up_shared=torch.zeros(16, 8), b_up_shared=torch.zeros(16),
+                residual=None, activation="quick_gelu")
+    args.update(bad)
+    with pytest.raises(ValueError, match=message):
+        fused_adapter(**{k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in args.items()})
+
+
+def _model_pair(make, config):
+    reference = add_cross_modal_adapters(make(), config, backend="reference")
+    with torch.no_grad():   # adapter weights large enough to matter
+        for n, p in adapter_named_parameters(reference):
+            p.normal_(0, 0.05)
+    fused = set_adapter_backend(copy.deepcopy(reference), "triton")
+    return reference.to(DEVICE), fused.to(DEVICE)
+
+
+def _embeddings_and_grads(model, images, texts):
+    model.zero_grad(set_to_none=True)
+    img, txt = model.encode_image(images), model.encode_text(texts)
+    g = torch.Generator().manual_seed(3)
+    ((img * torch.randn(img.shape, generator=g).to(img)).sum()
+     + (txt * torch.randn(txt.shape, generator=g).to(txt)).sum()).backward()
+    return img, txt, {n: p.grad for n, p in adapter_named_parameters(model)}
+
+
+def _compare_models(reference, fused, images, texts, rtol):
+    ref = _embeddings_and_grads(reference, images, texts)
+    out = _embeddings_and_grads(fused, images, texts)
+    for a, b, name in ((out[0], ref[0], "image"), (out[1], ref[1], "text")):
+        assert (a - b).abs().max() <= rtol * b.abs().max(), name
+    assert out[2].keys() == ref[2].keys()
+    for n in ref[2]:
+        assert (out[2][n] - ref[2][n]).abs().max() <= rtol * ref[2][n].abs().max() + 1e-12, n
+
+
+def test_whole_small_clip_triton_matches_reference():
+    reference, fused = _model_pair(small_clip, CrossModalAdapterConfig(reduction_dim=8, shared_dim=16))
+    images, texts = clip_inputs()
+    _compare_models(reference, fused, images.to(DEVICE), texts.to(DEVICE), rtol=1e-4)
+
+
+def test_whole_vit_b32_triton_matches_reference(vit_b32):
+    reference, fused = _model_pair(lambda: copy.deepcopy(vit_b32), CrossModalAdapterConfig(reduction_dim=8, shared_dim=16))
+    images, texts = clip_inputs(batch=1, image_size=224, context=77, vocab=49408)
+    _compare_models(reference, fused, images.to(DEVICE), texts.to(DEVICE), rtol=1e-4)
+
+
+def test_compiles_without_graph_breaks():
+    """fullgraph=True fails on any graph break; aot_eager on CPU, inductor on CUDA (below)."""
+    reference, fused = _model_pair(small_clip, CrossModalAdapterConfig(reduction_dim=4, shared_dim=8))
+    images, _ = clip_inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(fused.encode_image, fullgraph=True, backend="aot_eager")
+    out = compiled(images.to(DEVICE))
+    out.sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference.encode_image(images.to(DEVICE)), rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+
+
+@requires_cuda
+@pytest.mark.parametrize("N,D,r,ds", [(19200, 768, 8, 16), (12288, 512, 8, 16), (1000, 1280, 16, 64),
+                                      (257, 96, 4, 96), (3, 1024, 8, 0)])
+def test_cuda_bf16_matches_float64(N, D, r, ds):
+    check_against_float64(*make_case(N, D, r, ds, torch.bfloat16))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("r", [4, 8, 16, 32, 64])
+def test_cuda_every_rank_compiles(r, dtype):
+    check_against_float64(*make_case(4099, 768, r, 16, dtype))
+
+
+@requires_cuda
+def test_cuda_inductor_fullgraph_and_bf16_autocast_model():
+    reference, fused = _model_pair(small_clip, CrossModalAdapterConfig(reduction_dim=8, shared_dim=16))
+    images, texts = clip_inputs()
+    images, texts = images.cuda(), texts.cuda()
+    torch._dynamo.reset()
+    compiled = torch.compile(fused.encode_image, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = compiled(images)
+        ref = reference.encode_image(images)
+    assert (out.float() - ref.float()).abs().max() <= 3e-2 * ref.float().abs().max()
