@@ -11,7 +11,10 @@ import argparse
 
 import torch
 
-from cma_benchmarks.common import copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
+try:
+    from cma_benchmarks.common import copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
+except ImportError:   # run from a checkout that is not pip-installed
+    from common import copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
 from cma_kernels import adapter_reference, fused_adapter
 
 GPU_SHAPES = [(N, D) for D in (512, 768) for N in (19200, 153600, 1048576)]

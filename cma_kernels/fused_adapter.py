@@ -28,6 +28,12 @@ from .reference import ACTIVATIONS
 
 MAX_RANK = 64   # r up to this runs fused; larger bottlenecks use the reference path
 
+# Launch configurations (benchmarks/tune_adapter.py sweeps them on a GPU). The forward owns
+# BLOCK_N rows per program; the backward runs at most PROGRAMS_PER_SM programs per SM, each over a
+# contiguous run of BLOCK_N-row tiles, with one set of fp32 weight-gradient partials per program.
+FWD_CONFIG = dict(BLOCK_N=32, BLOCK_D=128, num_warps=4, num_stages=3)
+BWD_CONFIG = dict(BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=2, PROGRAMS_PER_SM=2)
+
 
 def triton_runs_on(device: torch.device) -> bool:
     """True where the kernels can launch: CUDA, or CPU under TRITON_INTERPRET=1."""
@@ -220,7 +226,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _num_programs_cap(device: torch.device) -> int:
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return BWD_CONFIG["PROGRAMS_PER_SM"] * torch.cuda.get_device_properties(device).multi_processor_count
     return 4   # interpreter: a few programs, so the multi-tile loop is exercised
 
 
@@ -265,14 +271,14 @@ def adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_
     if N == 0:
         return out.view(h.shape)
     res2 = _rows(residual) if residual is not None else h2
-    BLOCK_N, BLOCK_D = 32, 128
-    _adapter_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+    cfg = FWD_CONFIG
+    _adapter_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         h2, res2, out, w_down.contiguous(), b_down.contiguous(),
         *_nonempty(w_up_unique, b_up_unique, w_up_shared, b_up_shared),
         N, D, ds, h2.stride(0), res2.stride(0),
         R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation), HAS_RESIDUAL=residual is not None,
-        DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        num_warps=4, num_stages=3,
+        DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.view(h.shape)
 
@@ -297,8 +303,8 @@ def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
     h2, dy2 = _rows(h), _rows(dy)
     N = h2.shape[0]
     R_PAD = _rank_pad(r)
-    BLOCK_N, BLOCK_D = 64, 64
-    num_tiles = triton.cdiv(N, BLOCK_N)
+    cfg = BWD_CONFIG
+    num_tiles = triton.cdiv(N, cfg["BLOCK_N"])
     tiles_per_program = max(1, triton.cdiv(num_tiles, _num_programs_cap(h.device)))
     P = max(1, triton.cdiv(num_tiles, tiles_per_program))
     f32 = dict(dtype=torch.float32, device=h.device)
@@ -314,8 +320,8 @@ def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
             dw_down_part, db_down_part, dw_up_part, db_up_part,
             N, D, ds, dy2.stride(0), h2.stride(0), tiles_per_program,
             R=r, R_PAD=R_PAD, ACT=ACTIVATIONS.index(activation),
-            DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-            num_warps=4, num_stages=2,
+            DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     du = D - ds   # each gradient is its own sum (custom ops may not return aliasing outputs)
     return (dh.view(h.shape),

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Everything a GPU session checks, in one run: CUDA tests, the adapter benchmark (results into
+# benchmarks/results/), a launch-config sweep, and the end-to-end step benchmark when present.
+# On a machine without a package index, first run the install line printed by
+# ../shared/gpu/stage.sh (it puts open_clip and decord on PYTHONPATH).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+echo "== CUDA tests"
+timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_fused_adapter.py \
+    -k "cuda or whole or compiles or deterministic or every_rank or fp16" 2>&1 | tail -15
+echo "== adapter benchmark"
+timeout 180 python benchmarks/bench_adapter.py --out benchmarks/results 2>&1 | tail -30
+echo "== launch-config sweep"
+timeout 90 python benchmarks/tune_adapter.py --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -30
+if [ -f benchmarks/bench_train_step.py ]; then
+    echo "== end-to-end training step"
+    timeout 150 python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 | tail -30
+fi
