@@ -12,7 +12,7 @@ import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.cma.preprocess_frames)
@@ -52,7 +52,8 @@ def check_frames(frames, size=224, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.flo
 def preprocess_frames(frames, size=224, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.float32):
     """uint8 frames [T, H, W, 3] (RGB, contiguous, CPU) -> [T, 3, size, size] in `dtype`
     (float32, float16 or bfloat16): shorter side resized to `size` (bicubic, antialias, PIL
-    semantics), center crop, /255, (x - mean) / std."""
+    semantics), center crop, /255, (x - mean) / std. dtype=torch.uint8 stops before the
+    normalisation and returns the resized, cropped frames [T, size, size, 3]."""
     check_frames(frames, size, mean, std, dtype)
     if has_cpp_extension():
         return torch.ops.cma.preprocess_frames(frames, size, [float(m) for m in mean], [float(s) for s in std], dtype)
@@ -71,5 +72,7 @@ def preprocess_frames_torchvision(frames, size=224, mean=CLIP_MEAN, std=CLIP_STD
     x = frames.permute(0, 3, 1, 2)
     x = TF.resize(x, [size], interpolation=InterpolationMode.BICUBIC, antialias=True)
     x = TF.center_crop(x, [size, size])
+    if dtype == torch.uint8:
+        return x.permute(0, 2, 3, 1).contiguous()
     x = TF.normalize(x.float().div_(255), list(mean), list(std))
     return x.to(dtype).contiguous()

@@ -1,4 +1,5 @@
-// uint8 video frames [T, H, W, 3] -> normalised CLIP input [T, 3, size, size] in one pass per frame.
+// uint8 video frames [T, H, W, 3] -> normalised CLIP input [T, 3, size, size] in one pass per frame
+// (or, with dtype uint8, the resized and cropped frames [T, size, size, 3] that the frame cache keeps).
 //
 // Reproduces the CLIP4Clip pipeline byte for byte: torchvision Resize(size) on a PIL image
 // (shorter side to `size`, bicubic with antialias), CenterCrop(size), ToTensor, Normalize.
@@ -138,9 +139,25 @@ void horizontal_row(const uint8_t* row, const Taps& taps, int size, uint8_t* out
   }
 }
 
-template <typename scalar_t>
-void frame_to_chw(const uint8_t* src, int h, int w, int size, const Plan& p, const scalar_t (*lut)[256],
-                  std::vector<uint8_t>& tmp, std::vector<uint8_t>& padded, std::vector<int32_t>& acc, scalar_t* out) {
+// Writes one output pixel: normalised channel planes [3, size, size], or uint8 [size, size, 3] as is.
+template <typename scalar_t, bool kPlanes>
+struct Sink {
+  scalar_t* out;
+  int size;
+  const scalar_t (*lut)[256];
+  void put(int y, int x, const uint8_t rgb[3]) const {
+    if (kPlanes) {
+      const int64_t plane = static_cast<int64_t>(size) * size, i = static_cast<int64_t>(y) * size + x;
+      for (int c = 0; c < 3; ++c) out[c * plane + i] = lut[c][rgb[c]];
+    } else {
+      for (int c = 0; c < 3; ++c) out[(static_cast<int64_t>(y) * size + x) * 3 + c] = rgb[c];
+    }
+  }
+};
+
+template <typename scalar_t, bool kPlanes>
+void resize_crop_frame(const uint8_t* src, int w, int size, const Plan& p, const Sink<scalar_t, kPlanes>& sink,
+                       std::vector<uint8_t>& tmp, std::vector<uint8_t>& padded, std::vector<int32_t>& acc) {
   // pass 1 (horizontal): source rows [row_first, row_first + row_count) -> tmp [row_count, size, 3]
   const uint8_t* rows;
   int64_t row_stride;
@@ -159,8 +176,7 @@ void frame_to_chw(const uint8_t* src, int h, int w, int size, const Plan& p, con
     row_stride = static_cast<int64_t>(w) * 3;
   }
 
-  // pass 2 (vertical) + normalise + HWC -> CHW
-  const int64_t plane = static_cast<int64_t>(size) * size;
+  // pass 2 (vertical), then normalise + HWC -> CHW on the way out
   const int n = size * 3;
   acc.resize(n);
   for (int y = 0; y < size; ++y) {
@@ -174,17 +190,12 @@ void frame_to_chw(const uint8_t* src, int h, int w, int size, const Plan& p, con
         for (int i = 0; i < n; ++i) acc[i] += in[i] * kt;   // contiguous: the compiler vectorises this
       }
       for (int x = 0; x < size; ++x) {
-        out[x + y * size] = lut[0][clip8(acc[3 * x])];
-        out[plane + x + y * size] = lut[1][clip8(acc[3 * x + 1])];
-        out[2 * plane + x + y * size] = lut[2][clip8(acc[3 * x + 2])];
+        const uint8_t rgb[3] = {clip8(acc[3 * x]), clip8(acc[3 * x + 1]), clip8(acc[3 * x + 2])};
+        sink.put(y, x, rgb);
       }
     } else {
       const uint8_t* line = rows + static_cast<int64_t>(y) * row_stride;
-      for (int x = 0; x < size; ++x) {
-        out[x + y * size] = lut[0][line[3 * x]];
-        out[plane + x + y * size] = lut[1][line[3 * x + 1]];
-        out[2 * plane + x + y * size] = lut[2][line[3 * x + 2]];
-      }
+      for (int x = 0; x < size; ++x) sink.put(y, x, line + 3 * x);
     }
   }
 }
@@ -200,14 +211,28 @@ at::Tensor preprocess_frames(const at::Tensor& frames, int64_t size, at::ArrayRe
   TORCH_CHECK(frames.is_contiguous(), "preprocess_frames: frames must be contiguous");
   TORCH_CHECK(size > 0 && size <= 4096, "preprocess_frames: size must be in [1, 4096], got ", size);
   TORCH_CHECK(mean.size() == 3 && std.size() == 3, "preprocess_frames: mean and std need 3 values");
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "preprocess_frames: dtype must be float32, float16 or bfloat16");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kByte,
+              "preprocess_frames: dtype must be float32, float16, bfloat16 or uint8");
   const int64_t T = frames.size(0);
   const int h = static_cast<int>(frames.size(1)), w = static_cast<int>(frames.size(2)), s = static_cast<int>(size);
-  auto out = at::empty({T, 3, size, size}, frames.options().dtype(dtype));
   const Plan plan = make_plan(h, w, s);
   const uint8_t* src = frames.data_ptr<uint8_t>();
 
+  auto run = [&](auto sink_of_frame) {
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> tmp, padded;
+      std::vector<int32_t> acc;
+      for (int64_t f = begin; f < end; ++f)
+        resize_crop_frame(src + f * h * w * 3, w, s, plan, sink_of_frame(f), tmp, padded, acc);
+    });
+  };
+  if (dtype == at::kByte) {   // resized and cropped uint8 [T, size, size, 3]: what the frame cache stores
+    auto out = at::empty({T, size, size, 3}, frames.options());
+    uint8_t* dst = out.data_ptr<uint8_t>();
+    run([&](int64_t f) { return Sink<uint8_t, false>{dst + f * size * size * 3, s, nullptr}; });
+    return out;
+  }
+  auto out = at::empty({T, 3, size, size}, frames.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "preprocess_frames", [&] {
     scalar_t lut[3][256];   // ToTensor then Normalize, in float32 exactly as torch computes them
     for (int c = 0; c < 3; ++c) {
@@ -215,13 +240,7 @@ at::Tensor preprocess_frames(const at::Tensor& frames, int64_t size, at::ArrayRe
       for (int v = 0; v < 256; ++v) lut[c][v] = static_cast<scalar_t>((static_cast<float>(v) / 255.0f - m) / sd);
     }
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-      std::vector<uint8_t> tmp, padded;
-      std::vector<int32_t> acc;
-      for (int64_t f = begin; f < end; ++f) {
-        frame_to_chw<scalar_t>(src + f * h * w * 3, h, w, s, plan, lut, tmp, padded, acc, dst + f * 3 * size * size);
-      }
-    });
+    run([&](int64_t f) { return Sink<scalar_t, true>{dst + f * 3 * size * size, s, lut}; });
   });
   return out;
 }

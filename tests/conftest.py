@@ -34,3 +34,33 @@ def clip_inputs(batch=2, seed=1, image_size=32, context=16, vocab=100):
 def vit_b32():
     """An open_clip ViT-B-32 with random weights; copy it before changing it."""
     return open_clip.create_model("ViT-B-32").eval()
+
+
+BARS = 8   # frame index encoded in BARS vertical black/white bars (robust to compression)
+
+
+def write_video(path, num_frames, fps=10, height=64, width=96, codec="mpeg4"):
+    """A real video file whose frame i shows the bits of i as vertical bars (white = 1)."""
+    import av
+    import numpy as np
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"qscale": "2"}
+        for i in range(num_frames):
+            frame = np.zeros((height, width, 3), np.uint8)
+            for b in range(BARS):
+                if (i >> b) & 1:
+                    frame[:, b * width // BARS:(b + 1) * width // BARS] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def frame_index(frame):
+    """Read back the index write_video drew into an [H, W, 3] uint8 frame."""
+    width = frame.shape[1]
+    bars = [frame[:, b * width // BARS + 2:(b + 1) * width // BARS - 2].mean() > 127 for b in range(BARS)]
+    return sum(int(bit) << b for b, bit in enumerate(bars))

@@ -112,3 +112,14 @@ def test_the_compiled_op_checks_input_itself():
     with pytest.raises(RuntimeError, match="contiguous"):
         torch.ops.cma.preprocess_frames(torch.zeros(1, 4, 4, 3, dtype=torch.uint8).transpose(1, 2), 8,
                                         [0.0] * 3, [1.0] * 3, torch.float32)
+
+
+@requires_cpp
+@pytest.mark.parametrize("h,w", [(240, 320), (224, 224), (100, 150)])
+def test_uint8_mode_is_the_resized_crop_and_normalises_to_the_same_result(h, w):
+    frames = torch.from_numpy(make_frames(h, w, "edges"))
+    crops = preprocess_frames(frames, dtype=torch.uint8)
+    pil = [T.CenterCrop(224)(T.Resize(224, interpolation=T.InterpolationMode.BICUBIC)(Image.fromarray(f.numpy())))
+           for f in frames]
+    assert torch.equal(crops, torch.from_numpy(np.stack([np.asarray(p) for p in pil])))
+    assert torch.equal(preprocess_frames(crops), preprocess_frames(frames))   # what reading the cache does

@@ -1,0 +1,153 @@
+"""Frame cache: decode and resize every video of a dataset once into uint8 shards.
+
+A shard is `shard_NNNNN.npy` (uint8 [n, max_frames, size, size, 3], resized and cropped, not
+normalised) plus `shard_NNNNN.json` (video ids, frame masks, skipped videos and why). Both are
+written to a temporary name and renamed, the JSON last, so a shard with a JSON is complete:
+an interrupted `cma prepare` resumes at the first incomplete shard. Training reads shards by
+memory map, so an epoch costs no decoding; normalising a cached frame is a table lookup.
+"""
+import collections
+import glob
+import json
+import multiprocessing as mp
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cma_kernels.preprocess import preprocess_frames
+
+from .video import VideoError, sample_frames
+
+
+def _decode_one(path, max_frames, size, sample_fps):
+    """Worker: (frames uint8 [max_frames, size, size, 3], mask) or (None, reason)."""
+    try:
+        frames, mask = sample_frames(path, max_frames, sample_fps)
+        out = np.zeros((max_frames, size, size, 3), dtype=np.uint8)
+        out[mask] = preprocess_frames(torch.from_numpy(frames[mask]), size=size, dtype=torch.uint8).numpy()
+        return out, mask
+    except (VideoError, ValueError) as e:
+        return None, str(e)
+
+
+def _atomic_write(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+    _atomic_write(path, write)
+
+
+def _write_shard(out_dir, index, ids, results, max_frames, size):
+    frames = np.zeros((len(ids), max_frames, size, size, 3), dtype=np.uint8)
+    masks, skipped = [], {}
+    for row, (vid, (data, info)) in enumerate(zip(ids, results)):
+        if data is None:
+            skipped[vid] = info
+            masks.append([False] * max_frames)
+        else:
+            frames[row] = data
+            masks.append(info.tolist())
+    stem = os.path.join(out_dir, f"shard_{index:05d}")
+
+    def save_npy(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, frames)
+    _atomic_write(stem + ".npy", save_npy)
+
+    _atomic_write_json(stem + ".json", {"videos": ids, "masks": masks, "skipped": skipped})
+    return skipped
+
+
+def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, sample_fps=1.0, workers=2,
+                  shard_size=64, timeout=300.0, progress=True):
+    """Decode + resize every video into shards under out_dir; resumable. Returns {video id: reason}
+    for every skipped video (unreadable, or no answer within `timeout` seconds: a hung decoder)."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps, "shard_size": shard_size,
+            "num_videos": len(video_ids)}
+    meta_path = os.path.join(out_dir, "cache.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old != meta:
+            raise ValueError(f"{out_dir} holds a cache made with {old}, not {meta}; use another folder")
+    else:
+        _atomic_write_json(meta_path, meta)
+
+    shards = [list(range(i, min(i + shard_size, len(video_ids)))) for i in range(0, len(video_ids), shard_size)]
+    todo = [s for s in range(len(shards)) if not os.path.exists(os.path.join(out_dir, f"shard_{s:05d}.json"))]
+    skipped = {}
+    for s in range(len(shards)):
+        if s not in todo:
+            with open(os.path.join(out_dir, f"shard_{s:05d}.json")) as f:
+                skipped.update(json.load(f)["skipped"])
+    queue = collections.deque(v for s in todo for v in shards[s])
+    args = lambda v: (video_paths[v], max_frames, size, sample_fps)  # noqa: E731
+    ctx = mp.get_context("spawn")
+    pool = ctx.Pool(workers)
+    in_flight = collections.deque()
+    done = {}
+    bar = tqdm(total=len(video_ids), initial=len(video_ids) - len(queue), desc="prepare", unit="video",
+               disable=not progress)
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < 2 * workers:
+                v = queue.popleft()
+                in_flight.append((v, pool.apply_async(_decode_one, args(v))))
+            v, result = in_flight.popleft()
+            try:
+                done[v] = result.get(timeout=timeout)
+            except mp.TimeoutError:   # a decoder that hangs (decord can): restart the workers
+                done[v] = (None, f"{video_paths[v]}: no answer within {timeout:.0f} s (decoder hang)")
+                pool.terminate()
+                pool = ctx.Pool(workers)
+                in_flight = collections.deque((u, pool.apply_async(_decode_one, args(u))) for u, _ in in_flight)
+            bar.update(1)
+            for s in list(todo):
+                if all(u in done for u in shards[s]):
+                    ids = [video_ids[u] for u in shards[s]]
+                    skipped.update(_write_shard(out_dir, s, ids, [done.pop(u) for u in shards[s]], max_frames, size))
+                    todo.remove(s)
+    finally:
+        pool.terminate()
+        bar.close()
+    return skipped
+
+
+class FrameCache:
+    """Read side of a prepared cache: `cache[video_id]` -> (frames uint8 [T, S, S, 3], mask bool [T])."""
+
+    def __init__(self, out_dir):
+        meta_path = os.path.join(out_dir, "cache.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{out_dir} is not a frame cache (no cache.json); run `cma prepare` first")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        self.out_dir, self.index, self.skipped, self._arrays = out_dir, {}, {}, {}
+        for path in sorted(glob.glob(os.path.join(out_dir, "shard_*.json"))):
+            with open(path) as f:
+                shard = json.load(f)
+            for row, (vid, mask) in enumerate(zip(shard["videos"], shard["masks"])):
+                self.index[vid] = (path[:-5] + ".npy", row, np.asarray(mask, dtype=bool))
+            self.skipped.update(shard["skipped"])
+
+    def __contains__(self, video_id):
+        return video_id in self.index and video_id not in self.skipped
+
+    def __getitem__(self, video_id):
+        if video_id in self.skipped:
+            raise VideoError(self.skipped[video_id])
+        if video_id not in self.index:
+            raise VideoError(f"video {video_id!r} is not in the frame cache {self.out_dir}")
+        path, row, mask = self.index[video_id]
+        if path not in self._arrays:   # opened lazily, per process (DataLoader workers each map their own)
+            self._arrays[path] = np.load(path, mmap_mode="r")
+        return np.array(self._arrays[path][row]), mask

@@ -1,0 +1,87 @@
+"""Training and evaluation data: captions with their videos' frames, from video files or a frame cache.
+
+A video that cannot be read is never fed to the model as zeros or NaN: its item comes back as
+None, `collate` drops it and lists it under "skipped", and the trainer counts and reports them.
+"""
+import torch
+
+from cma_kernels.preprocess import CLIP_MEAN, CLIP_STD, preprocess_frames
+
+from .video import VideoError, sample_frames
+
+
+def tokenize(tokenizer, captions, max_words=32, context_length=77):
+    """open_clip tokens truncated to max_words (start and end tokens included), zero-padded to the
+    text tower's context length: LongTensor [len(captions), context_length]."""
+    if not 2 <= max_words <= context_length:
+        raise ValueError(f"max_words must be in [2, {context_length}], got {max_words}")
+    tokens = tokenizer(list(captions), context_length=max_words)
+    return torch.nn.functional.pad(tokens, (0, context_length - max_words))
+
+
+class VideoFrames:
+    """Frames of one video as model input: (float [T, 3, S, S] normalised, mask bool [T]).
+    From `cache` (a FrameCache) when given, else decoded from the file."""
+
+    def __init__(self, cache=None, max_frames=12, size=224, sample_fps=1.0, mean=CLIP_MEAN, std=CLIP_STD):
+        self.cache, self.max_frames, self.size, self.sample_fps = cache, max_frames, size, sample_fps
+        self.mean, self.std = mean, std
+
+    def __call__(self, video_id, path):
+        if self.cache is not None:
+            frames, mask = self.cache[video_id]
+        else:
+            frames, mask = sample_frames(path, self.max_frames, self.sample_fps)
+        out = torch.zeros(self.max_frames, 3, self.size, self.size)
+        mask = torch.from_numpy(mask)
+        out[mask] = preprocess_frames(torch.from_numpy(frames[mask.numpy()]), self.size, self.mean, self.std)
+        return out, mask
+
+
+class CaptionVideoDataset(torch.utils.data.Dataset):
+    """Item i: caption i with its video. {"frames", "mask", "tokens", "video", "caption_index"}, or
+    None (with the reason kept in "skipped" by collate) when the video cannot be read."""
+
+    def __init__(self, annotations, tokenizer, frames: VideoFrames, max_words=32, context_length=77):
+        self.ann, self.frames = annotations, frames
+        self.tokens = tokenize(tokenizer, annotations.captions, max_words, context_length)
+
+    def __len__(self):
+        return len(self.ann.captions)
+
+    def __getitem__(self, i):
+        v = self.ann.caption_video[i]
+        try:
+            frames, mask = self.frames(self.ann.video_ids[v], self.ann.video_paths[v])
+        except VideoError as e:
+            return {"skipped": str(e)}
+        return {"frames": frames, "mask": mask, "tokens": self.tokens[i], "video": v, "caption_index": i}
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Item v: the frames of video v (for evaluation, which encodes each video once)."""
+
+    def __init__(self, annotations, frames: VideoFrames):
+        self.ann, self.frames = annotations, frames
+
+    def __len__(self):
+        return len(self.ann.video_ids)
+
+    def __getitem__(self, v):
+        try:
+            frames, mask = self.frames(self.ann.video_ids[v], self.ann.video_paths[v])
+        except VideoError as e:
+            return {"skipped": str(e), "video": v}
+        return {"frames": frames, "mask": mask, "video": v}
+
+
+def collate(items):
+    """Stack the readable items; list the unreadable ones under "skipped" (messages naming the file)."""
+    good = [it for it in items if "frames" in it]
+    batch = {"skipped": [it["skipped"] for it in items if "frames" not in it],
+             "skipped_videos": [it["video"] for it in items if "frames" not in it and "video" in it]}
+    if good:
+        for key in good[0]:
+            values = [it[key] for it in good]
+            batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values)
+    return batch

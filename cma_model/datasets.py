@@ -1,0 +1,207 @@
+"""Text-video datasets in the file layouts CLIP4Clip users already have (REFERENCE.md section 6).
+
+Every loader returns an `Annotations`: video ids and paths, captions, and which video each caption
+belongs to. Paragraph datasets (ActivityNet, DiDeMo) join a video's sentences into one caption.
+Malformed files raise AnnotationError naming the file and the line or key at fault.
+
+Layouts (`root` holds the annotation files, `video_dir` the videos):
+- msrvtt: MSRVTT_data.json (`sentences`: video_id, caption), MSRVTT_train.9k.csv or
+  MSRVTT_train.7k.csv (column video_id), MSRVTT_JSFUSION_test.csv (video_id, sentence); videoN.mp4.
+- msvd: {train,val,test}_list.txt (a video id per line), raw-captions.pkl ({id: [[tokens]]}); id.avi.
+- didemo: {train,val,test}_data.json ([{"video": file, "description": text}, ...]); paragraph per video.
+- activitynet: {train,val_1}.json ({id: {"sentences": [...]}}), {train,val}_ids.json optional
+  filter; paragraph per video; id.mp4.
+- vatex: {train,test}_list.txt and ref_captions.json ({id: [captions]}); id.mp4.
+- jsonl: one {"video": path, "caption": text} per line; relative paths against the file's folder.
+"""
+import csv
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation file; the message names the file and the line or key."""
+
+
+@dataclass
+class Annotations:
+    video_ids: list = field(default_factory=list)
+    video_paths: list = field(default_factory=list)
+    captions: list = field(default_factory=list)
+    caption_video: list = field(default_factory=list)   # caption i belongs to video caption_video[i]
+
+    def add(self, video_id, path, captions):
+        self.video_ids.append(video_id)
+        self.video_paths.append(path)
+        for c in captions:
+            self.captions.append(c)
+            self.caption_video.append(len(self.video_ids) - 1)
+
+    def __len__(self):
+        return len(self.captions)
+
+
+def _find_video(video_dir, video_id):
+    for ext in ("",) + VIDEO_EXTENSIONS:
+        path = os.path.join(video_dir, video_id + ext)
+        if os.path.isfile(path):
+            return path
+    return os.path.join(video_dir, video_id + ".mp4")   # missing videos are reported when read
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        raise AnnotationError(f"{path}: no such annotation file")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise AnnotationError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _read_csv(path, columns):
+    if not os.path.isfile(path):
+        raise AnnotationError(f"{path}: no such annotation file")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise AnnotationError(f"{path}:1: missing column(s) {missing}; found {reader.fieldnames}")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if any(not row.get(c) for c in columns):
+                raise AnnotationError(f"{path}:{line}: empty value for {columns}")
+            rows.append(row)
+        return rows
+
+
+def _read_list(path):
+    if not os.path.isfile(path):
+        raise AnnotationError(f"{path}: no such annotation file")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _key(obj, key, path, where):
+    if not isinstance(obj, dict) or key not in obj:
+        raise AnnotationError(f"{path}: {where}: missing key {key!r}")
+    return obj[key]
+
+
+def load_msrvtt(root, split="test", video_dir=None):
+    """split "train" (9k) or "train7k": every caption of every video in MSRVTT_train.9k.csv /
+    MSRVTT_train.7k.csv; "test" (1k-A): the 1000 pairs of MSRVTT_JSFUSION_test.csv."""
+    if split not in ("train", "train7k", "test"):
+        raise ValueError(f"msrvtt split must be train, train7k or test, got {split!r}")
+    train_csv = "MSRVTT_train.7k.csv" if split == "train7k" else "MSRVTT_train.9k.csv"
+    video_dir = video_dir or os.path.join(root, "videos")
+    ann = Annotations()
+    if split == "test":
+        for row in _read_csv(os.path.join(root, "MSRVTT_JSFUSION_test.csv"), ["video_id", "sentence"]):
+            ann.add(row["video_id"], _find_video(video_dir, row["video_id"]), [row["sentence"]])
+        return ann
+    ids = [row["video_id"] for row in _read_csv(os.path.join(root, train_csv), ["video_id"])]
+    path = os.path.join(root, "MSRVTT_data.json")
+    sentences = _key(_read_json(path), "sentences", path, "top level")
+    by_video = {}
+    for i, s in enumerate(sentences):
+        by_video.setdefault(_key(s, "video_id", path, f"sentences[{i}]"), []).append(_key(s, "caption", path, f"sentences[{i}]"))
+    for vid in ids:
+        if vid not in by_video:
+            raise AnnotationError(f"{path}: no sentences for video_id {vid!r} listed in {train_csv}")
+        ann.add(vid, _find_video(video_dir, vid), by_video[vid])
+    return ann
+
+
+def load_msvd(root, split="test", video_dir=None):
+    video_dir = video_dir or os.path.join(root, "videos")
+    path = os.path.join(root, "raw-captions.pkl")
+    if not os.path.isfile(path):
+        raise AnnotationError(f"{path}: no such annotation file")
+    with open(path, "rb") as f:
+        captions = pickle.load(f)   # CLIP4Clip's format: only load files you trust
+    ann = Annotations()
+    for vid in _read_list(os.path.join(root, f"{split}_list.txt")):
+        tokens = _key(captions, vid, path, f"video listed in {split}_list.txt")
+        ann.add(vid, _find_video(video_dir, vid), [" ".join(t) if isinstance(t, list) else str(t) for t in tokens])
+    return ann
+
+
+def load_didemo(root, split="test", video_dir=None):
+    video_dir = video_dir or os.path.join(root, "videos")
+    path = os.path.join(root, f"{split}_data.json")
+    paragraphs = {}
+    for i, item in enumerate(_read_json(path)):
+        video = _key(item, "video", path, f"entry {i}")
+        paragraphs.setdefault(os.path.splitext(video)[0], []).append(_key(item, "description", path, f"entry {i}"))
+    ann = Annotations()
+    for vid, sentences in paragraphs.items():
+        ann.add(vid, _find_video(video_dir, vid), [" ".join(s.strip() for s in sentences)])
+    return ann
+
+
+def load_activitynet(root, split="test", video_dir=None):
+    """Paragraph-to-video retrieval: "train" reads train.json, "test"/"val" reads val_1.json."""
+    video_dir = video_dir or os.path.join(root, "videos")
+    path = os.path.join(root, "train.json" if split == "train" else "val_1.json")
+    data = _read_json(path)
+    ids_path = os.path.join(root, "train_ids.json" if split == "train" else "val_ids.json")
+    ids = _read_json(ids_path) if os.path.isfile(ids_path) else list(data)
+    ann = Annotations()
+    for vid in ids:
+        sentences = _key(_key(data, vid, path, "top level"), "sentences", path, vid)
+        ann.add(vid, _find_video(video_dir, vid), [" ".join(s.strip() for s in sentences)])
+    return ann
+
+
+def load_vatex(root, split="test", video_dir=None):
+    video_dir = video_dir or os.path.join(root, "videos")
+    path = os.path.join(root, "ref_captions.json")
+    captions = _read_json(path)
+    ann = Annotations()
+    for vid in _read_list(os.path.join(root, f"{split}_list.txt")):
+        ann.add(vid, _find_video(video_dir, vid), list(_key(captions, vid, path, f"video in {split}_list.txt")))
+    return ann
+
+
+def load_jsonl(path, split=None, video_dir=None):
+    """One {"video": path, "caption": text} per line; lines of the same video share it."""
+    if not os.path.isfile(path):
+        raise AnnotationError(f"{path}: no such annotation file")
+    base = video_dir or os.path.dirname(os.path.abspath(path))
+    ann, index = Annotations(), {}
+    with open(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AnnotationError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+            if not isinstance(item, dict) or not isinstance(item.get("video"), str) or not isinstance(item.get("caption"), str):
+                raise AnnotationError(f'{path}:{line_no}: expected {{"video": str, "caption": str}}, got {line.strip()[:80]}')
+            video = os.path.join(base, item["video"])
+            if video not in index:
+                index[video] = len(ann.video_ids)
+                ann.video_ids.append(os.path.splitext(os.path.basename(item["video"]))[0])
+                ann.video_paths.append(video)
+            ann.captions.append(item["caption"])
+            ann.caption_video.append(index[video])
+    if not ann.captions:
+        raise AnnotationError(f"{path}: no entries")
+    return ann
+
+
+LOADERS = {"msrvtt": load_msrvtt, "msvd": load_msvd, "didemo": load_didemo, "activitynet": load_activitynet,
+           "vatex": load_vatex, "jsonl": load_jsonl}
+
+
+def load_annotations(dataset, root, split="test", video_dir=None):
+    """Annotations of `dataset` (one of LOADERS) at `root` (for jsonl: the .jsonl file)."""
+    if dataset not in LOADERS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(LOADERS)}")
+    return LOADERS[dataset](root, split=split, video_dir=video_dir)

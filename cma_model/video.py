@@ -1,0 +1,88 @@
+"""Video reading with decord, sampled as the paper does (REFERENCE.md section 5).
+
+Candidates at `sample_fps` (frame floor(k * fps / sample_fps) for k = 0, 1, ...), then
+`max_frames` of them picked uniformly (np.linspace(0, n - 1, max_frames) rounded down); a shorter
+video keeps every candidate and pads with zero frames, mask False.
+
+decord traps handled here: the reported frame count can be too high (reading those indices can
+hang), so indices are clamped to the frames decord can seek to, and a batch read that fails is
+retried frame by frame, dropping the frames that do not decode; the reader is dropped after each
+video (decord's memory grows on long videos otherwise). Unreadable, empty or truncated files
+raise VideoError naming the file. A read that hangs anyway can only be stopped from outside the
+process: the training loader sets a worker timeout and `cma prepare` a per-video timeout.
+"""
+import os
+
+import numpy as np
+
+
+class VideoError(RuntimeError):
+    """A video that cannot be read; the message names the file."""
+
+
+def candidate_indices(num_frames: int, fps: float, sample_fps: float = 1.0):
+    """Frame indices at sample_fps: floor(k * fps / sample_fps) for k = 0, 1, ... below num_frames."""
+    step = fps / sample_fps if fps > 0 else 1.0
+    count = int(np.ceil(num_frames / step)) if num_frames > 0 else 0
+    idx = np.floor(np.arange(count) * step).astype(np.int64)
+    return idx[idx < num_frames]
+
+
+def pick_uniform(candidates, max_frames: int):
+    """max_frames of the candidates, uniformly (linspace rounded down); all of them if fewer."""
+    if len(candidates) <= max_frames:
+        return np.asarray(candidates)
+    return np.asarray(candidates)[np.linspace(0, len(candidates) - 1, max_frames).astype(np.int64)]
+
+
+def _open(path):
+    import decord
+    if not os.path.isfile(path):
+        raise VideoError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise VideoError(f"{path}: empty file")
+    try:
+        return decord.VideoReader(path, num_threads=1)
+    except Exception as e:   # decord raises its own DECORDError / RuntimeError types
+        raise VideoError(f"{path}: cannot open video ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def _decode(vr, path, indices):
+    """Decode frame indices from an open reader: (uint8 [n_kept, H, W, 3], kept indices)."""
+    indices = np.clip(np.asarray(indices, dtype=np.int64), 0, len(vr) - 1)
+    try:
+        return vr.get_batch(list(indices)).asnumpy(), indices
+    except Exception:   # truncated stream: keep what decodes
+        kept, frames = [], []
+        for i in indices:
+            try:
+                frames.append(vr[int(i)].asnumpy())
+                kept.append(i)
+            except Exception:
+                break   # frames after a failed one are past the end of a truncated file
+        if not frames:
+            raise VideoError(f"{path}: no frame decodes (truncated or corrupt)") from None
+        return np.stack(frames), np.asarray(kept)
+
+
+def sample_frames(path, max_frames: int = 12, sample_fps: float = 1.0):
+    """Paper sampling of one video: (frames uint8 [max_frames, H, W, 3], mask bool [max_frames]).
+    Padded slots are zero with mask False. Raises VideoError naming the file if it cannot be read."""
+    if max_frames < 1 or sample_fps <= 0:
+        raise ValueError(f"max_frames must be >= 1 and sample_fps > 0, got {max_frames}, {sample_fps}")
+    vr = _open(path)
+    try:
+        try:
+            n, fps = len(vr), float(vr.get_avg_fps() or 0.0)
+        except Exception as e:
+            raise VideoError(f"{path}: cannot read stream info ({type(e).__name__})") from None
+        if n <= 0:
+            raise VideoError(f"{path}: no frames")
+        frames, _ = _decode(vr, path, pick_uniform(candidate_indices(n, fps, sample_fps), max_frames))
+    finally:
+        del vr   # decord's memory grows on long videos unless the reader goes
+    out = np.zeros((max_frames, *frames.shape[1:]), dtype=np.uint8)
+    out[:len(frames)] = frames
+    mask = np.zeros(max_frames, dtype=bool)
+    mask[:len(frames)] = True
+    return out, mask

@@ -1,0 +1,65 @@
+"""cma_model.cache: shards round-trip to direct decoding, resume, skipped videos, timeouts."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_video
+
+from cma_kernels.preprocess import preprocess_frames
+from cma_model.cache import FrameCache, prepare_cache
+from cma_model.video import VideoError, sample_frames
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    paths = [write_video(d / "a.mp4", 150, fps=10), write_video(d / "b.mp4", 30, fps=10, height=80, width=120),
+             str(d / "broken.mp4"), write_video(d / "c.mp4", 60, fps=5)]
+    (d / "broken.mp4").write_bytes(b"not a video at all")
+    return ["a", "b", "broken", "c"], paths
+
+
+def test_cache_round_trip_equals_direct_decoding(tmp_path, videos):
+    ids, paths = videos
+    skipped = prepare_cache(ids, paths, str(tmp_path), max_frames=12, size=32, workers=2, shard_size=3, progress=False)
+    assert list(skipped) == ["broken"] and "broken.mp4" in skipped["broken"]
+    cache = FrameCache(str(tmp_path))
+    for vid, path in zip(ids, paths):
+        if vid == "broken":
+            assert vid not in cache
+            with pytest.raises(VideoError, match="broken.mp4"):
+                cache[vid]
+            continue
+        frames, mask = cache[vid]
+        direct, direct_mask = sample_frames(path)
+        assert np.array_equal(mask, direct_mask)
+        want = preprocess_frames(torch.from_numpy(direct[direct_mask]), size=32, dtype=torch.uint8).numpy()
+        assert np.array_equal(frames[mask], want) and not frames[~mask].any()
+
+
+def test_resume_redoes_only_unfinished_shards(tmp_path, videos):
+    ids, paths = videos
+    prepare_cache(ids, paths, str(tmp_path), size=32, shard_size=2, progress=False)
+    first = tmp_path / "shard_00000.npy"
+    stamp = os.stat(first).st_mtime_ns
+    os.remove(tmp_path / "shard_00001.json")          # as if interrupted while writing shard 1
+    skipped = prepare_cache(ids, paths, str(tmp_path), size=32, shard_size=2, progress=False)
+    assert os.stat(first).st_mtime_ns == stamp        # shard 0 untouched
+    assert (tmp_path / "shard_00001.json").exists() and list(skipped) == ["broken"]
+    assert FrameCache(str(tmp_path))["c"][1].sum() == 12
+
+
+def test_cache_settings_must_match(tmp_path, videos):
+    ids, paths = videos
+    prepare_cache(ids[:1], paths[:1], str(tmp_path), size=32, progress=False)
+    with pytest.raises(ValueError, match="holds a cache made with"):
+        prepare_cache(ids[:1], paths[:1], str(tmp_path), size=64, progress=False)
+    with pytest.raises(FileNotFoundError, match="run `cma prepare` first"):
+        FrameCache(str(tmp_path / "nothing"))
+
+
+def test_a_video_without_answer_in_time_is_skipped_not_hung(tmp_path, videos):
+    ids, paths = videos
+    skipped = prepare_cache(ids[:2], paths[:2], str(tmp_path), size=32, workers=1, timeout=0.001, progress=False)
+    assert set(skipped) == {"a", "b"} and all("no answer within" in r for r in skipped.values())

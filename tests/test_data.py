@@ -1,0 +1,58 @@
+"""cma_model.data: dataset items from files and from the cache agree; unreadable videos are skipped."""
+import open_clip
+import pytest
+import torch
+from conftest import write_video
+
+from cma_model.cache import FrameCache, prepare_cache
+from cma_model.data import CaptionVideoDataset, VideoFrames, collate, tokenize
+from cma_model.datasets import Annotations
+
+
+@pytest.fixture(scope="module")
+def annotations(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    ann = Annotations()
+    ann.add("a", write_video(d / "a.mp4", 50, fps=10), ["zero one", "another caption"])
+    ann.add("bad", str(d / "bad.mp4"), ["never seen"])
+    ann.add("b", write_video(d / "b.mp4", 200, fps=10), ["two"])
+    (d / "bad.mp4").write_bytes(b"garbage")
+    return ann
+
+
+def test_tokenize_truncates_to_max_words_and_pads_to_context():
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    long = " ".join(["word"] * 60)
+    t = tokenize(tok, ["a cat", long], max_words=32)
+    assert t.shape == (2, 77) and t.dtype == torch.long
+    full = tok([long])[0]
+    assert torch.equal(t[1, :31], full[:31]) and t[1, 31] == tok.eot_token_id and not t[1, 32:].any()
+    assert torch.equal(t[0], tok(["a cat"])[0])
+    with pytest.raises(ValueError, match="max_words"):
+        tokenize(tok, ["x"], max_words=100)
+
+
+def test_items_from_files_and_cache_agree_and_bad_videos_are_skipped(annotations, tmp_path):
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    prepare_cache(annotations.video_ids, annotations.video_paths, str(tmp_path), size=32, progress=False)
+    from_files = CaptionVideoDataset(annotations, tok, VideoFrames(size=32))
+    from_cache = CaptionVideoDataset(annotations, tok, VideoFrames(cache=FrameCache(str(tmp_path)), size=32))
+    batch_files = collate([from_files[i] for i in range(len(from_files))])
+    batch_cache = collate([from_cache[i] for i in range(len(from_cache))])
+    for batch in (batch_files, batch_cache):
+        assert batch["caption_index"].tolist() == [0, 1, 3] and batch["video"].tolist() == [0, 0, 2]
+        assert len(batch["skipped"]) == 1 and "bad.mp4" in batch["skipped"][0]
+        assert torch.isfinite(batch["frames"]).all()
+    assert torch.equal(batch_files["frames"], batch_cache["frames"])
+    assert torch.equal(batch_files["mask"], batch_cache["mask"])
+    assert batch_files["mask"][0].sum() == 5 and batch_files["mask"][2].sum() == 12
+    assert batch_files["frames"][0, 5:].abs().sum() == 0 and batch_files["frames"][0, :5].abs().sum() > 0
+
+
+def test_loader_with_workers(annotations):
+    tok = open_clip.get_tokenizer("ViT-B-32")
+    ds = CaptionVideoDataset(annotations, tok, VideoFrames(size=32))
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate, timeout=60)
+    batches = list(loader)
+    assert sum(len(b["skipped"]) for b in batches) == 1
+    assert sum(len(b.get("caption_index", [])) for b in batches) == 3

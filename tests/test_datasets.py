@@ -1,0 +1,110 @@
+"""cma_model.datasets: every supported layout on tiny fixture files, and malformed-file errors."""
+import json
+import pickle
+
+import pytest
+
+from cma_model.datasets import AnnotationError, load_annotations
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def msrvtt(tmp_path):
+    data = {"videos": [{"video_id": f"video{i}"} for i in range(3)],
+            "sentences": [{"video_id": "video0", "caption": "a cat"}, {"video_id": "video1", "caption": "a dog"},
+                          {"video_id": "video0", "caption": "a kitten"}, {"video_id": "video2", "caption": "a car"}]}
+    write(tmp_path / "MSRVTT_data.json", json.dumps(data))
+    write(tmp_path / "MSRVTT_train.9k.csv", "video_id\nvideo0\nvideo1\n")
+    write(tmp_path / "MSRVTT_train.7k.csv", "video_id\nvideo1\n")
+    write(tmp_path / "MSRVTT_JSFUSION_test.csv", "key,vid_key,video_id,sentence\nret0,msr2,video2,a red car\n")
+    return tmp_path
+
+
+def test_msrvtt_splits(msrvtt):
+    train = load_annotations("msrvtt", msrvtt, "train")
+    assert train.video_ids == ["video0", "video1"]
+    assert train.captions == ["a cat", "a kitten", "a dog"] and train.caption_video == [0, 0, 1]
+    assert train.video_paths[0].endswith("videos/video0.mp4")
+    assert load_annotations("msrvtt", msrvtt, "train7k").captions == ["a dog"]
+    test = load_annotations("msrvtt", msrvtt, "test")
+    assert test.video_ids == ["video2"] and test.captions == ["a red car"]
+
+
+def test_msvd(tmp_path):
+    with open(tmp_path / "raw-captions.pkl", "wb") as f:
+        pickle.dump({"abc": [["a", "man", "runs"], ["someone", "runs"]], "xyz": [["a", "bird"]]}, f)
+    write(tmp_path / "test_list.txt", "abc\nxyz\n")
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "abc.avi").write_bytes(b"x")
+    ann = load_annotations("msvd", tmp_path, "test")
+    assert ann.captions == ["a man runs", "someone runs", "a bird"] and ann.caption_video == [0, 0, 1]
+    assert ann.video_paths[0].endswith("abc.avi")   # the real file's extension is found
+
+
+def test_didemo_paragraphs(tmp_path):
+    items = [{"video": "v1.mp4", "description": "a man walks ", "times": [[0, 1]]},
+             {"video": "v2.mp4", "description": "rain"}, {"video": "v1.mp4", "description": "he sits"}]
+    write(tmp_path / "test_data.json", json.dumps(items))
+    ann = load_annotations("didemo", tmp_path, "test")
+    assert ann.video_ids == ["v1", "v2"] and ann.captions == ["a man walks he sits", "rain"]
+
+
+def test_activitynet_paragraphs(tmp_path):
+    write(tmp_path / "val_1.json", json.dumps({"v_a": {"duration": 3, "sentences": ["One.", " Two."]},
+                                               "v_b": {"sentences": ["Three."]}}))
+    ann = load_annotations("activitynet", tmp_path, "test")
+    assert ann.captions == ["One. Two.", "Three."]
+    write(tmp_path / "val_ids.json", json.dumps(["v_b"]))
+    assert load_annotations("activitynet", tmp_path, "test").video_ids == ["v_b"]
+
+
+def test_vatex(tmp_path):
+    write(tmp_path / "ref_captions.json", json.dumps({"q1": ["c1", "c2"], "q2": ["c3"]}))
+    write(tmp_path / "train_list.txt", "q2\n")
+    ann = load_annotations("vatex", tmp_path, "train")
+    assert ann.captions == ["c3"] and ann.video_ids == ["q2"]
+
+
+def test_jsonl(tmp_path):
+    write(tmp_path / "d.jsonl", '{"video": "a.mp4", "caption": "x"}\n\n{"video": "b.mp4", "caption": "y"}\n'
+                                '{"video": "a.mp4", "caption": "z"}\n')
+    ann = load_annotations("jsonl", tmp_path / "d.jsonl")
+    assert ann.video_paths == [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")]
+    assert ann.captions == ["x", "y", "z"] and ann.caption_video == [0, 1, 0]
+
+
+@pytest.mark.parametrize("dataset,files,split,message", [
+    ("jsonl", {"d.jsonl": '{"video": "a.mp4", "caption": "x"}\n{"video": "a.mp4"}\n'}, None, r"d.jsonl:2: expected"),
+    ("jsonl", {"d.jsonl": '{"video": "a.mp4", "caption": "x"}\n{oops\n'}, None, r"d.jsonl:2: invalid JSON"),
+    ("jsonl", {"d.jsonl": "\n"}, None, "no entries"),
+    ("msrvtt", {"MSRVTT_JSFUSION_test.csv": "key,video\n1,2\n"}, "test", r"MSRVTT_JSFUSION_test.csv:1: missing column"),
+    ("msrvtt", {"MSRVTT_JSFUSION_test.csv": "video_id,sentence\nvideo1,\n"}, "test", r"MSRVTT_JSFUSION_test.csv:2: empty"),
+    ("msrvtt", {"MSRVTT_train.9k.csv": "video_id\nvideo9\n", "MSRVTT_data.json": '{"sentences": []}'}, "train",
+     "no sentences for video_id 'video9'"),
+    ("msrvtt", {"MSRVTT_train.9k.csv": "video_id\nvideo9\n", "MSRVTT_data.json": '{"videos": []}'}, "train",
+     "MSRVTT_data.json: top level: missing key 'sentences'"),
+    ("msrvtt", {"MSRVTT_train.9k.csv": "video_id\nv\n", "MSRVTT_data.json": '{"sentences": [\n{"video_id": "v"}]}'},
+     "train", r"sentences\[0\]: missing key 'caption'"),
+    ("msrvtt", {"MSRVTT_train.9k.csv": "video_id\nv\n", "MSRVTT_data.json": '{\n\n"sentences": [,]}'}, "train",
+     r"MSRVTT_data.json:3: invalid JSON"),
+    ("vatex", {"ref_captions.json": '{"a": ["x"]}', "test_list.txt": "a\nb\n"}, "test", "missing key 'b'"),
+    ("didemo", {"test_data.json": '[{"video": "v.mp4"}]'}, "test", "entry 0: missing key 'description'"),
+    ("msvd", {}, "test", "raw-captions.pkl: no such annotation file"),
+])
+def test_malformed_files_name_file_and_place(tmp_path, dataset, files, split, message):
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    root = tmp_path / "d.jsonl" if dataset == "jsonl" else tmp_path
+    with pytest.raises(AnnotationError, match=message):
+        load_annotations(dataset, root, split)
+
+
+def test_unknown_dataset_and_split(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset 'kinetics'"):
+        load_annotations("kinetics", tmp_path)
+    with pytest.raises(ValueError, match="msrvtt split must be"):
+        load_annotations("msrvtt", tmp_path, "val")

@@ -1,0 +1,68 @@
+"""cma_model.video: paper sampling on real mp4 files, masks, and unreadable files."""
+import numpy as np
+import pytest
+from conftest import frame_index, write_video
+
+from cma_model.video import VideoError, candidate_indices, pick_uniform, sample_frames
+
+
+def expected_indices(num_frames, fps, max_frames=12, sample_fps=1.0):
+    """Independent statement of the rule: one frame per 1/sample_fps seconds, then 12 uniformly."""
+    cands = [int(k * fps / sample_fps) for k in range(10 ** 6) if int(k * fps / sample_fps) < num_frames]
+    if len(cands) <= max_frames:
+        return cands
+    return [cands[int(j)] for j in np.linspace(0, len(cands) - 1, max_frames)]
+
+
+@pytest.mark.parametrize("num_frames,fps", [(200, 10), (45, 10), (121, 6), (5, 25), (150, 30)])
+def test_sampled_frames_are_the_right_ones(tmp_path, num_frames, fps):
+    path = write_video(tmp_path / "v.mp4", num_frames, fps)
+    frames, mask = sample_frames(path)
+    want = expected_indices(num_frames, fps)
+    assert frames.shape == (12, 64, 96, 3) and frames.dtype == np.uint8
+    assert mask.tolist() == [True] * len(want) + [False] * (12 - len(want))
+    assert [frame_index(f) for f in frames[:len(want)]] == [i % 256 for i in want]
+    assert not frames[len(want):].any()   # padding is zero, and masked out
+
+
+def test_candidate_rule_helpers():
+    assert candidate_indices(45, 10.0).tolist() == [0, 10, 20, 30, 40]
+    assert candidate_indices(10, 29.97).tolist() == [0]
+    assert candidate_indices(61, 2.0, sample_fps=0.5).tolist() == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60]
+    assert pick_uniform(list(range(30)), 12).tolist() == np.linspace(0, 29, 12).astype(int).tolist()
+
+
+def test_other_max_frames_and_fps(tmp_path):
+    path = write_video(tmp_path / "v.mp4", 100, fps=10)
+    frames, mask = sample_frames(path, max_frames=4, sample_fps=2.0)
+    want = expected_indices(100, 10, max_frames=4, sample_fps=2.0)
+    assert mask.all() and [frame_index(f) for f in frames] == want
+
+
+def test_missing_empty_and_corrupt_files_name_the_file(tmp_path):
+    with pytest.raises(VideoError, match="nope.mp4: no such file"):
+        sample_frames(str(tmp_path / "nope.mp4"))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match="empty.mp4: empty file"):
+        sample_frames(str(tmp_path / "empty.mp4"))
+    (tmp_path / "junk.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(VideoError, match="junk.mp4"):
+        sample_frames(str(tmp_path / "junk.mp4"))
+
+
+def test_truncated_file_keeps_what_decodes_or_fails_clearly(tmp_path):
+    path = write_video(tmp_path / "v.mp4", 200, fps=10)
+    data = open(path, "rb").read()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    try:
+        frames, mask = sample_frames(str(tmp_path / "cut.mp4"))
+    except VideoError as e:
+        assert "cut.mp4" in str(e)
+    else:   # whatever came back is real frames of the video, in order, never garbage
+        got = [frame_index(f) for f in frames[mask]]
+        assert got == sorted(got) and set(got) <= set(range(200))
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="max_frames"):
+        sample_frames(str(tmp_path / "v.mp4"), max_frames=0)
