@@ -10,9 +10,14 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -124,53 +129,153 @@ Plan make_plan(int h, int w, int size) {
   return p;
 }
 
-// One source row through the horizontal taps: out[x, c] = clip8(sum_t row[start[x] + t, c] * k[x, t]).
-// RGB pixels are read 4 bytes at a time (lane 3 is the next pixel's red, discarded).
-__attribute__((target_clones("avx2", "sse4.1", "default")))
-void horizontal_row(const uint8_t* row, const Taps& taps, int size, uint8_t* out) {
-  const int ksize = taps.ksize;
+// 8 rows side by side: dst[col * 8 + j] = rows[j][col] for col < ncols, so that the horizontal
+// taps below run over 8 rows at once in contiguous lanes. SSE2 (x86-64 baseline) 8x16-byte steps.
+void transpose8(const uint8_t* const rows[8], int ncols, uint8_t* dst) {
+  int col = 0;
+#if defined(__SSE2__)
+  for (; col + 16 <= ncols; col += 16) {
+    __m128i r[8], a[8], b[8];
+    for (int j = 0; j < 8; ++j) r[j] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[j] + col));
+    for (int j = 0; j < 4; ++j) {   // byte pairs (rows 2j, 2j+1): a[2j] columns 0-7, a[2j+1] columns 8-15
+      a[2 * j] = _mm_unpacklo_epi8(r[2 * j], r[2 * j + 1]);
+      a[2 * j + 1] = _mm_unpackhi_epi8(r[2 * j], r[2 * j + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {   // rows 0-3 (h = 0) and 4-7 (h = 1), 4 columns per register
+      b[4 * h + 0] = _mm_unpacklo_epi16(a[4 * h + 0], a[4 * h + 2]);
+      b[4 * h + 1] = _mm_unpackhi_epi16(a[4 * h + 0], a[4 * h + 2]);
+      b[4 * h + 2] = _mm_unpacklo_epi16(a[4 * h + 1], a[4 * h + 3]);
+      b[4 * h + 3] = _mm_unpackhi_epi16(a[4 * h + 1], a[4 * h + 3]);
+    }
+    for (int q = 0; q < 4; ++q) {   // two columns of 8 rows per register
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (col + 4 * q) * 8), _mm_unpacklo_epi32(b[q], b[4 + q]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (col + 4 * q + 2) * 8), _mm_unpackhi_epi32(b[q], b[4 + q]));
+    }
+  }
+#endif
+  for (; col < ncols; ++col)
+    for (int j = 0; j < 8; ++j) dst[col * 8 + j] = rows[j][col];
+}
+
+// The two tap loops, 8 int32 lanes at a time: AVX2 where the CPU has it (checked at run time), plain
+// loops elsewhere. Both compute the same integer sums, so the bytes do not depend on the path.
+#if defined(__x86_64__) || defined(__i386__)
+#define CMA_X86 1
+__attribute__((target("avx2"))) inline __m256i widen8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+__attribute__((target("avx2"))) inline void store_clip8(__m256i v, uint8_t* out, int64_t stride) {
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+  for (int j = 0; j < 8; ++j) out[j * stride] = clip8(lanes[j]);
+}
+
+__attribute__((target("avx2")))
+void horizontal_block8_avx2(const uint8_t* block, const Taps& taps, int size, uint8_t* out, int64_t out_stride) {
+  const __m256i half = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
   for (int x = 0; x < size; ++x) {
-    const int32_t* k = taps.weight.data() + static_cast<size_t>(x) * ksize;
-    const uint8_t* px = row + taps.start[x] * 3;
-    int32_t acc[4] = {1 << (kPrecisionBits - 1), 1 << (kPrecisionBits - 1), 1 << (kPrecisionBits - 1), 0};
-    for (int t = 0; t < ksize; ++t)
-      for (int c = 0; c < 4; ++c) acc[c] += px[3 * t + c] * k[t];
-    for (int c = 0; c < 3; ++c) out[3 * x + c] = clip8(acc[c]);
+    const int32_t* k = taps.weight.data() + static_cast<size_t>(x) * taps.ksize;
+    const uint8_t* px = block + static_cast<size_t>(taps.start[x]) * 24;
+    __m256i r = half, g = half, b = half;   // lanes are the 8 rows
+    for (int t = 0; t < taps.ksize; ++t, px += 24) {
+      const __m256i kt = _mm256_set1_epi32(k[t]);
+      r = _mm256_add_epi32(r, _mm256_mullo_epi32(widen8(px), kt));
+      g = _mm256_add_epi32(g, _mm256_mullo_epi32(widen8(px + 8), kt));
+      b = _mm256_add_epi32(b, _mm256_mullo_epi32(widen8(px + 16), kt));
+    }
+    store_clip8(r, out + 3 * x, out_stride);
+    store_clip8(g, out + 3 * x + 1, out_stride);
+    store_clip8(b, out + 3 * x + 2, out_stride);
   }
 }
 
-// Writes one output pixel: normalised channel planes [3, size, size], or uint8 [size, size, 3] as is.
+__attribute__((target("avx2")))
+int vertical_row_avx2(const uint8_t* base, int64_t stride, const int32_t* k, int count, int n, uint8_t* out) {
+  const int n8 = n / 8 * 8;
+  for (int i = 0; i < n8; i += 8) {
+    __m256i sum = _mm256_set1_epi32(1 << (kPrecisionBits - 1));
+    for (int t = 0; t < count; ++t)
+      sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(widen8(base + t * stride + i), _mm256_set1_epi32(k[t])));
+    store_clip8(sum, out + i, 1);
+  }
+  return n8;
+}
+
+const bool kHaveAvx2 = __builtin_cpu_supports("avx2");
+#endif
+
+// Horizontal taps over 8 transposed rows: out[j][3x + c] = clip8(sum_t block[(start[x] + t) * 3 + c][j] * k[x][t]).
+void horizontal_block8(const uint8_t* block, const Taps& taps, int size, uint8_t* out, int64_t out_stride) {
+#ifdef CMA_X86
+  if (kHaveAvx2) return horizontal_block8_avx2(block, taps, size, out, out_stride);
+#endif
+  for (int x = 0; x < size; ++x) {
+    const int32_t* k = taps.weight.data() + static_cast<size_t>(x) * taps.ksize;
+    const uint8_t* px = block + static_cast<size_t>(taps.start[x]) * 24;
+    int32_t acc[24];   // [channel][row]
+    std::fill(acc, acc + 24, 1 << (kPrecisionBits - 1));
+    for (int t = 0; t < taps.ksize; ++t)
+      for (int i = 0; i < 24; ++i) acc[i] += px[24 * t + i] * k[t];
+    for (int c = 0; c < 3; ++c)
+      for (int j = 0; j < 8; ++j) out[j * out_stride + 3 * x + c] = clip8(acc[c * 8 + j]);
+  }
+}
+
+// Vertical taps for one output row over n contiguous bytes: out[i] = clip8(sum_t base[t * stride + i] * k[t]).
+void vertical_row(const uint8_t* base, int64_t stride, const int32_t* k, int count, int n, uint8_t* out) {
+  int i = 0;
+#ifdef CMA_X86
+  if (kHaveAvx2) i = vertical_row_avx2(base, stride, k, count, n, out);
+#endif
+  for (; i < n; ++i) {
+    int32_t sum = 1 << (kPrecisionBits - 1);
+    for (int t = 0; t < count; ++t) sum += base[t * stride + i] * k[t];
+    out[i] = clip8(sum);
+  }
+}
+
+// Writes output rows: normalised channel planes [3, size, size], or uint8 [size, size, 3] as is.
 template <typename scalar_t, bool kPlanes>
 struct Sink {
   scalar_t* out;
   int size;
   const scalar_t (*lut)[256];
-  void put(int y, int x, const uint8_t rgb[3]) const {
+  void put_row(int y, const uint8_t* rgb) const {
     if (kPlanes) {
-      const int64_t plane = static_cast<int64_t>(size) * size, i = static_cast<int64_t>(y) * size + x;
-      for (int c = 0; c < 3; ++c) out[c * plane + i] = lut[c][rgb[c]];
+      for (int c = 0; c < 3; ++c) {
+        scalar_t* o = out + (static_cast<int64_t>(c) * size + y) * size;
+        const scalar_t* table = lut[c];
+        for (int x = 0; x < size; ++x) o[x] = table[rgb[3 * x + c]];
+      }
     } else {
-      for (int c = 0; c < 3; ++c) out[(static_cast<int64_t>(y) * size + x) * 3 + c] = rgb[c];
+      std::copy_n(rgb, size * 3, out + static_cast<int64_t>(y) * size * 3);
     }
   }
 };
 
+struct Scratch {   // per-thread buffers, reused across frames
+  std::vector<uint8_t> tmp, block, line;
+};
+
 template <typename scalar_t, bool kPlanes>
 void resize_crop_frame(const uint8_t* src, int w, int size, const Plan& p, const Sink<scalar_t, kPlanes>& sink,
-                       std::vector<uint8_t>& tmp, std::vector<uint8_t>& padded, std::vector<int32_t>& acc) {
-  // pass 1 (horizontal): source rows [row_first, row_first + row_count) -> tmp [row_count, size, 3]
+                       Scratch& s) {
+  // pass 1 (horizontal), 8 source rows at a time: rows [row_first, row_first + row_count) -> tmp
   const uint8_t* rows;
   int64_t row_stride;
   if (p.horizontal) {
-    tmp.resize(static_cast<size_t>(p.row_count) * size * 3);
-    // a row copy padded to ksize pixels plus one byte, so 4-byte pixel reads stay inside
-    padded.assign((static_cast<size_t>(std::max(w, p.htaps.ksize)) + 1) * 3, 0);
-    for (int y = 0; y < p.row_count; ++y) {
-      std::copy_n(src + static_cast<int64_t>(p.row_first + y) * w * 3, w * 3, padded.data());
-      horizontal_row(padded.data(), p.htaps, size, tmp.data() + static_cast<size_t>(y) * size * 3);
-    }
-    rows = tmp.data();
     row_stride = static_cast<int64_t>(size) * 3;
+    s.tmp.resize(static_cast<size_t>((p.row_count + 7) / 8 * 8) * row_stride);
+    s.block.assign(static_cast<size_t>(std::max(w, p.htaps.ksize)) * 3 * 8, 0);
+    for (int y0 = 0; y0 < p.row_count; y0 += 8) {
+      const uint8_t* block_rows[8];
+      for (int j = 0; j < 8; ++j)   // past the last row: repeat it (those outputs are never read)
+        block_rows[j] = src + static_cast<int64_t>(p.row_first + std::min(y0 + j, p.row_count - 1)) * w * 3;
+      transpose8(block_rows, w * 3, s.block.data());
+      horizontal_block8(s.block.data(), p.htaps, size, s.tmp.data() + y0 * row_stride, row_stride);
+    }
+    rows = s.tmp.data();
   } else {   // width already right: read the crop columns straight from the source
     rows = src + static_cast<int64_t>(p.row_first) * w * 3 + p.left * 3;
     row_stride = static_cast<int64_t>(w) * 3;
@@ -178,24 +283,15 @@ void resize_crop_frame(const uint8_t* src, int w, int size, const Plan& p, const
 
   // pass 2 (vertical), then normalise + HWC -> CHW on the way out
   const int n = size * 3;
-  acc.resize(n);
+  s.line.resize(n);
   for (int y = 0; y < size; ++y) {
     if (p.vertical) {
-      std::fill(acc.begin(), acc.end(), 1 << (kPrecisionBits - 1));
       const int32_t* k = p.vtaps.weight.data() + static_cast<size_t>(y) * p.vtaps.ksize;
-      const uint8_t* base = rows + (p.vtaps.start[y] - p.row_first) * row_stride;
-      for (int t = 0; t < p.vtaps.count[y]; ++t) {
-        const uint8_t* in = base + t * row_stride;
-        const int32_t kt = k[t];
-        for (int i = 0; i < n; ++i) acc[i] += in[i] * kt;   // contiguous: the compiler vectorises this
-      }
-      for (int x = 0; x < size; ++x) {
-        const uint8_t rgb[3] = {clip8(acc[3 * x]), clip8(acc[3 * x + 1]), clip8(acc[3 * x + 2])};
-        sink.put(y, x, rgb);
-      }
+      vertical_row(rows + (p.vtaps.start[y] - p.row_first) * row_stride, row_stride, k, p.vtaps.count[y], n,
+                   s.line.data());
+      sink.put_row(y, s.line.data());
     } else {
-      const uint8_t* line = rows + static_cast<int64_t>(y) * row_stride;
-      for (int x = 0; x < size; ++x) sink.put(y, x, line + 3 * x);
+      sink.put_row(y, rows + static_cast<int64_t>(y) * row_stride);
     }
   }
 }
@@ -220,10 +316,8 @@ at::Tensor preprocess_frames(const at::Tensor& frames, int64_t size, at::ArrayRe
 
   auto run = [&](auto sink_of_frame) {
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-      std::vector<uint8_t> tmp, padded;
-      std::vector<int32_t> acc;
-      for (int64_t f = begin; f < end; ++f)
-        resize_crop_frame(src + f * h * w * 3, w, s, plan, sink_of_frame(f), tmp, padded, acc);
+      Scratch scratch;
+      for (int64_t f = begin; f < end; ++f) resize_crop_frame(src + f * h * w * 3, w, s, plan, sink_of_frame(f), scratch);
     });
   };
   if (dtype == at::kByte) {   // resized and cropped uint8 [T, size, size, 3]: what the frame cache stores

@@ -1,0 +1,109 @@
+"""Frame preprocessing and video loading throughput on the CPU.
+
+    python benchmarks/bench_preprocess.py [--out benchmarks/results] [--threads 1 2]
+
+1. 12 frames -> 224: cma's C++ op vs torchvision v2 (batched uint8) vs the CLIP4Clip PIL
+   pipeline, per input resolution and thread count (ms per 12 frames, frames/s).
+2. videos/s for sampling + preprocessing from mp4 files vs from a prepared frame cache, on
+   generated 240p clips.
+"""
+import argparse
+import os
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+try:
+    from cma_benchmarks.common import print_table, run_info, slug, time_ms, write_results
+except ImportError:
+    from common import print_table, run_info, slug, time_ms, write_results
+from cma_kernels.preprocess import CLIP_MEAN, CLIP_STD, has_cpp_extension, preprocess_frames, preprocess_frames_torchvision
+
+RESOLUTIONS = [(240, 320), (360, 640), (720, 1280), (1080, 1920)]
+CPU = torch.device("cpu")
+
+
+def clip4clip_pil(frames):
+    pipeline = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                          lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    return torch.stack([pipeline(Image.fromarray(f)) for f in frames.numpy()])
+
+
+def bench_ops(threads):
+    rows = []
+    for h, w in RESOLUTIONS:
+        frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (12, h, w, 3), dtype=np.uint8))
+        for n in threads:
+            torch.set_num_threads(n)
+            row = {"input": f"{h}x{w}", "threads": n}
+            ops = {"torchvision_v2": preprocess_frames_torchvision, "pil_clip4clip": clip4clip_pil}
+            if has_cpp_extension():
+                ops = {"cma_cpp": preprocess_frames, **ops}
+            for name, fn in ops.items():
+                if name == "pil_clip4clip" and n > 1:
+                    continue   # PIL runs on one thread
+                ms = time_ms(lambda: fn(frames), CPU, warmup=2, reps=9 if name != "pil_clip4clip" else 3)
+                row[f"{name}_ms"] = ms
+                row[f"{name}_fps"] = 12 / ms * 1e3
+            rows.append(row)
+    return rows
+
+
+def bench_loading(num_videos=16):
+    from cma_model.cache import FrameCache, prepare_cache
+    from cma_model.data import VideoFrames
+    import av
+    with tempfile.TemporaryDirectory() as d:
+        ids, paths = [], []
+        for i in range(num_videos):
+            path = os.path.join(d, f"v{i}.mp4")
+            with av.open(path, "w") as c:
+                s = c.add_stream("mpeg4", rate=25)
+                s.width, s.height, s.pix_fmt = 426, 240, "yuv420p"
+                rng = np.random.default_rng(i)
+                for _ in range(25 * 15):   # 15 s clips
+                    img = np.full((240, 426, 3), rng.integers(0, 256, 3), np.uint8)
+                    for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                        c.mux(p)
+                for p in s.encode():
+                    c.mux(p)
+            ids.append(f"v{i}")
+            paths.append(path)
+        prepare_cache(ids, paths, os.path.join(d, "cache"), workers=1, progress=False)
+        torch.set_num_threads(1)
+        rows = []
+        for source, frames in (("mp4", VideoFrames()), ("cache", VideoFrames(cache=FrameCache(os.path.join(d, "cache"))))):
+            ms = time_ms(lambda: [frames(v, p) for v, p in zip(ids, paths)], CPU, warmup=1, reps=3)
+            rows.append({"source": source, "videos": num_videos, "ms_per_video": ms / num_videos,
+                         "videos_per_s": num_videos / ms * 1e3})
+        return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = p.parse_args(argv)
+    info = run_info(CPU)
+    before = torch.get_num_threads()
+    try:
+        ops = bench_ops(args.threads)
+        loading = bench_loading()
+    finally:
+        torch.set_num_threads(before)
+    if not has_cpp_extension():
+        print("cma's C++ op is not compiled: only torchvision and PIL were timed")
+    print_table(ops, list(ops[0]))
+    print()
+    print_table(loading, list(loading[0]))
+    stem = f"preprocess_{slug(info['device'])}_{info['date']}"
+    write_results(args.out, stem, info, ops)
+    write_results(args.out, stem + "_loading", info, loading)
+    print(f"wrote {os.path.join(args.out, stem)}.json, .csv (+ _loading)")
+
+
+if __name__ == "__main__":
+    main()
