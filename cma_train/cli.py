@@ -1,19 +1,236 @@
-"""The `cma` command."""
+"""The `cma` command: train, eval, prepare, bench, demo.
+
+Settings come from the defaults (the paper's recipe), then `--config FILE` (YAML or JSON, keys as
+the flag names with - or _), then flags: a flag always wins over the file.
+"""
 import argparse
+import dataclasses
+import json
+import os
 import sys
+import typing
+
+from cma_train.train import TrainConfig
+
+HELP = {
+    "model": "open_clip architecture name (ViT-B-32, ViT-B-16, ViT-L-14, ...)",
+    "pretrained": "open_clip checkpoint file, or an open_clip pretrained tag (needs network), or 'none' for random init",
+    "model_config": "JSON of a custom open_clip CLIP config (embed_dim, vision_cfg, text_cfg), instead of --model",
+    "reduction_dim": "adapter bottleneck width r",
+    "shared_dim": "up-projection channels shared between the vision and text towers (the last d_s)",
+    "activation": "adapter activation: quick_gelu or gelu",
+    "dropout": "dropout after the adapter activation (the fused kernels do none: > 0 trains on the PyTorch path)",
+    "backend": "adapter implementation: auto (fused Triton on GPU, PyTorch on CPU), triton or reference",
+    "dataset": "msrvtt, msvd, didemo, activitynet, vatex or jsonl",
+    "root": "folder with the dataset's annotation files (for jsonl: the .jsonl file)",
+    "split": "split to train on (msrvtt: train = 9k, train7k; others: train)",
+    "video_dir": "folder with the videos (default ROOT/videos; jsonl: paths relative to the file)",
+    "cache": "frame cache made by `cma prepare` (no decoding during training)",
+    "max_frames": "frames per video (sampled at --sample-fps, then uniformly)",
+    "max_words": "caption tokens, start and end included",
+    "sample_fps": "candidate frames per second before uniform sampling",
+    "workers": "data-loading processes",
+    "epochs": "training epochs",
+    "batch_size": "global batch (all processes together); negatives come from the whole global batch",
+    "lr": "peak learning rate (AdamW, cosine schedule with warm-up)",
+    "weight_decay": "weight decay on adapter weights (biases get none)",
+    "warmup": "fraction of the steps spent warming up the learning rate",
+    "grad_clip": "gradient norm clip",
+    "betas": "AdamW betas",
+    "eps": "AdamW epsilon",
+    "pooling": "video-text similarity: softmax (the paper's parameter-free pooling) or meanP",
+    "temperature": "softmax pooling temperature",
+    "seed": "random seed (also fixes the data order of every epoch)",
+    "out": "output folder: checkpoints, adapters.pt, metrics.jsonl, results",
+    "resume": "continue from OUT/checkpoint_latest.pt exactly where it stopped",
+    "save_every": "also checkpoint every N steps (0: once per epoch)",
+    "eval_split": "evaluate on this split after training (e.g. test)",
+    "tensorboard": "also log to OUT/tensorboard (needs the tensorboard package)",
+    "device": "auto, cpu or cuda",
+    "max_steps": "stop after N steps in total (0: run all epochs)",
+    "progress": "show progress bars",
+}
+
+
+def _add_config_flags(parser):
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default
+        text = f"{HELP[f.name]} (default: {default!r})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.name == "betas":
+            parser.add_argument(flag, type=float, nargs=2, default=None, metavar=("B1", "B2"), help=text)
+        elif f.name == "model_config":
+            parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=text)
+        else:
+            base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
+            parser.add_argument(flag, type=base, default=None, help=text)
+    parser.add_argument("--config", help="YAML or JSON file of settings; flags override it")
+
+
+def _read_config_file(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        data = yaml.safe_load(text) or {}
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ValueError(f"--config {path}: unknown setting {key!r}; known: {', '.join(sorted(names))}")
+        out[name] = tuple(value) if name == "betas" else value
+    return out
+
+
+def config_from_args(args) -> TrainConfig:
+    values = _read_config_file(args.config) if args.config else {}
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = tuple(v) if f.name == "betas" else v
+    return TrainConfig(**values)
+
+
+def cmd_train(args):
+    from cma_train.evaluate import format_results, save_results
+    from cma_train.train import train
+    cfg = config_from_args(args)
+    result = train(cfg)
+    if cfg.eval_split and int(os.environ.get("RANK", 0)) == 0:
+        res = _evaluate(result["model"], cfg, cfg.eval_split)
+        print(format_results(res, f"{cfg.dataset} {cfg.eval_split}"))
+        save_results(res, os.path.join(cfg.out, f"results_{cfg.eval_split}.json"))
+    return 0
+
+
+def _evaluate(model, cfg, split):
+    import open_clip
+    from cma_model.cache import FrameCache
+    from cma_model.data import VideoFrames
+    from cma_model.datasets import load_annotations
+    from cma_train.evaluate import evaluate
+    ann = load_annotations(cfg.dataset, cfg.root, split, cfg.video_dir)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, size, cfg.sample_fps)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32" if cfg.model_config else cfg.model)
+    return evaluate(model, tokenizer, ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
+                    workers=cfg.workers, progress=cfg.progress)
+
+
+def cmd_eval(args):
+    import torch
+    from cma_model import load_adapter_state_dict
+    from cma_train.evaluate import format_results, save_results
+    from cma_train.train import _device, build_model, load_checkpoint
+    cfg = config_from_args(args)
+    cfg.validate()
+    model, _, _ = build_model(cfg, _device(cfg, 0))
+    if args.adapters:
+        if not os.path.isfile(args.adapters):
+            raise ValueError(f"--adapters {args.adapters}: no such file")
+        state = torch.load(args.adapters, map_location="cpu", weights_only=True)
+        state = load_checkpoint(args.adapters)["adapters"] if state.get("format") == "cma-train-v1" else state
+        load_adapter_state_dict(model, state)
+    res = _evaluate(model, cfg, args.eval_on)
+    print(format_results(res, f"{cfg.dataset} {args.eval_on}"))
+    path = args.results or os.path.join(os.path.dirname(os.path.abspath(args.adapters)) if args.adapters else cfg.out,
+                                        f"results_{args.eval_on}.json")
+    save_results(res, path)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_prepare(args):
+    from cma_model.cache import prepare_cache
+    from cma_model.datasets import load_annotations
+    ann = load_annotations(args.dataset, args.root, args.split, args.video_dir)
+    skipped = prepare_cache(ann.video_ids, ann.video_paths, args.out, args.max_frames, args.size, args.sample_fps,
+                            args.workers, args.shard_size, args.timeout)
+    print(f"cache {args.out}: {len(ann.video_ids) - len(skipped)} videos ready, {len(skipped)} skipped")
+    for vid, reason in list(skipped.items())[:20]:
+        print(f"  {vid}: {reason}")
+    return 0
+
+
+def cmd_bench(args, rest):
+    if args.e2e:
+        from cma_benchmarks import bench_train_step
+        bench_train_step.main(rest)
+    elif args.preprocess:
+        from cma_benchmarks import bench_preprocess
+        bench_preprocess.main(rest)
+    else:
+        from cma_benchmarks import bench_adapter
+        bench_adapter.main(rest)
+    return 0
+
+
+def cmd_demo(args):
+    from cma_train.demo import run_demo
+    return run_demo(args.out, workers=args.workers, quick=args.quick)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="cma", description="Cross-Modal Adapters for text-video retrieval on open_clip.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train adapters on a text-video dataset")
+    _add_config_flags(p)
+    p = sub.add_parser("eval", help="evaluate retrieval (t2v and v2t R@1/5/10, MdR, MnR)")
+    _add_config_flags(p)
+    p.add_argument("--adapters", help="adapters.pt or a training checkpoint (default: fresh adapters, i.e. ~zero-shot)")
+    p.add_argument("--eval-on", default="test", help="split to evaluate (default: test)")
+    p.add_argument("--results", help="where to write the JSON results (default: next to --adapters, or in --out)")
+    p = sub.add_parser("prepare", help="decode and resize a dataset once into a frame cache (resumable)")
+    p.add_argument("--dataset", required=True, help=HELP["dataset"])
+    p.add_argument("--root", required=True, help=HELP["root"])
+    p.add_argument("--split", default="train", help="split to cache (default: train)")
+    p.add_argument("--video-dir", help=HELP["video_dir"])
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--max-frames", type=int, default=12, help="frames per video (default: 12)")
+    p.add_argument("--size", type=int, default=224, help="frame side after resize and crop (default: 224)")
+    p.add_argument("--sample-fps", type=float, default=1.0, help=HELP["sample_fps"] + " (default: 1.0)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="decoding processes")
+    p.add_argument("--shard-size", type=int, default=64, help="videos per shard file (default: 64)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a video counts as hung (default: 300)")
+    p = sub.add_parser("bench", add_help=False,
+                       help="benchmarks: the adapter op (default), --e2e training step, --preprocess frames; "
+                            "`cma bench [--e2e|--preprocess] --help` lists the chosen benchmark's options")
+    p.add_argument("--e2e", action="store_true", help="whole training step: full fine-tune vs adapters (needs CUDA)")
+    p.add_argument("--preprocess", action="store_true", help="frame preprocessing and video loading on the CPU")
+    p = sub.add_parser("demo", help="the embedded demo: synthetic videos, zero-shot vs adapter-tuned R@1")
+    p.add_argument("--out", default="runs/demo", help="folder for the generated videos and the run (default: runs/demo)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    p.add_argument("--quick", action="store_true", help="fewer steps (a smoke test; the comparison may not hold)")
+    return parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="cma", description="Cross-Modal Adapter for text-video retrieval on open_clip.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmark the adapter op (fused vs eager vs torch.compile vs memory floor)",
-                           add_help=False)
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="options of benchmarks/bench_adapter.py (see cma bench --help)")
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        from cma_benchmarks import bench_adapter
-        bench_adapter.main(rest + args.args)
-    return 0
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "bench":
+            return cmd_bench(args, rest)
+        return {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "demo": cmd_demo}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:   # user errors: one clear line, no traceback
+        print(f"cma {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -64,3 +64,40 @@ def frame_index(frame):
     width = frame.shape[1]
     bars = [frame[:, b * width // BARS + 2:(b + 1) * width // BARS - 2].mean() > 127 for b in range(BARS)]
     return sum(int(bit) << b for b, bit in enumerate(bars))
+
+
+TINY_TRAIN_CLIP = {"embed_dim": 32, "quick_gelu": True,
+                   "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+                   "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
+
+
+def write_video_set(folder, combos, seed=0):
+    """Real mp4 clips of coloured moving shapes (the demo's renderer) and a JSONL listing them."""
+    import json
+
+    import numpy as np
+
+    from cma_train.demo import MOTION_WORDS, write_clip
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i, (color, shape, motion) in enumerate(combos):
+        name = f"clip{i}.mp4"
+        write_clip(str(folder / name), color, shape, motion, rng)
+        lines.append(json.dumps({"video": name, "caption": f"a {color} {shape} {MOTION_WORDS[motion]}"}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder / "data.jsonl")
+
+
+@pytest.fixture(scope="session")
+def video_set(tmp_path_factory):
+    """8 distinct clips, their JSONL and a prepared 32-pixel frame cache: (jsonl path, cache dir)."""
+    from cma_model.cache import prepare_cache
+    from cma_model.datasets import load_annotations
+    folder = tmp_path_factory.mktemp("videoset")
+    combos = [(c, s, m) for c, s in [("red", "circle"), ("blue", "square"), ("green", "triangle"),
+                                      ("yellow", "circle")] for m in ("left", "up")]
+    jsonl = write_video_set(folder, combos)
+    ann = load_annotations("jsonl", jsonl)
+    prepare_cache(ann.video_ids, ann.video_paths, str(folder / "cache"), size=32, workers=1, progress=False)
+    return jsonl, str(folder / "cache")

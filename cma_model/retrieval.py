@@ -1,0 +1,43 @@
+"""Model-side helpers for retrieval: embed videos frame by frame, gather features across ranks."""
+import torch
+import torch.distributed as dist
+
+
+def encode_frames(model, frames, mask):
+    """frames [B, T, 3, S, S], mask [B, T] -> frame embeddings [B, T, E] (un-normalised); only the
+    unmasked frames go through the vision tower, padded slots stay zero."""
+    feats = model.encode_image(frames[mask])
+    out = feats.new_zeros(*mask.shape, feats.shape[-1])
+    out[mask] = feats
+    return out
+
+
+class RetrievalForward(torch.nn.Module):
+    """forward(frames, mask, tokens) -> (frame embeddings [B, T, E], text embeddings [B, E]) of an
+    open_clip model: one forward for both towers, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames, mask, tokens):
+        return encode_frames(self.model, frames, mask), self.model.encode_text(tokens)
+
+
+def gather_with_grad(x):
+    """All-gather x [B_local, ...] from every rank (B_local may differ per rank), keeping autograd
+    only through this rank's slice. Returns (gathered [B_global, ...], offset of the local slice)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros(max(sizes), *x.shape[1:])
+    padded[: x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    parts = [p[:n] for p, n in zip(parts, sizes)]
+    parts[rank] = x
+    return torch.cat(parts), sum(sizes[:rank])

@@ -1,0 +1,334 @@
+"""Adapter training: frozen open_clip + Cross-Modal Adapters, symmetric InfoNCE over the global batch.
+
+Single process or `torchrun --nproc_per_node N -m cma_train.cli train ...` (NCCL on GPU, gloo on
+CPU; multi-node with torchrun's --nnodes/--node_rank/--rdzv_endpoint). Every rank all-gathers the
+features, computes the loss of the whole global batch, and back-propagates through its own part;
+the loss is multiplied by the world size before backward so that DDP's gradient averaging yields
+exactly the gradient of the global-batch loss (the same as one process on the same batch).
+
+Resume is exact: each epoch's order is a permutation seeded by (seed, epoch), a resumed run skips
+the steps already taken, and optimizer, scheduler, step and RNG states come back from the
+checkpoint. Checkpoints are written to a temporary file and renamed.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import open_clip
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cma_model import CrossModalAdapterConfig, adapter_state_dict, add_cross_modal_adapters, load_adapter_state_dict
+from cma_model.cache import FrameCache
+from cma_model.data import CaptionVideoDataset, VideoFrames, collate
+from cma_model.datasets import load_annotations
+from cma_model.losses import POOLINGS, infonce, similarity
+from cma_model.retrieval import RetrievalForward, gather_with_grad
+
+CHECKPOINT_FORMAT = "cma-train-v1"
+RESUME_MUST_MATCH = ("model", "dataset", "split", "reduction_dim", "shared_dim", "activation", "batch_size", "seed",
+                     "max_frames", "max_words", "pooling")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "ViT-B-32"
+    pretrained: str = ""          # open_clip checkpoint file or pretrained tag; "none" = random init (on purpose)
+    model_config: Optional[dict] = None   # custom open_clip config (embed_dim, vision_cfg, text_cfg) instead of `model`
+    reduction_dim: int = 8
+    shared_dim: int = 16
+    activation: str = "quick_gelu"
+    dropout: float = 0.0
+    backend: str = "auto"
+    # data
+    dataset: str = "msrvtt"
+    root: str = ""
+    split: str = "train"
+    video_dir: Optional[str] = None
+    cache: Optional[str] = None
+    max_frames: int = 12
+    max_words: int = 32
+    sample_fps: float = 1.0
+    workers: int = 4
+    # recipe (the paper's, REFERENCE.md section 2)
+    epochs: int = 5
+    batch_size: int = 128         # global, over all ranks
+    lr: float = 1e-5
+    weight_decay: float = 0.2
+    warmup: float = 0.1
+    grad_clip: float = 1.0
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    pooling: str = "softmax"
+    temperature: float = 5.0
+    seed: int = 42
+    # run
+    out: str = "runs/cma"
+    resume: bool = False
+    save_every: int = 0           # steps between checkpoints (0: once per epoch)
+    eval_split: Optional[str] = None
+    tensorboard: bool = False
+    device: str = "auto"
+    max_steps: int = 0            # stop after this many steps in total (0: all epochs); for smoke tests
+    progress: bool = True
+
+    def validate(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        for name in ("epochs", "batch_size", "max_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was given but no CUDA device is available; use --device cpu or auto")
+        if self.backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--backend triton needs a CUDA GPU; use --backend auto (fused on GPU, PyTorch on CPU)")
+        if not self.pretrained:
+            raise ValueError("say which weights to start from: --pretrained PATH_OR_TAG, or --pretrained none for "
+                             "random init (adapters on a random backbone learn little)")
+        if self.pretrained not in ("none",) and os.path.sep in self.pretrained and not os.path.isfile(self.pretrained):
+            raise ValueError(f"--pretrained {self.pretrained}: no such file")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def build_model(cfg: TrainConfig, device):
+    """open_clip model (pretrained or random) with adapters; returns (model, tokenizer, image_size)."""
+    pretrained = None if cfg.pretrained == "none" else cfg.pretrained
+    if cfg.model_config is not None:
+        model = open_clip.model.CLIP(**cfg.model_config)
+        if pretrained:
+            open_clip.load_checkpoint(model, pretrained)
+    else:
+        model = open_clip.create_model(cfg.model, pretrained=pretrained)
+    model = model.to(device)
+    add_cross_modal_adapters(model, CrossModalAdapterConfig(cfg.reduction_dim, cfg.shared_dim, cfg.activation,
+                                                           dropout=cfg.dropout), backend=cfg.backend)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32" if cfg.model_config is not None else cfg.model)
+    size = model.visual.image_size
+    return model, tokenizer, size[0] if isinstance(size, (tuple, list)) else size
+
+
+def param_groups(model, weight_decay):
+    """Weight decay on adapter weights (2-D), none on biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def cosine_with_warmup(total_steps, warmup_fraction):
+    warmup = int(total_steps * warmup_fraction)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def epoch_order(n, seed, epoch):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+            "python_gauss": random.getstate()[2]}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+
+
+def save_checkpoint(path, payload):
+    """Write-then-rename: a crash mid-save leaves the previous checkpoint intact."""
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Load a training checkpoint; CheckpointError naming the file if it is missing, truncated or foreign."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is truncated or corrupt and cannot be resumed from "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                              f"delete it to start over or point --resume elsewhere") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a cma training checkpoint")
+    return ckpt
+
+
+def _distributed():
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(cfg, rank):
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def train_step(forward, logit_scale, batch, cfg, device):
+    """Loss of the global batch (features gathered across ranks), back-propagated; returns the loss.
+    forward: a RetrievalForward (or its DistributedDataParallel wrapper)."""
+    frames, mask, tokens = batch["frames"].to(device), batch["mask"].to(device), batch["tokens"].to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        frame_feats, text_feats = forward(frames, mask, tokens)
+    frame_feats, _ = gather_with_grad(frame_feats.float())
+    mask_all, _ = gather_with_grad(mask.to(torch.uint8))
+    text_feats, _ = gather_with_grad(text_feats.float())
+    loss = infonce(similarity(text_feats, frame_feats, mask_all.bool(), cfg.pooling, cfg.temperature), logit_scale)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    (loss * world).backward()   # DDP averages over ranks: x world gives the global-batch gradient
+    return loss.detach()
+
+
+def train(cfg: TrainConfig):
+    """Run training as configured; returns {"losses": [...], "skipped": {...}, "checkpoint": path}."""
+    cfg.validate()
+    rank, world = _distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    device = _device(cfg, rank)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model, tokenizer, image_size = build_model(cfg, device)
+    ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
+    frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, image_size, cfg.sample_fps)
+    dataset = CaptionVideoDataset(ann, tokenizer, frames, cfg.max_words, model.context_length)
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} captions cannot fill one batch of {cfg.batch_size}; lower --batch-size")
+    total_steps = steps_per_epoch * cfg.epochs
+    local_batch = cfg.batch_size // world
+
+    forward = RetrievalForward(model)
+    if world > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup))
+    os.makedirs(cfg.out, exist_ok=True)
+    latest = os.path.join(cfg.out, "checkpoint_latest.pt")
+    step, skipped = 0, {}
+    if cfg.resume:
+        ckpt = load_checkpoint(latest)
+        for key in RESUME_MUST_MATCH:
+            if ckpt["config"].get(key) != getattr(cfg, key):
+                raise CheckpointError(f"{latest} was made with {key}={ckpt['config'].get(key)!r}, this run has "
+                                      f"{key}={getattr(cfg, key)!r}; resume with the same setting")
+        load_adapter_state_dict(model, ckpt["adapters"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        step, skipped = ckpt["step"], dict(ckpt["skipped"])
+        set_rng_state(ckpt["rng"])
+
+    def checkpoint():
+        if rank == 0:
+            save_checkpoint(latest, {"format": CHECKPOINT_FORMAT, "adapters": adapter_state_dict(model),
+                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                     "step": step, "config": _plain(cfg), "rng": rng_state(), "skipped": skipped})
+
+    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+    writer = _tensorboard(cfg) if rank == 0 else None
+    losses = []
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=rank != 0 or not cfg.progress)
+    model.train()
+    while step < last_step:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        order = epoch_order(len(dataset), cfg.seed, epoch)[: steps_per_epoch * cfg.batch_size]
+        mine = order[rank::world][in_epoch * local_batch:]
+        loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=mine, num_workers=cfg.workers,
+                                             collate_fn=collate, timeout=600 if cfg.workers else 0,
+                                             persistent_workers=False)
+        for batch in loader:
+            t0 = time.perf_counter()
+            for reason in batch["skipped"]:
+                skipped[reason.split(":")[0]] = reason
+            if "frames" not in batch:
+                raise RuntimeError(f"every video of a batch was unreadable at step {step}: {batch['skipped'][:3]}")
+            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(forward, model.logit_scale, batch, cfg, device)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr")
+            rate = cfg.batch_size / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", vid_s=f"{rate:.1f}")
+            bar.update(1)
+            if log:
+                log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": losses[-1],
+                                      "lr": scheduler.get_last_lr()[0], "videos_per_s": rate}) + "\n")
+                log.flush()
+            if writer:
+                writer.add_scalar("train/loss", losses[-1], step)
+            if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0 or step == last_step:
+                checkpoint()
+            if step == last_step or step % steps_per_epoch == 0:
+                break
+    bar.close()
+    if rank == 0:
+        torch.save(adapter_state_dict(model), os.path.join(cfg.out, "adapters.pt"))
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable video(s):")
+            for reason in list(skipped.values())[:20]:
+                print(f"  {reason}")
+    if log:
+        log.close()
+    if writer:
+        writer.close()
+    return {"losses": losses, "skipped": skipped, "checkpoint": latest, "model": model}
+
+
+def _plain(cfg):
+    d = dataclasses.asdict(cfg)
+    d["betas"] = list(d["betas"])
+    return d
+
+
+def _tensorboard(cfg):
+    if not cfg.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(cfg.out, "tensorboard"))
