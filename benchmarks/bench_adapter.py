@@ -92,7 +92,7 @@ def main(argv=None):
         shapes = [(N, 768) for N in (19200, 153600)] if args.quick else GPU_SHAPES
         dtypes = list(DTYPES.values())
     else:
-        print("No CUDA device: timing the eager reference on CPU only. Fused and torch.compile numbers need CUDA.")
+        print("No CUDA device: timing the eager reference on CPU only; the fused and torch.compile numbers need CUDA.")
         variants, shapes, dtypes = {"eager": adapter_reference}, CPU_SHAPES, [torch.float32]
     print(f"{info['device']}  copy bandwidth {bandwidth:.0f} GB/s  r={args.r} d_s={args.ds}")
 

@@ -24,6 +24,12 @@ class VideoFrames:
     From `cache` (a FrameCache) when given, else decoded from the file."""
 
     def __init__(self, cache=None, max_frames=12, size=224, sample_fps=1.0, mean=CLIP_MEAN, std=CLIP_STD):
+        if cache is not None:
+            made = {k: cache.meta[k] for k in ("max_frames", "size", "sample_fps")}
+            wanted = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps}
+            if made != wanted:
+                raise ValueError(f"the frame cache {cache.out_dir} was made with {made}, this run needs {wanted}; "
+                                 f"run `cma prepare` with those settings into another folder")
         self.cache, self.max_frames, self.size, self.sample_fps = cache, max_frames, size, sample_fps
         self.mean, self.std = mean, std
 

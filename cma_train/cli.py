@@ -139,6 +139,7 @@ def cmd_eval(args):
     from cma_train.train import _device, build_model, load_checkpoint
     cfg = config_from_args(args)
     cfg.validate()
+    torch.manual_seed(cfg.seed)   # a random backbone (--pretrained none) is the one `cma train` built
     model, _, _ = build_model(cfg, _device(cfg, 0))
     if args.adapters:
         if not os.path.isfile(args.adapters):

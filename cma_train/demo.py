@@ -136,7 +136,7 @@ def run_demo(out="runs/demo", workers=2, quick=False):
 
     cfg = TrainConfig(model="tiny", model_config=TINY_CLIP, pretrained=backbone, dataset="jsonl",
                       root=os.path.join(out, "train.jsonl"), cache=os.path.join(cache, "train"), max_words=16,
-                      reduction_dim=8, shared_dim=16, epochs=4 if quick else 30, batch_size=24, lr=3e-3,
+                      reduction_dim=8, shared_dim=16, epochs=4 if quick else 30, batch_size=24, lr=1e-2,
                       weight_decay=0.05, pooling="meanP", workers=0, out=os.path.join(out, "run"), seed=42)
     test = load_annotations("jsonl", os.path.join(out, "test.jsonl"))
     test_frames = VideoFrames(FrameCache(os.path.join(cache, "test")), 12, IMAGE)

@@ -56,3 +56,9 @@ def test_loader_with_workers(annotations):
     batches = list(loader)
     assert sum(len(b["skipped"]) for b in batches) == 1
     assert sum(len(b.get("caption_index", [])) for b in batches) == 3
+
+
+def test_a_cache_made_with_other_settings_is_refused(annotations, tmp_path):
+    prepare_cache(annotations.video_ids, annotations.video_paths, str(tmp_path), size=32, progress=False)
+    with pytest.raises(ValueError, match="was made with .*'max_frames': 12.*needs .*'max_frames': 4"):
+        VideoFrames(cache=FrameCache(str(tmp_path)), max_frames=4, size=32)

@@ -1,0 +1,89 @@
+"""cma_train.cli: every subcommand on tiny data, and the errors a user meets."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_TRAIN_CLIP
+
+from cma_train.cli import main
+
+TINY = ["--model-config", json.dumps(TINY_TRAIN_CLIP), "--pretrained", "none", "--max-words", "16",
+        "--workers", "0", "--no-progress"]
+
+
+def test_help_explains_every_flag(capsys):
+    for command in ("train", "eval", "prepare", "demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        for line in out.splitlines():
+            if line.strip().startswith("--") and "  " in line.strip():
+                assert len(line.strip().split("  ", 1)[1].strip()) > 5, line
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--batch-size", "--pooling", "--resume", "--cache", "--config", "--shared-dim"):
+        assert flag in out
+
+
+def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
+    jsonl, _ = video_set
+    cache = str(tmp_path / "cache")
+    assert main(["prepare", "--dataset", "jsonl", "--root", jsonl, "--out", cache, "--size", "32", "--workers", "1"]) == 0
+    assert "8 videos ready, 0 skipped" in capsys.readouterr().out
+    out = str(tmp_path / "run")
+    config = tmp_path / "cfg.json"
+    config.write_text(json.dumps({"dataset": "jsonl", "root": jsonl, "batch-size": 4, "lr": 1e-3, "epochs": 1}))
+    assert main(["train", "--config", str(config), *TINY, "--cache", cache, "--out", out, "--max-steps", "2",
+                 "--batch-size", "8", "--eval-split", "test"]) == 0
+    assert len(open(os.path.join(out, "metrics.jsonl")).read().splitlines()) == 1   # flag beat the file: 8 per batch
+    res = json.load(open(os.path.join(out, "results_test.json")))
+    assert res["num_videos"] == 8 and set(res["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"}
+    assert "R@1" in capsys.readouterr().out
+    assert main(["eval", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache,
+                 "--adapters", os.path.join(out, "adapters.pt"), "--results", str(tmp_path / "r.json")]) == 0
+    assert json.load(open(tmp_path / "r.json"))["t2v"] == res["t2v"]   # same adapters, same numbers
+    assert main(["eval", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache,
+                 "--adapters", os.path.join(out, "checkpoint_latest.pt"), "--results", str(tmp_path / "r2.json")]) == 0
+
+
+def test_bench_runs_on_cpu(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "need CUDA" in out and "eager_fwd_ms" in out
+    assert main(["bench", "--e2e", "--out", str(tmp_path)]) == 0
+    assert "needs CUDA" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--dataset", "jsonl", "--root", "/nonexistent/data.jsonl", "--pretrained", "none"],
+     "no such annotation file"),
+    (["train", "--pooling", "max", "--pretrained", "none"], "pooling must be one of"),
+    (["train", "--dataset", "jsonl", "--root", "x"], "--pretrained none"),
+    (["train", "--pretrained", "none", "--lr", "0"], "lr must be > 0"),
+    (["train", "--config", "/nonexistent.yaml"], "no such file"),
+    (["eval", "--pretrained", "none", "--adapters", "/nonexistent.pt"], "--adapters /nonexistent.pt: no such file"),
+    (["prepare", "--dataset", "kinetics", "--root", ".", "--out", "x"], "unknown dataset 'kinetics'"),
+] + ([(["train", "--pretrained", "none", "--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else []))
+def test_errors_say_what_to_do(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_config_key_and_bad_flag_value(tmp_path, capsys):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("batch_size: 8\nlearning_rate: 0.1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "unknown setting 'learning_rate'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--batch-size", "many"])
+    assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "cma_train.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout and "demo" in out.stdout
