@@ -12,9 +12,9 @@ import argparse
 import torch
 
 try:
-    from cma_benchmarks.common import copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
+    from cma_benchmarks.common import bar_chart, copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
 except ImportError:   # run from a checkout that is not pip-installed
-    from common import copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
+    from common import bar_chart, copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
 from cma_kernels import adapter_reference, fused_adapter
 
 GPU_SHAPES = [(N, D) for D in (512, 768) for N in (19200, 153600, 1048576)]
@@ -54,24 +54,9 @@ def bench_shape(N, D, dtype, device, r, ds, variants, bandwidth):
 
 
 def plot(rows, variants, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    labels = [f"{r['dtype']}\n{r['N']}x{r['D']}" for r in rows]
-    names = list(variants) + ["floor"]
-    width = 0.8 / len(names)
-    for ax, kind in zip(axes, ("fwd", "fwdbwd")):
-        for i, name in enumerate(names):
-            ax.bar([j + i * width for j in range(len(rows))], [r[f"{name}_{kind}_ms"] for r in rows], width, label=name)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylabel("ms (median)")
-        ax.set_title("forward" if kind == "fwd" else "forward + backward")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    groups = [f"{r['dtype']}\n{r['N']}x{r['D']}" for r in rows]
+    bar_chart(path, [(title, "ms (median)", groups, {v: [r[f"{v}_{kind}_ms"] for r in rows] for v in [*variants, "floor"]},
+                      True) for kind, title in (("fwd", "forward"), ("fwdbwd", "forward + backward"))])
 
 
 def main(argv=None):

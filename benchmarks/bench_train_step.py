@@ -18,9 +18,9 @@ import open_clip
 import torch
 
 try:
-    from cma_benchmarks.common import print_table, run_info, slug, write_results
+    from cma_benchmarks.common import bar_chart, print_table, run_info, slug, write_results
 except ImportError:
-    from common import print_table, run_info, slug, write_results
+    from common import bar_chart, print_table, run_info, slug, write_results
 from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_adapter_backend
 from cma_model.losses import infonce, similarity
 
@@ -112,23 +112,11 @@ def loss_curves(base, frames, tokens, steps=50):
 
 
 def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "step_ms", "step time (ms)"), (axes[1], "peak_GiB", "peak memory (GiB)")):
-        archs = sorted({r["arch"] for r in rows})
-        variants = [r["variant"] for r in rows if r["arch"] == archs[0]]
-        width = 0.8 / len(variants)
-        for i, v in enumerate(variants):
-            ax.bar([j + i * width for j in range(len(archs))],
-                   [next(r[key] for r in rows if r["arch"] == a and r["variant"] == v) for a in archs], width, label=v)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(archs))], archs)
-        ax.set_ylabel(label)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    archs = sorted({r["arch"] for r in rows})
+    variants = [r["variant"] for r in rows if r["arch"] == archs[0]]
+    value = {(r["arch"], r["variant"]): r for r in rows}
+    bar_chart(path, [(title, title, archs, {v: [value[a, v][key] for a in archs] for v in variants}, False)
+                     for key, title in (("step_ms", "step time (ms)"), ("peak_GiB", "peak memory (GiB)"))])
 
 
 def main(argv=None):

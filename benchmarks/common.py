@@ -72,6 +72,28 @@ def write_results(out_dir, stem, info, rows):
     return path
 
 
+def bar_chart(path, panels):
+    """PNG of side-by-side grouped bar charts. panels: [(title, ylabel, group labels,
+    {series name: one value per group}, log scale)]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, ylabel, groups, series, log) in zip(axes[0], panels):
+        width = 0.8 / len(series)
+        for i, (name, values) in enumerate(series.items()):
+            ax.bar([j + i * width for j in range(len(groups))], values, width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], groups, fontsize=7)
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def print_table(rows, columns):
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))

@@ -2,7 +2,13 @@
 from .adapter import (BACKENDS, CrossModalAdapter, CrossModalAdapterConfig, SharedUpProjection, adapter_modules,
                       adapter_named_parameters, adapter_state_dict, add_cross_modal_adapters,
                       count_trainable_parameters, load_adapter_state_dict, pair_blocks, set_adapter_backend)
+from .datasets import AnnotationError, Annotations, load_annotations
+from .losses import infonce, similarity
+from .metrics import multi_caption_metrics, retrieval_metrics
+from .video import VideoError, sample_frames
 
 __all__ = ["BACKENDS", "CrossModalAdapter", "CrossModalAdapterConfig", "SharedUpProjection", "adapter_modules",
            "adapter_named_parameters", "adapter_state_dict", "add_cross_modal_adapters", "count_trainable_parameters",
-           "load_adapter_state_dict", "pair_blocks", "set_adapter_backend"]
+           "load_adapter_state_dict", "pair_blocks", "set_adapter_backend", "AnnotationError", "Annotations",
+           "load_annotations", "infonce", "similarity", "multi_caption_metrics", "retrieval_metrics", "VideoError",
+           "sample_frames"]

@@ -22,7 +22,7 @@ import torch.nn as nn
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock, TextTransformer, VisionTransformer
 
-from cma_kernels import MAX_RANK, adapter_reference, fused_adapter, triton_runs_on
+from cma_kernels import MAX_RANK, adapter_reference, fused_adapter_unchecked, triton_runs_on
 from cma_kernels.reference import ACTIVATIONS
 
 BACKENDS = ("auto", "reference", "triton")
@@ -99,7 +99,7 @@ class CrossModalAdapter(nn.Module):
         """h, residual: [..., D] -> residual + h + W_up . act(W_down . h + b_down) + b_up."""
         args = (h, self.w_down, self.b_down, self.w_up_unique, self.b_up_unique, self.shared.weight, self.shared.bias)
         if self.uses_triton(h):
-            return fused_adapter(*args, residual=residual, activation=self.config.activation)
+            return fused_adapter_unchecked(*args, residual=residual, activation=self.config.activation)
         return adapter_reference(*args, residual=residual, activation=self.config.activation,
                                  dropout_p=self.config.dropout, training=self.training)
 

@@ -87,3 +87,14 @@ def test_unknown_config_key_and_bad_flag_value(tmp_path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "cma_train.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "demo" in out.stdout
+
+
+def test_demo_quick_smoke(tmp_path, capsys):
+    """The embedded demo end to end with few steps (the full run is README command one)."""
+    code = main(["demo", "--out", str(tmp_path), "--quick", "--workers", "1"])
+    out = capsys.readouterr().out
+    for row in ("R@1 chance", "R@1 zero-shot", "R@1 adapter-tuned", "trainable params, adapters"):
+        assert row in out
+    result = json.load(open(tmp_path / "demo_results.json"))
+    assert result["chance_R1"] == pytest.approx(100 / 48)
+    assert code == (0 if result["adapter_tuned"]["t2v"]["R1"] > result["zero_shot"]["t2v"]["R1"] else 1)

@@ -227,3 +227,15 @@ def test_cuda_inductor_fullgraph_and_bf16_autocast_model():
         out = compiled(images)
         ref = reference.encode_image(images)
     assert (out.float() - ref.float()).abs().max() <= 3e-2 * ref.float().abs().max()
+
+
+def test_eager_function_and_registered_op_agree():
+    """Eager mode runs FusedAdapterFunction, torch.compile the torch.library op: same numbers."""
+    h, x, weights = make_case(40, 96, 8, 16, torch.float32)
+    inputs = [h, x] + weights
+    out_fn = fused_adapter(h, *weights, residual=x)
+    out_op = torch.ops.cma.fused_adapter(h, *weights, x, "quick_gelu")
+    dy = torch.randn_like(out_fn)
+    for a, b in zip(torch.autograd.grad(out_fn, inputs, dy), torch.autograd.grad(out_op, inputs, dy)):
+        assert torch.equal(a, b)
+    assert torch.equal(out_fn, out_op)

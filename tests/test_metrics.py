@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from cma_model.metrics import multi_caption_metrics, retrieval_metrics
+from cma_model import multi_caption_metrics, retrieval_metrics
 
 
 def test_hand_computed_3x3():

@@ -157,3 +157,27 @@ def test_fused_training_matches_reference_over_50_steps(video_set, tmp_path):
     assert ref[-1] < ref[0]   # it trains
     for step, (a, b) in enumerate(zip(ref, fused)):
         assert abs(a - b) <= 1e-4 * abs(a), (step, a, b)
+
+
+def _train_worker(rank, port, jsonl, cache, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    losses = train(tiny_config(jsonl, cache, out, batch_size=4, epochs=2, max_steps=3, lr=3e-3))["losses"]
+    torch.save(losses, os.path.join(result_dir, f"losses{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_process_training_run_matches_one_process(video_set, tmp_path):
+    """train() under 2 gloo ranks (as torchrun starts it) gives the losses of one process on the
+    same global batches; only rank 0 writes the run folder."""
+    import socket
+    jsonl, cache = video_set
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_train_worker, args=(port, jsonl, cache, str(tmp_path / "ddp"), str(tmp_path)), nprocs=WORLD, join=True)
+    single = train(tiny_config(jsonl, cache, tmp_path / "one", batch_size=4, epochs=2, max_steps=3, lr=3e-3))["losses"]
+    for rank in range(WORLD):
+        assert torch.load(tmp_path / f"losses{rank}.pt") == pytest.approx(single, rel=1e-5)
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
