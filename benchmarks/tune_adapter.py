@@ -4,7 +4,7 @@
 
 Prints forward and forward+backward medians per configuration (bf16, r=8, d_s=16) and writes
 them to tune_<device>_<date>.json. Copy a winner into FWD_CONFIG / BWD_CONFIG in
-cma_kernels/fused_adapter.py only after it wins at every benchmarked shape.
+cma_kernels/adapter_op.py only after it wins at every benchmarked shape.
 """
 import argparse
 import itertools
@@ -17,7 +17,7 @@ try:
 except ImportError:
     from bench_adapter import make_inputs
     from common import copy_bandwidth_gbps, run_info, slug, time_ms, write_results
-import cma_kernels.fused_adapter as fa
+import cma_kernels.adapter_op as fa
 
 FWD_SPACE = dict(BLOCK_N=[16, 32, 64], BLOCK_D=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 3, 4])
 BWD_SPACE = dict(BLOCK_N=[32, 64, 128], BLOCK_D=[64, 128], num_warps=[4, 8], num_stages=[2, 3],

@@ -1,7 +1,7 @@
 """cma_kernels: fused Triton kernels for the Cross-Modal Adapter, the plain PyTorch reference they
 are tested against, and the C++ frame-preprocessing op."""
 from .reference import ACTIVATIONS, activation_fn, adapter_reference
-from .fused_adapter import (MAX_RANK, FusedAdapterFunction, adapter_backward, adapter_forward, fused_adapter,
+from .adapter_op import (MAX_RANK, FusedAdapterFunction, adapter_backward, adapter_forward, fused_adapter,
                             fused_adapter_unchecked, triton_runs_on)
 
 __all__ = ["ACTIVATIONS", "activation_fn", "adapter_reference", "MAX_RANK", "FusedAdapterFunction", "adapter_backward",

@@ -1,4 +1,4 @@
-"""cma_kernels.fused_adapter against the PyTorch reference computed in float64.
+"""cma_kernels.adapter_op (fused_adapter) against the PyTorch reference computed in float64.
 
 On CPU the kernels run in the Triton interpreter (fp32, fp16: REFERENCE.md section 7); bf16,
 compilation by the real Triton compiler and inductor need CUDA and are marked so.
@@ -239,3 +239,15 @@ def test_eager_function_and_registered_op_agree():
     for a, b in zip(torch.autograd.grad(out_fn, inputs, dy), torch.autograd.grad(out_op, inputs, dy)):
         assert torch.equal(a, b)
     assert torch.equal(out_fn, out_op)
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Triton's real compiler (to sm_90 cubin, bundled ptxas), in a process without the interpreter."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, os.path.join(here, "sm90_compile.py")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and "all compiled for sm_90" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]

@@ -1,0 +1,60 @@
+"""Compile the fused adapter kernels for sm_90 (H100/H200) on a machine without a GPU.
+
+Triton lowers to PTX and runs its bundled ptxas without a device, which catches what the CPU
+interpreter lets through (tl.dot shape rules, dtype mixes, shared-memory overflow). Run in a
+process WITHOUT TRITON_INTERPRET:  python tests/sm90_compile.py [--all]
+"""
+import itertools
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import cma_kernels.adapter_op as op
+
+SM90_SHARED_BYTES = 227 * 1024
+
+
+def signature(kernel, pointers, ints):
+    return {a: pointers.get(a) or ("i32" if a in ints else "constexpr") for a in kernel.arg_names}
+
+
+def compile_pair(dtype, r, act, weight_dtype="fp32"):
+    """Compile forward and backward for one (activation dtype, r, activation); returns shared bytes."""
+    r_pad = max(16, triton.next_power_of_2(r))
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    w = {n: f"*{weight_dtype}" for n in ("w_down_ptr", "b_down_ptr", "w_up_unique_ptr", "b_up_unique_ptr",
+                                         "w_up_shared_ptr", "b_up_shared_ptr")}
+    fwd = (op._adapter_fwd_kernel,
+           {"h_ptr": f"*{dtype}", "residual_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", **w},
+           {"N", "D", "DS", "stride_h", "stride_res"},
+           dict(R=r, R_PAD=r_pad, ACT=act, HAS_RESIDUAL=True, DOT_PRECISION=precision,
+                BLOCK_N=op.FWD_CONFIG["BLOCK_N"], BLOCK_D=op.FWD_CONFIG["BLOCK_D"]), op.FWD_CONFIG)
+    parts = {n: "*fp32" for n in ("dw_down_part_ptr", "db_down_part_ptr", "dw_up_part_ptr", "db_up_part_ptr")}
+    bwd = (op._adapter_bwd_kernel,
+           {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}", **w, **parts},
+           {"N", "D", "DS", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
+           dict(R=r, R_PAD=r_pad, ACT=act, DOT_PRECISION=precision,
+                BLOCK_N=op.BWD_CONFIG["BLOCK_N"], BLOCK_D=op.BWD_CONFIG["BLOCK_D"]), op.BWD_CONFIG)
+    shared = []
+    for kernel, pointers, ints, constexprs, cfg in (fwd, bwd):
+        src = ASTSource(fn=kernel, signature=signature(kernel, pointers, ints), constexprs=constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        if compiled.metadata.shared > SM90_SHARED_BYTES:
+            raise RuntimeError(f"{kernel.__name__} needs {compiled.metadata.shared} bytes of shared memory")
+        shared.append(compiled.metadata.shared)
+    return shared
+
+
+def main(argv):
+    cases = list(itertools.product(["bf16", "fp16", "fp32"], [1, 4, 8, 16, 32, 64], [0])) + [("bf16", 8, 1)] \
+        if "--all" in argv else [("bf16", 8, 0), ("bf16", 4, 1), ("fp16", 16, 0), ("fp32", 64, 0), ("bf16", 64, 0)]
+    for dtype, r, act in cases:
+        print(dtype, f"r={r}", ("quick_gelu", "gelu")[act], "shared bytes fwd/bwd", compile_pair(dtype, r, act), flush=True)
+    print("all compiled for sm_90")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
