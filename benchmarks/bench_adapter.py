@@ -59,8 +59,8 @@ def plot(rows, variants, path):
                       True) for kind, title in (("fwd", "forward"), ("fwdbwd", "forward + backward"))])
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench", help="folder for the JSON/CSV/PNG results (default runs/bench)")
     p.add_argument("--quick", action="store_true", help="GPU: only N=19200 and 153600 at D=768")
     p.add_argument("--r", type=int, default=8, help="bottleneck width r (default 8, the MSR-VTT config)")

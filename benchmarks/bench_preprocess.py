@@ -82,8 +82,8 @@ def bench_loading(num_videos=16):
         return rows
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = p.parse_args(argv)

@@ -119,8 +119,8 @@ def plot(rows, path):
                      for key, title in (("step_ms", "step time (ms)"), ("peak_GiB", "peak memory (GiB)"))])
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--archs", nargs="+", default=["ViT-B-32", "ViT-B-16"])
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")

@@ -171,13 +171,13 @@ def cmd_prepare(args):
 def cmd_bench(args, rest):
     if args.e2e:
         from cma_benchmarks import bench_train_step
-        bench_train_step.main(rest)
+        bench_train_step.main(rest, prog="cma bench --e2e")
     elif args.preprocess:
         from cma_benchmarks import bench_preprocess
-        bench_preprocess.main(rest)
+        bench_preprocess.main(rest, prog="cma bench --preprocess")
     else:
         from cma_benchmarks import bench_adapter
-        bench_adapter.main(rest)
+        bench_adapter.main(rest, prog="cma bench")
     return 0
 
 
