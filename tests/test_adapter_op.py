@@ -150,7 +150,7 @@ def test_bad_arguments_raise(bad, message):
 def _model_pair(make, config):
     reference = add_cross_modal_adapters(make(), config, backend="reference")
     with torch.no_grad():   # adapter weights large enough to matter
-        for n, p in adapter_named_parameters(reference):
+        for _, p in adapter_named_parameters(reference):
             p.normal_(0, 0.05)
     fused = set_adapter_backend(copy.deepcopy(reference), "triton")
     return reference.to(DEVICE), fused.to(DEVICE)

@@ -1,5 +1,4 @@
 """cma_train.train: learning, exact resume, checkpoints, and DDP equivalence (gloo, 2 processes)."""
-import copy
 import os
 
 import pytest
