@@ -17,9 +17,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 try:
-    from cma_benchmarks.common import print_table, run_info, slug, time_ms, write_results
+    from cma_benchmarks.common import bar_chart, print_table, run_info, slug, time_ms, write_results
 except ImportError:
-    from common import print_table, run_info, slug, time_ms, write_results
+    from common import bar_chart, print_table, run_info, slug, time_ms, write_results
 from cma_kernels.preprocess import CLIP_MEAN, CLIP_STD, has_cpp_extension, preprocess_frames, preprocess_frames_torchvision
 
 RESOLUTIONS = [(240, 320), (360, 640), (720, 1280), (1080, 1920)]
@@ -100,9 +100,15 @@ def main(argv=None, prog=None):
     print()
     print_table(loading, list(loading[0]))
     stem = f"preprocess_{slug(info['device'])}_{info['date']}"
-    write_results(args.out, stem, info, ops)
+    path = write_results(args.out, stem, info, ops)
     write_results(args.out, stem + "_loading", info, loading)
-    print(f"wrote {os.path.join(args.out, stem)}.json, .csv (+ _loading)")
+    one = [r for r in ops if r["threads"] == 1]
+    methods = [k[:-3] for k in one[0] if k.endswith("_ms")]
+    bar_chart(path + ".png", [("12 frames -> 224, one thread", "ms", [r["input"] for r in one],
+                               {m: [r[f"{m}_ms"] for r in one] for m in methods}, True),
+                              ("12 frames per video from", "ms per video", [r["source"] for r in loading],
+                               {"sample + preprocess": [r["ms_per_video"] for r in loading]}, False)])
+    print(f"wrote {path}.json, .csv, .png (+ _loading)")
 
 
 if __name__ == "__main__":
