@@ -32,9 +32,9 @@ def clip4clip_pil(frames):
     return torch.stack([pipeline(Image.fromarray(f)) for f in frames.numpy()])
 
 
-def bench_ops(threads):
+def bench_ops(threads, resolutions=RESOLUTIONS):
     rows = []
-    for h, w in RESOLUTIONS:
+    for h, w in resolutions:
         frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (12, h, w, 3), dtype=np.uint8))
         for n in threads:
             torch.set_num_threads(n)
@@ -86,12 +86,13 @@ def main(argv=None, prog=None):
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--quick", action="store_true", help="240x320 only and 4 videos (a smoke test)")
     args = p.parse_args(argv)
     info = run_info(CPU)
     before = torch.get_num_threads()
     try:
-        ops = bench_ops(args.threads)
-        loading = bench_loading()
+        ops = bench_ops(args.threads, RESOLUTIONS[:1] if args.quick else RESOLUTIONS)
+        loading = bench_loading(4 if args.quick else 16)
     finally:
         torch.set_num_threads(before)
     if not has_cpp_extension():

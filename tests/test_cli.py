@@ -56,6 +56,9 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert "need CUDA" in out and "eager_fwd_ms" in out
     assert main(["bench", "--e2e", "--out", str(tmp_path)]) == 0
     assert "needs CUDA" in capsys.readouterr().out
+    assert main(["bench", "--preprocess", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert "torchvision_v2_ms" in capsys.readouterr().out
+    assert sorted(p.suffix for p in tmp_path.glob("preprocess_*")) == [".csv", ".csv", ".json", ".json", ".png"]
 
 
 @pytest.mark.parametrize("argv,message", [
