@@ -274,7 +274,8 @@ def adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_
     cfg = FWD_CONFIG
     _adapter_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         h2, res2, out, w_down.contiguous(), b_down.contiguous(),
-        *_nonempty(w_up_unique, b_up_unique, w_up_shared, b_up_shared),
+        _real(w_up_unique, w_up_shared), _real(b_up_unique, b_up_shared),
+        _real(w_up_shared, w_up_unique), _real(b_up_shared, b_up_unique),
         N, D, ds, h2.stride(0), res2.stride(0),
         R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation), HAS_RESIDUAL=residual is not None,
         DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
@@ -283,13 +284,10 @@ def adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_
     return out.view(h.shape)
 
 
-def _nonempty(w_up_unique, b_up_unique, w_up_shared, b_up_shared):
-    """d_s = 0 or d_s = D leaves one half empty; hand the kernel a real pointer it never reads."""
-    if w_up_unique.numel() == 0:
-        w_up_unique, b_up_unique = w_up_shared, b_up_shared
-    if w_up_shared.numel() == 0:
-        w_up_shared, b_up_shared = w_up_unique, b_up_unique
-    return w_up_unique.contiguous(), b_up_unique.contiguous(), w_up_shared.contiguous(), b_up_shared.contiguous()
+def _real(t, stand_in):
+    """d_s = 0 or d_s = D leaves one up-projection half empty: hand the kernel a real pointer
+    (the other half's), which it never reads because every access to it is masked off."""
+    return (stand_in if t.numel() == 0 else t).contiguous()
 
 
 def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation="quick_gelu"):
@@ -314,9 +312,9 @@ def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
     db_up_part = torch.zeros((P, D), **f32)
     dh = torch.empty((N, D), dtype=h.dtype, device=h.device)
     if N > 0:
-        w_up_unique_, _, w_up_shared_, _ = _nonempty(w_up_unique, b_down, w_up_shared, b_down)
         _adapter_bwd_kernel[(P,)](
-            dy2, h2, dh, w_down.contiguous(), b_down.contiguous(), w_up_unique_, w_up_shared_,
+            dy2, h2, dh, w_down.contiguous(), b_down.contiguous(),
+            _real(w_up_unique, w_up_shared), _real(w_up_shared, w_up_unique),
             dw_down_part, db_down_part, dw_up_part, db_up_part,
             N, D, ds, dy2.stride(0), h2.stride(0), tiles_per_program,
             R=r, R_PAD=R_PAD, ACT=ACTIVATIONS.index(activation),
@@ -336,14 +334,6 @@ def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
 # training step), the same launchers registered through torch.library for torch.compile.
 
 
-def _backward_grads(dy, saved, activation, has_residual):
-    """All input gradients of the fused adapter from the saved tensors; the residual's is dy itself."""
-    h, w_down, b_down, w_up_unique, w_up_shared = saved
-    dh, dw_down, db_down, dw_up_unique, db_up_unique, dw_up_shared, db_up_shared = \
-        adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation)
-    return dh, dw_down, db_down, dw_up_unique, db_up_unique, dw_up_shared, db_up_shared, dy if has_residual else None
-
-
 class FusedAdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared, residual, activation):
@@ -353,7 +343,8 @@ class FusedAdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return *_backward_grads(dy, ctx.saved_tensors, ctx.activation, ctx.has_residual), None
+        grads = adapter_backward(dy, *ctx.saved_tensors, ctx.activation)
+        return *grads, dy if ctx.has_residual else None, None   # the residual's gradient is dy itself
 
 
 @torch.library.custom_op("cma::fused_adapter", mutates_args=())
