@@ -38,10 +38,11 @@ class VideoFrames:
             frames, mask = self.cache[video_id]
         else:
             frames, mask = sample_frames(path, self.max_frames, self.sample_fps)
+        if mask.all():   # the common case: no masked gather and scatter
+            return preprocess_frames(torch.from_numpy(frames), self.size, self.mean, self.std), torch.from_numpy(mask)
         out = torch.zeros(self.max_frames, 3, self.size, self.size)
-        mask = torch.from_numpy(mask)
-        out[mask] = preprocess_frames(torch.from_numpy(frames[mask.numpy()]), self.size, self.mean, self.std)
-        return out, mask
+        out[torch.from_numpy(mask)] = preprocess_frames(torch.from_numpy(frames[mask]), self.size, self.mean, self.std)
+        return out, torch.from_numpy(mask)
 
 
 class CaptionVideoDataset(torch.utils.data.Dataset):
