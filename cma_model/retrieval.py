@@ -26,9 +26,9 @@ class RetrievalForward(torch.nn.Module):
 
 def gather_with_grad(x):
     """All-gather x [B_local, ...] from every rank (B_local may differ per rank), keeping autograd
-    only through this rank's slice. Returns (gathered [B_global, ...], offset of the local slice)."""
+    only through this rank's slice. Returns gathered [B_global, ...], ranks in order."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
+        return x
     world, rank = dist.get_world_size(), dist.get_rank()
     size = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
@@ -40,4 +40,4 @@ def gather_with_grad(x):
     dist.all_gather(parts, padded)
     parts = [p[:n] for p, n in zip(parts, sizes)]
     parts[rank] = x
-    return torch.cat(parts), sum(sizes[:rank])
+    return torch.cat(parts)

@@ -208,9 +208,9 @@ def train_step(forward, logit_scale, batch, cfg, device):
     frames, mask, tokens = batch["frames"].to(device), batch["mask"].to(device), batch["tokens"].to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         frame_feats, text_feats = forward(frames, mask, tokens)
-    frame_feats, _ = gather_with_grad(frame_feats.float())
-    mask_all, _ = gather_with_grad(mask.to(torch.uint8))
-    text_feats, _ = gather_with_grad(text_feats.float())
+    frame_feats = gather_with_grad(frame_feats.float())
+    mask_all = gather_with_grad(mask.to(torch.uint8))
+    text_feats = gather_with_grad(text_feats.float())
     loss = infonce(similarity(text_feats, frame_feats, mask_all.bool(), cfg.pooling, cfg.temperature), logit_scale)
     world = dist.get_world_size() if dist.is_initialized() else 1
     (loss * world).backward()   # DDP averages over ranks: x world gives the global-batch gradient
