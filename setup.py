@@ -8,7 +8,7 @@ ext_modules, cmdclass = [], {}
 sources = sorted(glob.glob("csrc/*.cpp"))
 if sources:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
-    ext_modules = [CppExtension("cma_kernels._C", sources,
+    ext_modules = [CppExtension("cma_kernels._C", sources, depends=sorted(glob.glob("csrc/*.h")),
                                 extra_compile_args={"cxx": ["-O3", "-fopenmp"]}, extra_link_args=["-fopenmp"])]
     cmdclass = {"build_ext": BuildExtension}
 

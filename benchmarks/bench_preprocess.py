@@ -20,7 +20,8 @@ try:
     from cma_benchmarks.common import bar_chart, print_table, run_info, slug, time_ms, write_results
 except ImportError:
     from common import bar_chart, print_table, run_info, slug, time_ms, write_results
-from cma_kernels.preprocess import CLIP_MEAN, CLIP_STD, has_cpp_extension, preprocess_frames, preprocess_frames_torchvision
+from cma_kernels.preprocess import (CLIP_MEAN, CLIP_STD, has_cpp_extension, preprocess_frames,
+                                    preprocess_frames_torchvision, simd_level)
 
 RESOLUTIONS = [(240, 320), (360, 640), (720, 1280), (1080, 1920)]
 CPU = torch.device("cpu")
@@ -88,7 +89,7 @@ def main(argv=None, prog=None):
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--quick", action="store_true", help="240x320 only and 4 videos (a smoke test)")
     args = p.parse_args(argv)
-    info = run_info(CPU)
+    info = {**run_info(CPU), "cma_simd": simd_level()}
     before = torch.get_num_threads()
     try:
         ops = bench_ops(args.threads, RESOLUTIONS[:1] if args.quick else RESOLUTIONS)

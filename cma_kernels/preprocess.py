@@ -2,7 +2,9 @@
 
 The C++ op (csrc/preprocess_frames.cpp) reproduces the CLIP4Clip PIL pipeline byte for byte
 (Resize(size, BICUBIC) with PIL's antialias, CenterCrop, ToTensor, Normalize) in one pass per
-frame, threads over frames and releases the GIL. Without the compiled extension a torchvision v2
+frame, threads over frames and releases the GIL. Its resampling loops use AVX-512 VNNI or AVX2
+multiply-adds where the CPU has them (simd_level() says which; the environment variable
+CMA_SIMD=avx2 or CMA_SIMD=none, set before import, caps it); every path gives the same bytes. Without the compiled extension a torchvision v2
 path runs instead (warned once): its uint8 bicubic rounds its two passes differently from PIL, so
 it can differ by up to two uint8 steps (~0.03 in normalised units) on sharp content.
 """
@@ -25,6 +27,11 @@ _warned = False
 def has_cpp_extension() -> bool:
     """True when the compiled frame op is available."""
     return _CPP_ERROR is None
+
+
+def simd_level():
+    """The instruction set the C++ op's loops use: "avx512", "avx2" or "none"; None without the extension."""
+    return torch.ops.cma.preprocess_simd() if has_cpp_extension() else None
 
 
 def check_frames(frames, size=224, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.float32):

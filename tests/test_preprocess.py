@@ -1,4 +1,8 @@
 """cma_kernels.preprocess: the C++ frame op against the CLIP4Clip PIL pipeline and torchvision."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +10,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from cma_kernels.preprocess import (CLIP_MEAN, CLIP_STD, has_cpp_extension, preprocess_frames,
-                                    preprocess_frames_torchvision)
+                                    preprocess_frames_torchvision, simd_level)
 
 ONE_STEP = 1 / 255 / min(CLIP_STD)   # one uint8 step in normalised units (~0.0146)
 SIZES = [(240, 320), (360, 640), (720, 1280), (1080, 1920), (640, 360), (224, 224), (224, 500),
@@ -123,3 +127,31 @@ def test_uint8_mode_is_the_resized_crop_and_normalises_to_the_same_result(h, w):
            for f in frames]
     assert torch.equal(crops, torch.from_numpy(np.stack([np.asarray(p) for p in pil])))
     assert torch.equal(preprocess_frames(crops), preprocess_frames(frames))   # what reading the cache does
+
+
+SIMD_SCRIPT = """
+import sys, numpy as np, torch
+from cma_kernels.preprocess import preprocess_frames, simd_level
+out = {"level": simd_level()}
+for h, w in [(240, 320), (720, 1280), (640, 360), (225, 301), (17, 9), (224, 500), (1080, 1920)]:
+    frames = torch.from_numpy(np.random.default_rng(h * w).integers(0, 256, (3, h, w, 3), dtype=np.uint8))
+    out[(h, w)] = preprocess_frames(frames, dtype=torch.uint8)
+torch.save(out, sys.argv[1])
+"""
+
+
+@requires_cpp
+@pytest.mark.parametrize("cap", ["avx2", "none"])
+def test_every_simd_path_gives_the_same_bytes(cap, tmp_path):
+    """The AVX2 and plain C++ loops (forced with CMA_SIMD in a fresh process) give this process's bytes,
+    which the tests above check against PIL, on frames of many shapes."""
+    path = tmp_path / "out.pt"
+    subprocess.run([sys.executable, "-c", SIMD_SCRIPT, str(path)], check=True, timeout=300,
+                   env={**os.environ, "CMA_SIMD": cap})
+    theirs = torch.load(path)
+    levels = ["none", "avx2", "avx512"]
+    assert levels.index(theirs.pop("level")) <= levels.index(cap)
+    assert simd_level() in levels
+    for (h, w), crops in theirs.items():
+        frames = torch.from_numpy(np.random.default_rng(h * w).integers(0, 256, (3, h, w, 3), dtype=np.uint8))
+        assert torch.equal(crops, preprocess_frames(frames, dtype=torch.uint8)), (h, w)
