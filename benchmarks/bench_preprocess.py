@@ -3,13 +3,16 @@
     python benchmarks/bench_preprocess.py [--out benchmarks/results] [--threads 1 2]
 
 1. 12 frames -> 224: cma's C++ op vs torchvision v2 (batched uint8) vs the CLIP4Clip PIL
-   pipeline, per input resolution and thread count (ms per 12 frames, frames/s).
+   pipeline, per input resolution and thread count (median ms per 12 frames, frames/s). cma and
+   torchvision are timed in turn, so their ratio holds even when the machine's speed drifts.
 2. videos/s for sampling + preprocessing from mp4 files vs from a prepared frame cache, on
    generated 240p clips.
 """
 import argparse
 import os
+import statistics
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -33,22 +36,37 @@ def clip4clip_pil(frames):
     return torch.stack([pipeline(Image.fromarray(f)) for f in frames.numpy()])
 
 
-def bench_ops(threads, resolutions=RESOLUTIONS):
+def interleaved_ms(fns, reps):
+    """Median ms of each function, timed in turn, so a change in machine speed hits them all alike."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_ops(threads, resolutions=RESOLUTIONS, reps=15):
     rows = []
     for h, w in resolutions:
         frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (12, h, w, 3), dtype=np.uint8))
         for n in threads:
             torch.set_num_threads(n)
-            row = {"input": f"{h}x{w}", "threads": n}
-            ops = {"torchvision_v2": preprocess_frames_torchvision, "pil_clip4clip": clip4clip_pil}
+            fns = {"torchvision_v2": lambda: preprocess_frames_torchvision(frames)}
             if has_cpp_extension():
-                ops = {"cma_cpp": preprocess_frames, **ops}
-            for name, fn in ops.items():
-                if name == "pil_clip4clip" and n > 1:
-                    continue   # PIL runs on one thread
-                ms = time_ms(lambda: fn(frames), CPU, warmup=2, reps=9 if name != "pil_clip4clip" else 3)
-                row[f"{name}_ms"] = ms
-                row[f"{name}_fps"] = 12 / ms * 1e3
+                fns = {"cma_cpp": lambda: preprocess_frames(frames), **fns}
+            ms = interleaved_ms(fns, reps)
+            if n == 1:   # PIL runs on one thread
+                ms["pil_clip4clip"] = time_ms(lambda: clip4clip_pil(frames), CPU, warmup=1, reps=3)
+            row = {"input": f"{h}x{w}", "threads": n}
+            for name, t in ms.items():
+                row[f"{name}_ms"] = t
+                row[f"{name}_fps"] = 12 / t * 1e3
+            if "cma_cpp" in ms:
+                row["torchvision_over_cma"] = ms["torchvision_v2"] / ms["cma_cpp"]
             rows.append(row)
     return rows
 
