@@ -9,6 +9,10 @@ inputs: what any adapter method must pay. Per variant: median step time over the
 peak memory, videos/s, ratios to full fine-tuning, and the top CUDA kernels of one profiled step.
 Last, 50 steps with reference and with fused adapters from the same start on the same batches:
 the two loss curves must agree within bf16 noise.
+
+--compile MODE [MODE ...] adds fused adapters on towers compiled with torch.compile (`cma train
+--compile MODE`), e.g. default and reduce-overhead (CUDA graphs); compiling takes a minute or more
+per mode and architecture, and the results file then says which modes ran.
 """
 import argparse
 import copy
@@ -23,8 +27,10 @@ except ImportError:
     from common import bar_chart, print_table, run_info, slug, write_results
 from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_adapter_backend
 from cma_model.losses import infonce, similarity
+from cma_model.retrieval import COMPILE_MODES, compile_towers
 
 VIDEOS, FRAMES, WORDS = 32, 12, 77
+VARIANTS = ("full", "floor", "ref_adapters", "fused_adapters")
 
 
 def make_batch(device, seed=0):
@@ -44,6 +50,8 @@ def make_variant(base, name):
         model.token_embedding.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
         return model, None, True
     add_cross_modal_adapters(model, CrossModalAdapterConfig(8, 16), backend="reference" if name == "ref_adapters" else "auto")
+    if name.startswith("fused_compile-"):
+        compile_towers(model, name.split("-", 1)[1])
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=1e-5), False
 
@@ -124,17 +132,23 @@ def main(argv=None, prog=None):
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--archs", nargs="+", default=["ViT-B-32", "ViT-B-16"])
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="(default: all)")
+    p.add_argument("--compile", nargs="+", default=[], choices=COMPILE_MODES, metavar="MODE",
+                   help=f"also fused adapters on compiled towers, per mode: {', '.join(COMPILE_MODES)}")
+    p.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
+                   help="the 50-step reference-vs-fused loss-curve check (default: on)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("The end-to-end training-step benchmark needs CUDA: no GPU here, nothing timed.")
         return None
     device = torch.device("cuda")
-    info = run_info(device)
+    info = {**run_info(device), "compile_modes": args.compile}
     frames, tokens = make_batch(device)
     rows, kernels = [], {}
+    variants = args.variants + [f"fused_compile-{mode}" for mode in args.compile]
     for arch in args.archs:
         base = open_clip.create_model(arch).to(device)
-        for name in ("full", "floor", "ref_adapters", "fused_adapters"):
+        for name in variants:
             model, optimizer, need_grad = make_variant(base, name)
             step = step_fn(model, optimizer, frames, tokens, need_grad)
             torch.cuda.reset_peak_memory_stats()
@@ -142,26 +156,30 @@ def main(argv=None, prog=None):
             peak = torch.cuda.max_memory_allocated() / 2 ** 30
             kernels[f"{arch}/{name}"] = top_kernels(step)
             row = {"arch": arch, "variant": name, "step_ms": ms, "peak_GiB": peak, "videos_per_s": VIDEOS / ms * 1e3}
-            if name in ("full", "fused_adapters"):
+            if name == "full" or name.startswith("fused"):
                 row["encode_384_frames_ms"] = encode_ms(model, frames)
             rows.append(row)
             del model, optimizer
             torch.cuda.empty_cache()
-        full = next(r for r in rows if r["arch"] == arch and r["variant"] == "full")
-        floor = next(r for r in rows if r["arch"] == arch and r["variant"] == "floor")
-        for r in rows:
-            if r["arch"] == arch:
-                r["step_vs_full"] = r["step_ms"] / full["step_ms"]
-                r["mem_vs_full"] = r["peak_GiB"] / full["peak_GiB"]
-                r["step_vs_floor"] = r["step_ms"] / floor["step_ms"]
-        fused = next(r for r in rows if r["arch"] == arch and r["variant"] == "fused_adapters")
-        fused["encode_vs_plain"] = fused["encode_384_frames_ms"] / full["encode_384_frames_ms"]
+        mine = {r["variant"]: r for r in rows if r["arch"] == arch}
+        for r in mine.values():
+            for ref, key in (("full", "step_vs_full"), ("floor", "step_vs_floor")):
+                if ref in mine:
+                    r[key] = r["step_ms"] / mine[ref]["step_ms"]
+            if "full" in mine:
+                r["mem_vs_full"] = r["peak_GiB"] / mine["full"]["peak_GiB"]
+                if "encode_384_frames_ms" in r and r is not mine["full"]:
+                    r["encode_vs_plain"] = r["encode_384_frames_ms"] / mine["full"]["encode_384_frames_ms"]
     print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "videos_per_s", "step_vs_full", "step_vs_floor",
                        "mem_vs_full", "encode_384_frames_ms", "encode_vs_plain"])
-    curves = loss_curves(open_clip.create_model(args.archs[0]).to(device), frames[: 8 * FRAMES], tokens[:8])
-    print(f"loss curves, reference vs fused adapters, 50 steps bf16: max relative difference {curves['max_rel_diff']:.2e}")
-    info.update(top_kernels=kernels, loss_curves=curves)
-    path = write_results(args.out, f"train_step_{slug(info['device'])}_{info['date']}", info, rows)
+    if args.curves:
+        curves = loss_curves(open_clip.create_model(args.archs[0]).to(device), frames[: 8 * FRAMES], tokens[:8])
+        print(f"loss curves, reference vs fused adapters, 50 steps bf16: max relative difference "
+              f"{curves['max_rel_diff']:.2e}")
+        info["loss_curves"] = curves
+    info["top_kernels"] = kernels
+    stem = "train_step" + "".join(f"_compile-{mode}" for mode in args.compile)
+    path = write_results(args.out, f"{stem}_{slug(info['device'])}_{info['date']}", info, rows)
     plot(rows, path + ".png")
     print(f"wrote {path}.json, .csv, .png")
     return rows

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one run: CUDA tests, the adapter benchmark (results into
-# benchmarks/results/), a launch-config sweep, and the end-to-end step benchmark when present.
+# benchmarks/results/), a launch-config sweep, the end-to-end step benchmark, and, with the time
+# left of ~570 s, the step with compiled towers (torch.compile default and CUDA graphs).
 # On a machine without a package index, first run the install line printed by
 # ../shared/gpu/stage.sh (it puts open_clip and decord on PYTHONPATH).
 set -uo pipefail
@@ -14,7 +15,13 @@ echo "== adapter benchmark"
 timeout 180 python benchmarks/bench_adapter.py --out benchmarks/results 2>&1 | tail -30
 echo "== launch-config sweep"
 timeout 90 python benchmarks/tune_adapter.py --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -30
-if [ -f benchmarks/bench_train_step.py ]; then
-    echo "== end-to-end training step"
-    timeout 150 python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 | tail -30
+echo "== end-to-end training step"
+timeout 150 python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 | tail -30
+left=$((570 - SECONDS))
+if [ "$left" -gt 120 ]; then
+    echo "== training step with compiled towers (${left} s left)"
+    timeout "$left" python benchmarks/bench_train_step.py --out benchmarks/results --archs ViT-B-32 \
+        --variants full floor fused_adapters --compile default reduce-overhead --no-curves 2>&1 | tail -20
+else
+    echo "== compiled towers skipped: ${left} s left"
 fi

@@ -21,6 +21,8 @@ HELP = {
     "activation": "adapter activation: quick_gelu or gelu",
     "dropout": "dropout after the adapter activation (the fused kernels do none: > 0 trains on the PyTorch path)",
     "backend": "adapter implementation: auto (fused Triton on GPU, PyTorch on CPU), triton or reference",
+    "compile": "torch.compile the towers: default, reduce-overhead (adds CUDA graphs), max-autotune; "
+               "unset = eager (the default until a GPU benchmark shows compile pays; minutes of compiling first)",
     "dataset": "msrvtt, msvd, didemo, activitynet, vatex or jsonl",
     "root": "folder with the dataset's annotation files (for jsonl: the .jsonl file)",
     "split": "split to train on (msrvtt: train = 9k, train7k; others: train)",

@@ -30,7 +30,7 @@ from cma_model.cache import FrameCache
 from cma_model.data import CaptionVideoDataset, VideoFrames, collate
 from cma_model.datasets import load_annotations
 from cma_model.losses import POOLINGS, infonce, similarity
-from cma_model.retrieval import RetrievalForward, gather_with_grad
+from cma_model.retrieval import COMPILE_MODES, RetrievalForward, compile_towers, gather_with_grad
 
 CHECKPOINT_FORMAT = "cma-train-v1"
 RESUME_MUST_MATCH = ("model", "dataset", "split", "reduction_dim", "shared_dim", "activation", "batch_size", "seed",
@@ -48,6 +48,7 @@ class TrainConfig:
     activation: str = "quick_gelu"
     dropout: float = 0.0
     backend: str = "auto"
+    compile: str = ""             # torch.compile mode for the towers ("" = eager), see cma_model.retrieval
     # data
     dataset: str = "msrvtt"
     root: str = ""
@@ -90,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.compile not in ("",) + COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES} (or empty for eager), got {self.compile!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -228,6 +231,8 @@ def train(cfg: TrainConfig):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model, tokenizer, image_size = build_model(cfg, device)
+    if cfg.compile:
+        compile_towers(model, cfg.compile)
     ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
     frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, image_size, cfg.sample_fps)
     dataset = CaptionVideoDataset(ann, tokenizer, frames, cfg.max_words, model.context_length)
