@@ -150,8 +150,10 @@ def _adapter_bwd_kernel(
     dw_up_part_ptr += pid.to(tl.int64) * D * R_PAD
     db_up_part_ptr += pid.to(tl.int64) * D
     db_down = tl.zeros((R_PAD,), dtype=tl.float32)
+    first_tile = pid * TILES_PER_PROGRAM
 
-    for tile in range(pid * TILES_PER_PROGRAM, (pid + 1) * TILES_PER_PROGRAM):
+    for tile in range(first_tile, first_tile + TILES_PER_PROGRAM):
+        accumulate = tile != first_tile   # the first tile writes the partials, so they need no zero-fill
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         rows = rows.to(tl.int64)
@@ -191,18 +193,19 @@ def _adapter_bwd_kernel(
 
             part = dw_up_part_ptr + cols[:, None] * R_PAD + ranks[None, :]
             part_mask = col_mask[:, None]
-            acc = tl.load(part, mask=part_mask, other=0.0)
+            acc = tl.load(part, mask=part_mask & accumulate, other=0.0)
             acc = tl.dot(tl.trans(dy.to(dtype)), a, acc, input_precision=DOT_PRECISION)
             tl.store(part, acc, mask=part_mask)
 
             part = dw_down_part_ptr + ranks[:, None] * D + cols[None, :]
             part_mask = col_mask[None, :]
-            acc = tl.load(part, mask=part_mask, other=0.0)
+            acc = tl.load(part, mask=part_mask & accumulate, other=0.0)
             acc = tl.dot(tl.trans(dz), h, acc, input_precision=DOT_PRECISION)
             tl.store(part, acc, mask=part_mask)
 
             part = db_up_part_ptr + cols
-            tl.store(part, tl.load(part, mask=col_mask, other=0.0) + tl.sum(dy.to(tl.float32), axis=0), mask=col_mask)
+            tl.store(part, tl.load(part, mask=col_mask & accumulate, other=0.0) + tl.sum(dy.to(tl.float32), axis=0),
+                     mask=col_mask)
 
     tl.store(db_down_part_ptr + pid * R_PAD + ranks, db_down)
 
@@ -306,10 +309,11 @@ def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
     tiles_per_program = max(1, triton.cdiv(num_tiles, _num_programs_cap(h.device)))
     P = max(1, triton.cdiv(num_tiles, tiles_per_program))
     f32 = dict(dtype=torch.float32, device=h.device)
-    dw_down_part = torch.zeros((P, R_PAD, D), **f32)
-    db_down_part = torch.zeros((P, R_PAD), **f32)
-    dw_up_part = torch.zeros((P, D, R_PAD), **f32)
-    db_up_part = torch.zeros((P, D), **f32)
+    alloc = torch.empty if N > 0 else torch.zeros   # every program writes all of its partials; N = 0: no program
+    dw_down_part = alloc((P, R_PAD, D), **f32)
+    db_down_part = alloc((P, R_PAD), **f32)
+    dw_up_part = alloc((P, D, R_PAD), **f32)
+    db_up_part = alloc((P, D), **f32)
     dh = torch.empty((N, D), dtype=h.dtype, device=h.device)
     if N > 0:
         _adapter_bwd_kernel[(P,)](
