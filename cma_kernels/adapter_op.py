@@ -9,8 +9,10 @@ activation, then loops over D again (h chunks come back from cache) writing the 
 Backward recomputes z from h instead of saving it, so nothing of size N x D is saved beyond h.
 A program owns a contiguous run of row tiles; per tile it accumulates z and
 da = dy . W_up, then sweeps D again writing dh = dy + (da * act'(z)) . W_down and adding the
-tile's weight-gradient products into ITS OWN fp32 partial buffers (no atomics). The partials
-are summed over programs by torch afterwards: the same inputs give bit-identical gradients.
+tile's weight-gradient products into ITS OWN fp32 partials (no atomics; its first tile writes
+them, so no zero-fill). All six partials of a program sit in one row of a [programs, grads]
+buffer, summed over programs by ONE torch reduction afterwards: the same inputs give
+bit-identical gradients, and the six gradients are views of that sum.
 The residual's gradient is dy itself.
 
 r < 16 is padded to 16 with masked zero rows so tl.dot sees K >= 16 on the GPU (REFERENCE.md
@@ -132,11 +134,8 @@ def _adapter_bwd_kernel(
     b_down_ptr,         # [R]
     w_up_unique_ptr,    # [D - DS, R] contiguous
     w_up_shared_ptr,    # [DS, R] contiguous
-    dw_down_part_ptr,   # [P, R_PAD, D] fp32, this program's partial dL/dW_down
-    db_down_part_ptr,   # [P, R_PAD] fp32
-    dw_up_part_ptr,     # [P, D, R_PAD] fp32, output channels in order: unique rows, then shared rows
-    db_up_part_ptr,     # [P, D] fp32
-    N, D, DS, stride_dy, stride_h, TILES_PER_PROGRAM,
+    grads_part_ptr,     # [P, GRADS] fp32, this program's partial gradients, laid out as grads_flat
+    N, D, DS, GRADS, stride_dy, stride_h, TILES_PER_PROGRAM,
     R: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -146,9 +145,10 @@ def _adapter_bwd_kernel(
     rank_mask = ranks < R
     D_UNIQUE = D - DS
     b_down = tl.load(b_down_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
-    dw_down_part_ptr += pid.to(tl.int64) * R_PAD * D
-    dw_up_part_ptr += pid.to(tl.int64) * D * R_PAD
-    db_up_part_ptr += pid.to(tl.int64) * D
+    dw_down_part_ptr = grads_part_ptr + pid.to(tl.int64) * GRADS   # [R, D]
+    db_down_part_ptr = dw_down_part_ptr + R * D                      # [R]
+    dw_up_part_ptr = db_down_part_ptr + R                            # [D, R]: unique rows, then shared rows
+    db_up_part_ptr = dw_up_part_ptr + D * R                          # [D]
     db_down = tl.zeros((R_PAD,), dtype=tl.float32)
     first_tile = pid * TILES_PER_PROGRAM
 
@@ -191,14 +191,14 @@ def _adapter_bwd_kernel(
             dh = dy.to(tl.float32) + tl.dot(dz, w_down.to(dtype), input_precision=DOT_PRECISION)
             tl.store(dh_ptr + rows[:, None] * D + cols[None, :], dh, mask=mask)
 
-            part = dw_up_part_ptr + cols[:, None] * R_PAD + ranks[None, :]
-            part_mask = col_mask[:, None]
+            part = dw_up_part_ptr + cols[:, None] * R + ranks[None, :]
+            part_mask = col_mask[:, None] & rank_mask[None, :]
             acc = tl.load(part, mask=part_mask & accumulate, other=0.0)
             acc = tl.dot(tl.trans(dy.to(dtype)), a, acc, input_precision=DOT_PRECISION)
             tl.store(part, acc, mask=part_mask)
 
             part = dw_down_part_ptr + ranks[:, None] * D + cols[None, :]
-            part_mask = col_mask[None, :]
+            part_mask = rank_mask[:, None] & col_mask[None, :]
             acc = tl.load(part, mask=part_mask & accumulate, other=0.0)
             acc = tl.dot(tl.trans(dz), h, acc, input_precision=DOT_PRECISION)
             tl.store(part, acc, mask=part_mask)
@@ -207,7 +207,7 @@ def _adapter_bwd_kernel(
             tl.store(part, tl.load(part, mask=col_mask & accumulate, other=0.0) + tl.sum(dy.to(tl.float32), axis=0),
                      mask=col_mask)
 
-    tl.store(db_down_part_ptr + pid * R_PAD + ranks, db_down)
+    tl.store(db_down_part_ptr + ranks, db_down, mask=rank_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,44 +293,57 @@ def _real(t, stand_in):
     return (stand_in if t.numel() == 0 else t).contiguous()
 
 
+def adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation="quick_gelu"):
+    """Launch the fused backward; the weight gradients come as ONE fp32 vector.
+
+    dy, h: [..., D]. Returns (dh [..., D] in h's dtype, grads_flat [2 r D + r + D] fp32), grads_flat
+    = [dW_down [r, D] | db_down [r] | dW_up [D, r] (unique rows, then shared) | db_up [D]], reduced
+    over tokens deterministically (per-program fp32 partials, then one sum); split_grads cuts it.
+    """
+    D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
+    h2, dy2 = _rows(h), _rows(dy)
+    N = h2.shape[0]
+    cfg = BWD_CONFIG
+    num_tiles = triton.cdiv(N, cfg["BLOCK_N"])
+    tiles_per_program = max(1, triton.cdiv(num_tiles, _num_programs_cap(h.device)))
+    P = max(1, triton.cdiv(num_tiles, tiles_per_program))
+    grads = 2 * r * D + r + D
+    # every program writes all of its partials (no zero-fill); N = 0 runs no program
+    grads_part = (torch.empty if N > 0 else torch.zeros)((P, grads), dtype=torch.float32, device=h.device)
+    dh = torch.empty((N, D), dtype=h.dtype, device=h.device)
+    if N > 0:
+        _adapter_bwd_kernel[(P,)](
+            dy2, h2, dh, w_down.contiguous(), b_down.contiguous(),
+            _real(w_up_unique, w_up_shared), _real(w_up_shared, w_up_unique), grads_part,
+            N, D, ds, grads, dy2.stride(0), h2.stride(0), tiles_per_program,
+            R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation),
+            DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return dh.view(h.shape), grads_part.sum(0)
+
+
+def split_grads(grads_flat, w_down, b_down, w_up_unique, w_up_shared):
+    """grads_flat (from adapter_backward_flat) -> (dw_down, db_down, dw_up_unique, db_up_unique,
+    dw_up_shared, db_up_shared): contiguous views, cast to each weight's dtype where it differs."""
+    (r, D), du = w_down.shape, w_up_unique.shape[0]
+    dw_down, db_down, dw_up, db_up = grads_flat.split([r * D, r, D * r, D])
+    dw_up = dw_up.view(D, r)
+    parts = (dw_down.view(r, D), db_down, dw_up[:du], db_up[:du], dw_up[du:], db_up[du:])
+    dtypes = (w_down.dtype, b_down.dtype, w_up_unique.dtype, w_up_unique.dtype, w_up_shared.dtype, w_up_shared.dtype)
+    return tuple(g.to(t) for g, t in zip(parts, dtypes))
+
+
 def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation="quick_gelu"):
     """Launch the fused backward.
 
     dy, h: [..., D]. Returns (dh [..., D] in h's dtype, dw_down [r, D], db_down [r],
     dw_up_unique [D - d_s, r], db_up_unique [D - d_s], dw_up_shared [d_s, r], db_up_shared [d_s]),
     each weight gradient in its weight's dtype, reduced over tokens in fp32 deterministically.
+    The weight gradients are views of one buffer (one reduction launch for all six).
     """
-    D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
-    h2, dy2 = _rows(h), _rows(dy)
-    N = h2.shape[0]
-    R_PAD = _rank_pad(r)
-    cfg = BWD_CONFIG
-    num_tiles = triton.cdiv(N, cfg["BLOCK_N"])
-    tiles_per_program = max(1, triton.cdiv(num_tiles, _num_programs_cap(h.device)))
-    P = max(1, triton.cdiv(num_tiles, tiles_per_program))
-    f32 = dict(dtype=torch.float32, device=h.device)
-    alloc = torch.empty if N > 0 else torch.zeros   # every program writes all of its partials; N = 0: no program
-    dw_down_part = alloc((P, R_PAD, D), **f32)
-    db_down_part = alloc((P, R_PAD), **f32)
-    dw_up_part = alloc((P, D, R_PAD), **f32)
-    db_up_part = alloc((P, D), **f32)
-    dh = torch.empty((N, D), dtype=h.dtype, device=h.device)
-    if N > 0:
-        _adapter_bwd_kernel[(P,)](
-            dy2, h2, dh, w_down.contiguous(), b_down.contiguous(),
-            _real(w_up_unique, w_up_shared), _real(w_up_shared, w_up_unique),
-            dw_down_part, db_down_part, dw_up_part, db_up_part,
-            N, D, ds, dy2.stride(0), h2.stride(0), tiles_per_program,
-            R=r, R_PAD=R_PAD, ACT=ACTIVATIONS.index(activation),
-            DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-    du = D - ds   # each gradient is its own sum (custom ops may not return aliasing outputs)
-    return (dh.view(h.shape),
-            dw_down_part[:, :r].sum(0).to(w_down.dtype),
-            db_down_part[:, :r].sum(0).to(b_down.dtype),
-            dw_up_part[:, :du, :r].sum(0).to(w_up_unique.dtype), db_up_part[:, :du].sum(0).to(w_up_unique.dtype),
-            dw_up_part[:, du:, :r].sum(0).to(w_up_shared.dtype), db_up_part[:, du:].sum(0).to(w_up_shared.dtype))
+    dh, grads_flat = adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation)
+    return dh, *split_grads(grads_flat, w_down, b_down, w_up_unique, w_up_shared)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,17 +382,14 @@ def _(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared, res
 @torch.library.custom_op("cma::fused_adapter_backward", mutates_args=())
 def _fused_adapter_backward_op(dy: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor,
                                w_up_unique: torch.Tensor, w_up_shared: torch.Tensor, activation: str
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                          torch.Tensor, torch.Tensor, torch.Tensor]:
-    return adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation)
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    return adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation)
 
 
 @_fused_adapter_backward_op.register_fake
 def _(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation):
-    ds = w_up_shared.shape[0]
-    return (h.new_empty(h.shape), torch.empty_like(w_down), torch.empty_like(b_down),
-            torch.empty_like(w_up_unique), w_up_unique.new_empty(w_up_unique.shape[0]),
-            torch.empty_like(w_up_shared), w_up_shared.new_empty(ds))
+    (r, D) = w_down.shape
+    return h.new_empty(h.shape), h.new_empty(2 * r * D + r + D, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -389,8 +399,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, dy):
-    grads = torch.ops.cma.fused_adapter_backward(dy, *ctx.saved_tensors, ctx.activation)
-    return *grads, dy if ctx.has_residual else None, None
+    _, w_down, b_down, w_up_unique, w_up_shared = ctx.saved_tensors
+    dh, grads_flat = torch.ops.cma.fused_adapter_backward(dy, *ctx.saved_tensors, ctx.activation)
+    return dh, *split_grads(grads_flat, w_down, b_down, w_up_unique, w_up_shared), \
+        dy if ctx.has_residual else None, None
 
 
 _fused_adapter_op.register_autograd(_op_backward, setup_context=_setup_context)

@@ -31,10 +31,9 @@ def compile_pair(dtype, r, act, weight_dtype="fp32"):
            {"N", "D", "DS", "stride_h", "stride_res"},
            dict(R=r, R_PAD=r_pad, ACT=act, HAS_RESIDUAL=True, DOT_PRECISION=precision,
                 BLOCK_N=op.FWD_CONFIG["BLOCK_N"], BLOCK_D=op.FWD_CONFIG["BLOCK_D"]), op.FWD_CONFIG)
-    parts = {n: "*fp32" for n in ("dw_down_part_ptr", "db_down_part_ptr", "dw_up_part_ptr", "db_up_part_ptr")}
     bwd = (op._adapter_bwd_kernel,
-           {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}", **w, **parts},
-           {"N", "D", "DS", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
+           {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}", **w, "grads_part_ptr": "*fp32"},
+           {"N", "D", "DS", "GRADS", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
            dict(R=r, R_PAD=r_pad, ACT=act, DOT_PRECISION=precision,
                 BLOCK_N=op.BWD_CONFIG["BLOCK_N"], BLOCK_D=op.BWD_CONFIG["BLOCK_D"]), op.BWD_CONFIG)
     shared = []
