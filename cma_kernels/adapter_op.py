@@ -356,7 +356,8 @@ class FusedAdapterFunction(torch.autograd.Function):
     def forward(ctx, h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared, residual, activation):
         ctx.save_for_backward(h, w_down, b_down, w_up_unique, w_up_shared)
         ctx.activation, ctx.has_residual = activation, residual is not None
-        return adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared, residual, activation)
+        return adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared, residual,
+                               activation)
 
     @staticmethod
     def backward(ctx, dy):

@@ -4,9 +4,11 @@ The C++ op (csrc/preprocess_frames.cpp) reproduces the CLIP4Clip PIL pipeline by
 (Resize(size, BICUBIC) with PIL's antialias, CenterCrop, ToTensor, Normalize) in one pass per
 frame, threads over frames and releases the GIL. Its resampling loops use AVX-512 VNNI or AVX2
 multiply-adds where the CPU has them (simd_level() says which; the environment variable
-CMA_SIMD=avx2 or CMA_SIMD=none, set before import, caps it); every path gives the same bytes. Without the compiled extension a torchvision v2
-path runs instead (warned once): its uint8 bicubic rounds its two passes differently from PIL, so
-it can differ by up to two uint8 steps (~0.03 in normalised units) on sharp content.
+CMA_SIMD=avx2 or CMA_SIMD=none, set before import, caps it); every path gives the same bytes.
+
+Without the compiled extension a torchvision v2 path runs instead (warned once): its uint8
+bicubic rounds its two passes differently from PIL, so it can differ by up to two uint8 steps
+(~0.03 in normalised units) on sharp content.
 """
 import warnings
 

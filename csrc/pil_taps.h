@@ -79,7 +79,8 @@ struct PairTaps {
 };
 
 inline int32_t pack16(int32_t first, int32_t second) {   // first in the low 16 bits: it meets tap 2p
-  return static_cast<int32_t>(static_cast<uint16_t>(first) | static_cast<uint32_t>(static_cast<uint16_t>(second)) << 16);
+  const uint32_t low = static_cast<uint16_t>(first), high = static_cast<uint16_t>(second);
+  return static_cast<int32_t>(low | high << 16);
 }
 
 // even_start: move each start down to an even input (the horizontal pass stores pixels in pairs from even columns).

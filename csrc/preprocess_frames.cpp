@@ -148,7 +148,8 @@ at::Tensor preprocess_frames(const at::Tensor& frames, int64_t size, at::ArrayRe
   auto run = [&](auto sink_of_frame) {
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       Scratch scratch;
-      for (int64_t f = begin; f < end; ++f) resize_crop_frame(src + f * h * w * 3, w, s, plan, sink_of_frame(f), scratch);
+      for (int64_t f = begin; f < end; ++f)
+        resize_crop_frame(src + f * h * w * 3, w, s, plan, sink_of_frame(f), scratch);
     });
   };
   if (dtype == at::kByte) {   // resized and cropped uint8 [T, size, size, 3]: what the frame cache stores

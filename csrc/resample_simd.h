@@ -84,7 +84,8 @@ CMA_AVX2 inline __m256i load_lanes(const uint8_t* low, int low_left, const uint8
 // its first 12 bytes. A byte shuffle turns them into 6 16-bit units (RR GG BB per pair), and a 16-bit 8x8
 // transpose gathers each unit over the 8 registers: unit[u] lane l = unit u of rows 0..7, lane by lane.
 CMA_AVX2 inline void transpose_units(__m256i r[8], __m256i unit[6]) {
-  const __m256i units = _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 3, 1, 4, 2, 5, 6, 9, 7, 10, 8, 11, -1, -1, -1, -1));
+  const __m256i units =   // RGBRGB RGBRGB xxxx -> RR GG BB RR GG BB, 16-bit units
+      _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 3, 1, 4, 2, 5, 6, 9, 7, 10, 8, 11, -1, -1, -1, -1));
   __m256i a[8], b[6];
   for (int j = 0; j < 8; ++j) r[j] = _mm256_shuffle_epi8(r[j], units);
   for (int j = 0; j < 4; ++j) {   // rows 2j, 2j + 1: a[2j] units 0-3, a[2j + 1] units 4-7
