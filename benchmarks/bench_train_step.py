@@ -13,10 +13,15 @@ the two loss curves must agree within bf16 noise.
 --compile MODE [MODE ...] adds fused adapters on towers compiled with torch.compile (`cma train
 --compile MODE`), e.g. default and reduce-overhead (CUDA graphs); compiling takes a minute or more
 per mode and architecture, and the results file then says which modes ran.
+
+--smoke runs every code path on the CPU with a tiny model and a tiny batch (no meaningful
+numbers; the tests use it so that a GPU session never meets a broken script).
 """
 import argparse
 import copy
 import statistics
+import time
+from dataclasses import dataclass
 
 import open_clip
 import torch
@@ -29,15 +34,39 @@ from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_ada
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, compile_towers
 
-VIDEOS, FRAMES, WORDS = 32, 12, 77
 VARIANTS = ("full", "floor", "ref_adapters", "fused_adapters")
+SMOKE_CLIP = {"embed_dim": 32, "quick_gelu": True,
+              "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
 
 
-def make_batch(device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    frames = torch.randn(VIDEOS * FRAMES, 3, 224, 224, generator=g).to(device)
-    tokens = torch.randint(1, 49407, (VIDEOS, WORDS), generator=g).to(device)
-    return frames, tokens
+@dataclass
+class Setup:
+    device: torch.device
+    videos: int = 32
+    frames: int = 12
+    words: int = 77
+    image_size: int = 224
+    curve_steps: int = 50
+
+    def batch(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        frames = torch.randn(self.videos * self.frames, 3, self.image_size, self.image_size, generator=g)
+        tokens = torch.randint(1, 49407, (self.videos, self.words), generator=g)
+        return frames.to(self.device), tokens.to(self.device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def make_model(arch, setup):
+    if arch == "smoke":
+        return open_clip.model.CLIP(**SMOKE_CLIP).to(setup.device)
+    return open_clip.create_model(arch).to(setup.device)
 
 
 def make_variant(base, name):
@@ -56,14 +85,14 @@ def make_variant(base, name):
     return model, torch.optim.AdamW(params, lr=1e-5), False
 
 
-def step_fn(model, optimizer, frames, tokens, images_need_grad):
+def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
     videos = tokens.shape[0]
-    mask = torch.ones(videos, FRAMES, dtype=torch.bool, device=frames.device)
+    mask = torch.ones(videos, setup.frames, dtype=torch.bool, device=frames.device)
 
     def step():
         x = frames.requires_grad_() if images_need_grad else frames
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            img = model.encode_image(x).float().view(videos, FRAMES, -1)
+        with setup.autocast():
+            img = model.encode_image(x).float().view(videos, setup.frames, -1)
             txt = model.encode_text(tokens).float()
         loss = infonce(similarity(txt, img, mask, "meanP"), model.logit_scale.detach())
         loss.backward()
@@ -76,47 +105,70 @@ def step_fn(model, optimizer, frames, tokens, images_need_grad):
     return step
 
 
-def time_steps(step, warmup=5, steps=20):
+def time_steps(step, setup, warmup=5, steps=20):
+    """Median ms per call: CUDA events on the GPU, the wall clock on the CPU."""
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    setup.sync()
     times = []
     for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if setup.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def top_kernels(step, n=8):
+def top_kernels(step, setup, n=8):
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    cuda = setup.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         step()
-        torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, "device_time_total", 0), reverse=True)[:n]
-    return [{"kernel": e.key[:80], "ms": getattr(e, "device_time_total", 0) / 1e3, "calls": e.count} for e in events]
+        setup.sync()
+    key = "device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:n]
+    return [{"kernel": e.key[:80], "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in events]
 
 
-def encode_ms(model, frames):
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        return time_steps(lambda: model.encode_image(frames), warmup=3, steps=20)
+def encode_ms(model, frames, setup):
+    with torch.no_grad(), setup.autocast():
+        return time_steps(lambda: model.encode_image(frames), setup, warmup=3, steps=20)
 
 
-def loss_curves(base, frames, tokens, steps=50):
+def loss_curves(base, frames, tokens, setup):
     """Reference vs fused adapters from the same initial weights on the same batches."""
-    ref, opt_ref, _ = make_variant(base, "ref_adapters")
+    ref, _, _ = make_variant(base, "ref_adapters")
     fused = set_adapter_backend(copy.deepcopy(ref), "auto")
-    opt_fused = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=1e-4)
-    opt_ref = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-4)
     curves = []
-    for model, opt in ((ref, opt_ref), (fused, opt_fused)):
-        step = step_fn(model, opt, frames, tokens, False)
-        curves.append([step().item() for _ in range(steps)])
+    for model in (ref, fused):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        step = step_fn(model, opt, frames, tokens, False, setup)
+        curves.append([step().item() for _ in range(setup.curve_steps)])
     rel = max(abs(a - b) / abs(a) for a, b in zip(*curves))
     return {"reference": curves[0], "fused": curves[1], "max_rel_diff": rel}
+
+
+def add_ratios(rows):
+    """step_vs_full, step_vs_floor, mem_vs_full, encode_vs_plain against the same architecture's rows."""
+    for arch in {r["arch"] for r in rows}:
+        mine = {r["variant"]: r for r in rows if r["arch"] == arch}
+        full, floor = mine.get("full"), mine.get("floor")
+        for r in mine.values():
+            if full:
+                r["step_vs_full"] = r["step_ms"] / full["step_ms"]
+                if full["peak_GiB"]:
+                    r["mem_vs_full"] = r["peak_GiB"] / full["peak_GiB"]
+                if "encode_384_frames_ms" in r and r is not full:
+                    r["encode_vs_plain"] = r["encode_384_frames_ms"] / full["encode_384_frames_ms"]
+            if floor:
+                r["step_vs_floor"] = r["step_ms"] / floor["step_ms"]
 
 
 def plot(rows, path):
@@ -137,48 +189,48 @@ def main(argv=None, prog=None):
                    help=f"also fused adapters on compiled towers, per mode: {', '.join(COMPILE_MODES)}")
     p.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
                    help="the 50-step reference-vs-fused loss-curve check (default: on)")
+    p.add_argument("--smoke", action="store_true", help="tiny model and batch on the CPU: exercises the script only")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("The end-to-end training-step benchmark needs CUDA: no GPU here, nothing timed.")
+    if args.smoke:
+        setup = Setup(torch.device("cpu"), videos=4, frames=2, words=16, image_size=32, curve_steps=3)
+        args.archs, args.steps = ["smoke"], 2
+    elif torch.cuda.is_available():
+        setup = Setup(torch.device("cuda"))
+    else:
+        print("The end-to-end training-step benchmark needs CUDA: no GPU here, nothing timed (--smoke tries the script).")
         return None
-    device = torch.device("cuda")
-    info = {**run_info(device), "compile_modes": args.compile}
-    frames, tokens = make_batch(device)
+    info = {**run_info(setup.device), "compile_modes": args.compile, "smoke": args.smoke}
+    frames, tokens = setup.batch()
     rows, kernels = [], {}
-    variants = args.variants + [f"fused_compile-{mode}" for mode in args.compile]
     for arch in args.archs:
-        base = open_clip.create_model(arch).to(device)
-        for name in variants:
+        base = make_model(arch, setup)
+        for name in args.variants + [f"fused_compile-{mode}" for mode in args.compile]:
             model, optimizer, need_grad = make_variant(base, name)
-            step = step_fn(model, optimizer, frames, tokens, need_grad)
-            torch.cuda.reset_peak_memory_stats()
-            ms = time_steps(step, steps=args.steps)
-            peak = torch.cuda.max_memory_allocated() / 2 ** 30
-            kernels[f"{arch}/{name}"] = top_kernels(step)
-            row = {"arch": arch, "variant": name, "step_ms": ms, "peak_GiB": peak, "videos_per_s": VIDEOS / ms * 1e3}
+            step = step_fn(model, optimizer, frames, tokens, need_grad, setup)
+            if setup.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ms = time_steps(step, setup, steps=args.steps)
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if setup.device.type == "cuda" else 0.0
+            kernels[f"{arch}/{name}"] = top_kernels(step, setup)
+            row = {"arch": arch, "variant": name, "step_ms": ms, "peak_GiB": peak,
+                   "videos_per_s": setup.videos / ms * 1e3}
             if name == "full" or name.startswith("fused"):
-                row["encode_384_frames_ms"] = encode_ms(model, frames)
+                row["encode_384_frames_ms"] = encode_ms(model, frames, setup)
             rows.append(row)
             del model, optimizer
-            torch.cuda.empty_cache()
-        mine = {r["variant"]: r for r in rows if r["arch"] == arch}
-        for r in mine.values():
-            for ref, key in (("full", "step_vs_full"), ("floor", "step_vs_floor")):
-                if ref in mine:
-                    r[key] = r["step_ms"] / mine[ref]["step_ms"]
-            if "full" in mine:
-                r["mem_vs_full"] = r["peak_GiB"] / mine["full"]["peak_GiB"]
-                if "encode_384_frames_ms" in r and r is not mine["full"]:
-                    r["encode_vs_plain"] = r["encode_384_frames_ms"] / mine["full"]["encode_384_frames_ms"]
+            if setup.device.type == "cuda":
+                torch.cuda.empty_cache()
+    add_ratios(rows)
     print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "videos_per_s", "step_vs_full", "step_vs_floor",
                        "mem_vs_full", "encode_384_frames_ms", "encode_vs_plain"])
     if args.curves:
-        curves = loss_curves(open_clip.create_model(args.archs[0]).to(device), frames[: 8 * FRAMES], tokens[:8])
-        print(f"loss curves, reference vs fused adapters, 50 steps bf16: max relative difference "
+        n = 8 if not args.smoke else setup.videos
+        curves = loss_curves(make_model(args.archs[0], setup), frames[: n * setup.frames], tokens[:n], setup)
+        print(f"loss curves, reference vs fused adapters, {setup.curve_steps} steps: max relative difference "
               f"{curves['max_rel_diff']:.2e}")
         info["loss_curves"] = curves
     info["top_kernels"] = kernels
-    stem = "train_step" + "".join(f"_compile-{mode}" for mode in args.compile)
+    stem = "train_step" + "".join(f"_compile-{mode}" for mode in args.compile) + ("_smoke" if args.smoke else "")
     path = write_results(args.out, f"{stem}_{slug(info['device'])}_{info['date']}", info, rows)
     plot(rows, path + ".png")
     print(f"wrote {path}.json, .csv, .png")

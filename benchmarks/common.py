@@ -60,13 +60,15 @@ def slug(text):
 
 
 def write_results(out_dir, stem, info, rows):
-    """Write {stem}.json (info + rows) and {stem}.csv; returns the path stem."""
+    """Write {stem}.json (info + rows) and {stem}.csv (columns: every key any row has; blanks where
+    a row lacks one); returns the path stem."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, stem)
     with open(path + ".json", "w") as f:
         json.dump({**info, "rows": rows}, f, indent=1)
+    fields = list(dict.fromkeys(key for row in rows for key in row))   # every row's keys, first-seen order
     with open(path + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     return path

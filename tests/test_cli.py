@@ -61,6 +61,25 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert sorted(p.suffix for p in tmp_path.glob("preprocess_*")) == [".csv", ".csv", ".json", ".json", ".png"]
 
 
+@pytest.mark.parametrize("extra", [[], ["--variants", "full", "--compile", "default", "--no-curves"]])
+def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
+    """`--smoke`: the GPU benchmark's whole script on a tiny model, so a GPU session never meets a
+    broken script (the compiled variant takes about a minute of inductor on 2 cores)."""
+    import csv
+    import json
+    assert main(["bench", "--e2e", "--smoke", "--out", str(tmp_path)] + extra) == 0
+    out = capsys.readouterr().out
+    stem = next(tmp_path.glob("train_step*_smoke_*.json")).with_suffix("")
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    variants = [r["variant"] for r in rows]
+    assert variants == (["full", "fused_compile-default"] if extra else ["full", "floor", "ref_adapters", "fused_adapters"])
+    assert all(r["step_ms"] > 0 for r in rows) and rows[0]["step_vs_full"] == 1.0
+    assert "encode_vs_plain" in rows[-1] and ("loss curves" in out) != bool(extra)
+    with open(stem.with_suffix(".csv")) as f:
+        assert [r["variant"] for r in csv.DictReader(f)] == variants
+    assert stem.with_suffix(".png").exists()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--dataset", "jsonl", "--root", "/nonexistent/data.jsonl", "--pretrained", "none"],
      "no such annotation file"),
