@@ -6,7 +6,10 @@ memory floor (bytes that must move / measured device copy bandwidth).
 Forward is `residual + adapter(h)`; fwd+bwd adds the gradients of h, the residual and all six
 weights. Floor bytes: forward reads x and h and writes out; backward reads dy and h and writes dh.
 On CPU only the eager reference runs (small shapes): the fused and compiled numbers need CUDA.
+--smoke runs the GPU code path on the CPU instead (tiny shapes, the kernels in Triton's
+interpreter, TRITON_INTERPRET=1): no meaningful numbers, but the script is known to work.
 """
+import os
 import argparse
 
 import torch
@@ -19,6 +22,7 @@ from cma_kernels import adapter_reference, fused_adapter
 
 GPU_SHAPES = [(N, D) for D in (512, 768) for N in (19200, 153600, 1048576)]
 CPU_SHAPES = [(4096, 512), (4096, 768)]
+SMOKE_SHAPES = [(64, 64)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -65,13 +69,21 @@ def main(argv=None, prog=None):
     p.add_argument("--quick", action="store_true", help="GPU: only N=19200 and 153600 at D=768")
     p.add_argument("--r", type=int, default=8, help="bottleneck width r (default 8, the MSR-VTT config)")
     p.add_argument("--ds", type=int, default=16, help="shared channels d_s (default 16)")
+    p.add_argument("--smoke", action="store_true", help="the GPU code path on the CPU, tiny shapes (needs "
+                   "TRITON_INTERPRET=1): exercises the script only")
     args = p.parse_args(argv)
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = run_info(device)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    info = {**run_info(device), "smoke": args.smoke}
     bandwidth = copy_bandwidth_gbps(device)
     info["copy_GBps"] = bandwidth
-    if device.type == "cuda":
+    if args.smoke:
+        variants = {"fused": fused_adapter, "eager": adapter_reference,
+                    "compile": torch.compile(adapter_reference, dynamic=False, backend="aot_eager")}
+        shapes, dtypes = SMOKE_SHAPES, [torch.float32]
+    elif device.type == "cuda":
         variants = {"fused": fused_adapter, "eager": adapter_reference,
                     "compile": torch.compile(adapter_reference, dynamic=False)}
         shapes = [(N, 768) for N in (19200, 153600)] if args.quick else GPU_SHAPES
@@ -86,7 +98,7 @@ def main(argv=None, prog=None):
     if "fused" in variants:
         cols += ["fused_fwd_pct_of_copy_bw", "fused_fwdbwd_pct_of_copy_bw"]
     print_table(rows, cols)
-    stem = f"adapter_{slug(info['device'])}_{info['date']}"
+    stem = f"adapter{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
     path = write_results(args.out, stem, info, rows)
     plot(rows, variants, path + ".png")
     print(f"wrote {path}.json, .csv, .png")

@@ -4,8 +4,12 @@
 # left of ~570 s, the step with compiled towers (torch.compile default and CUDA graphs).
 # On a machine without a package index, first run the install line printed by
 # ../shared/gpu/stage.sh (it puts open_clip and decord on PYTHONPATH).
+# Where $OUT is set (a lent machine sends back only what is under it), this log goes to
+# $OUT/gpu_check.log and benchmarks/results/ to $OUT/results.tgz: unpack that with
+# `tar xzf results.tgz -C benchmarks` and commit the new files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 echo "== CUDA tests"
@@ -14,7 +18,7 @@ timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_adapter_op.py 
 echo "== adapter benchmark"
 timeout 180 python benchmarks/bench_adapter.py --out benchmarks/results 2>&1 | tail -30
 echo "== launch-config sweep"
-timeout 90 python benchmarks/tune_adapter.py --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -30
+timeout 100 python benchmarks/tune_adapter.py --budget-s 80 --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -30
 echo "== end-to-end training step"
 timeout 150 python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 | tail -30
 left=$((570 - SECONDS))
@@ -25,3 +29,4 @@ if [ "$left" -gt 120 ]; then
 else
     echo "== compiled towers skipped: ${left} s left"
 fi
+if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" -C benchmarks results && echo "packed benchmarks/results into \$OUT/results.tgz"; fi

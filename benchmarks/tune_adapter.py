@@ -5,9 +5,15 @@
 Prints forward and forward+backward medians per configuration (bf16, r=8, d_s=16) and writes
 them to tune_<device>_<date>.json. Copy a winner into FWD_CONFIG / BWD_CONFIG in
 cma_kernels/adapter_op.py only after it wins at every benchmarked shape.
+
+--budget-s stops sweeping when the time is up (each new configuration compiles first, a second
+or two) and still writes what was measured, current configuration first. --smoke sweeps two
+configurations per kernel on the CPU in Triton's interpreter (TRITON_INTERPRET=1): script check only.
 """
 import argparse
 import itertools
+import os
+import time
 
 import torch
 
@@ -24,10 +30,18 @@ BWD_SPACE = dict(BLOCK_N=[32, 64, 128], BLOCK_D=[64, 128], num_warps=[4, 8], num
                  PROGRAMS_PER_SM=[1, 2, 4])
 
 
-def sweep(space, target, fn, device):
+def sweep(space, target, fn, device, deadline=float("inf"), limit=None):
+    """Time fn under each configuration of space (written into the config dict target), the
+    current configuration first; stops at the deadline (time.monotonic()) or after limit configs."""
     default = dict(target)
     rows = []
-    for values in itertools.product(*space.values()):
+    configs = list(itertools.product(*space.values()))
+    current = tuple(default.get(k) for k in space)
+    configs.sort(key=lambda values: values != current)   # stable: the current one first, then the grid
+    for values in configs[:limit]:
+        if time.monotonic() > deadline:
+            print(f"  time is up: {len(rows)} of {len(configs)} configurations timed")
+            break
         target.update(zip(space, values))
         try:
             ms = time_ms(fn, device)
@@ -45,26 +59,44 @@ def main(argv=None):
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--N", type=int, nargs="+", default=[19200, 153600])
     p.add_argument("--D", type=int, default=768)
+    p.add_argument("--budget-s", type=float, default=None, help="stop sweeping after this many seconds")
+    p.add_argument("--smoke", action="store_true", help="two configurations on the CPU (TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
-    device = torch.device("cuda")
-    info = run_info(device)
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            p.error("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+        device, dtype, args.N, args.D, limit = torch.device("cpu"), torch.float32, [64], 64, 2
+    elif torch.cuda.is_available():
+        device, dtype, limit = torch.device("cuda"), torch.bfloat16, None
+    else:
+        print("Tuning the kernels' launch configurations needs CUDA (--smoke checks the script on the CPU).")
+        return None
+    deadline = time.monotonic() + args.budget_s if args.budget_s is not None else float("inf")
+    info = {**run_info(device), "smoke": args.smoke}
     bandwidth = copy_bandwidth_gbps(device)
     out = []
-    for N in args.N:
-        h, x, w = make_inputs(N, args.D, 8, 16, torch.bfloat16, device)
+    for i, N in enumerate(args.N):
+        h, x, w = make_inputs(N, args.D, 8, 16, dtype, device)
         dy = torch.randn_like(h)
-        floor = N * args.D * 2 / (bandwidth * 1e9) * 1e3
+        floor = N * args.D * dtype.itemsize / (bandwidth * 1e9) * 1e3
+        # the budget is shared out: this shape's two sweeps may use their part of what is left
+        share = (deadline - time.monotonic()) / (2 * (len(args.N) - i))
         with torch.no_grad():
-            fwd = sweep(FWD_SPACE, fa.FWD_CONFIG, lambda: fa.adapter_forward(h, *w, residual=x), device)
-        bwd = sweep(BWD_SPACE, fa.BWD_CONFIG, lambda: fa.adapter_backward(dy, h, w[0], w[1], w[2], w[4]), device)
+            fwd = sweep(FWD_SPACE, fa.FWD_CONFIG, lambda: fa.adapter_forward(h, *w, residual=x), device,
+                        time.monotonic() + share, limit)
+        share = (deadline - time.monotonic()) / (2 * (len(args.N) - i) - 1)
+        bwd = sweep(BWD_SPACE, fa.BWD_CONFIG, lambda: fa.adapter_backward(dy, h, w[0], w[1], w[2], w[4]), device,
+                    time.monotonic() + share, limit)
         for kind, rows, floor_ms in (("fwd", fwd, 3 * floor), ("bwd", bwd, 3 * floor)):
             print(f"N={N} D={args.D} {kind}: floor {floor_ms:.4f} ms; best 3:")
             for r in rows[:3]:
                 print(f"  {r['ms']:.4f} ms ({100 * floor_ms / r['ms']:.0f}% of copy bw)  {r}")
             out += [{"N": N, "D": args.D, "kind": kind, "floor_ms": floor_ms, **r} for r in rows]
-    path = write_results(args.out, f"tune_{slug(info['device'])}_{info['date']}", info,
+    stem = f"tune{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
+    path = write_results(args.out, stem, info,
                          [{k: r.get(k) for k in ["N", "D", "kind", "ms", "floor_ms", *BWD_SPACE]} for r in out])
     print(f"wrote {path}.json")
+    return out
 
 
 if __name__ == "__main__":

@@ -66,7 +66,6 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     """`--smoke`: the GPU benchmark's whole script on a tiny model, so a GPU session never meets a
     broken script (the compiled variant takes about a minute of inductor on 2 cores)."""
     import csv
-    import json
     assert main(["bench", "--e2e", "--smoke", "--out", str(tmp_path)] + extra) == 0
     out = capsys.readouterr().out
     stem = next(tmp_path.glob("train_step*_smoke_*.json")).with_suffix("")
@@ -78,6 +77,21 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     with open(stem.with_suffix(".csv")) as f:
         assert [r["variant"] for r in csv.DictReader(f)] == variants
     assert stem.with_suffix(".png").exists()
+
+
+def test_adapter_bench_and_tuner_smoke_run_the_gpu_code_path_on_cpu(tmp_path, capsys):
+    """--smoke: the kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU)."""
+    from cma_benchmarks import tune_adapter
+    if torch.cuda.is_available():
+        pytest.skip("the smoke runs are for machines without a GPU")
+    assert main(["bench", "--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("adapter_smoke_*.json")).read_text())["rows"]
+    assert all(rows[0][f"{v}_{k}_ms"] > 0 for v in ("fused", "eager", "compile") for k in ("fwd", "fwdbwd"))
+    out = tune_adapter.main(["--smoke", "--out", str(tmp_path)])
+    assert sorted({r["kind"] for r in out}) == ["bwd", "fwd"] and len(out) == 4
+    assert out[0]["ms"] > 0 and next(tmp_path.glob("tune_smoke_*.json")).exists()
+    assert tune_adapter.main(["--smoke", "--budget-s", "0", "--out", str(tmp_path)]) == []
+    assert "time is up" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,message", [
