@@ -2,7 +2,9 @@
 are tested against, and the C++ frame-preprocessing op."""
 from .reference import ACTIVATIONS, activation_fn, adapter_reference
 from .adapter_op import (MAX_RANK, FusedAdapterFunction, adapter_backward, adapter_forward, fused_adapter,
-                            fused_adapter_unchecked, triton_runs_on)
+                         fused_adapter_unchecked, triton_runs_on)
+from .preprocess import CLIP_MEAN, CLIP_STD, has_cpp_extension, preprocess_frames, simd_level
 
 __all__ = ["ACTIVATIONS", "activation_fn", "adapter_reference", "MAX_RANK", "FusedAdapterFunction", "adapter_backward",
-           "adapter_forward", "fused_adapter", "fused_adapter_unchecked", "triton_runs_on"]
+           "adapter_forward", "fused_adapter", "fused_adapter_unchecked", "triton_runs_on", "CLIP_MEAN", "CLIP_STD",
+           "has_cpp_extension", "preprocess_frames", "simd_level"]

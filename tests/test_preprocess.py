@@ -129,6 +129,14 @@ def test_uint8_mode_is_the_resized_crop_and_normalises_to_the_same_result(h, w):
     assert torch.equal(preprocess_frames(crops), preprocess_frames(frames))   # what reading the cache does
 
 
+def test_the_documented_names_are_exported():
+    """README and the issue name cma_kernels.preprocess_frames / has_cpp_extension."""
+    import cma_kernels
+    assert cma_kernels.preprocess_frames is preprocess_frames
+    assert cma_kernels.has_cpp_extension() == has_cpp_extension()
+    assert cma_kernels.simd_level() == simd_level()
+
+
 SIMD_SCRIPT = """
 import sys, numpy as np, torch
 from cma_kernels.preprocess import preprocess_frames, simd_level
