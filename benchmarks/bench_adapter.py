@@ -9,8 +9,8 @@ On CPU only the eager reference runs (small shapes): the fused and compiled numb
 --smoke runs the GPU code path on the CPU instead (tiny shapes, the kernels in Triton's
 interpreter, TRITON_INTERPRET=1): no meaningful numbers, but the script is known to work.
 """
-import os
 import argparse
+import os
 
 import torch
 
@@ -79,15 +79,12 @@ def main(argv=None, prog=None):
     info = {**run_info(device), "smoke": args.smoke}
     bandwidth = copy_bandwidth_gbps(device)
     info["copy_GBps"] = bandwidth
-    if args.smoke:
-        variants = {"fused": fused_adapter, "eager": adapter_reference,
-                    "compile": torch.compile(adapter_reference, dynamic=False, backend="aot_eager")}
-        shapes, dtypes = SMOKE_SHAPES, [torch.float32]
-    elif device.type == "cuda":
-        variants = {"fused": fused_adapter, "eager": adapter_reference,
-                    "compile": torch.compile(adapter_reference, dynamic=False)}
-        shapes = [(N, 768) for N in (19200, 153600)] if args.quick else GPU_SHAPES
-        dtypes = list(DTYPES.values())
+    if args.smoke or device.type == "cuda":
+        variants = {"fused": fused_adapter, "eager": adapter_reference,   # smoke: no inductor build, same path
+                    "compile": torch.compile(adapter_reference, dynamic=False,
+                                             backend="aot_eager" if args.smoke else "inductor")}
+        shapes = SMOKE_SHAPES if args.smoke else [(N, 768) for N in (19200, 153600)] if args.quick else GPU_SHAPES
+        dtypes = [torch.float32] if args.smoke else list(DTYPES.values())
     else:
         print("No CUDA device: timing the eager reference on CPU only; the fused and torch.compile numbers need CUDA.")
         variants, shapes, dtypes = {"eager": adapter_reference}, CPU_SHAPES, [torch.float32]

@@ -10,9 +10,7 @@
 """
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -20,9 +18,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 try:
-    from cma_benchmarks.common import bar_chart, print_table, run_info, slug, time_ms, write_results
+    from cma_benchmarks.common import bar_chart, interleaved_ms, print_table, run_info, slug, time_ms, write_results
 except ImportError:
-    from common import bar_chart, print_table, run_info, slug, time_ms, write_results
+    from common import bar_chart, interleaved_ms, print_table, run_info, slug, time_ms, write_results
 from cma_kernels.preprocess import (CLIP_MEAN, CLIP_STD, has_cpp_extension, preprocess_frames,
                                     preprocess_frames_torchvision, simd_level)
 
@@ -34,19 +32,6 @@ def clip4clip_pil(frames):
     pipeline = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
                           lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
     return torch.stack([pipeline(Image.fromarray(f)) for f in frames.numpy()])
-
-
-def interleaved_ms(fns, reps):
-    """Median ms of each function, timed in turn, so a change in machine speed hits them all alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_ops(threads, resolutions=RESOLUTIONS, reps=15):

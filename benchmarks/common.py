@@ -16,14 +16,22 @@ def time_ms(fn, device, warmup=5, reps=20):
     if device.type == "cuda":
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return interleaved_ms({"fn": fn}, reps, warmup)["fn"]
+
+
+def interleaved_ms(fns, reps, warmup=1):
+    """Median wall-clock ms of each function in {name: fn}, timed in turn, so a change in the
+    machine's speed hits them all alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def copy_bandwidth_gbps(device, nbytes=1 << 30):

@@ -11,6 +11,8 @@ import open_clip  # noqa: E402
 import pytest  # noqa: E402
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 
+from cma_benchmarks.bench_train_step import SMOKE_CLIP  # noqa: E402
+
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
@@ -66,9 +68,7 @@ def frame_index(frame):
     return sum(int(bit) << b for b, bit in enumerate(bars))
 
 
-TINY_TRAIN_CLIP = {"embed_dim": 32, "quick_gelu": True,
-                   "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-                   "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
+TINY_TRAIN_CLIP = SMOKE_CLIP   # the e2e benchmark's smoke model: 32x32 images, the real tokenizer's vocabulary
 
 
 def write_video_set(folder, combos, seed=0):
