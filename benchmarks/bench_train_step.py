@@ -5,14 +5,24 @@ adapters vs fused adapters (what `cma train` uses), plus image-encode inference.
 
 Batch: 32 videos x 12 frames + 32 captions x 77 tokens, bf16 autocast, AdamW, random weights.
 The floor freezes everything and adds no adapters, but back-propagates through every block to the
-inputs: what any adapter method must pay. Per variant: median step time over the timed steps,
-peak memory, videos/s, ratios to full fine-tuning, and the top CUDA kernels of one profiled step.
+inputs: what any adapter method must pay (stock open_clip blocks, as are full fine-tuning's and the
+reference adapters'). floor_lean is the same with cma's lean frozen blocks, so fused_adapters over
+floor_lean is the adapters' own cost. fused_adapters is what `cma train` runs by default (fused adapters, lean frozen
+blocks: cma_model.frozen_block); fused_recompute adds `--recompute-mlp`. Per variant: median step
+time over the timed steps, peak memory, the activations autograd keeps (saved_GiB, measured with
+saved-tensor hooks), videos/s, ratios to full fine-tuning, and the top CUDA kernels of one
+profiled step.
 Last, 50 steps with reference and with fused adapters from the same start on the same batches:
 the two loss curves must agree within bf16 noise.
 
 --compile MODE [MODE ...] adds fused adapters on towers compiled with torch.compile (`cma train
 --compile MODE`), e.g. default and reduce-overhead (CUDA graphs); compiling takes a minute or more
 per mode and architecture, and the results file then says which modes ran.
+
+--memory-only measures only the activations each variant keeps (no timing), on any device, the
+CPU included (bf16 autocast there too; CPU autocast keeps LayerNorm in bf16 where CUDA's runs it
+in fp32, so the stock variants keep about 2 [tokens, width] activations per block more on a GPU).
+--videos sets the batch.
 
 --smoke runs every code path on the CPU with a tiny model and a tiny batch (no meaningful
 numbers; the tests use it so that a GPU session never meets a broken script).
@@ -27,14 +37,14 @@ import open_clip
 import torch
 
 try:
-    from cma_benchmarks.common import bar_chart, print_table, run_info, slug, write_results
+    from cma_benchmarks.common import bar_chart, print_table, run_info, saved_activation_bytes, slug, write_results
 except ImportError:
-    from common import bar_chart, print_table, run_info, slug, write_results
-from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_adapter_backend
+    from common import bar_chart, print_table, run_info, saved_activation_bytes, slug, write_results
+from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_adapter_backend, set_mlp_recompute
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, compile_towers
 
-VARIANTS = ("full", "floor", "ref_adapters", "fused_adapters")
+VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute")
 SMOKE_CLIP = {"embed_dim": 32, "quick_gelu": True,
               "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
@@ -48,6 +58,7 @@ class Setup:
     words: int = 77
     image_size: int = 224
     curve_steps: int = 50
+    cpu_autocast: bool = False
 
     def batch(self, seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -56,7 +67,8 @@ class Setup:
         return frames.to(self.device), tokens.to(self.device)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.device.type == "cuda" or self.cpu_autocast)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -69,16 +81,35 @@ def make_model(arch, setup):
     return open_clip.create_model(arch).to(setup.device)
 
 
+class ResidualAdd(torch.nn.Module):
+    """Stands in for an adapter in floor_lean: the block's plain residual add, nothing trained."""
+    backend = "auto"
+
+    def forward(self, h, residual):
+        return residual + h
+
+
+def frozen_floor(model):
+    """No parameter trains, but backward runs through every block to the inputs."""
+    model.requires_grad_(False)
+    model.token_embedding.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
+    return model, None, True
+
+
 def make_variant(base, name):
     """(model, optimizer or None, images need grad) for one variant."""
     model = copy.deepcopy(base)
     if name == "full":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5), False
     if name == "floor":
-        model.requires_grad_(False)
-        model.token_embedding.register_forward_hook(lambda m, i, out: out.detach().requires_grad_())
-        return model, None, True
+        return frozen_floor(model)
     add_cross_modal_adapters(model, CrossModalAdapterConfig(8, 16), backend="reference" if name == "ref_adapters" else "auto")
+    if name == "floor_lean":
+        for block in [m for m in model.modules() if hasattr(m, "adapter_attn")]:
+            block.adapter_attn, block.adapter_mlp = ResidualAdd(), ResidualAdd()
+        return frozen_floor(model)
+    if name == "fused_recompute":
+        set_mlp_recompute(model)
     if name.startswith("fused_compile-"):
         compile_towers(model, name.split("-", 1)[1])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -86,15 +117,19 @@ def make_variant(base, name):
 
 
 def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
+    """(step, forward): one optimizer step, and the forward alone returning the loss."""
     videos = tokens.shape[0]
     mask = torch.ones(videos, setup.frames, dtype=torch.bool, device=frames.device)
 
-    def step():
+    def forward():
         x = frames.requires_grad_() if images_need_grad else frames
         with setup.autocast():
             img = model.encode_image(x).float().view(videos, setup.frames, -1)
             txt = model.encode_text(tokens).float()
-        loss = infonce(similarity(txt, img, mask, "meanP"), model.logit_scale.detach())
+        return infonce(similarity(txt, img, mask, "meanP"), model.logit_scale.detach())
+
+    def step():
+        loss = forward()
         loss.backward()
         if optimizer is not None:
             optimizer.step()
@@ -102,7 +137,7 @@ def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
         if images_need_grad:
             frames.grad = None
         return loss
-    return step
+    return step, forward
 
 
 def time_steps(step, setup, warmup=5, steps=20):
@@ -149,7 +184,7 @@ def loss_curves(base, frames, tokens, setup):
     curves = []
     for model in (ref, fused):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        step = step_fn(model, opt, frames, tokens, False, setup)
+        step, _ = step_fn(model, opt, frames, tokens, False, setup)
         curves.append([step().item() for _ in range(setup.curve_steps)])
     rel = max(abs(a - b) / abs(a) for a, b in zip(*curves))
     return {"reference": curves[0], "fused": curves[1], "max_rel_diff": rel}
@@ -175,8 +210,39 @@ def plot(rows, path):
     archs = sorted({r["arch"] for r in rows})
     variants = [r["variant"] for r in rows if r["arch"] == archs[0]]
     value = {(r["arch"], r["variant"]): r for r in rows}
-    bar_chart(path, [(title, title, archs, {v: [value[a, v][key] for a in archs] for v in variants}, False)
-                     for key, title in (("step_ms", "step time (ms)"), ("peak_GiB", "peak memory (GiB)"))])
+    bar_chart(path, [(title, title, archs, {v: [value[a, v].get(key, 0.0) for a in archs] for v in variants}, False)
+                     for key, title in (("step_ms", "step time (ms)"), ("peak_GiB", "peak memory (GiB)"),
+                                        ("saved_GiB", "activations kept (GiB)"))])
+
+
+def kept_activations(args, setup):
+    """--memory-only: GiB of activations each variant keeps for backward, and MiB per video."""
+    frames, tokens = setup.batch()
+    rows = []
+    for arch in args.archs:
+        base = make_model(arch, setup)
+        for name in args.variants:
+            model, optimizer, need_grad = make_variant(base, name)
+            _, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
+            _, saved = saved_activation_bytes(forward, model.parameters())
+            frames.grad = None
+            rows.append({"arch": arch, "variant": name, "videos": setup.videos, "saved_GiB": saved / 2 ** 30,
+                         "saved_MiB_per_video": saved / 2 ** 20 / setup.videos})
+            del model, optimizer
+        full = next((r for r in rows if r["arch"] == arch and r["variant"] == "full"), None)
+        for r in rows:
+            if full and r["arch"] == arch:
+                r["saved_vs_full"] = r["saved_GiB"] / full["saved_GiB"]
+    print_table(rows, ["arch", "variant", "videos", "saved_GiB", "saved_MiB_per_video", "saved_vs_full"])
+    info = {**run_info(setup.device), "autocast": "bf16", "smoke": args.smoke}
+    stem = f"train_memory_{'-'.join(args.archs)}_{setup.videos}videos"   # archs = ["smoke"] with --smoke
+    path = write_results(args.out, f"{stem}_{slug(info['device'])}_{info['date']}", info, rows)
+    archs = sorted({r["arch"] for r in rows})
+    value = {(r["arch"], r["variant"]): r["saved_GiB"] for r in rows}
+    bar_chart(path + ".png", [("activations kept (GiB)", "GiB", archs,
+                               {v: [value[a, v] for a in archs] for v in args.variants}, False)])
+    print(f"wrote {path}.json, .csv, .png")
+    return rows
 
 
 def main(argv=None, prog=None):
@@ -189,16 +255,26 @@ def main(argv=None, prog=None):
                    help=f"also fused adapters on compiled towers, per mode: {', '.join(COMPILE_MODES)}")
     p.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
                    help="the 50-step reference-vs-fused loss-curve check (default: on)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the activations each variant keeps, on any device (the CPU too); no timing")
+    p.add_argument("--videos", type=int, default=32, help="videos per batch, 12 frames each (default 32)")
     p.add_argument("--smoke", action="store_true", help="tiny model and batch on the CPU: exercises the script only")
     args = p.parse_args(argv)
+    if args.videos < 1:
+        p.error("--videos must be >= 1")
     if args.smoke:
         setup = Setup(torch.device("cpu"), videos=4, frames=2, words=16, image_size=32, curve_steps=3)
         args.archs, args.steps = ["smoke"], 2
+    elif args.memory_only:
+        setup = Setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), videos=args.videos)
     elif torch.cuda.is_available():
-        setup = Setup(torch.device("cuda"))
+        setup = Setup(torch.device("cuda"), videos=args.videos)
     else:
         print("The end-to-end training-step benchmark needs CUDA: no GPU here, nothing timed (--smoke tries the script).")
         return None
+    if args.memory_only:
+        setup.cpu_autocast = True
+        return kept_activations(args, setup)
     info = {**run_info(setup.device), "compile_modes": args.compile, "smoke": args.smoke}
     frames, tokens = setup.batch()
     rows, kernels = [], {}
@@ -206,7 +282,7 @@ def main(argv=None, prog=None):
         base = make_model(arch, setup)
         for name in args.variants + [f"fused_compile-{mode}" for mode in args.compile]:
             model, optimizer, need_grad = make_variant(base, name)
-            step = step_fn(model, optimizer, frames, tokens, need_grad, setup)
+            step, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             if setup.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             ms = time_steps(step, setup, steps=args.steps)
@@ -214,6 +290,10 @@ def main(argv=None, prog=None):
             kernels[f"{arch}/{name}"] = top_kernels(step, setup)
             row = {"arch": arch, "variant": name, "step_ms": ms, "peak_GiB": peak,
                    "videos_per_s": setup.videos / ms * 1e3}
+            if "compile" not in name:   # saved-tensor hooks would make dynamo trace again
+                _, saved = saved_activation_bytes(forward, model.parameters())
+                row["saved_GiB"] = saved / 2 ** 30
+                frames.grad = None
             if name == "full" or name.startswith("fused"):
                 row["encode_384_frames_ms"] = encode_ms(model, frames, setup)
             rows.append(row)
@@ -221,8 +301,8 @@ def main(argv=None, prog=None):
             if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
     add_ratios(rows)
-    print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "videos_per_s", "step_vs_full", "step_vs_floor",
-                       "mem_vs_full", "encode_384_frames_ms", "encode_vs_plain"])
+    print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "saved_GiB", "videos_per_s", "step_vs_full",
+                       "step_vs_floor", "mem_vs_full", "encode_384_frames_ms", "encode_vs_plain"])
     if args.curves:
         n = 8 if not args.smoke else setup.videos
         curves = loss_curves(make_model(args.archs[0], setup), frames[: n * setup.frames], tokens[:n], setup)

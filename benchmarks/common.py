@@ -34,6 +34,24 @@ def interleaved_ms(fns, reps, warmup=1):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def saved_activation_bytes(fn, params=()):
+    """(fn(), bytes of the distinct storages autograd keeps for backward while fn runs): the
+    activation memory of a forward pass, measured the same way on any device. Storages of the
+    tensors in `params` (a model's parameters; autograd keeps views of them) are not counted."""
+    skip = {(str(p.device), p.untyped_storage().data_ptr()) for p in params}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        key = (str(t.device), s.data_ptr())
+        if key not in skip:
+            storages[key] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
 def copy_bandwidth_gbps(device, nbytes=1 << 30):
     """Device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     nbytes = nbytes if device.type == "cuda" else nbytes // 16

@@ -24,6 +24,7 @@ from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentio
 
 from cma_kernels import MAX_RANK, adapter_reference, fused_adapter_unchecked, triton_runs_on
 from cma_kernels.reference import ACTIVATIONS
+from cma_model import frozen_block
 
 BACKENDS = ("auto", "reference", "triton")
 FORMAT = "cma-adapter-v1"
@@ -114,14 +115,23 @@ def _warn_once(msg):
 
 
 class AdaptedResidualAttentionBlock(ResidualAttentionBlock):
-    """open_clip ResidualAttentionBlock with an adapter on each sublayer (self-attention only)."""
+    """open_clip ResidualAttentionBlock with an adapter on each sublayer (self-attention only).
+    Unless the adapters run the "reference" backend, the frozen sublayers run lean
+    (cma_model.frozen_block); `recompute_mlp` (set_mlp_recompute) also recomputes the MLP's
+    hidden activation in backward instead of keeping it."""
+    recompute_mlp = False
 
     def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
         if k_x is not None or v_x is not None:
             raise ValueError("cross-attention blocks are not adapted")
-        h = self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
+        if self.adapter_attn.backend == "reference" or not frozen_block.has_lean_layout(self):
+            h = self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
+            x = self.adapter_attn(h, residual=q_x)
+            return self.adapter_mlp(self.ls_2(self.mlp(self.ln_2(x))), residual=x)
+        mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None   # as open_clip's attention() does
+        h = self.ls_1(frozen_block.self_attention(self.attn, frozen_block.layer_norm(self.ln_1, q_x), mask))
         x = self.adapter_attn(h, residual=q_x)
-        return self.adapter_mlp(self.ls_2(self.mlp(self.ln_2(x))), residual=x)
+        return self.adapter_mlp(self.ls_2(frozen_block.mlp(self, x, self.recompute_mlp)), residual=x)
 
 
 class AdaptedCustomResidualAttentionBlock(CustomResidualAttentionBlock):
@@ -229,6 +239,18 @@ def set_adapter_backend(model, backend):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for m in adapter_modules(model):
         m.backend = backend
+    return model
+
+
+def set_mlp_recompute(model, recompute: bool = True):
+    """Recompute each adapted block's MLP hidden activation in backward instead of keeping it
+    (standard open_clip blocks on a non-reference backend): 4 fewer [N, D] activations per block
+    kept, one more c_fc matmul per block. Returns the model."""
+    blocks = [m for m in model.modules() if isinstance(m, AdaptedResidualAttentionBlock)]
+    if not blocks:
+        raise ValueError("the model has no adapted open_clip blocks; call add_cross_modal_adapters first")
+    for b in blocks:
+        b.recompute_mlp = bool(recompute)
     return model
 
 

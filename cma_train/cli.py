@@ -23,6 +23,8 @@ HELP = {
     "backend": "adapter implementation: auto (fused Triton on GPU, PyTorch on CPU), triton or reference",
     "compile": "torch.compile the towers: default, reduce-overhead (adds CUDA graphs), max-autotune; "
                "unset = eager (the default until a GPU benchmark shows compile pays; minutes of compiling first)",
+    "recompute_mlp": "recompute each frozen block's MLP hidden activation in backward instead of keeping it: "
+                     "4 fewer [tokens, width] activations per block, one more matmul per block",
     "dataset": "msrvtt, msvd, didemo, activitynet, vatex or jsonl",
     "root": "folder with the dataset's annotation files (for jsonl: the .jsonl file)",
     "split": "split to train on (msrvtt: train = 9k, train7k; others: train)",

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cma_model import CrossModalAdapterConfig, adapter_state_dict, add_cross_modal_adapters, load_adapter_state_dict
+from cma_model import (CrossModalAdapterConfig, adapter_state_dict, add_cross_modal_adapters, load_adapter_state_dict,
+                       set_mlp_recompute)
 from cma_model.cache import FrameCache
 from cma_model.data import CaptionVideoDataset, VideoFrames, collate
 from cma_model.datasets import load_annotations
@@ -49,6 +50,7 @@ class TrainConfig:
     dropout: float = 0.0
     backend: str = "auto"
     compile: str = ""             # torch.compile mode for the towers ("" = eager), see cma_model.retrieval
+    recompute_mlp: bool = False   # recompute each block's MLP hidden activation in backward (less memory)
     # data
     dataset: str = "msrvtt"
     root: str = ""
@@ -93,6 +95,9 @@ class TrainConfig:
             raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         if self.compile not in ("",) + COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES} (or empty for eager), got {self.compile!r}")
+        if self.recompute_mlp and self.backend == "reference":
+            raise ValueError("--recompute-mlp works in the lean frozen block, which --backend reference does not use "
+                             "(it keeps open_clip's own block as the reference); use --backend auto or triton")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -231,6 +236,8 @@ def train(cfg: TrainConfig):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model, tokenizer, image_size = build_model(cfg, device)
+    if cfg.recompute_mlp:
+        set_mlp_recompute(model)
     if cfg.compile:
         compile_towers(model, cfg.compile)
     ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)

@@ -61,6 +61,18 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert sorted(p.suffix for p in tmp_path.glob("preprocess_*")) == [".csv", ".csv", ".json", ".json", ".png"]
 
 
+def test_e2e_memory_only_measures_what_each_variant_keeps(tmp_path, capsys):
+    """`--memory-only` on the smoke model (quick_gelu, bf16 autocast on the CPU): the lean frozen
+    block keeps less than open_clip's block with the same adapters, and recompute less again."""
+    assert main(["bench", "--e2e", "--smoke", "--memory-only", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("train_memory_smoke_*.json")).read_text())["rows"]
+    kept = {r["variant"]: r["saved_GiB"] for r in rows}
+    assert list(kept) == ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute"]
+    assert kept["full"] > kept["ref_adapters"] > kept["fused_adapters"] > kept["fused_recompute"] > 0
+    assert kept["floor"] > kept["floor_lean"]
+    assert "saved_vs_full" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra", [[], ["--variants", "full", "--compile", "default", "--no-curves"]])
 def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     """`--smoke`: the GPU benchmark's whole script on a tiny model, so a GPU session never meets a
@@ -71,8 +83,10 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     stem = next(tmp_path.glob("train_step*_smoke_*.json")).with_suffix("")
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
     variants = [r["variant"] for r in rows]
-    assert variants == (["full", "fused_compile-default"] if extra else ["full", "floor", "ref_adapters", "fused_adapters"])
+    assert variants == (["full", "fused_compile-default"] if extra else
+                        ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute"])
     assert all(r["step_ms"] > 0 for r in rows) and rows[0]["step_vs_full"] == 1.0
+    assert all(r["saved_GiB"] > 0 for r in rows if "compile" not in r["variant"])
     assert "encode_vs_plain" in rows[-1] and ("loss curves" in out) != bool(extra)
     with open(stem.with_suffix(".csv")) as f:
         assert [r["variant"] for r in csv.DictReader(f)] == variants

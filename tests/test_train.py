@@ -79,6 +79,8 @@ def test_config_errors():
         TrainConfig().validate()
     with pytest.raises(ValueError, match="compile must be one of"):
         TrainConfig(pretrained="none", compile="fast").validate()
+    with pytest.raises(ValueError, match="--recompute-mlp works in the lean frozen block"):
+        TrainConfig(pretrained="none", recompute_mlp=True, backend="reference").validate()
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             TrainConfig(pretrained="none", device="cuda").validate()
@@ -158,6 +160,23 @@ def test_fused_training_matches_reference_over_50_steps(video_set, tmp_path):
     assert ref[-1] < ref[0]   # it trains
     for step, (a, b) in enumerate(zip(ref, fused)):
         assert abs(a - b) <= 1e-4 * abs(a), (step, a, b)
+
+
+def test_mlp_recompute_trains_like_keeping_activations(video_set, tmp_path, monkeypatch):
+    """--recompute-mlp changes what backward keeps, not the math: the same losses within 1e-5
+    relative over 6 fp32 steps; every adapted block recomputes (4 blocks x 6 steps)."""
+    from cma_model import frozen_block
+    calls, checkpoint = [], frozen_block.checkpoint
+    monkeypatch.setattr(frozen_block, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    jsonl, cache = video_set
+    common = dict(batch_size=4, epochs=3, max_steps=6, lr=3e-3)
+    kept = train(tiny_config(jsonl, cache, tmp_path / "kept", **common))["losses"]
+    assert not calls
+    recomputed = train(tiny_config(jsonl, cache, tmp_path / "recompute", recompute_mlp=True, **common))["losses"]
+    assert len(calls) == 4 * 6
+    assert len(kept) == len(recomputed) == 6 and kept[-1] != kept[0]
+    for step, (a, b) in enumerate(zip(kept, recomputed)):
+        assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
 
 
 def test_compiled_towers_train_like_eager(video_set, tmp_path):

@@ -1,0 +1,137 @@
+"""cma_model.frozen_block: the lean frozen block against open_clip's own block and nn.MultiheadAttention
+(float64, tolerance 1e-10), and the activation memory it keeps, measured with autograd's hooks."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import clip_inputs, requires_cuda, small_clip
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+
+from cma_benchmarks.common import saved_activation_bytes
+from cma_model import add_cross_modal_adapters, adapter_modules, set_adapter_backend, set_mlp_recompute
+from cma_model import frozen_block
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+def _block(width=64, heads=4, act=QuickGELU, batch_first=True, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    block = ResidualAttentionBlock(width, heads, act_layer=act, batch_first=batch_first).to(dtype)
+    with torch.no_grad():   # non-trivial norms and biases, so that every term is exercised
+        for ln in (block.ln_1, block.ln_2):
+            ln.weight.normal_(1.0, 0.2)
+            ln.bias.normal_(0.0, 0.2)
+        block.attn.in_proj_bias.normal_(0.0, 0.2)
+    return block
+
+
+def _lean(block, x, mask, recompute):
+    x = x + frozen_block.self_attention(block.attn, frozen_block.layer_norm(block.ln_1, x), mask)
+    return x + frozen_block.mlp(block, x, recompute)
+
+
+def _causal(length, dtype):
+    return torch.full((length, length), float("-inf"), dtype=dtype).triu(1)   # open_clip's text mask
+
+
+@pytest.mark.parametrize("act", [QuickGELU, nn.GELU])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_lean_block_is_open_clip_block(act, batch_first, masked, recompute):
+    """Forward and the gradients of the input and of every block weight, against block.forward."""
+    block = _block(act=act, batch_first=batch_first)
+    shape = (3, 7, 64) if batch_first else (7, 3, 64)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    mask = _causal(7, torch.float64) if masked else None
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for run in (lambda: block(x, attn_mask=mask), lambda: _lean(block, x, mask, recompute)):
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        out = run()
+        out.backward(grad_out)
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}))
+    (ref, ref_dx, ref_grads), (got, dx, grads) = results
+    torch.testing.assert_close(got, ref, **TOL)
+    torch.testing.assert_close(dx, ref_dx, **TOL)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool_2d", "float_3d"])
+def test_self_attention_masks_follow_multihead_attention(mask_kind):
+    """bool masks use nn.MultiheadAttention's convention (True = not attended); 3-D masks are per (batch, head)."""
+    attn = _block().attn
+    x = torch.randn(2, 5, 64, dtype=torch.float64)
+    if mask_kind == "bool_2d":
+        mask = torch.rand(5, 5) < 0.3
+        mask.fill_diagonal_(False)
+    else:
+        mask = torch.randn(2 * attn.num_heads, 5, 5, dtype=torch.float64)
+    want = attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+    torch.testing.assert_close(frozen_block.self_attention(attn, x, mask), want, **TOL)
+
+
+def test_adapted_model_lean_path_matches_reference_path():
+    """Whole small CLIP with adapters: the lean frozen block ("auto": PyTorch adapters on the CPU,
+    lean block) against open_clip's own block ("reference"): embeddings and adapter gradients."""
+    lean = add_cross_modal_adapters(small_clip().double(), backend="auto")
+    with torch.no_grad():
+        for m in adapter_modules(lean):   # nonzero up-projections: the adapters change the output
+            m.w_up_unique.normal_(0, 0.1)
+            m.shared.weight.normal_(0, 0.1)
+    ref = set_adapter_backend(copy.deepcopy(lean), "reference")
+    images, texts = clip_inputs()
+    outs = []
+    for model in (ref, lean, set_mlp_recompute(copy.deepcopy(lean))):
+        model.train()
+        feats = model.encode_image(images.double()), model.encode_text(texts)
+        (feats[0].square().sum() + feats[1].sin().sum()).backward()
+        outs.append((feats, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (ref_feats, ref_grads) = outs[0]
+    for feats, grads in outs[1:]:
+        for got, want in zip(feats, ref_feats):
+            torch.testing.assert_close(got, want, **TOL)
+        assert grads.keys() == ref_grads.keys() and len(grads) > 0
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+
+
+def _kept_bytes(run, block):
+    _, nbytes = saved_activation_bytes(run, block.parameters())
+    return nbytes
+
+
+@pytest.mark.parametrize("tokens,width", [(64, 64), (197, 96)])
+def test_lean_block_keeps_less_activation_memory(tokens, width):
+    """Measured with autograd's saved-tensor hooks (fp32 on the CPU, frozen weights). open_clip's
+    quick_gelu keeps x and sigmoid(1.702 x), 2 x 4 units of [N, D]; the lean one keeps x (4 units);
+    recompute keeps none of the MLP's hidden activation. A unit is N x D x 4 bytes."""
+    block = _block(width=width, heads=4, dtype=torch.float32).requires_grad_(False)
+    x = torch.randn(2, tokens, width, requires_grad=True)
+    unit = x.numel() * 4
+    stock = _kept_bytes(lambda: block(x), block)
+    lean = _kept_bytes(lambda: _lean(block, x, None, False), block)
+    recompute = _kept_bytes(lambda: _lean(block, x, None, True), block)
+    assert stock - lean >= 4 * unit, (stock / unit, lean / unit)
+    assert lean - recompute >= 4 * unit, (lean / unit, recompute / unit)
+    assert recompute <= 6.2 * unit, recompute / unit   # ln_1 input, q/k/v, attention output, MLP input
+
+
+@requires_cuda
+def test_lean_layer_norm_keeps_bf16_under_cuda_autocast():
+    """CUDA autocast runs LayerNorm in fp32 and keeps an fp32 copy of its input; the lean norm keeps
+    the bf16 input: 2 units fewer per block, where a unit is N x D x 2 bytes."""
+    block = _block(width=768, heads=12, act=nn.GELU, dtype=torch.float32).cuda().requires_grad_(False)
+    x = torch.randn(32, 50, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    unit = x.numel() * 2
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        stock = _kept_bytes(lambda: block(x), block)
+        lean = _kept_bytes(lambda: _lean(block, x, None, False), block)
+        ref = block(x)
+        got = _lean(block, x, None, False)
+    assert stock - lean >= 2 * unit, (stock / unit, lean / unit)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0.03, atol=0.03)   # bf16 rounding of the norm weights
