@@ -68,10 +68,15 @@ def device_name(device):
 
 
 def git_commit():
+    """Short hash of HEAD, with "-dirty" when tracked files differ from it (the code measured is not
+    that commit's). $CMA_COMMIT wins: a copy of the tree without .git (a lent GPU machine) gets
+    the hash from whoever starts the run."""
+    if os.environ.get("CMA_COMMIT"):
+        return os.environ["CMA_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=here,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -6,7 +6,8 @@
 # ../shared/gpu/stage.sh (it puts open_clip and decord on PYTHONPATH).
 # Where $OUT is set (a lent machine sends back only what is under it), this log goes to
 # $OUT/gpu_check.log and benchmarks/results/ to $OUT/results.tgz: unpack that with
-# `tar xzf results.tgz -C benchmarks` and commit the new files.
+# `tar xzf results.tgz -C benchmarks` and commit the new files. A copy of the tree without .git
+# cannot name its commit: start it as `CMA_COMMIT=<git describe --always --dirty> bash ...`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
