@@ -8,7 +8,8 @@ The floor freezes everything and adds no adapters, but back-propagates through e
 inputs: what any adapter method must pay (stock open_clip blocks, as are full fine-tuning's and the
 reference adapters'). floor_lean is the same with cma's lean frozen blocks, so fused_adapters over
 floor_lean is the adapters' own cost. fused_adapters is what `cma train` runs by default (fused adapters, lean frozen
-blocks: cma_model.frozen_block); fused_recompute adds `--recompute-mlp`. Per variant: median step
+blocks: cma_model.frozen_block, frozen linears stored in bf16); fused_recompute adds
+`--recompute-mlp`. Per variant: median step
 time over the timed steps, peak memory, the activations autograd keeps (saved_GiB, measured with
 saved-tensor hooks), videos/s, ratios to full fine-tuning, and the top CUDA kernels of one
 profiled step.
@@ -41,6 +42,7 @@ try:
 except ImportError:
     from common import bar_chart, print_table, run_info, saved_activation_bytes, slug, write_results
 from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_adapter_backend, set_mlp_recompute
+from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, compile_towers
 
@@ -66,9 +68,11 @@ class Setup:
         tokens = torch.randint(1, 49407, (self.videos, self.words), generator=g)
         return frames.to(self.device), tokens.to(self.device)
 
+    def autocasts(self):
+        return self.device.type == "cuda" or self.cpu_autocast
+
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.device.type == "cuda" or self.cpu_autocast)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocasts())
 
     def sync(self):
         if self.device.type == "cuda":
@@ -96,9 +100,17 @@ def frozen_floor(model):
     return model, None, True
 
 
-def make_variant(base, name):
-    """(model, optimizer or None, images need grad) for one variant."""
-    model = copy.deepcopy(base)
+def make_variant(base, name, autocast=False):
+    """(model, optimizer or None, images need grad) for one variant, on a copy of base. Lean variants
+    (all but full, floor and ref_adapters) store their frozen linears in bf16 under autocast, as
+    `cma train` does on CUDA."""
+    model, optimizer, images_need_grad = _variant(copy.deepcopy(base), name)
+    if autocast and name not in ("full", "floor", "ref_adapters"):
+        store_frozen_linears(model)
+    return model, optimizer, images_need_grad
+
+
+def _variant(model, name):
     if name == "full":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5), False
     if name == "floor":
@@ -181,6 +193,8 @@ def loss_curves(base, frames, tokens, setup):
     """Reference vs fused adapters from the same initial weights on the same batches."""
     ref, _, _ = make_variant(base, "ref_adapters")
     fused = set_adapter_backend(copy.deepcopy(ref), "auto")
+    if setup.autocasts():
+        store_frozen_linears(fused)
     curves = []
     for model in (ref, fused):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -222,7 +236,7 @@ def kept_activations(args, setup):
     for arch in args.archs:
         base = make_model(arch, setup)
         for name in args.variants:
-            model, optimizer, need_grad = make_variant(base, name)
+            model, optimizer, need_grad = make_variant(base, name, setup.autocasts())
             _, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             _, saved = saved_activation_bytes(forward, model.parameters())
             frames.grad = None
@@ -281,7 +295,7 @@ def main(argv=None, prog=None):
     for arch in args.archs:
         base = make_model(arch, setup)
         for name in args.variants + [f"fused_compile-{mode}" for mode in args.compile]:
-            model, optimizer, need_grad = make_variant(base, name)
+            model, optimizer, need_grad = make_variant(base, name, setup.autocasts())
             step, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             if setup.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()

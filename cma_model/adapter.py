@@ -114,7 +114,14 @@ def _warn_once(msg):
         warnings.warn(msg, stacklevel=3)
 
 
-class AdaptedResidualAttentionBlock(ResidualAttentionBlock):
+class _KeepsCastDtype:
+    def get_weight_dtype(self) -> torch.dtype:
+        """open_clip casts the text embeddings to this: the dtype the block was built in, read from
+        its norm, which frozen_block.store_frozen_linears leaves alone."""
+        return self.ln_1.weight.dtype
+
+
+class AdaptedResidualAttentionBlock(_KeepsCastDtype, ResidualAttentionBlock):
     """open_clip ResidualAttentionBlock with an adapter on each sublayer (self-attention only).
     Unless the adapters run the "reference" backend, the frozen sublayers run lean
     (cma_model.frozen_block); `recompute_mlp` (set_mlp_recompute) also recomputes the MLP's
@@ -134,7 +141,7 @@ class AdaptedResidualAttentionBlock(ResidualAttentionBlock):
         return self.adapter_mlp(self.ls_2(frozen_block.mlp(self, x, self.recompute_mlp)), residual=x)
 
 
-class AdaptedCustomResidualAttentionBlock(CustomResidualAttentionBlock):
+class AdaptedCustomResidualAttentionBlock(_KeepsCastDtype, CustomResidualAttentionBlock):
     """open_clip CustomResidualAttentionBlock with an adapter on each sublayer."""
 
     def forward(self, x, attn_mask=None):

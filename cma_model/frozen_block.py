@@ -16,7 +16,9 @@ in units of one bf16 [N, D] activation; N tokens, D width):
   cost of one more c_fc matmul per block. Measured on the CPU (`cma bench --e2e --memory-only`,
   ViT-B/32, bf16 autocast), adapters with it keep 0.54x the activations of full fine-tuning,
   against 0.69x for the stock frozen floor and 0.79x for adapters without it.
-Frozen linears keep no inputs (their weights get no gradient), as in stock PyTorch.
+Frozen linears keep no inputs (their weights get no gradient), as in stock PyTorch. Under autocast
+they are cast to bf16 at every use, and the cast copy is kept for backward; store_frozen_linears
+keeps them in bf16 instead (bit-identical matmul inputs, no casts, no copies).
 
 Used by the adapted blocks (cma_model.adapter) unless the adapters run the "reference" backend,
 which keeps open_clip's own block code as the reference every fast path is checked against.
@@ -107,3 +109,31 @@ def has_lean_layout(block) -> bool:
     m = getattr(block, "mlp", None)
     return (isinstance(m, nn.Sequential) and list(m._modules) == ["c_fc", "gelu", "c_proj"]
             and can_run_lean(block.attn) and not hasattr(block, "ln_1_kv"))
+
+
+def store_frozen_linears(model: nn.Module, dtype=torch.bfloat16) -> int:
+    """Store the frozen weights and biases of the model's nn.Linear layers and nn.MultiheadAttention
+    input projections in `dtype`, in place. Under autocast to that dtype their matmuls get
+    bit-identical inputs (autocast would cast them at every use, and keep each copy for backward);
+    called without autocast, the model would meet weights of another dtype, so use it only for a
+    model that always runs under autocast (cma train and cma eval on CUDA). Norms, embeddings and
+    trainable parameters stay as they are. Only for models with adapters: open_clip reads the text
+    tower's cast dtype from a block's c_fc weight, which adapted blocks read from the norm instead.
+    Returns the number of values converted."""
+    plain = [type(m).__name__ for m in model.modules() if hasattr(m, "get_weight_dtype") and not hasattr(m, "adapter_attn")]
+    if plain:
+        raise ValueError(f"store_frozen_linears needs every open_clip block adapted; {plain[0]} is not "
+                         f"(call cma_model.add_cross_modal_adapters first)")
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            params = [module.in_proj_weight, module.in_proj_bias]
+        elif isinstance(module, nn.Linear):
+            params = [module.weight, module.bias]
+        else:
+            continue
+        for p in params:
+            if p is not None and not p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                converted += p.numel()
+    return converted

@@ -30,6 +30,7 @@ from cma_model import (CrossModalAdapterConfig, adapter_state_dict, add_cross_mo
 from cma_model.cache import FrameCache
 from cma_model.data import CaptionVideoDataset, VideoFrames, collate
 from cma_model.datasets import load_annotations
+from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import POOLINGS, infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, RetrievalForward, compile_towers, gather_with_grad
 
@@ -127,6 +128,8 @@ def build_model(cfg: TrainConfig, device):
     model = model.to(device)
     add_cross_modal_adapters(model, CrossModalAdapterConfig(cfg.reduction_dim, cfg.shared_dim, cfg.activation,
                                                            dropout=cfg.dropout), backend=cfg.backend)
+    if device.type == "cuda" and cfg.backend != "reference":   # bf16 autocast on CUDA: bit-identical, leaner
+        store_frozen_linears(model)
     tokenizer = open_clip.get_tokenizer("ViT-B-32" if cfg.model_config is not None else cfg.model)
     size = model.visual.image_size
     return model, tokenizer, size[0] if isinstance(size, (tuple, list)) else size

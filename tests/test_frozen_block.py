@@ -135,3 +135,54 @@ def test_lean_layer_norm_keeps_bf16_under_cuda_autocast():
         got = _lean(block, x, None, False)
     assert stock - lean >= 2 * unit, (stock / unit, lean / unit)
     torch.testing.assert_close(got.float(), ref.float(), rtol=0.03, atol=0.03)   # bf16 rounding of the norm weights
+
+
+def test_frozen_linears_in_bf16_give_bit_identical_training_under_autocast():
+    """store_frozen_linears: under bf16 autocast the matmuls see the same bf16 values autocast
+    would make, so embeddings and adapter gradients are bit-identical; norms and adapters stay fp32."""
+    base = add_cross_modal_adapters(small_clip(), backend="auto")
+    with torch.no_grad():
+        for m in adapter_modules(base):
+            m.w_up_unique.normal_(0, 0.1)
+    stored = copy.deepcopy(base)
+    converted = frozen_block.store_frozen_linears(stored)
+    blocks = list(stored.visual.transformer.resblocks) + list(stored.transformer.resblocks)
+    per_block = lambda b: sum(p.numel() for n, p in b.named_parameters()  # noqa: E731
+                              if n.startswith(("attn.", "mlp.")))
+    assert converted >= sum(per_block(b) for b in blocks) > 0
+    assert all(b.mlp.c_fc.weight.dtype == torch.bfloat16 and b.attn.in_proj_weight.dtype == torch.bfloat16
+               and b.ln_1.weight.dtype == torch.float32 for b in blocks)
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)
+    images, texts = clip_inputs()
+    results = []
+    for model in (base, stored):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = model.encode_image(images), model.encode_text(texts)
+        (feats[0].float().square().sum() + feats[1].float().sin().sum()).backward()
+        results.append((feats, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (want_feats, want_grads), (got_feats, got_grads) = results
+    for got, want in zip(got_feats, want_feats):
+        assert torch.equal(got, want)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) > 0
+    for name in want_grads:
+        assert torch.equal(got_grads[name], want_grads[name]), name
+
+
+def test_store_frozen_linears_refuses_a_model_without_adapters():
+    """A plain open_clip model would take the bf16 c_fc weight as its text cast dtype: refused, clearly."""
+    plain = small_clip()
+    with pytest.raises(ValueError, match="needs every open_clip block adapted"):
+        frozen_block.store_frozen_linears(plain)
+    assert plain.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.float32   # nothing half-done
+
+
+@requires_cuda
+def test_cma_train_model_on_cuda_keeps_frozen_linears_in_bf16():
+    from conftest import TINY_TRAIN_CLIP
+    from cma_train.train import TrainConfig, build_model
+    cfg = TrainConfig(model_config=TINY_TRAIN_CLIP, pretrained="none")
+    model, _, _ = build_model(cfg, torch.device("cuda"))
+    block = model.visual.transformer.resblocks[0]
+    assert block.mlp.c_fc.weight.dtype == torch.bfloat16 and block.ln_1.weight.dtype == torch.float32
+    assert model.transformer.get_cast_dtype() == torch.float32
