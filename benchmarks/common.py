@@ -68,17 +68,20 @@ def device_name(device):
 
 
 def git_commit():
-    """Short hash of HEAD, with "-dirty" when tracked files differ from it (the code measured is not
-    that commit's). $CMA_COMMIT wins: a copy of the tree without .git (a lent GPU machine) gets
-    the hash from whoever starts the run."""
+    """Short hash of HEAD, with "-dirty" when code differs from it (changes under
+    benchmarks/results/ do not count: they are outputs). $CMA_COMMIT wins: a copy of the tree
+    without .git (a lent GPU machine) gets the hash from whoever starts the run."""
     if os.environ.get("CMA_COMMIT"):
         return os.environ["CMA_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=here,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=here, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ":/", ":(exclude,top)benchmarks/results"],
+                               cwd=here, capture_output=True).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("-dirty" if dirty else "")
 
 
 def run_info(device):
