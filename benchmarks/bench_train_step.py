@@ -25,8 +25,9 @@ CPU included (bf16 autocast there too; CPU autocast keeps LayerNorm in bf16 wher
 in fp32, so the stock variants keep about 2 [tokens, width] activations per block more on a GPU).
 --videos sets the batch.
 
---smoke runs every code path on the CPU with a tiny model and a tiny batch (no meaningful
-numbers; the tests use it so that a GPU session never meets a broken script).
+--smoke runs every code path on the CPU with a tiny model and a tiny batch, under bf16 autocast
+as on the GPU (no meaningful numbers; the tests use it so that a GPU session never meets a broken
+script).
 """
 import argparse
 import copy
@@ -277,7 +278,8 @@ def main(argv=None, prog=None):
     if args.videos < 1:
         p.error("--videos must be >= 1")
     if args.smoke:
-        setup = Setup(torch.device("cpu"), videos=4, frames=2, words=16, image_size=32, curve_steps=3)
+        setup = Setup(torch.device("cpu"), videos=4, frames=2, words=16, image_size=32, curve_steps=3,
+                      cpu_autocast=True)   # bf16 autocast, as on the GPU: the same code paths
         args.archs, args.steps = ["smoke"], 2
     elif args.memory_only:
         setup = Setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), videos=args.videos)
