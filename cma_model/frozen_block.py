@@ -120,7 +120,8 @@ def store_frozen_linears(model: nn.Module, dtype=torch.bfloat16) -> int:
     trainable parameters stay as they are. Only for models with adapters: open_clip reads the text
     tower's cast dtype from a block's c_fc weight, which adapted blocks read from the norm instead.
     Returns the number of values converted."""
-    plain = [type(m).__name__ for m in model.modules() if hasattr(m, "get_weight_dtype") and not hasattr(m, "adapter_attn")]
+    plain = [type(m).__name__ for m in model.modules()
+             if hasattr(m, "get_weight_dtype") and not hasattr(m, "adapter_attn")]
     if plain:
         raise ValueError(f"store_frozen_linears needs every open_clip block adapted; {plain[0]} is not "
                          f"(call cma_model.add_cross_modal_adapters first)")
