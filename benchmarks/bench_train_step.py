@@ -135,7 +135,7 @@ def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
     mask = torch.ones(videos, setup.frames, dtype=torch.bool, device=frames.device)
 
     def forward():
-        x = frames.requires_grad_() if images_need_grad else frames
+        x = frames.detach().requires_grad_() if images_need_grad else frames   # a fresh leaf: frames stays as it is
         with setup.autocast():
             img = model.encode_image(x).float().view(videos, setup.frames, -1)
             txt = model.encode_text(tokens).float()
@@ -147,8 +147,6 @@ def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        if images_need_grad:
-            frames.grad = None
         return loss
     return step, forward
 
@@ -240,7 +238,6 @@ def kept_activations(args, setup):
             model, optimizer, need_grad = make_variant(base, name, setup.autocasts())
             _, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             _, saved = saved_activation_bytes(forward, model.parameters())
-            frames.grad = None
             rows.append({"arch": arch, "variant": name, "videos": setup.videos, "saved_GiB": saved / 2 ** 30,
                          "saved_MiB_per_video": saved / 2 ** 20 / setup.videos})
             del model, optimizer
@@ -309,7 +306,6 @@ def main(argv=None, prog=None):
             if "compile" not in name:   # saved-tensor hooks would make dynamo trace again
                 _, saved = saved_activation_bytes(forward, model.parameters())
                 row["saved_GiB"] = saved / 2 ** 30
-                frames.grad = None
             if name == "full" or name.startswith("fused"):
                 row["encode_384_frames_ms"] = encode_ms(model, frames, setup)
             rows.append(row)
