@@ -127,11 +127,12 @@ class AdaptedResidualAttentionBlock(_KeepsCastDtype, ResidualAttentionBlock):
     (cma_model.frozen_block); `recompute_mlp` (set_mlp_recompute) also recomputes the MLP's
     hidden activation in backward instead of keeping it."""
     recompute_mlp = False
+    lean_layout = False   # frozen_block.has_lean_layout, decided once by add_cross_modal_adapters
 
     def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
         if k_x is not None or v_x is not None:
             raise ValueError("cross-attention blocks are not adapted")
-        if self.adapter_attn.backend == "reference" or not frozen_block.has_lean_layout(self):
+        if self.adapter_attn.backend == "reference" or not self.lean_layout:
             h = self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
             x = self.adapter_attn(h, residual=q_x)
             return self.adapter_mlp(self.ls_2(self.mlp(self.ln_2(x))), residual=x)
@@ -223,6 +224,7 @@ def add_cross_modal_adapters(model, config: CrossModalAdapterConfig = None, back
                 up = shared[key] if key in shared else SharedUpProjection(ds, r, std).to(**to)
                 block.add_module(f"adapter_{sub}", CrossModalAdapter(_width(block), config, up, backend).to(**to))
             block.__class__ = _ADAPTED[type(block)]
+            block.lean_layout = frozen_block.has_lean_layout(block)
     return model
 
 

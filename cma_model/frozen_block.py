@@ -41,11 +41,6 @@ def layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, ln.normalized_shape, weight, bias, ln.eps)
 
 
-def can_run_lean(attn: nn.MultiheadAttention) -> bool:
-    """Whether self_attention handles this nn.MultiheadAttention (packed projection, no extra k/v bias)."""
-    return attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
-
-
 def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
     """attn(x, x, x, need_weights=False)[0] as one SDPA call on views of the packed projection.
     x: [B, L, D] if attn.batch_first else [L, B, D]; attn_mask: None, float [L, L] or
@@ -105,10 +100,12 @@ def mlp(block, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
 
 
 def has_lean_layout(block) -> bool:
-    """Whether the block is open_clip's standard layout that these functions assume."""
-    m = getattr(block, "mlp", None)
+    """Whether the block is open_clip's standard layout that these functions assume: MLP c_fc, gelu,
+    c_proj; self-attention with a packed projection and no extra k/v bias."""
+    m, attn = getattr(block, "mlp", None), getattr(block, "attn", None)
     return (isinstance(m, nn.Sequential) and list(m._modules) == ["c_fc", "gelu", "c_proj"]
-            and can_run_lean(block.attn) and not hasattr(block, "ln_1_kv"))
+            and isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
+            and not hasattr(block, "ln_1_kv"))
 
 
 def store_frozen_linears(model: nn.Module, dtype=torch.bfloat16) -> int:
