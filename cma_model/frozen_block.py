@@ -14,8 +14,8 @@ in units of one bf16 [N, D] activation; N tokens, D width):
 - recompute_mlp=True (optional): the MLP's hidden activation (LayerNorm, c_fc, act: 4 units) is
   not kept at all but recomputed in backward from the block's mid-point (already kept), at the
   cost of one more c_fc matmul per block. Measured on the CPU (`cma bench --e2e --memory-only`,
-  ViT-B/32, 8 videos, bf16 autocast), fused adapters with it keep 0.45x the activations of full
-  fine-tuning; without it 0.66x; stock frozen floor 0.69x, reference adapters 0.79x.
+  ViT-B/32, 8 videos, bf16 autocast), fused adapters with it keep 0.41x the activations of full
+  fine-tuning; without it 0.62x; stock frozen floor 0.69x, reference adapters 0.75x.
 Frozen linears keep no inputs (their weights get no gradient), as in stock PyTorch. Under autocast
 they are cast to bf16 at every use, and the cast copy is kept for backward; store_frozen_linears
 keeps them in bf16 instead (bit-identical matmul inputs, no casts, no copies).
