@@ -219,13 +219,16 @@ def add_ratios(rows):
                 r["step_vs_floor"] = r["step_ms"] / floor["step_ms"]
 
 
-def plot(rows, path):
+PANELS = (("step_ms", "step time (ms)"), ("peak_GiB", "peak memory (GiB)"), ("saved_GiB", "activations kept (GiB)"))
+
+
+def plot(rows, path, panels=PANELS):
+    """One bar chart per (row key, title) in panels: architectures on the x axis, a bar per variant."""
     archs = sorted({r["arch"] for r in rows})
     variants = [r["variant"] for r in rows if r["arch"] == archs[0]]
     value = {(r["arch"], r["variant"]): r for r in rows}
     bar_chart(path, [(title, title, archs, {v: [value[a, v].get(key, 0.0) for a in archs] for v in variants}, False)
-                     for key, title in (("step_ms", "step time (ms)"), ("peak_GiB", "peak memory (GiB)"),
-                                        ("saved_GiB", "activations kept (GiB)"))])
+                     for key, title in panels])
 
 
 def kept_activations(args, setup):
@@ -249,10 +252,7 @@ def kept_activations(args, setup):
     info = {**run_info(setup.device), "autocast": "bf16", "smoke": args.smoke}
     stem = f"train_memory_{'-'.join(args.archs)}_{setup.videos}videos"   # archs = ["smoke"] with --smoke
     path = write_results(args.out, f"{stem}_{slug(info['device'])}_{info['date']}", info, rows)
-    archs = sorted({r["arch"] for r in rows})
-    value = {(r["arch"], r["variant"]): r["saved_GiB"] for r in rows}
-    bar_chart(path + ".png", [("activations kept (GiB)", "GiB", archs,
-                               {v: [value[a, v] for a in archs] for v in args.variants}, False)])
+    plot(rows, path + ".png", PANELS[2:])
     print(f"wrote {path}.json, .csv, .png")
     return rows
 
