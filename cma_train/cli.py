@@ -48,7 +48,9 @@ HELP = {
     "out": "output folder: checkpoints, adapters.pt, metrics.jsonl, results",
     "resume": "continue from OUT/checkpoint_latest.pt exactly where it stopped",
     "save_every": "also checkpoint every N steps (0: once per epoch)",
-    "eval_split": "evaluate on this split after training (e.g. test)",
+    "eval_split": "evaluate on this split after training (e.g. test); on all GPUs under torchrun",
+    "eval_every": "also evaluate on --eval-split every N epochs during training, log it to metrics.jsonl and keep "
+                  "the adapters with the best t2v R@1 as adapters_best.pt (0: after training only)",
     "tensorboard": "also log to OUT/tensorboard (needs the tensorboard package)",
     "device": "auto, cpu or cuda",
     "max_steps": "stop after N steps in total (0: run all epochs)",
@@ -115,13 +117,16 @@ def cmd_train(args):
     cfg = config_from_args(args)
     result = train(cfg)
     if cfg.eval_split and int(os.environ.get("RANK", 0)) == 0:
-        res = _evaluate(result["model"], cfg, cfg.eval_split)
-        print(format_results(res, f"{cfg.dataset} {cfg.eval_split}"))
-        save_results(res, os.path.join(cfg.out, f"results_{cfg.eval_split}.json"))
+        print(format_results(result["eval"], f"{cfg.dataset} {cfg.eval_split}, final adapters"))
+        save_results(result["eval"], os.path.join(cfg.out, f"results_{cfg.eval_split}.json"))
+        best = result["best"]
+        if cfg.eval_every:
+            print(f"best t2v R@1 {best['t2v']['R1']:.1f} at epoch {best['epoch']:g} (step {best['step']}): "
+                  f"{os.path.join(cfg.out, 'adapters_best.pt')}")
     return 0
 
 
-def _evaluate(model, cfg, split):
+def _evaluate(model, cfg, split, device):
     import open_clip
     from cma_model.cache import FrameCache
     from cma_model.data import VideoFrames
@@ -133,25 +138,29 @@ def _evaluate(model, cfg, split):
     frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, size, cfg.sample_fps)
     tokenizer = open_clip.get_tokenizer("ViT-B-32" if cfg.model_config else cfg.model)
     return evaluate(model, tokenizer, ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
-                    workers=cfg.workers, progress=cfg.progress)
+                    workers=cfg.workers, device=device, progress=cfg.progress)
 
 
 def cmd_eval(args):
     import torch
     from cma_model import load_adapter_state_dict
     from cma_train.evaluate import format_results, save_results
-    from cma_train.train import _device, build_model, load_checkpoint
+    from cma_train.train import _device, _distributed, build_model, load_checkpoint
     cfg = config_from_args(args)
     cfg.validate()
+    rank, _ = _distributed()   # under torchrun every rank encodes its share
+    device = _device(cfg, rank)
     torch.manual_seed(cfg.seed)   # a random backbone (--pretrained none) is the one `cma train` built
-    model, _, _ = build_model(cfg, _device(cfg, 0))
+    model, _, _ = build_model(cfg, device)
     if args.adapters:
         if not os.path.isfile(args.adapters):
             raise ValueError(f"--adapters {args.adapters}: no such file")
         state = torch.load(args.adapters, map_location="cpu", weights_only=True)
         state = load_checkpoint(args.adapters)["adapters"] if state.get("format") == "cma-train-v1" else state
         load_adapter_state_dict(model, state)
-    res = _evaluate(model, cfg, args.eval_on)
+    res = _evaluate(model, cfg, args.eval_on, device)
+    if rank != 0:
+        return 0
     print(format_results(res, f"{cfg.dataset} {args.eval_on}"))
     path = args.results or os.path.join(os.path.dirname(os.path.abspath(args.adapters)) if args.adapters else cfg.out,
                                         f"results_{args.eval_on}.json")

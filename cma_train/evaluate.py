@@ -2,11 +2,17 @@
 
 Unreadable test videos cannot be ranked: they and their captions are left out, counted and named
 in the result ("skipped"), never scored as zeros.
+
+Under torch.distributed (torchrun, and inside `cma train` on several GPUs) every rank encodes a
+contiguous share of the captions and of the videos; the embeddings are summed across ranks into
+full tables (each row is non-zero on one rank only, so the sum is exact), and every rank computes
+the same metrics.
 """
 import json
 import os
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from cma_model.data import VideoDataset, collate, tokenize
@@ -15,43 +21,74 @@ from cma_model.metrics import multi_caption_metrics
 from cma_model.retrieval import encode_frames
 
 
+def _rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _share(n, rank, world):
+    """This rank's contiguous slice of range(n)."""
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def _sum_over_ranks(*tensors):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, max_words=32, batch_size=32,
              workers=2, device=None, progress=True):
     """Metrics of `model` on annotations `ann` with frames from a VideoFrames. Returns
-    {"t2v": {...}, "v2t": {...}, "num_videos", "num_captions", "skipped": {video id: reason}}."""
+    {"t2v": {...}, "v2t": {...}, "num_videos", "num_captions", "skipped": {video id: reason}},
+    the same on every rank when torch.distributed is initialised (call it on all ranks then)."""
     device = device or next(model.parameters()).device
+    rank, world = _rank_world()
     was_training = model.training
     model.eval()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    n_videos, n_captions, dim = len(ann.video_ids), len(ann.captions), model.visual.output_dim
     tokens = tokenize(tokenizer, ann.captions, max_words, model.context_length)
+    text = torch.zeros(n_captions, dim, device=device)
+    mine = _share(n_captions, rank, world)
     with autocast:
-        text = torch.cat([model.encode_text(t.to(device)).float() for t in tokens.split(batch_size)])
+        for start, t in zip(range(mine.start, mine.stop, batch_size), tokens[mine].split(batch_size)):
+            text[start:start + len(t)] = model.encode_text(t.to(device)).float()
 
-    loader = torch.utils.data.DataLoader(VideoDataset(ann, frames), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate, timeout=600 if workers else 0)
-    n_videos = len(ann.video_ids)
-    feats, masks, readable, skipped = None, torch.zeros(n_videos, frames.max_frames, dtype=torch.bool), \
-        torch.zeros(n_videos, dtype=torch.bool), {}
-    for batch in tqdm(loader, desc="eval videos", unit="batch", disable=not progress):
+    videos = list(range(n_videos))[_share(n_videos, rank, world)]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(VideoDataset(ann, frames), videos),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                                         timeout=600 if workers else 0)
+    feats = torch.zeros(n_videos, frames.max_frames, dim, device=device)
+    masks = torch.zeros(n_videos, frames.max_frames, dtype=torch.uint8, device=device)
+    readable = torch.zeros(n_videos, dtype=torch.uint8, device=device)
+    skipped = {}
+    for batch in tqdm(loader, desc="eval videos", unit="batch", disable=not progress or rank != 0):
         for v, reason in zip(batch["skipped_videos"], batch["skipped"]):
             skipped[ann.video_ids[v]] = reason
         if "frames" not in batch:
             continue
+        index, mask = batch["video"].to(device), batch["mask"].to(device)
         with autocast:
-            f = encode_frames(model, batch["frames"].to(device), batch["mask"].to(device)).float().cpu()
-        if feats is None:
-            feats = torch.zeros(n_videos, frames.max_frames, f.shape[-1])
-        feats[batch["video"]], masks[batch["video"]], readable[batch["video"]] = f, batch["mask"], True
-    if feats is None:
+            feats[index] = encode_frames(model, batch["frames"].to(device), mask).float()
+        masks[index], readable[index] = mask.to(torch.uint8), 1
+    _sum_over_ranks(text, feats, masks, readable)
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, skipped)
+        skipped = {k: v for part in parts for k, v in part.items()}
+    model.train(was_training)
+    readable, masks = readable.bool(), masks.bool()
+    if not readable.any():
         raise RuntimeError(f"no test video could be read, e.g. {list(skipped.values())[:3]}")
 
-    caption_video = torch.tensor(ann.caption_video)
+    caption_video = torch.tensor(ann.caption_video, device=device)
     keep = readable[caption_video]
     new_index = torch.cumsum(readable.long(), 0) - 1
-    sim = similarity(text[keep.to(text.device)].cpu(), feats[readable], masks[readable], pooling, temperature)
-    result = multi_caption_metrics(sim, new_index[caption_video[keep]])
-    model.train(was_training)
+    sim = similarity(text[keep], feats[readable], masks[readable], pooling, temperature)
+    result = multi_caption_metrics(sim.cpu(), new_index[caption_video[keep]].cpu())
     return {**result, "num_videos": int(readable.sum()), "num_captions": int(keep.sum()), "skipped": skipped}
 
 

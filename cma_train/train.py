@@ -33,6 +33,7 @@ from cma_model.datasets import load_annotations
 from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import POOLINGS, infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, RetrievalForward, compile_towers, gather_with_grad
+from cma_train.evaluate import evaluate
 
 CHECKPOINT_FORMAT = "cma-train-v1"
 RESUME_MUST_MATCH = ("model", "dataset", "split", "reduction_dim", "shared_dim", "activation", "batch_size", "seed",
@@ -79,6 +80,7 @@ class TrainConfig:
     resume: bool = False
     save_every: int = 0           # steps between checkpoints (0: once per epoch)
     eval_split: Optional[str] = None
+    eval_every: int = 0           # also evaluate every N epochs during training (0: after training only)
     tensorboard: bool = False
     device: str = "auto"
     max_steps: int = 0            # stop after this many steps in total (0: all epochs); for smoke tests
@@ -90,6 +92,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "max_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.eval_every and not self.eval_split:
+            raise ValueError("--eval-every needs --eval-split (the split to evaluate on, e.g. test)")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup < 1:
@@ -244,6 +250,7 @@ def train(cfg: TrainConfig):
     if cfg.compile:
         compile_towers(model, cfg.compile)
     ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
+    eval_ann = load_annotations(cfg.dataset, cfg.root, cfg.eval_split, cfg.video_dir) if cfg.eval_split else None
     frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, image_size, cfg.sample_fps)
     dataset = CaptionVideoDataset(ann, tokenizer, frames, cfg.max_words, model.context_length)
     steps_per_epoch = len(dataset) // cfg.batch_size
@@ -260,6 +267,7 @@ def train(cfg: TrainConfig):
     os.makedirs(cfg.out, exist_ok=True)
     latest = os.path.join(cfg.out, "checkpoint_latest.pt")
     step, skipped = 0, {}
+    best, evaluated_step, last_eval = None, -1, None   # best: t2v R@1 so far, and when
     if cfg.resume:
         ckpt = load_checkpoint(latest)
         for key in RESUME_MUST_MATCH:
@@ -270,13 +278,42 @@ def train(cfg: TrainConfig):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, skipped = ckpt["step"], dict(ckpt["skipped"])
+        best, evaluated_step = ckpt.get("best"), ckpt.get("evaluated_step", -1)
         set_rng_state(ckpt["rng"])
 
     def checkpoint():
         if rank == 0:
             save_checkpoint(latest, {"format": CHECKPOINT_FORMAT, "adapters": adapter_state_dict(model),
                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                     "step": step, "config": _plain(cfg), "rng": rng_state(), "skipped": skipped})
+                                     "step": step, "config": _plain(cfg), "rng": rng_state(), "skipped": skipped,
+                                     "best": best, "evaluated_step": evaluated_step})
+
+    def run_eval():
+        """Evaluate on eval_split (every rank takes part), log it, keep the best adapters, checkpoint."""
+        nonlocal best, evaluated_step
+        bar.clear()
+        res = evaluate(model, tokenizer, eval_ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
+                       workers=cfg.workers, device=device, progress=cfg.progress)
+        evaluated_step = step
+        if best is None or res["t2v"]["R1"] > best["t2v"]["R1"]:
+            best = {"step": step, "epoch": step / steps_per_epoch, "t2v": res["t2v"], "v2t": res["v2t"]}
+            if rank == 0:
+                save_checkpoint(os.path.join(cfg.out, "adapters_best.pt"), adapter_state_dict(model))
+        if log:
+            log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "eval_split": cfg.eval_split,
+                                  "t2v": res["t2v"], "v2t": res["v2t"], "num_videos": res["num_videos"],
+                                  "num_captions": res["num_captions"], "skipped_videos": len(res["skipped"])}) + "\n")
+            log.flush()
+        if writer:
+            for direction in ("t2v", "v2t"):
+                for name, value in res[direction].items():
+                    writer.add_scalar(f"eval/{direction}_{name}", value, step)
+        checkpoint()
+        return res
+
+    def periodic_eval_due():
+        return bool(cfg.eval_every and step % steps_per_epoch == 0 and (step // steps_per_epoch) % cfg.eval_every == 0
+                    and 0 < step < last_step and step != evaluated_step)
 
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
     writer = _tensorboard(cfg) if rank == 0 else None
@@ -284,6 +321,8 @@ def train(cfg: TrainConfig):
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=rank != 0 or not cfg.progress)
     model.train()
+    if periodic_eval_due():   # a run stopped during an evaluation: do it first
+        run_eval()
     while step < last_step:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         order = epoch_order(len(dataset), cfg.seed, epoch)[: steps_per_epoch * cfg.batch_size]
@@ -317,11 +356,15 @@ def train(cfg: TrainConfig):
                 writer.add_scalar("train/loss", losses[-1], step)
             if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0 or step == last_step:
                 checkpoint()
+            if periodic_eval_due():
+                run_eval()
             if step == last_step or step % steps_per_epoch == 0:
                 break
     bar.close()
     if rank == 0:
         torch.save(adapter_state_dict(model), os.path.join(cfg.out, "adapters.pt"))
+    if cfg.eval_split:
+        last_eval = run_eval()
         if skipped:
             print(f"skipped {len(skipped)} unreadable video(s):")
             for reason in list(skipped.values())[:20]:
@@ -330,7 +373,8 @@ def train(cfg: TrainConfig):
         log.close()
     if writer:
         writer.close()
-    return {"losses": losses, "skipped": skipped, "checkpoint": latest, "model": model}
+    return {"losses": losses, "skipped": skipped, "checkpoint": latest, "model": model, "eval": last_eval,
+            "best": best}
 
 
 def _plain(cfg):

@@ -39,7 +39,9 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
     config.write_text(json.dumps({"dataset": "jsonl", "root": jsonl, "batch-size": 4, "lr": 1e-3, "epochs": 1}))
     assert main(["train", "--config", str(config), *TINY, "--cache", cache, "--out", out, "--max-steps", "2",
                  "--batch-size", "8", "--eval-split", "test"]) == 0
-    assert len(open(os.path.join(out, "metrics.jsonl")).read().splitlines()) == 1   # flag beat the file: 8 per batch
+    logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in logged if "loss" in r] == [1]   # flag beat the file: 8 per batch
+    assert [r["eval_split"] for r in logged if "t2v" in r] == ["test"]   # the evaluation after training
     res = json.load(open(os.path.join(out, "results_test.json")))
     assert res["num_videos"] == 8 and set(res["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"}
     assert "R@1" in capsys.readouterr().out

@@ -1,4 +1,6 @@
-"""cma_train.train: learning, exact resume, checkpoints, and DDP equivalence (gloo, 2 processes)."""
+"""cma_train.train: learning, exact resume, checkpoints, evaluation during training, and DDP
+equivalence (gloo, 2 processes)."""
+import json
 import os
 
 import pytest
@@ -72,6 +74,54 @@ def test_truncated_or_foreign_checkpoint_is_refused(video_set, tmp_path):
     assert not (tmp_path / "checkpoint_latest.pt.tmp").exists()
 
 
+def _evals(out):
+    return [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "t2v" in r]
+
+
+def test_eval_every_logs_each_epoch_and_keeps_the_best_adapters(video_set, tmp_path):
+    """--eval-every 2: an evaluation every other epoch, the last one after training, in metrics.jsonl; the
+    best t2v R@1 (the first of equals) is what adapters_best.pt scores when evaluated afresh."""
+    from cma_model import load_adapter_state_dict
+    from cma_train.cli import _evaluate
+    jsonl, cache = video_set
+    cfg = tiny_config(jsonl, cache, tmp_path, batch_size=4, epochs=16, lr=3e-2, eval_split="test", eval_every=2)
+    result = train(cfg)
+    evals = _evals(tmp_path)
+    assert [r["step"] for r in evals] == list(range(4, 33, 4))   # 2 steps per epoch; the last is the final one
+    assert result["eval"]["t2v"] == evals[-1]["t2v"]
+    r1 = [r["t2v"]["R1"] for r in evals]
+    assert r1[0] < max(r1), r1   # the best moved at least once (this seed: 12.5 at first, then 25)
+    first_best = evals[r1.index(max(r1))]
+    assert result["best"]["step"] == first_best["step"] and result["best"]["t2v"] == first_best["t2v"]
+    torch.manual_seed(cfg.seed)
+    fresh, _, _ = build_model(cfg, torch.device("cpu"))
+    load_adapter_state_dict(fresh, torch.load(tmp_path / "adapters_best.pt"))
+    assert _evaluate(fresh, cfg, "test", torch.device("cpu"))["t2v"] == result["best"]["t2v"]
+
+
+def test_a_run_stopped_during_an_evaluation_evaluates_first_on_resume(video_set, tmp_path, monkeypatch):
+    """The checkpoint is written before each evaluation: a crash there loses no training, and the
+    resumed run does the missed evaluation first, then logs what the uninterrupted run logs."""
+    import cma_train.train as train_module
+    jsonl, cache = video_set
+    kw = dict(batch_size=4, epochs=3, eval_split="test", eval_every=1)
+    whole = train(tiny_config(jsonl, cache, tmp_path / "whole", **kw))
+    evaluate = train_module.evaluate
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("stopped during the evaluation")
+    monkeypatch.setattr(train_module, "evaluate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(jsonl, cache, tmp_path / "cut", **kw))
+    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint_latest.pt"))["step"] == 2
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    resumed = train(tiny_config(jsonl, cache, tmp_path / "cut", resume=True, **kw))
+    assert resumed["losses"] == pytest.approx(whole["losses"][2:], rel=1e-6)
+    assert [(r["step"], r["t2v"]) for r in _evals(tmp_path / "cut")] == [(r["step"], r["t2v"]) for r in
+                                                                       _evals(tmp_path / "whole")]
+    assert resumed["best"] == whole["best"]
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="pooling must be one of"):
         TrainConfig(pretrained="none", pooling="max").validate()
@@ -81,6 +131,10 @@ def test_config_errors():
         TrainConfig(pretrained="none", compile="fast").validate()
     with pytest.raises(ValueError, match="--recompute-mlp works in the lean frozen block"):
         TrainConfig(pretrained="none", recompute_mlp=True, backend="reference").validate()
+    with pytest.raises(ValueError, match="--eval-every needs --eval-split"):
+        TrainConfig(pretrained="none", eval_every=1).validate()
+    with pytest.raises(ValueError, match="eval_every must be >= 0"):
+        TrainConfig(pretrained="none", eval_every=-1, eval_split="test").validate()
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             TrainConfig(pretrained="none", device="cuda").validate()
@@ -199,21 +253,27 @@ def _train_worker(rank, port, jsonl, cache, out, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
-    losses = train(tiny_config(jsonl, cache, out, batch_size=4, epochs=2, max_steps=3, lr=3e-3))["losses"]
-    torch.save(losses, os.path.join(result_dir, f"losses{rank}.pt"))
+    result = train(tiny_config(jsonl, cache, out, batch_size=4, epochs=2, max_steps=3, lr=3e-3, eval_split="test"))
+    torch.save({"losses": result["losses"], "eval": result["eval"]}, os.path.join(result_dir, f"result{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_two_process_training_run_matches_one_process(video_set, tmp_path):
     """train() under 2 gloo ranks (as torchrun starts it) gives the losses of one process on the
-    same global batches; only rank 0 writes the run folder."""
+    same global batches, and the evaluation after training, each rank encoding its half of the
+    captions and videos, its metrics; only rank 0 writes the run folder."""
     import socket
     jsonl, cache = video_set
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_train_worker, args=(port, jsonl, cache, str(tmp_path / "ddp"), str(tmp_path)), nprocs=WORLD, join=True)
-    single = train(tiny_config(jsonl, cache, tmp_path / "one", batch_size=4, epochs=2, max_steps=3, lr=3e-3))["losses"]
+    single = train(tiny_config(jsonl, cache, tmp_path / "one", batch_size=4, epochs=2, max_steps=3, lr=3e-3,
+                               eval_split="test"))
     for rank in range(WORLD):
-        assert torch.load(tmp_path / f"losses{rank}.pt") == pytest.approx(single, rel=1e-5)
-    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
+        got = torch.load(tmp_path / f"result{rank}.pt")
+        assert got["losses"] == pytest.approx(single["losses"], rel=1e-5)
+        assert got["eval"]["t2v"] == pytest.approx(single["eval"]["t2v"]), rank   # each rank encoded half
+        assert got["eval"]["v2t"] == pytest.approx(single["eval"]["v2t"]), rank
+        assert got["eval"]["num_videos"] == 8
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3 + 1   # steps, evaluation
