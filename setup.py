@@ -15,7 +15,8 @@ if sources:
 setup(
     name="cma",
     version="0.1.0",
-    description="Fast parameter-efficient text-video retrieval: the Cross-Modal Adapter on open_clip with fused kernels",
+    description="Fast parameter-efficient text-video retrieval: the Cross-Modal Adapter on open_clip, "
+                "with fused kernels",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

@@ -15,7 +15,8 @@ import os
 import torch
 
 try:
-    from cma_benchmarks.common import bar_chart, copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
+    from cma_benchmarks.common import (bar_chart, copy_bandwidth_gbps, print_table, run_info, slug, time_ms,
+                                       write_results)
 except ImportError:   # run from a checkout that is not pip-installed
     from common import bar_chart, copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
 from cma_kernels import adapter_reference, fused_adapter
@@ -27,7 +28,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def make_inputs(N, D, r, ds, dtype, device, seed=0):
-    """Fresh random adapter inputs: (h, residual, [w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared])."""
+    """Fresh random adapter inputs:
+    (h, residual, [w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared])."""
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def rand(*shape, scale=1.0):
@@ -59,8 +61,11 @@ def bench_shape(N, D, dtype, device, r, ds, variants, bandwidth):
 
 def plot(rows, variants, path):
     groups = [f"{r['dtype']}\n{r['N']}x{r['D']}" for r in rows]
-    bar_chart(path, [(title, "ms (median)", groups, {v: [r[f"{v}_{kind}_ms"] for r in rows] for v in [*variants, "floor"]},
-                      True) for kind, title in (("fwd", "forward"), ("fwdbwd", "forward + backward"))])
+    panels = []
+    for kind, title in (("fwd", "forward"), ("fwdbwd", "forward + backward")):
+        series = {v: [r[f"{v}_{kind}_ms"] for r in rows] for v in [*variants, "floor"]}
+        panels.append((title, "ms (median)", groups, series, True))
+    bar_chart(path, panels)
 
 
 def main(argv=None, prog=None):

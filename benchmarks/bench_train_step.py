@@ -116,7 +116,8 @@ def _variant(model, name):
         return model, torch.optim.AdamW(model.parameters(), lr=1e-5), False
     if name == "floor":
         return frozen_floor(model)
-    add_cross_modal_adapters(model, CrossModalAdapterConfig(8, 16), backend="reference" if name == "ref_adapters" else "auto")
+    backend = "reference" if name == "ref_adapters" else "auto"
+    add_cross_modal_adapters(model, CrossModalAdapterConfig(8, 16), backend=backend)
     if name == "floor_lean":
         for block in [m for m in model.modules() if hasattr(m, "adapter_attn")]:
             block.adapter_attn, block.adapter_mlp = ResidualAdd(), ResidualAdd()
@@ -283,7 +284,8 @@ def main(argv=None, prog=None):
     elif torch.cuda.is_available():
         setup = Setup(torch.device("cuda"), videos=args.videos)
     else:
-        print("The end-to-end training-step benchmark needs CUDA: no GPU here, nothing timed (--smoke tries the script).")
+        print("The end-to-end training-step benchmark needs CUDA: no GPU here, nothing timed "
+              "(--smoke tries the script).")
         return None
     if args.memory_only:
         setup.cpu_autocast = True

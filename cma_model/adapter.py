@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from open_clip.model import CLIP, CustomTextCLIP
-from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock, TextTransformer, VisionTransformer
+from open_clip.transformer import (CustomResidualAttentionBlock, ResidualAttentionBlock, TextTransformer,
+                                   VisionTransformer)
 
 from cma_kernels import MAX_RANK, adapter_reference, fused_adapter_unchecked, triton_runs_on
 from cma_kernels.reference import ACTIVATIONS
@@ -285,13 +286,15 @@ def load_adapter_state_dict(model, state, backend="auto"):
     towers = _tower_info(model)
     for key, want in state["towers"].items():
         if towers.get(key) != want:
-            raise ValueError(f"adapter checkpoint was made for {key}={want}, but this model has {key}={towers.get(key)}")
+            raise ValueError(f"adapter checkpoint was made for {key}={want}, "
+                             f"but this model has {key}={towers.get(key)}")
     if not adapter_modules(model):
         add_cross_modal_adapters(model, CrossModalAdapterConfig(**state["config"]), backend=backend)
     config = dataclasses.asdict(_adapter_config(model))
     for key, want in state["config"].items():
         if config.get(key) != want:
-            raise ValueError(f"adapter checkpoint has {key}={want!r}, but this model's adapters have {key}={config.get(key)!r}")
+            raise ValueError(f"adapter checkpoint has {key}={want!r}, "
+                             f"but this model's adapters have {key}={config.get(key)!r}")
     params = dict(adapter_named_parameters(model))
     missing, unexpected = params.keys() - state["state_dict"].keys(), state["state_dict"].keys() - params.keys()
     if missing or unexpected:

@@ -109,7 +109,8 @@ def load_msrvtt(root, split="test", video_dir=None):
     sentences = _key(_read_json(path), "sentences", path, "top level")
     by_video = {}
     for i, s in enumerate(sentences):
-        by_video.setdefault(_key(s, "video_id", path, f"sentences[{i}]"), []).append(_key(s, "caption", path, f"sentences[{i}]"))
+        where = f"sentences[{i}]"
+        by_video.setdefault(_key(s, "video_id", path, where), []).append(_key(s, "caption", path, where))
     for vid in ids:
         if vid not in by_video:
             raise AnnotationError(f"{path}: no sentences for video_id {vid!r} listed in {train_csv}")
@@ -182,8 +183,10 @@ def load_jsonl(path, split=None, video_dir=None):
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise AnnotationError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("video"), str) or not isinstance(item.get("caption"), str):
-                raise AnnotationError(f'{path}:{line_no}: expected {{"video": str, "caption": str}}, got {line.strip()[:80]}')
+            if not (isinstance(item, dict) and isinstance(item.get("video"), str)
+                    and isinstance(item.get("caption"), str)):
+                raise AnnotationError(f'{path}:{line_no}: expected {{"video": str, "caption": str}}, '
+                                      f'got {line.strip()[:80]}')
             video = os.path.join(base, item["video"])
             if video not in index:
                 index[video] = len(ann.video_ids)

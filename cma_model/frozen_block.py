@@ -104,7 +104,8 @@ def has_lean_layout(block) -> bool:
     c_proj; self-attention with a packed projection and no extra k/v bias."""
     m, attn = getattr(block, "mlp", None), getattr(block, "attn", None)
     return (isinstance(m, nn.Sequential) and list(m._modules) == ["c_fc", "gelu", "c_proj"]
-            and isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
+            and isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.bias_k is None
+            and not attn.add_zero_attn
             and not hasattr(block, "ln_1_kv"))
 
 

@@ -14,7 +14,8 @@ from cma_train.train import TrainConfig
 
 HELP = {
     "model": "open_clip architecture name (ViT-B-32, ViT-B-16, ViT-L-14, ...)",
-    "pretrained": "open_clip checkpoint file, or an open_clip pretrained tag (needs network), or 'none' for random init",
+    "pretrained": "open_clip checkpoint file, or an open_clip pretrained tag (needs network), "
+                  "or 'none' for random init",
     "model_config": "JSON of a custom open_clip CLIP config (embed_dim, vision_cfg, text_cfg), instead of --model",
     "reduction_dim": "adapter bottleneck width r",
     "shared_dim": "up-projection channels shared between the vision and text towers (the last d_s)",
@@ -200,7 +201,8 @@ def cmd_demo(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="cma", description="Cross-Modal Adapters for text-video retrieval on open_clip.")
+    parser = argparse.ArgumentParser(prog="cma",
+                                     description="Cross-Modal Adapters for text-video retrieval on open_clip.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train adapters on a text-video dataset")
     _add_config_flags(p)
@@ -227,7 +229,8 @@ def build_parser():
     p.add_argument("--e2e", action="store_true", help="whole training step: full fine-tune vs adapters (needs CUDA)")
     p.add_argument("--preprocess", action="store_true", help="frame preprocessing and video loading on the CPU")
     p = sub.add_parser("demo", help="the embedded demo: synthetic videos, zero-shot vs adapter-tuned R@1")
-    p.add_argument("--out", default="runs/demo", help="folder for the generated videos and the run (default: runs/demo)")
+    p.add_argument("--out", default="runs/demo",
+                   help="folder for the generated videos and the run (default: runs/demo)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     p.add_argument("--quick", action="store_true", help="fewer steps (a smoke test; the comparison may not hold)")
     return parser

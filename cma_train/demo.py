@@ -101,7 +101,8 @@ def pretrain_backbone(path, steps, rng, batch=64):
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     names = [(c, s) for c in COLORS for s in SHAPES]
     for _ in tqdm(range(steps), desc="pretraining the stand-in backbone", unit="step"):
-        pick = rng.choice(len(names), batch, replace=False) if batch <= len(names) else rng.integers(0, len(names), batch)
+        n = len(names)
+        pick = rng.choice(n, batch, replace=False) if batch <= n else rng.integers(0, n, batch)
         frames = np.stack([render(*names[i], *rng.uniform(14, FRAME - 14, 2), rng) for i in pick])
         images = preprocess_frames(torch.from_numpy(frames), size=IMAGE)
         tokens = tokenize(tokenizer, [f"a {names[i][0]} {names[i][1]}" for i in pick], 16, 16)

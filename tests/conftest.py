@@ -29,7 +29,8 @@ def small_clip(vision_layers=2, text_layers=2, vision_width=64, text_width=48, s
 
 def clip_inputs(batch=2, seed=1, image_size=32, context=16, vocab=100):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, image_size, image_size, generator=g), torch.randint(1, vocab, (batch, context), generator=g)
+    images = torch.randn(batch, 3, image_size, image_size, generator=g)
+    return images, torch.randint(1, vocab, (batch, context), generator=g)
 
 
 @pytest.fixture(scope="session")

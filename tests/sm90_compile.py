@@ -51,7 +51,8 @@ def main(argv):
     cases = list(itertools.product(["bf16", "fp16", "fp32"], [1, 4, 8, 16, 32, 64], [0])) + [("bf16", 8, 1)] \
         if "--all" in argv else [("bf16", 8, 0), ("bf16", 4, 1), ("fp16", 16, 0), ("fp32", 64, 0), ("bf16", 64, 0)]
     for dtype, r, act in cases:
-        print(dtype, f"r={r}", ("quick_gelu", "gelu")[act], "shared bytes fwd/bwd", compile_pair(dtype, r, act), flush=True)
+        print(dtype, f"r={r}", ("quick_gelu", "gelu")[act], "shared bytes fwd/bwd", compile_pair(dtype, r, act),
+              flush=True)
     print("all compiled for sm_90")
 
 

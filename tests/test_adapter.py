@@ -132,7 +132,8 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     (dict(vision_layers=3), "vision_layers=2"),
 ])
 def test_loading_into_a_mismatched_model_names_the_mismatch(other, message):
-    state = adapter_state_dict(add_cross_modal_adapters(small_clip(), CrossModalAdapterConfig(reduction_dim=4, shared_dim=8)))
+    config = CrossModalAdapterConfig(reduction_dim=4, shared_dim=8)
+    state = adapter_state_dict(add_cross_modal_adapters(small_clip(), config))
     config = other.pop("config", None)
     target = small_clip(**other)
     if config is not None:

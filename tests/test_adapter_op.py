@@ -182,7 +182,8 @@ def test_whole_small_clip_triton_matches_reference():
 
 
 def test_whole_vit_b32_triton_matches_reference(vit_b32):
-    reference, fused = _model_pair(lambda: copy.deepcopy(vit_b32), CrossModalAdapterConfig(reduction_dim=8, shared_dim=16))
+    config = CrossModalAdapterConfig(reduction_dim=8, shared_dim=16)
+    reference, fused = _model_pair(lambda: copy.deepcopy(vit_b32), config)
     images, texts = clip_inputs(batch=1, image_size=224, context=77, vocab=49408)
     _compare_models(reference, fused, images.to(DEVICE), texts.to(DEVICE), rtol=1e-4)
 

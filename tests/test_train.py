@@ -44,7 +44,8 @@ def test_resume_reproduces_the_uninterrupted_run(video_set, tmp_path):
     jsonl, cache = video_set
     full = train(tiny_config(jsonl, cache, tmp_path / "full", batch_size=4, epochs=3, max_steps=5))["losses"]
     first = train(tiny_config(jsonl, cache, tmp_path / "cut", batch_size=4, epochs=3, max_steps=3))["losses"]
-    rest = train(tiny_config(jsonl, cache, tmp_path / "cut", batch_size=4, epochs=3, max_steps=5, resume=True))["losses"]
+    rest = train(tiny_config(jsonl, cache, tmp_path / "cut", batch_size=4, epochs=3, max_steps=5,
+                             resume=True))["losses"]
     assert len(first) == 3 and len(rest) == 2
     assert first + rest == pytest.approx(full, rel=1e-6, abs=1e-7)   # mid-epoch (2 steps per epoch) and across epochs
     ckpt = load_checkpoint(str(tmp_path / "cut" / "checkpoint_latest.pt"))

@@ -28,7 +28,7 @@ def test_sampled_frames_are_the_right_ones(tmp_path, num_frames, fps):
 def test_candidate_rule_helpers():
     assert candidate_indices(45, 10.0).tolist() == [0, 10, 20, 30, 40]
     assert candidate_indices(10, 29.97).tolist() == [0]
-    assert candidate_indices(61, 2.0, sample_fps=0.5).tolist() == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60]
+    assert candidate_indices(61, 2.0, sample_fps=0.5).tolist() == list(range(0, 61, 4))
     assert pick_uniform(list(range(30)), 12).tolist() == np.linspace(0, 29, 12).astype(int).tolist()
 
 
