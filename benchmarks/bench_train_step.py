@@ -11,8 +11,9 @@ floor_lean is the adapters' own cost. fused_adapters is what `cma train` runs by
 blocks: cma_model.frozen_block, frozen linears stored in bf16); fused_recompute adds
 `--recompute-mlp`. Per variant: median step
 time over the timed steps, peak memory, the activations autograd keeps (saved_GiB, measured with
-saved-tensor hooks), videos/s, ratios to full fine-tuning, and the top CUDA kernels of one
-profiled step.
+saved-tensor hooks), videos/s, ratios to full fine-tuning, and from one profiled step its top CUDA
+kernels and gpu_busy_pct: the time any kernel ran over the step time (well under 100: the GPU waits
+for launches, and CUDA graphs, `--compile reduce-overhead`, would pay).
 Last, 50 steps with reference and with fused adapters from the same start on the same batches:
 the two loss curves must agree within bf16 noise.
 
@@ -173,7 +174,11 @@ def time_steps(step, setup, warmup=5, steps=20):
     return statistics.median(times)
 
 
-def top_kernels(step, setup, n=8):
+def profile_step(step, setup, n=8):
+    """One profiled step: (its top n kernels by device time, or CPU ops on the CPU; ms the GPU was
+    busy, the union of every kernel's interval, 0.0 on the CPU). Busy time over the unprofiled
+    step time says how much of the step the GPU idles, waiting for launches (what CUDA graphs cure)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = setup.device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
@@ -181,7 +186,19 @@ def top_kernels(step, setup, n=8):
         setup.sync()
     key = "device_time_total" if cuda else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:n]
-    return [{"kernel": e.key[:80], "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in events]
+    kernels = [{"kernel": e.key[:80], "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in events]
+    busy = union_ms([(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA])
+    return kernels, busy
+
+
+def union_ms(intervals_us):
+    """Total length in ms of the union of [start, end] intervals given in microseconds."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals_us):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total / 1e3
 
 
 def encode_ms(model, frames, setup):
@@ -302,9 +319,11 @@ def main(argv=None, prog=None):
                 torch.cuda.reset_peak_memory_stats()
             ms = time_steps(step, setup, steps=args.steps)
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if setup.device.type == "cuda" else 0.0
-            kernels[f"{arch}/{name}"] = top_kernels(step, setup)
+            kernels[f"{arch}/{name}"], busy = profile_step(step, setup)
             row = {"arch": arch, "variant": name, "step_ms": ms, "peak_GiB": peak,
                    "videos_per_s": setup.videos / ms * 1e3}
+            if setup.device.type == "cuda":
+                row["gpu_busy_pct"] = 100 * busy / ms
             if "compile" not in name:   # saved-tensor hooks would make dynamo trace again
                 _, saved = saved_activation_bytes(forward, model.parameters())
                 row["saved_GiB"] = saved / 2 ** 30
@@ -315,8 +334,8 @@ def main(argv=None, prog=None):
             if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
     add_ratios(rows)
-    print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "saved_GiB", "videos_per_s", "step_vs_full",
-                       "step_vs_floor", "mem_vs_full", "encode_384_frames_ms", "encode_vs_plain"])
+    print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "saved_GiB", "videos_per_s", "gpu_busy_pct",
+                       "step_vs_full", "step_vs_floor", "mem_vs_full", "encode_384_frames_ms", "encode_vs_plain"])
     if args.curves:
         n = 8 if not args.smoke else setup.videos
         curves = loss_curves(make_model(args.archs[0], setup), frames[: n * setup.frames], tokens[:n], setup)

@@ -64,6 +64,13 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert sorted(p.suffix for p in tmp_path.glob("preprocess_*")) == [".csv", ".csv", ".json", ".json", ".png"]
 
 
+def test_gpu_busy_time_is_the_union_of_kernel_intervals():
+    from cma_benchmarks.bench_train_step import union_ms
+    # overlapping, nested, touching and disjoint intervals (microseconds), unsorted
+    assert union_ms([(50, 60), (0, 10), (5, 20), (6, 8), (20, 25), (100, 100.5)]) == pytest.approx(0.0355)
+    assert union_ms([]) == 0.0
+
+
 def test_e2e_memory_only_measures_what_each_variant_keeps(tmp_path, capsys):
     """`--memory-only` on the smoke model (quick_gelu, bf16 autocast on the CPU): the lean frozen
     block keeps less than open_clip's block with the same adapters, and recompute less again."""
