@@ -7,15 +7,17 @@ Batch: 32 videos x 12 frames + 32 captions x 77 tokens, bf16 autocast, AdamW, ra
 The floor freezes everything and adds no adapters, but back-propagates through every block to the
 inputs: what any adapter method must pay (stock open_clip blocks, as are full fine-tuning's and the
 reference adapters'). floor_lean is the same with cma's lean frozen blocks, so fused_adapters over
-floor_lean is the adapters' own cost. fused_adapters is what `cma train` runs by default (fused adapters, lean frozen
-blocks: cma_model.frozen_block, frozen linears stored in bf16); fused_recompute adds
-`--recompute-mlp`. Per variant: median step
-time over the timed steps, peak memory, the activations autograd keeps (saved_GiB, measured with
-saved-tensor hooks), videos/s, ratios to full fine-tuning, and from one profiled step its top CUDA
-kernels and gpu_busy_pct: the time any kernel ran over the step time (well under 100: the GPU waits
-for launches, and CUDA graphs, `--compile reduce-overhead`, would pay).
-Last, 50 steps with reference and with fused adapters from the same start on the same batches:
-the two loss curves must agree within bf16 noise.
+floor_lean is the adapters' own cost. fused_adapters is what `cma train` runs by default (fused
+adapters, lean frozen blocks: cma_model.frozen_block, frozen linears stored in bf16);
+fused_recompute adds `--recompute-mlp`.
+
+Per variant: median step time over the timed steps, peak memory, the activations autograd keeps
+(saved_GiB, measured with saved-tensor hooks), videos/s, ratios to full fine-tuning, and from one
+profiled step its top CUDA kernels and gpu_busy_pct: the time any kernel ran over the step time
+(well under 100: the GPU waits for launches, and CUDA graphs, `--compile reduce-overhead`, would
+pay). Results are written after every variant ("complete": false until the end), so a run cut
+short keeps what it measured. Last, 50 steps with reference and with fused adapters from the same
+start on the same batches: the two loss curves must agree within bf16 noise.
 
 --compile MODE [MODE ...] adds fused adapters on towers compiled with torch.compile (`cma train
 --compile MODE`), e.g. default and reduce-overhead (CUDA graphs); compiling takes a minute or more
@@ -308,6 +310,8 @@ def main(argv=None, prog=None):
         setup.cpu_autocast = True
         return kept_activations(args, setup)
     info = {**run_info(setup.device), "compile_modes": args.compile, "smoke": args.smoke}
+    stem = "train_step" + "".join(f"_compile-{mode}" for mode in args.compile) + ("_smoke" if args.smoke else "")
+    stem = f"{stem}_{slug(info['device'])}_{info['date']}"
     frames, tokens = setup.batch()
     rows, kernels = [], {}
     for arch in args.archs:
@@ -330,10 +334,12 @@ def main(argv=None, prog=None):
             if name == "full" or name.startswith("fused"):
                 row["encode_384_frames_ms"] = encode_ms(model, frames, setup)
             rows.append(row)
+            print(f"{arch} {name}: {ms:.1f} ms/step, {peak:.2f} GiB peak", flush=True)
+            add_ratios(rows)   # written after every variant: a run cut short by a time limit keeps what it measured
+            write_results(args.out, stem, {**info, "complete": False, "top_kernels": kernels}, rows)
             del model, optimizer
             if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
-    add_ratios(rows)
     print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "saved_GiB", "videos_per_s", "gpu_busy_pct",
                        "step_vs_full", "step_vs_floor", "mem_vs_full", "encode_384_frames_ms", "encode_vs_plain"])
     if args.curves:
@@ -342,9 +348,8 @@ def main(argv=None, prog=None):
         print(f"loss curves, reference vs fused adapters, {setup.curve_steps} steps: max relative difference "
               f"{curves['max_rel_diff']:.2e}")
         info["loss_curves"] = curves
-    info["top_kernels"] = kernels
-    stem = "train_step" + "".join(f"_compile-{mode}" for mode in args.compile) + ("_smoke" if args.smoke else "")
-    path = write_results(args.out, f"{stem}_{slug(info['device'])}_{info['date']}", info, rows)
+    info.update(complete=True, top_kernels=kernels)
+    path = write_results(args.out, stem, info, rows)
     plot(rows, path + ".png")
     print(f"wrote {path}.json, .csv, .png")
     return rows

@@ -91,8 +91,9 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     assert main(["bench", "--e2e", "--smoke", "--out", str(tmp_path)] + extra) == 0
     out = capsys.readouterr().out
     stem = next(tmp_path.glob("train_step*_smoke_*.json")).with_suffix("")
-    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
-    variants = [r["variant"] for r in rows]
+    results = json.loads(stem.with_suffix(".json").read_text())
+    rows, variants = results["rows"], [r["variant"] for r in results["rows"]]
+    assert results["complete"]
     assert variants == (["full", "fused_compile-default"] if extra else
                         ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute"])
     assert all(r["step_ms"] > 0 for r in rows) and rows[0]["step_vs_full"] == 1.0
@@ -101,6 +102,21 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     with open(stem.with_suffix(".csv")) as f:
         assert [r["variant"] for r in csv.DictReader(f)] == variants
     assert stem.with_suffix(".png").exists()
+
+
+def test_e2e_bench_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):
+    """A time limit that stops the script after the timed variants (here: in the loss curves)
+    leaves every measured row on disk, marked incomplete."""
+    from cma_benchmarks import bench_train_step
+
+    def stop(*args):
+        raise KeyboardInterrupt("time limit")
+    monkeypatch.setattr(bench_train_step, "loss_curves", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--e2e", "--smoke", "--variants", "full", "fused_adapters", "--out", str(tmp_path)])
+    results = json.loads(next(tmp_path.glob("train_step_smoke_*.json")).read_text())
+    assert not results["complete"] and [r["variant"] for r in results["rows"]] == ["full", "fused_adapters"]
+    assert results["rows"][1]["step_vs_full"] > 0
 
 
 def test_adapter_bench_and_tuner_smoke_run_the_gpu_code_path_on_cpu(tmp_path, capsys):
