@@ -95,13 +95,19 @@ def main(argv=None, prog=None):
         variants, shapes, dtypes = {"eager": adapter_reference}, CPU_SHAPES, [torch.float32]
     print(f"{info['device']}  copy bandwidth {bandwidth:.0f} GB/s  r={args.r} d_s={args.ds}")
 
-    rows = [bench_shape(N, D, dt, device, args.r, args.ds, variants, bandwidth) for dt in dtypes for N, D in shapes]
+    stem = f"adapter{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
+    rows = []
+    for dt in dtypes:
+        for N, D in shapes:
+            rows.append(bench_shape(N, D, dt, device, args.r, args.ds, variants, bandwidth))
+            print(f"{rows[-1]['dtype']} {N}x{D}: " + ", ".join(f"{v} {rows[-1][f'{v}_fwdbwd_ms']:.3f}"
+                                                             for v in variants) + " ms fwd+bwd", flush=True)
+            write_results(args.out, stem, {**info, "complete": False}, rows)   # a run cut short keeps its rows
     cols = ["dtype", "N", "D"] + [f"{v}_{k}_ms" for k in ("fwd", "fwdbwd") for v in list(variants) + ["floor"]]
     if "fused" in variants:
         cols += ["fused_fwd_pct_of_copy_bw", "fused_fwdbwd_pct_of_copy_bw"]
     print_table(rows, cols)
-    stem = f"adapter{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
-    path = write_results(args.out, stem, info, rows)
+    path = write_results(args.out, stem, {**info, "complete": True}, rows)
     plot(rows, variants, path + ".png")
     print(f"wrote {path}.json, .csv, .png")
     return rows
