@@ -3,7 +3,8 @@ adapters vs fused adapters (what `cma train` uses), plus image-encode inference.
 
     python benchmarks/bench_train_step.py [--out benchmarks/results] [--archs ViT-B-32 ViT-B-16]
 
-Batch: 32 videos x 12 frames + 32 captions x 77 tokens, bf16 autocast, AdamW, random weights.
+Batch: 32 videos x 12 frames + 32 captions x 77 tokens, bf16 autocast, AdamW (fused on CUDA, as in
+`cma train`), random weights.
 The floor freezes everything and adds no adapters, but back-propagates through every block to the
 inputs: what any adapter method must pay (stock open_clip blocks, as are full fine-tuning's and the
 reference adapters'). floor_lean is the same with cma's lean frozen blocks, so fused_adapters over
@@ -97,6 +98,12 @@ class ResidualAdd(torch.nn.Module):
         return residual + h
 
 
+def adamw(params, lr):
+    """AdamW as `cma train` makes it: fused (one kernel) on CUDA, for every variant alike."""
+    params = list(params)
+    return torch.optim.AdamW(params, lr=lr, fused=params[0].is_cuda)
+
+
 def frozen_floor(model):
     """No parameter trains, but backward runs through every block to the inputs."""
     model.requires_grad_(False)
@@ -116,7 +123,7 @@ def make_variant(base, name, autocast=False):
 
 def _variant(model, name):
     if name == "full":
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-5), False
+        return model, adamw(model.parameters(), lr=1e-5), False
     if name == "floor":
         return frozen_floor(model)
     backend = "reference" if name == "ref_adapters" else "auto"
@@ -130,7 +137,7 @@ def _variant(model, name):
     if name.startswith("fused_compile-"):
         compile_towers(model, name.split("-", 1)[1])
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, torch.optim.AdamW(params, lr=1e-5), False
+    return model, adamw(params, lr=1e-5), False
 
 
 def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
@@ -216,7 +223,7 @@ def loss_curves(base, frames, tokens, setup):
         store_frozen_linears(fused)
     curves = []
     for model in (ref, fused):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         step, _ = step_fn(model, opt, frames, tokens, False, setup)
         curves.append([step().item() for _ in range(setup.curve_steps)])
     rel = max(abs(a - b) / abs(a) for a, b in zip(*curves))

@@ -263,7 +263,8 @@ def train(cfg: TrainConfig):
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                  fused=device.type == "cuda")   # one kernel for all adapter tensors
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup))
     os.makedirs(cfg.out, exist_ok=True)
     latest = os.path.join(cfg.out, "checkpoint_latest.pt")
