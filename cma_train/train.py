@@ -365,12 +365,12 @@ def train(cfg: TrainConfig):
     bar.close()
     if rank == 0:
         torch.save(adapter_state_dict(model), os.path.join(cfg.out, "adapters.pt"))
-    if cfg.eval_split:
-        last_eval = run_eval()
         if skipped:
             print(f"skipped {len(skipped)} unreadable video(s):")
             for reason in list(skipped.values())[:20]:
                 print(f"  {reason}")
+    if cfg.eval_split:
+        last_eval = run_eval()
     if log:
         log.close()
     if writer:

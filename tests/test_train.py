@@ -123,6 +123,25 @@ def test_a_run_stopped_during_an_evaluation_evaluates_first_on_resume(video_set,
     assert resumed["best"] == whole["best"]
 
 
+def test_unreadable_videos_are_skipped_named_and_left_out_of_the_evaluation(video_set, tmp_path, capsys):
+    """One clip replaced by garbage: training skips it and names it at the end; an evaluation
+    ranks the 7 readable videos and counts the eighth as skipped."""
+    import shutil
+
+    from cma_train.cli import _evaluate
+    jsonl, _ = video_set
+    folder = tmp_path / "videos"
+    shutil.copytree(os.path.dirname(jsonl), folder, ignore=shutil.ignore_patterns("cache"))
+    (folder / "clip3.mp4").write_bytes(b"not a video" * 100)
+    cfg = tiny_config(str(folder / "data.jsonl"), None, tmp_path / "run", max_frames=2, batch_size=4, epochs=1)
+    result = train(cfg)
+    assert len(result["skipped"]) == 1 and "clip3.mp4" in next(iter(result["skipped"].values()))
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable video(s):" in out and "clip3.mp4" in out
+    res = _evaluate(result["model"], cfg, "test", torch.device("cpu"))
+    assert res["num_videos"] == 7 and res["num_captions"] == 7 and list(res["skipped"]) == ["clip3"]
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="pooling must be one of"):
         TrainConfig(pretrained="none", pooling="max").validate()
