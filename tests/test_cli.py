@@ -39,13 +39,14 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"dataset": "jsonl", "root": jsonl, "batch-size": 4, "lr": 1e-3, "epochs": 1}))
     assert main(["train", "--config", str(config), *TINY, "--cache", cache, "--out", out, "--max-steps", "2",
-                 "--batch-size", "8", "--eval-split", "test"]) == 0
+                 "--batch-size", "8", "--eval-split", "test", "--eval-every", "1"]) == 0
     logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in logged if "loss" in r] == [1]   # flag beat the file: 8 per batch
     assert [r["eval_split"] for r in logged if "t2v" in r] == ["test"]   # the evaluation after training
     res = json.load(open(os.path.join(out, "results_test.json")))
     assert res["num_videos"] == 8 and set(res["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"}
-    assert "R@1" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "R@1" in out_text and "best t2v R@1" in out_text and os.path.isfile(os.path.join(out, "adapters_best.pt"))
     assert main(["eval", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache,
                  "--adapters", os.path.join(out, "adapters.pt"), "--results", str(tmp_path / "r.json")]) == 0
     assert json.load(open(tmp_path / "r.json"))["t2v"] == res["t2v"]   # same adapters, same numbers
