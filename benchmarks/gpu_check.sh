@@ -14,21 +14,28 @@ cd "$(dirname "$0")/.."
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+pack() {   # after every section: a run stopped by its time limit still sends back what was measured
+    if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" -C benchmarks results; fi
+}
 echo "== CUDA tests"
-timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_adapter_op.py tests/test_frozen_block.py \
-    -k "cuda or whole or compiles or deterministic or every_rank or fp16" 2>&1 | tail -15
+timeout 170 python -m pytest -q -x -p no:cacheprovider tests/test_adapter_op.py tests/test_frozen_block.py \
+    tests/test_train.py -k "cuda or whole or compiles or deterministic or every_rank or fp16" 2>&1 | tail -15
 echo "== adapter benchmark"
-timeout 180 python benchmarks/bench_adapter.py --out benchmarks/results 2>&1 | tail -30
+timeout 170 python benchmarks/bench_adapter.py --out benchmarks/results 2>&1 | tail -30
+pack
 echo "== launch-config sweep"
-timeout 100 python benchmarks/tune_adapter.py --budget-s 80 --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -30
+timeout 90 python benchmarks/tune_adapter.py --budget-s 75 --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -30
+pack
 echo "== end-to-end training step"
-timeout 150 python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 | tail -30
+timeout 140 python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 | tail -30
+pack
 left=$((570 - SECONDS))
-if [ "$left" -gt 120 ]; then
+if [ "$left" -gt 100 ]; then
     echo "== training step with compiled towers (${left} s left)"
     timeout "$left" python benchmarks/bench_train_step.py --out benchmarks/results --archs ViT-B-32 \
         --variants full fused_adapters --compile reduce-overhead default --no-curves 2>&1 | tail -20
+    pack
 else
     echo "== compiled towers skipped: ${left} s left"
 fi
-if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" -C benchmarks results && echo "packed benchmarks/results into \$OUT/results.tgz"; fi
+if [ -n "${OUT:-}" ]; then echo "packed benchmarks/results into \$OUT/results.tgz"; fi

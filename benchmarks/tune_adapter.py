@@ -74,6 +74,7 @@ def main(argv=None):
     deadline = time.monotonic() + args.budget_s if args.budget_s is not None else float("inf")
     info = {**run_info(device), "smoke": args.smoke}
     bandwidth = copy_bandwidth_gbps(device)
+    stem = f"tune{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
     out = []
     for i, N in enumerate(args.N):
         h, x, w = make_inputs(N, args.D, 8, 16, dtype, device)
@@ -92,9 +93,8 @@ def main(argv=None):
             for r in rows[:3]:
                 print(f"  {r['ms']:.4f} ms ({100 * floor_ms / r['ms']:.0f}% of copy bw)  {r}")
             out += [{"N": N, "D": args.D, "kind": kind, "floor_ms": floor_ms, **r} for r in rows]
-    stem = f"tune{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
-    path = write_results(args.out, stem, info,
-                         [{k: r.get(k) for k in ["N", "D", "kind", "ms", "floor_ms", *BWD_SPACE]} for r in out])
+        path = write_results(args.out, stem, {**info, "complete": i == len(args.N) - 1},   # after every shape
+                             [{k: r.get(k) for k in ["N", "D", "kind", "ms", "floor_ms", *BWD_SPACE]} for r in out])
     print(f"wrote {path}.json")
     return out
 

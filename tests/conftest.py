@@ -102,3 +102,33 @@ def video_set(tmp_path_factory):
     ann = load_annotations("jsonl", jsonl)
     prepare_cache(ann.video_ids, ann.video_paths, str(folder / "cache"), size=32, workers=1, progress=False)
     return jsonl, str(folder / "cache")
+
+
+def write_frame_cache_set(folder, num_videos=8, max_frames=12, size=32, seed=0):
+    """A JSONL of shape clips and their frame cache, made without any video file or decoder (the
+    GPU machine has no video writer): (jsonl path, cache dir). Clip i: one coloured shape moving."""
+    import json
+
+    import numpy as np
+
+    from cma_kernels.preprocess import preprocess_frames
+    from cma_model.cache import _atomic_write_json, _write_shard
+    from cma_train.demo import COLORS, FRAME, MOTION_WORDS, MOTIONS, SHAPES, render
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    combos = [(c, s, m) for c in COLORS for s in SHAPES for m in MOTIONS][:: 48 // num_videos][:num_videos]
+    ids, results, lines = [], [], []
+    for i, (color, shape, motion) in enumerate(combos):
+        (dx, dy), steps = MOTIONS[motion], np.linspace(0, FRAME * 0.36, max_frames)
+        frames = np.stack([render(color, shape, FRAME / 2 + dx * t, FRAME / 2 + dy * t, rng) for t in steps])
+        small = preprocess_frames(torch.from_numpy(frames), size=size, dtype=torch.uint8).numpy()
+        ids.append(f"clip{i}")
+        results.append((small, np.ones(max_frames, dtype=bool)))
+        lines.append(json.dumps({"video": f"clip{i}.mp4", "caption": f"a {color} {shape} {MOTION_WORDS[motion]}"}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    cache = folder / "cache"
+    cache.mkdir()
+    _atomic_write_json(str(cache / "cache.json"), {"max_frames": max_frames, "size": size, "sample_fps": 1.0,
+                                                   "shard_size": 64, "num_videos": num_videos})
+    _write_shard(str(cache), 0, ids, results, max_frames, size)
+    return str(folder / "data.jsonl"), str(cache)
