@@ -9,7 +9,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 def compile_towers(model, mode="default"):
     """torch.compile the vision tower and the text transformer of an open_clip model, in place:
     parameter names do not change, so adapter checkpoints still fit. The fused adapter is a
-    registered custom op and compiles without graph breaks. mode: one of COMPILE_MODES
+    registered custom op and compiles without graph breaks; encode_frames then feeds the vision
+    tower every frame slot, so batches keep one shape. mode: one of COMPILE_MODES
     ("reduce-overhead" adds CUDA graphs). Returns the model."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
@@ -20,8 +21,13 @@ def compile_towers(model, mode="default"):
 
 
 def encode_frames(model, frames, mask):
-    """frames [B, T, 3, S, S], mask [B, T] -> frame embeddings [B, T, E] (un-normalised); only the
-    unmasked frames go through the vision tower, padded slots stay zero."""
+    """frames [B, T, 3, S, S], mask [B, T] -> frame embeddings [B, T, E] (un-normalised), zero in
+    padded slots. Only the unmasked frames go through the vision tower, except on a compiled one:
+    that gets all B * T frames, one fixed shape whatever the mask, so neither torch.compile nor
+    its CUDA graphs meet a new shape for every count of padded frames in a batch."""
+    if getattr(model.visual, "_compiled_call_impl", None) is not None:   # nn.Module.compile (compile_towers)
+        feats = model.encode_image(frames.flatten(0, 1)).unflatten(0, mask.shape)
+        return torch.where(mask.unsqueeze(-1), feats, 0)
     feats = model.encode_image(frames[mask])
     out = feats.new_zeros(*mask.shape, feats.shape[-1])
     out[mask] = feats
