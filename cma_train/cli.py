@@ -248,6 +248,15 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:   # user errors: one clear line, no traceback
         print(f"cma {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group():
+    """torchrun runs: leave the process group the trainer opened (torch warns at exit otherwise)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

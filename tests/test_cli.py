@@ -54,6 +54,31 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
                  "--adapters", os.path.join(out, "checkpoint_latest.pt"), "--results", str(tmp_path / "r2.json")]) == 0
 
 
+def test_torchrun_train_then_eval_on_two_processes(video_set, tmp_path):
+    """`torchrun --nproc_per_node 2 -m cma_train.cli train/eval` (gloo on the CPU) as a user runs
+    it: both exit 0, rank 0 alone writes the results, and `cma eval` spread over the two ranks
+    scores the trained adapters as one process does."""
+    jsonl, cache = video_set
+    out = str(tmp_path / "run")
+    data = ["--dataset", "jsonl", "--root", jsonl, "--cache", cache]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "cma_train.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for argv in (["train", *TINY, *data, "--out", out, "--batch-size", "4", "--epochs", "1", "--lr", "1e-3",
+                  "--eval-split", "test"],
+                 ["eval", *TINY, *data, "--adapters", os.path.join(out, "adapters.pt"),
+                  "--results", str(tmp_path / "two.json")]):
+        done = subprocess.run(torchrun + argv, capture_output=True, text=True, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count(" t2v ") == 1, done.stdout   # one table: rank 0's
+    trained = json.load(open(os.path.join(out, "results_test.json")))
+    assert main(["eval", *TINY, *data, "--adapters", os.path.join(out, "adapters.pt"),
+                 "--results", str(tmp_path / "one.json")]) == 0
+    one, two = json.load(open(tmp_path / "one.json")), json.load(open(tmp_path / "two.json"))
+    for direction in ("t2v", "v2t"):
+        assert two[direction] == pytest.approx(one[direction]) and trained[direction] == pytest.approx(one[direction])
+
+
 def test_bench_runs_on_cpu(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
