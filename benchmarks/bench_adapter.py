@@ -21,7 +21,7 @@ except ImportError:   # run from a checkout that is not pip-installed
     from common import bar_chart, copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
 from cma_kernels import adapter_reference, fused_adapter
 
-GPU_SHAPES = [(N, D) for D in (512, 768) for N in (19200, 153600, 1048576)]
+GPU_SHAPES = [(N, D) for D in (768, 512) for N in (19200, 153600, 1048576)]   # the targets' shapes first
 CPU_SHAPES = [(4096, 512), (4096, 768)]
 SMOKE_SHAPES = [(64, 64)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

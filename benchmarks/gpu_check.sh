@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks, in one run: CUDA tests, the adapter benchmark (results into
-# benchmarks/results/), a launch-config sweep, the end-to-end step benchmark, and, with the time
-# left of ~570 s, the step with compiled towers (CUDA graphs first, then torch.compile default; the
-# results file is rewritten after every variant, so a cut-off run keeps what it measured).
+# Everything a GPU session checks, in one run: CUDA tests, the adapter and quick_gelu benchmarks
+# (results into benchmarks/results/), a launch-config sweep, the end-to-end step benchmark, and,
+# with the time left of ~570 s, the step with compiled towers (CUDA graphs first, then
+# torch.compile default; the results file is rewritten after every variant, so a cut-off run keeps
+# what it measured). Worst case, every section at its time limit: about 560 s.
 # On a machine without a package index, first run the install line printed by
 # ../shared/gpu/stage.sh (it puts open_clip and decord on PYTHONPATH).
 # Where $OUT is set (a lent machine sends back only what is under it), this log goes to
@@ -18,13 +19,17 @@ pack() {   # after every section: a run stopped by its time limit still sends ba
     if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" -C benchmarks results; fi
 }
 echo "== CUDA tests"
-timeout 170 python -m pytest -q -x -p no:cacheprovider tests/test_adapter_op.py tests/test_frozen_block.py \
-    tests/test_train.py -k "cuda or whole or compiles or deterministic or every_rank or fp16" 2>&1 | tail -15
+timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_adapter_op.py tests/test_quick_gelu.py \
+    tests/test_frozen_block.py tests/test_train.py -k "cuda or whole or compiles or deterministic or every_rank or fp16" \
+    2>&1 | tail -15
 echo "== adapter benchmark"
-timeout 170 python benchmarks/bench_adapter.py --out benchmarks/results 2>&1 | tail -30
+timeout 150 python benchmarks/bench_adapter.py --out benchmarks/results 2>&1 | tail -30
+pack
+echo "== quick_gelu benchmark"
+timeout 40 python benchmarks/bench_quick_gelu.py --out benchmarks/results 2>&1 | tail -6
 pack
 echo "== launch-config sweep"
-timeout 90 python benchmarks/tune_adapter.py --budget-s 75 --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -30
+timeout 70 python benchmarks/tune_adapter.py --budget-s 55 --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -30
 pack
 echo "== end-to-end training step"
 timeout 140 python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 | tail -30

@@ -140,7 +140,8 @@ class AdaptedResidualAttentionBlock(_KeepsCastDtype, ResidualAttentionBlock):
         mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None   # as open_clip's attention() does
         h = self.ls_1(frozen_block.self_attention(self.attn, frozen_block.layer_norm(self.ln_1, q_x), mask))
         x = self.adapter_attn(h, residual=q_x)
-        return self.adapter_mlp(self.ls_2(frozen_block.mlp(self, x, self.recompute_mlp)), residual=x)
+        hidden = frozen_block.mlp(self, x, self.recompute_mlp, fused=self.adapter_mlp.uses_triton(x))
+        return self.adapter_mlp(self.ls_2(hidden), residual=x)
 
 
 class AdaptedCustomResidualAttentionBlock(_KeepsCastDtype, CustomResidualAttentionBlock):

@@ -10,7 +10,9 @@ in units of one bf16 [N, D] activation; N tokens, D width):
 - Attention: nn.MultiheadAttention copies the packed q/k/v projection into a new layout before
   scaled_dot_product_attention. Here q, k, v are views of the projection: one SDPA call, no copy.
 - quick_gelu (OpenAI CLIP weights): `x * sigmoid(1.702 x)` in autograd keeps x AND the sigmoid
-  (8 units). Here it keeps x only and recomputes the sigmoid in backward (4 units).
+  (8 units). Here it keeps x only and recomputes the sigmoid in backward (4 units); where the
+  adapters run fused, it is also one Triton launch each way instead of about ten elementwise
+  passes over the [N, 4 D] hidden activation (cma_kernels.quick_gelu).
 - recompute_mlp=True (optional): the MLP's hidden activation (LayerNorm, c_fc, act: 4 units) is
   not kept at all but recomputed in backward from the block's mid-point (already kept), at the
   cost of one more c_fc matmul per block. Measured on the CPU (`cma bench --e2e --memory-only`,
@@ -28,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, QuickGELU
 from torch.utils.checkpoint import checkpoint
+
+from cma_kernels.quick_gelu import fused_quick_gelu
 
 
 def layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -79,23 +83,31 @@ class _QuickGELU(torch.autograd.Function):
         return grad * (s * (1 + 1.702 * z * (1 - s)))
 
 
-def activation(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """The MLP activation module applied to z; open_clip's QuickGELU through _QuickGELU."""
-    return _QuickGELU.apply(z) if type(act) is QuickGELU else act(z)
+def activation(act: nn.Module, z: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """The MLP activation module applied to z; open_clip's QuickGELU through _QuickGELU, or with
+    fused=True through the one-launch Triton kernel (cma_kernels.quick_gelu; not while
+    torch.compile traces, which fuses the plain expression itself)."""
+    if type(act) is not QuickGELU:
+        return act(z)
+    if fused and not torch.compiler.is_compiling():
+        return fused_quick_gelu(z)
+    return _QuickGELU.apply(z)
 
 
-def _mlp_hidden(block, x):
+def _mlp_hidden(block, x, fused=False):
     """act(c_fc(ln_2(x))): [..., D] -> [..., mlp_width]."""
-    return activation(block.mlp.gelu, F.linear(layer_norm(block.ln_2, x), block.mlp.c_fc.weight, block.mlp.c_fc.bias))
+    hidden = F.linear(layer_norm(block.ln_2, x), block.mlp.c_fc.weight, block.mlp.c_fc.bias)
+    return activation(block.mlp.gelu, hidden, fused)
 
 
-def mlp(block, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+def mlp(block, x: torch.Tensor, recompute: bool = False, fused: bool = False) -> torch.Tensor:
     """block.mlp(block.ln_2(x)), x [..., D] -> [..., D]; recompute=True keeps only x for backward
-    and recomputes the hidden activation (ln_2, c_fc, act) there."""
+    and recomputes the hidden activation (ln_2, c_fc, act) there; fused=True runs quick_gelu as
+    one Triton launch each way (the adapters' device)."""
     if recompute and torch.is_grad_enabled() and x.requires_grad:
-        hidden = checkpoint(_mlp_hidden, block, x, use_reentrant=False, preserve_rng_state=False)
+        hidden = checkpoint(_mlp_hidden, block, x, fused, use_reentrant=False, preserve_rng_state=False)
     else:
-        hidden = _mlp_hidden(block, x)
+        hidden = _mlp_hidden(block, x, fused)
     return F.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
 
 

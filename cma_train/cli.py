@@ -186,6 +186,9 @@ def cmd_bench(args, rest):
     if args.e2e:
         from cma_benchmarks import bench_train_step
         bench_train_step.main(rest, prog="cma bench --e2e")
+    elif args.quick_gelu:
+        from cma_benchmarks import bench_quick_gelu
+        bench_quick_gelu.main(rest, prog="cma bench --quick-gelu")
     elif args.preprocess:
         from cma_benchmarks import bench_preprocess
         bench_preprocess.main(rest, prog="cma bench --preprocess")
@@ -223,11 +226,13 @@ def build_parser():
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="decoding processes")
     p.add_argument("--shard-size", type=int, default=64, help="videos per shard file (default: 64)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a video counts as hung (default: 300)")
-    p = sub.add_parser("bench", add_help=False,
-                       help="benchmarks: the adapter op (default), --e2e training step, --preprocess frames; "
-                            "`cma bench [--e2e|--preprocess] --help` lists the chosen benchmark's options")
+    p = sub.add_parser("bench", add_help=False, allow_abbrev=False,   # --quick is the benchmarks' own flag
+                       help="benchmarks: the adapter op (default), --e2e training step, --preprocess frames, "
+                            "--quick-gelu the fused activation; `cma bench [--e2e|--preprocess|--quick-gelu] "
+                            "--help` lists the chosen benchmark's options")
     p.add_argument("--e2e", action="store_true", help="whole training step: full fine-tune vs adapters (needs CUDA)")
     p.add_argument("--preprocess", action="store_true", help="frame preprocessing and video loading on the CPU")
+    p.add_argument("--quick-gelu", action="store_true", help="the fused quick_gelu kernel vs eager (needs CUDA)")
     p = sub.add_parser("demo", help="the embedded demo: synthetic videos, zero-shot vs adapter-tuned R@1")
     p.add_argument("--out", default="runs/demo",
                    help="folder for the generated videos and the run (default: runs/demo)")

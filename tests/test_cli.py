@@ -85,6 +85,12 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert "need CUDA" in out and "eager_fwd_ms" in out
     assert main(["bench", "--e2e", "--out", str(tmp_path)]) == 0
     assert "needs CUDA" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        assert main(["bench", "--quick-gelu", "--out", str(tmp_path)]) == 0
+        assert "needs CUDA" in capsys.readouterr().out
+        assert main(["bench", "--quick-gelu", "--smoke", "--out", str(tmp_path)]) == 0   # the fused path, interpreted
+        rows = json.loads(next(tmp_path.glob("quick_gelu_smoke_*.json")).read_text())["rows"]
+        assert rows[0]["fused_fwdbwd_ms"] > 0 and rows[0]["eager_fwdbwd_ms"] > 0
     assert main(["bench", "--preprocess", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
     assert "torchvision_v2_ms" in capsys.readouterr().out
     assert sorted(p.suffix for p in tmp_path.glob("preprocess_*")) == [".csv", ".csv", ".json", ".json", ".png"]

@@ -61,6 +61,37 @@ def test_lean_block_is_open_clip_block(act, batch_first, masked, recompute):
         torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_lean_block_with_fused_quick_gelu_is_open_clip_block(recompute, monkeypatch):
+    """fused=True (the Triton quick_gelu, here in the interpreter; fp32 arithmetic, so fp32 and
+    1e-5): forward and every gradient against block.forward, and the kernel really ran."""
+    calls = []
+    kernel = frozen_block.fused_quick_gelu
+    monkeypatch.setattr(frozen_block, "fused_quick_gelu", lambda z: calls.append(z.shape) or kernel(z))
+    block = _block(dtype=torch.float32)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    grad_out = torch.randn(3, 7, 64)
+    results = []
+    for run in (lambda: block(x), lambda: _lean_fused(block, x, recompute)):
+        block.zero_grad(set_to_none=True)
+        x.grad = None
+        out = run()
+        out.backward(grad_out)
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}))
+    (ref, ref_dx, ref_grads), (got, dx, grads) = results
+    assert len(calls) == (2 if recompute else 1)   # recompute runs the hidden activation again in backward
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(dx, ref_dx, **tol)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **tol, msg=name)
+
+
+def _lean_fused(block, x, recompute):
+    x = x + frozen_block.self_attention(block.attn, frozen_block.layer_norm(block.ln_1, x))
+    return x + frozen_block.mlp(block, x, recompute, fused=True)
+
+
 @pytest.mark.parametrize("mask_kind", ["bool_2d", "float_3d"])
 def test_self_attention_masks_follow_multihead_attention(mask_kind):
     """bool masks use nn.MultiheadAttention's convention (True = not attended); 3-D masks are per (batch, head)."""
@@ -116,6 +147,7 @@ def test_lean_block_keeps_less_activation_memory(tokens, width):
     stock = _kept_bytes(lambda: block(x), block)
     lean = _kept_bytes(lambda: _lean(block, x, None, False), block)
     recompute = _kept_bytes(lambda: _lean(block, x, None, True), block)
+    assert _kept_bytes(lambda: _lean_fused(block, x, False), block) == lean   # the Triton quick_gelu too
     assert stock - lean >= 4 * unit, (stock / unit, lean / unit)
     assert lean - recompute >= 4 * unit, (lean / unit, recompute / unit)
     assert recompute <= 6.2 * unit, recompute / unit   # ln_1 input, q/k/v, attention output, MLP input
