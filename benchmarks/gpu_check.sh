@@ -14,14 +14,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-python -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+python -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, 'triton', triton.__version__)"
 pack() {   # after every section: a run stopped by its time limit still sends back what was measured
     if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" -C benchmarks results; fi
 }
 echo "== CUDA tests"
 timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_adapter_op.py tests/test_quick_gelu.py \
-    tests/test_frozen_block.py tests/test_train.py -k "cuda or whole or compiles or deterministic or every_rank or fp16" \
-    2>&1 | tail -15
+    tests/test_frozen_block.py tests/test_train.py \
+    -k "cuda or whole or compiles or deterministic or every_rank or fp16" 2>&1 | tail -15
 echo "== adapter benchmark"
 timeout 150 python benchmarks/bench_adapter.py --out benchmarks/results 2>&1 | tail -30
 pack
