@@ -1,5 +1,6 @@
-"""cma_kernels: fused Triton kernels for the Cross-Modal Adapter, the plain PyTorch reference they
-are tested against, and the C++ frame-preprocessing op."""
+"""cma_kernels: fused Triton kernels for the Cross-Modal Adapter (and quick_gelu, the MLP
+activation of OpenAI's CLIP weights), the plain PyTorch reference they are tested against, and
+the C++ frame-preprocessing op."""
 from .reference import ACTIVATIONS, activation_fn, adapter_reference
 from .adapter_op import (MAX_RANK, FusedAdapterFunction, adapter_backward, adapter_forward, fused_adapter,
                          fused_adapter_unchecked, triton_runs_on)
