@@ -97,6 +97,9 @@ class ResidualAdd(torch.nn.Module):
     def forward(self, h, residual):
         return residual + h
 
+    def uses_triton(self, h):   # as the fused adapters would: the block's fused quick_gelu on CUDA
+        return h.is_cuda
+
 
 def adamw(params, lr):
     """AdamW as `cma train` makes it: fused (one kernel) on CUDA, for every variant alike."""
