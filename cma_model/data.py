@@ -5,7 +5,7 @@ None, `collate` drops it and lists it under "skipped", and the trainer counts an
 """
 import torch
 
-from cma_kernels.preprocess import CLIP_MEAN, CLIP_STD, preprocess_frames
+from cma_kernels.preprocess import CLIP_MEAN, CLIP_STD, normalize_frames, preprocess_frames
 
 from .video import VideoError, sample_frames
 
@@ -20,10 +20,13 @@ def tokenize(tokenizer, captions, max_words=32, context_length=77):
 
 
 class VideoFrames:
-    """Frames of one video as model input: (float [T, 3, S, S] normalised, mask bool [T]).
-    From `cache` (a FrameCache) when given, else decoded from the file."""
+    """Frames of one video as model input: (float [T, 3, S, S] normalised, mask bool [T]); with
+    raw=True (uint8 [T, S, S, 3] resized and cropped, mask), left for the GPU to normalise
+    (`normalize_frames`), so a loader ships a quarter of the bytes. Padded slots hold zeros (raw:
+    zero pixels). From `cache` (a FrameCache) when given, else decoded from the file."""
 
-    def __init__(self, cache=None, max_frames=12, size=224, sample_fps=1.0, mean=CLIP_MEAN, std=CLIP_STD):
+    def __init__(self, cache=None, max_frames=12, size=224, sample_fps=1.0, mean=CLIP_MEAN, std=CLIP_STD,
+                 raw=False):
         if cache is not None:
             made = {k: cache.meta[k] for k in ("max_frames", "size", "sample_fps")}
             wanted = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps}
@@ -31,18 +34,31 @@ class VideoFrames:
                 raise ValueError(f"the frame cache {cache.out_dir} was made with {made}, this run needs {wanted}; "
                                  f"run `cma prepare` with those settings into another folder")
         self.cache, self.max_frames, self.size, self.sample_fps = cache, max_frames, size, sample_fps
-        self.mean, self.std = mean, std
+        self.mean, self.std, self.raw = mean, std, raw
 
     def __call__(self, video_id, path):
         if self.cache is not None:
             frames, mask = self.cache[video_id]
+            if self.raw:   # the cache holds exactly the resized, cropped uint8 frames
+                return torch.from_numpy(frames), torch.from_numpy(mask)
         else:
             frames, mask = sample_frames(path, self.max_frames, self.sample_fps)
+        dtype = torch.uint8 if self.raw else torch.float32
         if mask.all():   # the common case: no masked gather and scatter
-            return preprocess_frames(torch.from_numpy(frames), self.size, self.mean, self.std), torch.from_numpy(mask)
-        out = torch.zeros(self.max_frames, 3, self.size, self.size)
-        out[torch.from_numpy(mask)] = preprocess_frames(torch.from_numpy(frames[mask]), self.size, self.mean, self.std)
+            return self._preprocess(frames, dtype), torch.from_numpy(mask)
+        shape = (self.max_frames, self.size, self.size, 3) if self.raw else (self.max_frames, 3, self.size, self.size)
+        out = torch.zeros(shape, dtype=dtype)
+        out[torch.from_numpy(mask)] = self._preprocess(frames[mask], dtype)
         return out, torch.from_numpy(mask)
+
+    def _preprocess(self, frames, dtype):
+        return preprocess_frames(torch.from_numpy(frames), self.size, self.mean, self.std, dtype)
+
+    def to_model_input(self, frames, device):
+        """A batch of this object's frames [..., T, ...] -> normalised float [..., T, 3, S, S] on
+        `device` (raw uint8 frames are normalised there; float frames pass through)."""
+        frames = frames.to(device, non_blocking=True)
+        return normalize_frames(frames, self.mean, self.std) if frames.dtype == torch.uint8 else frames
 
 
 class CaptionVideoDataset(torch.utils.data.Dataset):

@@ -60,7 +60,7 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
     videos = list(range(n_videos))[_share(n_videos, rank, world)]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(VideoDataset(ann, frames), videos),
                                          batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                                         timeout=600 if workers else 0)
+                                         timeout=600 if workers else 0, pin_memory=device.type == "cuda")
     feats = torch.zeros(n_videos, frames.max_frames, dim, device=device)
     masks = torch.zeros(n_videos, frames.max_frames, dtype=torch.uint8, device=device)
     readable = torch.zeros(n_videos, dtype=torch.uint8, device=device)
@@ -72,7 +72,7 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
             continue
         index, mask = batch["video"].to(device), batch["mask"].to(device)
         with autocast:
-            feats[index] = encode_frames(model, batch["frames"].to(device), mask).float()
+            feats[index] = encode_frames(model, frames.to_model_input(batch["frames"], device), mask).float()
         masks[index], readable[index] = mask.to(torch.uint8), 1
     _sum_over_ranks(text, feats, masks, readable)
     if world > 1:

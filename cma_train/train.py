@@ -219,10 +219,13 @@ def _device(cfg, rank):
     return torch.device("cuda", local)
 
 
-def train_step(forward, logit_scale, batch, cfg, device):
+def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
     """Loss of the global batch (features gathered across ranks), back-propagated; returns the loss.
-    forward: a RetrievalForward (or its DistributedDataParallel wrapper)."""
-    frames, mask, tokens = batch["frames"].to(device), batch["mask"].to(device), batch["tokens"].to(device)
+    forward: a RetrievalForward (or its DistributedDataParallel wrapper); to_input(frames, device):
+    the loader's frames -> model input on the device (VideoFrames.to_model_input: raw uint8 frames
+    are normalised there); default: moved as they are."""
+    frames = to_input(batch["frames"], device) if to_input else batch["frames"].to(device)
+    mask, tokens = batch["mask"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         frame_feats, text_feats = forward(frames, mask, tokens)
     frame_feats = gather_with_grad(frame_feats.float())
@@ -251,7 +254,8 @@ def train(cfg: TrainConfig):
         compile_towers(model, cfg.compile)
     ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
     eval_ann = load_annotations(cfg.dataset, cfg.root, cfg.eval_split, cfg.video_dir) if cfg.eval_split else None
-    frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, image_size, cfg.sample_fps)
+    frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, image_size, cfg.sample_fps,
+                         raw=True)   # uint8 through the loader, normalised on the device
     dataset = CaptionVideoDataset(ann, tokenizer, frames, cfg.max_words, model.context_length)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -331,7 +335,7 @@ def train(cfg: TrainConfig):
         mine = order[rank::world][in_epoch * local_batch:]
         loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=mine, num_workers=cfg.workers,
                                              collate_fn=collate, timeout=600 if cfg.workers else 0,
-                                             persistent_workers=False)
+                                             persistent_workers=False, pin_memory=device.type == "cuda")
         for batch in loader:
             t0 = time.perf_counter()
             for reason in batch["skipped"]:
@@ -339,7 +343,7 @@ def train(cfg: TrainConfig):
             if "frames" not in batch:
                 raise RuntimeError(f"every video of a batch was unreadable at step {step}: {batch['skipped'][:3]}")
             optimizer.zero_grad(set_to_none=True)
-            loss = train_step(forward, model.logit_scale, batch, cfg, device)
+            loss = train_step(forward, model.logit_scale, batch, cfg, device, frames.to_model_input)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()

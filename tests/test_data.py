@@ -49,6 +49,22 @@ def test_items_from_files_and_cache_agree_and_bad_videos_are_skipped(annotations
     assert batch_files["frames"][0, 5:].abs().sum() == 0 and batch_files["frames"][0, :5].abs().sum() > 0
 
 
+def test_raw_frames_normalised_on_the_device_are_the_normalised_frames(annotations, tmp_path):
+    """raw=True ships uint8 [T, S, S, 3] (from files and from the cache alike); to_model_input
+    normalises them to exactly the float frames of raw=False in every unpadded slot."""
+    prepare_cache(annotations.video_ids, annotations.video_paths, str(tmp_path), size=32, progress=False)
+    cache = FrameCache(str(tmp_path))
+    normal = VideoFrames(size=32)
+    for raw in (VideoFrames(size=32, raw=True), VideoFrames(cache=cache, size=32, raw=True)):
+        for video_id, path in [("a", annotations.video_paths[0]), ("b", annotations.video_paths[2])]:
+            frames, mask = raw(video_id, path)
+            want, want_mask = normal(video_id, path)
+            assert frames.dtype == torch.uint8 and frames.shape == (12, 32, 32, 3) and torch.equal(mask, want_mask)
+            got = raw.to_model_input(frames.unsqueeze(0), torch.device("cpu"))[0]
+            assert torch.equal(got[mask], want[mask]) and not frames[~mask].any()
+    assert normal.to_model_input(want, torch.device("cpu")) is want   # float frames pass through
+
+
 def test_loader_with_workers(annotations):
     tok = open_clip.get_tokenizer("ViT-B-32")
     ds = CaptionVideoDataset(annotations, tok, VideoFrames(size=32))

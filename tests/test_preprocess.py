@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from cma_kernels.preprocess import (CLIP_MEAN, CLIP_STD, has_cpp_extension, preprocess_frames,
+from cma_kernels.preprocess import (CLIP_MEAN, CLIP_STD, has_cpp_extension, normalize_frames, preprocess_frames,
                                     preprocess_frames_torchvision, simd_level)
 
 ONE_STEP = 1 / 255 / min(CLIP_STD)   # one uint8 step in normalised units (~0.0146)
@@ -127,6 +127,19 @@ def test_uint8_mode_is_the_resized_crop_and_normalises_to_the_same_result(h, w):
            for f in frames]
     assert torch.equal(crops, torch.from_numpy(np.stack([np.asarray(p) for p in pil])))
     assert torch.equal(preprocess_frames(crops), preprocess_frames(frames))   # what reading the cache does
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalize_frames_gives_the_bytes_of_preprocess_frames(dtype):
+    """uint8 crops normalised by normalize_frames (what the GPU does to raw loader batches) are
+    exactly preprocess_frames' output, batch dimensions and all; non-uint8 input is refused."""
+    frames = torch.from_numpy(make_frames(120, 90, "noise"))
+    crops = preprocess_frames(frames, size=64, dtype=torch.uint8)          # [T, 64, 64, 3]
+    want = preprocess_frames(frames, size=64, dtype=dtype)                 # [T, 3, 64, 64]
+    assert torch.equal(normalize_frames(crops, dtype=dtype), want)
+    assert torch.equal(normalize_frames(crops.unsqueeze(0), dtype=dtype)[0], want)   # [B, T, S, S, 3]
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_frames(want)
 
 
 def test_the_documented_names_are_exported():
