@@ -45,20 +45,25 @@ def test_lean_block_is_open_clip_block(act, batch_first, masked, recompute):
     shape = (3, 7, 64) if batch_first else (7, 3, 64)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     mask = _causal(7, torch.float64) if masked else None
-    grad_out = torch.randn(shape, dtype=torch.float64)
+    _assert_same_block(block, x, lambda: block(x, attn_mask=mask), lambda: _lean(block, x, mask, recompute), TOL)
+
+
+def _assert_same_block(block, x, reference, candidate, tol):
+    """candidate() against reference(): output, the input's gradient and every block weight's."""
+    grad_out = torch.randn(x.shape, dtype=x.dtype)
     results = []
-    for run in (lambda: block(x, attn_mask=mask), lambda: _lean(block, x, mask, recompute)):
+    for run in (reference, candidate):
         block.zero_grad(set_to_none=True)
         x.grad = None
         out = run()
         out.backward(grad_out)
         results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}))
     (ref, ref_dx, ref_grads), (got, dx, grads) = results
-    torch.testing.assert_close(got, ref, **TOL)
-    torch.testing.assert_close(dx, ref_dx, **TOL)
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(dx, ref_dx, **tol)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+        torch.testing.assert_close(grads[name], ref_grads[name], **tol, msg=name)
 
 
 @pytest.mark.parametrize("recompute", [False, True])
@@ -70,21 +75,8 @@ def test_lean_block_with_fused_quick_gelu_is_open_clip_block(recompute, monkeypa
     monkeypatch.setattr(frozen_block, "fused_quick_gelu", lambda z: calls.append(z.shape) or kernel(z))
     block = _block(dtype=torch.float32)
     x = torch.randn(3, 7, 64, requires_grad=True)
-    grad_out = torch.randn(3, 7, 64)
-    results = []
-    for run in (lambda: block(x), lambda: _lean_fused(block, x, recompute)):
-        block.zero_grad(set_to_none=True)
-        x.grad = None
-        out = run()
-        out.backward(grad_out)
-        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in block.named_parameters()}))
-    (ref, ref_dx, ref_grads), (got, dx, grads) = results
+    _assert_same_block(block, x, lambda: block(x), lambda: _lean_fused(block, x, recompute), dict(rtol=1e-5, atol=1e-5))
     assert len(calls) == (2 if recompute else 1)   # recompute runs the hidden activation again in backward
-    tol = dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got, ref, **tol)
-    torch.testing.assert_close(dx, ref_dx, **tol)
-    for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], **tol, msg=name)
 
 
 def _lean_fused(block, x, recompute):
