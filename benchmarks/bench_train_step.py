@@ -17,8 +17,10 @@ Per variant: median step time over the timed steps, peak memory, the activations
 profiled step its top CUDA kernels and gpu_busy_pct: the time any kernel ran over the step time
 (well under 100: the GPU waits for launches, and CUDA graphs, `--compile reduce-overhead`, would
 pay). Results are written after every variant ("complete": false until the end), so a run cut
-short keeps what it measured. Last, 50 steps with reference and with fused adapters from the same
-start on the same batches: the two loss curves must agree within bf16 noise.
+short keeps what it measured. Then the time to bring one batch of frames to the device, which the
+variants leave out: fp32 from pageable memory vs uint8 from pinned memory normalised there (what
+`cma train` does). Last, 50 steps with reference and with fused adapters from the same start on
+the same batches: the two loss curves must agree within bf16 noise.
 
 --compile MODE [MODE ...] adds fused adapters on towers compiled with torch.compile (`cma train
 --compile MODE`), e.g. default and reduce-overhead (CUDA graphs); compiling takes a minute or more
@@ -47,6 +49,7 @@ try:
 except ImportError:
     from common import bar_chart, print_table, run_info, saved_activation_bytes, slug, write_results
 from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_adapter_backend, set_mlp_recompute
+from cma_kernels import normalize_frames
 from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, compile_towers
@@ -233,6 +236,19 @@ def loss_curves(base, frames, tokens, setup):
     return {"reference": curves[0], "fused": curves[1], "max_rel_diff": rel}
 
 
+def batch_to_device_ms(setup):
+    """What a real step adds before the model runs (the variants above start from frames already on
+    the device): copying one batch of frames from the loader, as fp32 from pageable memory (a plain
+    loader) and as uint8 from pinned memory normalised on the device (`cma train`)."""
+    shape = (setup.videos, setup.frames, setup.image_size, setup.image_size, 3)
+    raw = torch.randint(0, 256, shape, dtype=torch.uint8)
+    fp32 = normalize_frames(raw)
+    pinned = raw.pin_memory() if setup.device.type == "cuda" else raw
+    return {"fp32_pageable": time_steps(lambda: fp32.to(setup.device), setup, warmup=2, steps=10),
+            "uint8_pinned_normalised": time_steps(
+                lambda: normalize_frames(pinned.to(setup.device, non_blocking=True)), setup, warmup=2, steps=10)}
+
+
 def add_ratios(rows):
     """step_vs_full, step_vs_floor, mem_vs_full, encode_vs_plain against the same architecture's rows."""
     for arch in {r["arch"] for r in rows}:
@@ -352,6 +368,8 @@ def main(argv=None, prog=None):
                 torch.cuda.empty_cache()
     print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "saved_GiB", "videos_per_s", "gpu_busy_pct",
                        "step_vs_full", "step_vs_floor", "mem_vs_full", "encode_384_frames_ms", "encode_vs_plain"])
+    copy_ms = info["batch_to_device_ms"] = batch_to_device_ms(setup)
+    print("frames of one batch to the device, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in copy_ms.items()))
     if args.curves:
         n = 8 if not args.smoke else setup.videos
         curves = loss_curves(make_model(args.archs[0], setup), frames[: n * setup.frames], tokens[:n], setup)

@@ -125,7 +125,7 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     stem = next(tmp_path.glob("train_step*_smoke_*.json")).with_suffix("")
     results = json.loads(stem.with_suffix(".json").read_text())
     rows, variants = results["rows"], [r["variant"] for r in results["rows"]]
-    assert results["complete"]
+    assert results["complete"] and results["batch_to_device_ms"]["uint8_pinned_normalised"] > 0
     assert variants == (["full", "fused_compile-default"] if extra else
                         ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute"])
     assert all(r["step_ms"] > 0 for r in rows) and rows[0]["step_vs_full"] == 1.0
