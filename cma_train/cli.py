@@ -136,7 +136,8 @@ def _evaluate(model, cfg, split, device):
     ann = load_annotations(cfg.dataset, cfg.root, split, cfg.video_dir)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, size, cfg.sample_fps)
+    frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, size, cfg.sample_fps,
+                         raw=True)   # uint8 through the loader, normalised on the device
     tokenizer = open_clip.get_tokenizer("ViT-B-32" if cfg.model_config else cfg.model)
     return evaluate(model, tokenizer, ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
                     workers=cfg.workers, device=device, progress=cfg.progress)
