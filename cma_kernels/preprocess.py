@@ -10,6 +10,7 @@ Without the compiled extension a torchvision v2 path runs instead (warned once):
 bicubic rounds its two passes differently from PIL, so it can differ by up to two uint8 steps
 (~0.03 in normalised units) on sharp content.
 """
+import functools
 import warnings
 
 import torch
@@ -81,10 +82,15 @@ def normalize_frames(frames, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.float32):
     GPU than fp32) and the GPU normalise."""
     if frames.dtype != torch.uint8 or frames.dim() < 3 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [..., S, S, 3], got {frames.dtype} {list(frames.shape)}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=frames.device).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=frames.device).view(3, 1, 1)
+    mean_t, std_t = _channel_stats(tuple(mean), tuple(std), frames.device)
     x = frames.movedim(-1, -3).to(torch.float32)
     return ((x / 255.0 - mean_t) / std_t).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_stats(mean, std, device):
+    """mean and std as fp32 [3, 1, 1] tensors on `device`, made once (not a host-to-device copy per batch)."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(3, 1, 1) for v in (mean, std))
 
 
 def preprocess_frames_torchvision(frames, size=224, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.float32):
