@@ -3,8 +3,10 @@ adapters vs fused adapters (what `cma train` uses), plus image-encode inference.
 
     python benchmarks/bench_train_step.py [--out benchmarks/results] [--archs ViT-B-32 ViT-B-16]
 
-Batch: 32 videos x 12 frames + 32 captions x 77 tokens, bf16 autocast, AdamW (fused on CUDA, as in
-`cma train`), random weights.
+Batch: 32 videos x 12 frames + 32 captions x 77 tokens (REFERENCE.md's baselines), bf16 autocast,
+AdamW (fused on CUDA, as in `cma train`), random weights. `cma train` encodes captions at their
+--max-words (32) positions, not 77 (cma_model.retrieval.encode_text, exact for CLIP's causal text
+tower); `--words 32` measures that, for every variant alike.
 The floor freezes everything and adds no adapters, but back-propagates through every block to the
 inputs: what any adapter method must pay (stock open_clip blocks, as are full fine-tuning's and the
 reference adapters'). floor_lean is the same with cma's lean frozen blocks, so fused_adapters over
@@ -52,7 +54,7 @@ from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_ada
 from cma_kernels import normalize_frames
 from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import infonce, similarity
-from cma_model.retrieval import COMPILE_MODES, compile_towers
+from cma_model.retrieval import COMPILE_MODES, compile_towers, encode_text
 
 VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute")
 SMOKE_CLIP = {"embed_dim": 32, "quick_gelu": True,
@@ -155,7 +157,7 @@ def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
         x = frames.detach().requires_grad_() if images_need_grad else frames   # a fresh leaf: frames stays as it is
         with setup.autocast():
             img = model.encode_image(x).float().view(videos, setup.frames, -1)
-            txt = model.encode_text(tokens).float()
+            txt = encode_text(model, tokens).float()
         return infonce(similarity(txt, img, mask, "meanP"), model.logit_scale.detach())
 
     def step():
@@ -295,7 +297,7 @@ def kept_activations(args, setup):
             if full and r["arch"] == arch:
                 r["saved_vs_full"] = r["saved_GiB"] / full["saved_GiB"]
     print_table(rows, ["arch", "variant", "videos", "saved_GiB", "saved_MiB_per_video", "saved_vs_full"])
-    info = {**run_info(setup.device), "autocast": "bf16", "smoke": args.smoke}
+    info = {**run_info(setup.device), "autocast": "bf16", "words": setup.words, "smoke": args.smoke}
     stem = f"train_memory_{'-'.join(args.archs)}_{setup.videos}videos"   # archs = ["smoke"] with --smoke
     path = write_results(args.out, f"{stem}_{slug(info['device'])}_{info['date']}", info, rows)
     plot(rows, path + ".png", PANELS[2:])
@@ -316,18 +318,23 @@ def main(argv=None, prog=None):
     p.add_argument("--memory-only", action="store_true",
                    help="only the activations each variant keeps, on any device (the CPU too); no timing")
     p.add_argument("--videos", type=int, default=32, help="videos per batch, 12 frames each (default 32)")
+    p.add_argument("--words", type=int, default=77,
+                   help="tokens per caption (default 77, the full context; cma train uses 32)")
     p.add_argument("--smoke", action="store_true", help="tiny model and batch on the CPU: exercises the script only")
     args = p.parse_args(argv)
     if args.videos < 1:
         p.error("--videos must be >= 1")
+    if not 2 <= args.words <= 77:
+        p.error("--words must be in [2, 77]")
     if args.smoke:
-        setup = Setup(torch.device("cpu"), videos=4, frames=2, words=16, image_size=32, curve_steps=3,
+        setup = Setup(torch.device("cpu"), videos=4, frames=2, words=min(args.words, 16), image_size=32, curve_steps=3,
                       cpu_autocast=True)   # bf16 autocast, as on the GPU: the same code paths
         args.archs, args.steps = ["smoke"], 2
     elif args.memory_only:
-        setup = Setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), videos=args.videos)
+        setup = Setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), videos=args.videos,
+                      words=args.words)
     elif torch.cuda.is_available():
-        setup = Setup(torch.device("cuda"), videos=args.videos)
+        setup = Setup(torch.device("cuda"), videos=args.videos, words=args.words)
     else:
         print("The end-to-end training-step benchmark needs CUDA: no GPU here, nothing timed "
               "(--smoke tries the script).")
@@ -335,8 +342,9 @@ def main(argv=None, prog=None):
     if args.memory_only:
         setup.cpu_autocast = True
         return kept_activations(args, setup)
-    info = {**run_info(setup.device), "compile_modes": args.compile, "smoke": args.smoke}
+    info = {**run_info(setup.device), "compile_modes": args.compile, "words": setup.words, "smoke": args.smoke}
     stem = "train_step" + "".join(f"_compile-{mode}" for mode in args.compile) + ("_smoke" if args.smoke else "")
+    stem += f"_words{setup.words}" if setup.words != 77 and not args.smoke else ""
     stem = f"{stem}_{slug(info['device'])}_{info['date']}"
     frames, tokens = setup.batch()
     rows, kernels = [], {}

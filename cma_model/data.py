@@ -11,12 +11,12 @@ from .video import VideoError, sample_frames
 
 
 def tokenize(tokenizer, captions, max_words=32, context_length=77):
-    """open_clip tokens truncated to max_words (start and end tokens included), zero-padded to the
-    text tower's context length: LongTensor [len(captions), context_length]."""
+    """open_clip tokens truncated to max_words (start and end tokens included), zero-padded to
+    max_words, not to the text tower's context_length (checked against it): LongTensor
+    [len(captions), max_words]. cma_model.retrieval.encode_text encodes them at that length."""
     if not 2 <= max_words <= context_length:
         raise ValueError(f"max_words must be in [2, {context_length}], got {max_words}")
-    tokens = tokenizer(list(captions), context_length=max_words)
-    return torch.nn.functional.pad(tokens, (0, context_length - max_words))
+    return tokenizer(list(captions), context_length=max_words)
 
 
 class VideoFrames:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cma_model.data import VideoDataset, collate, tokenize
 from cma_model.losses import similarity
 from cma_model.metrics import multi_caption_metrics
-from cma_model.retrieval import encode_frames
+from cma_model.retrieval import encode_frames, encode_text
 
 
 def _rank_world():
@@ -55,7 +55,7 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
     mine = _share(n_captions, rank, world)
     with autocast:
         for start, t in zip(range(mine.start, mine.stop, batch_size), tokens[mine].split(batch_size)):
-            text[start:start + len(t)] = model.encode_text(t.to(device)).float()
+            text[start:start + len(t)] = encode_text(model, t.to(device)).float()
 
     videos = list(range(n_videos))[_share(n_videos, rank, world)]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(VideoDataset(ann, frames), videos),

@@ -115,7 +115,7 @@ def test_e2e_memory_only_measures_what_each_variant_keeps(tmp_path, capsys):
     assert "saved_vs_full" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra", [[], ["--variants", "full", "--compile", "default", "--no-curves"]])
+@pytest.mark.parametrize("extra", [[], ["--variants", "full", "--compile", "default", "--no-curves", "--words", "8"]])
 def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     """`--smoke`: the GPU benchmark's whole script on a tiny model, so a GPU session never meets a
     broken script (the compiled variant takes about a minute of inductor on 2 cores)."""
@@ -126,6 +126,7 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     results = json.loads(stem.with_suffix(".json").read_text())
     rows, variants = results["rows"], [r["variant"] for r in results["rows"]]
     assert results["complete"] and results["batch_to_device_ms"]["uint8_pinned_normalised"] > 0
+    assert results["words"] == (8 if extra else 16)   # the smoke model's context is 16
     assert variants == (["full", "fused_compile-default"] if extra else
                         ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute"])
     assert all(r["step_ms"] > 0 for r in rows) and rows[0]["step_vs_full"] == 1.0
@@ -134,6 +135,12 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     with open(stem.with_suffix(".csv")) as f:
         assert [r["variant"] for r in csv.DictReader(f)] == variants
     assert stem.with_suffix(".png").exists()
+
+
+def test_e2e_bench_rejects_more_words_than_the_context(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--e2e", "--words", "78"])
+    assert "--words must be in [2, 77]" in capsys.readouterr().err
 
 
 def test_e2e_bench_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):

@@ -20,14 +20,14 @@ def annotations(tmp_path_factory):
     return ann
 
 
-def test_tokenize_truncates_to_max_words_and_pads_to_context():
+def test_tokenize_truncates_and_pads_to_max_words():
     tok = open_clip.get_tokenizer("ViT-B-32")
     long = " ".join(["word"] * 60)
     t = tokenize(tok, ["a cat", long], max_words=32)
-    assert t.shape == (2, 77) and t.dtype == torch.long
+    assert t.shape == (2, 32) and t.dtype == torch.long
     full = tok([long])[0]
-    assert torch.equal(t[1, :31], full[:31]) and t[1, 31] == tok.eot_token_id and not t[1, 32:].any()
-    assert torch.equal(t[0], tok(["a cat"])[0])
+    assert torch.equal(t[1, :31], full[:31]) and t[1, 31] == tok.eot_token_id
+    assert torch.equal(t[0], tok(["a cat"])[0, :32]) and not tok(["a cat"])[0, 32:].any()
     with pytest.raises(ValueError, match="max_words"):
         tokenize(tok, ["x"], max_words=100)
 
