@@ -3,6 +3,8 @@
 A video that cannot be read is never fed to the model as zeros or NaN: its item comes back as
 None, `collate` drops it and lists it under "skipped", and the trainer counts and reports them.
 """
+import signal
+
 import torch
 
 from cma_kernels.preprocess import CLIP_MEAN, CLIP_STD, normalize_frames, preprocess_frames
@@ -96,6 +98,16 @@ class VideoDataset(torch.utils.data.Dataset):
         except VideoError as e:
             return {"skipped": str(e), "video": v}
         return {"frames": frames, "mask": mask, "video": v}
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn: workers ignore SIGINT and SIGTERM, which a terminal's Ctrl-C or a
+    job scheduler sends to every process. The main process decides when to stop (the trainer
+    finishes its step and checkpoints) and shuts its loaders down; a worker killed by the signal
+    would instead fail the batch the main process is waiting for. Workers still exit when the
+    main process is gone (PyTorch's worker watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def collate(items):

@@ -7,10 +7,11 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import typing
 
-from cma_train.train import TrainConfig
+from cma_train.train import TrainConfig, TrainingStopped
 
 HELP = {
     "model": "open_clip architecture name (ViT-B-32, ViT-B-16, ViT-L-14, ...)",
@@ -254,6 +255,14 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:   # user errors: one clear line, no traceback
         print(f"cma {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:   # SIGINT / SIGTERM in training: checkpointed after a whole step
+        if int(os.environ.get("RANK", 0)) == 0:
+            hint = "continue with the same command and --resume" if args.command == "train" else "run it again"
+            print(f"cma {args.command}: {stopped}\n{hint}", file=sys.stderr)
+        return 128 + stopped.signum
+    except KeyboardInterrupt:   # a second Ctrl-C in training, or one in eval / prepare / demo
+        print(f"\ncma {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         _close_process_group()
 

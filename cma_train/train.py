@@ -9,12 +9,19 @@ exactly the gradient of the global-batch loss (the same as one process on the sa
 Resume is exact: each epoch's order is a permutation seeded by (seed, epoch), a resumed run skips
 the steps already taken, and optimizer, scheduler, step and RNG states come back from the
 checkpoint. Checkpoints are written to a temporary file and renamed.
+
+SIGINT (Ctrl-C) or SIGTERM (a job scheduler's preemption) stops a run cleanly: the current step
+(or evaluation) finishes, every rank agrees on the step, the checkpoint is written and train()
+raises TrainingStopped; `--resume` then continues exactly. A second Ctrl-C stops at once.
 """
 import dataclasses
 import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -28,7 +35,7 @@ from tqdm import tqdm
 from cma_model import (CrossModalAdapterConfig, adapter_state_dict, add_cross_modal_adapters, load_adapter_state_dict,
                        set_mlp_recompute)
 from cma_model.cache import FrameCache
-from cma_model.data import CaptionVideoDataset, VideoFrames, collate
+from cma_model.data import CaptionVideoDataset, VideoFrames, collate, ignore_stop_signals
 from cma_model.datasets import load_annotations
 from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import POOLINGS, infonce, similarity
@@ -120,6 +127,48 @@ class TrainConfig:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which file and why."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a signal after a whole step, its checkpoint written: resume from it."""
+
+    def __init__(self, signum, step, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint}")
+
+
+class StopSignals:
+    """Context manager for the training loop: SIGINT or SIGTERM only records the request, which the
+    loop reads between steps (`requested`); a second SIGINT raises KeyboardInterrupt at once.
+    Handlers are installed from the main thread only, and restored on exit."""
+
+    def __init__(self, announce=True):
+        self.received, self.announce, self._previous = 0, announce, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (or evaluation) to write the "
+                  f"checkpoint; Ctrl-C again stops at once, keeping the last checkpoint", file=sys.stderr)
+
+    def requested(self, device, world):
+        """The signal number any rank received so far, else 0: the same answer on every rank."""
+        if world == 1:
+            return self.received
+        flag = torch.tensor(self.received, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
 
 
 def build_model(cfg: TrainConfig, device):
@@ -327,45 +376,55 @@ def train(cfg: TrainConfig):
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=rank != 0 or not cfg.progress)
     model.train()
-    if periodic_eval_due():   # a run stopped during an evaluation: do it first
-        run_eval()
-    while step < last_step:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        order = epoch_order(len(dataset), cfg.seed, epoch)[: steps_per_epoch * cfg.batch_size]
-        mine = order[rank::world][in_epoch * local_batch:]
-        loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=mine, num_workers=cfg.workers,
-                                             collate_fn=collate, timeout=600 if cfg.workers else 0,
-                                             persistent_workers=False, pin_memory=device.type == "cuda")
-        for batch in loader:
-            t0 = time.perf_counter()
-            for reason in batch["skipped"]:
-                skipped[reason.split(":")[0]] = reason
-            if "frames" not in batch:
-                raise RuntimeError(f"every video of a batch was unreadable at step {step}: {batch['skipped'][:3]}")
-            optimizer.zero_grad(set_to_none=True)
-            loss = train_step(forward, model.logit_scale, batch, cfg, device, frames.to_model_input)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr")
-            rate = cfg.batch_size / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", vid_s=f"{rate:.1f}")
-            bar.update(1)
-            if log:
-                log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": losses[-1],
-                                      "lr": scheduler.get_last_lr()[0], "videos_per_s": rate}) + "\n")
-                log.flush()
-            if writer:
-                writer.add_scalar("train/loss", losses[-1], step)
-            if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0 or step == last_step:
-                checkpoint()
-            if periodic_eval_due():
-                run_eval()
-            if step == last_step or step % steps_per_epoch == 0:
-                break
+    with StopSignals(announce=rank == 0) as stop:
+        if periodic_eval_due():   # a run stopped during an evaluation: do it first
+            run_eval()
+        while step < last_step:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            order = epoch_order(len(dataset), cfg.seed, epoch)[: steps_per_epoch * cfg.batch_size]
+            mine = order[rank::world][in_epoch * local_batch:]
+            loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=mine,
+                                                 num_workers=cfg.workers, collate_fn=collate,
+                                                 timeout=600 if cfg.workers else 0, persistent_workers=False,
+                                                 pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+            for batch in loader:
+                t0 = time.perf_counter()
+                for reason in batch["skipped"]:
+                    skipped[reason.split(":")[0]] = reason
+                if "frames" not in batch:
+                    raise RuntimeError(f"every video of a batch was unreadable at step {step}: "
+                                       f"{batch['skipped'][:3]}")
+                optimizer.zero_grad(set_to_none=True)
+                loss = train_step(forward, model.logit_scale, batch, cfg, device, frames.to_model_input)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                losses.append(loss.item())
+                if not math.isfinite(losses[-1]):
+                    raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr")
+                rate = cfg.batch_size / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                vid_s=f"{rate:.1f}")
+                bar.update(1)
+                if log:
+                    log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": losses[-1],
+                                          "lr": scheduler.get_last_lr()[0], "videos_per_s": rate}) + "\n")
+                    log.flush()
+                if writer:
+                    writer.add_scalar("train/loss", losses[-1], step)
+                save_due = cfg.save_every and step % cfg.save_every == 0
+                if save_due or step % steps_per_epoch == 0 or step == last_step:
+                    checkpoint()
+                if periodic_eval_due():
+                    run_eval()
+                signum = stop.requested(device, world)
+                if signum:
+                    checkpoint()
+                    bar.close()
+                    raise TrainingStopped(signum, step, latest)
+                if step == last_step or step % steps_per_epoch == 0:
+                    break
     bar.close()
     if rank == 0:
         torch.save(adapter_state_dict(model), os.path.join(cfg.out, "adapters.pt"))

@@ -54,6 +54,30 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
                  "--adapters", os.path.join(out, "checkpoint_latest.pt"), "--results", str(tmp_path / "r2.json")]) == 0
 
 
+def test_ctrl_c_in_train_checkpoints_and_says_how_to_resume(video_set, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import cma_train.train as train_module
+    jsonl, cache = video_set
+    real_step, calls = train_module.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train_module, "train_step", step)
+    out = str(tmp_path / "run")
+    argv = ["train", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache, "--out", out,
+            "--batch-size", "2", "--epochs", "1", "--workers", "0"]
+    assert main(argv) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT after step 2" in err and "--resume" in err and "Traceback" not in err
+    monkeypatch.undo()
+    assert main(argv + ["--resume"]) == 0
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
+
+
 def test_torchrun_train_then_eval_on_two_processes(video_set, tmp_path):
     """`torchrun --nproc_per_node 2 -m cma_train.cli train/eval` (gloo on the CPU) as a user runs
     it: both exit 0, rank 0 alone writes the results, and `cma eval` spread over the two ranks
@@ -151,8 +175,7 @@ def test_e2e_bench_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):
     def stop(*args):
         raise KeyboardInterrupt("time limit")
     monkeypatch.setattr(bench_train_step, "loss_curves", stop)
-    with pytest.raises(KeyboardInterrupt):
-        main(["bench", "--e2e", "--smoke", "--variants", "full", "fused_adapters", "--out", str(tmp_path)])
+    assert main(["bench", "--e2e", "--smoke", "--variants", "full", "fused_adapters", "--out", str(tmp_path)]) == 130
     results = json.loads(next(tmp_path.glob("train_step_smoke_*.json")).read_text())
     assert not results["complete"] and [r["variant"] for r in results["rows"]] == ["full", "fused_adapters"]
     assert results["rows"][1]["step_vs_full"] > 0

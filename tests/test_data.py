@@ -1,11 +1,13 @@
 """cma_model.data: dataset items from files and from the cache agree; unreadable videos are skipped."""
+import os
+
 import open_clip
 import pytest
 import torch
 from conftest import write_video
 
 from cma_model.cache import FrameCache, prepare_cache
-from cma_model.data import CaptionVideoDataset, VideoFrames, collate, tokenize
+from cma_model.data import CaptionVideoDataset, VideoFrames, collate, ignore_stop_signals, tokenize
 from cma_model.datasets import Annotations
 
 
@@ -78,3 +80,24 @@ def test_a_cache_made_with_other_settings_is_refused(annotations, tmp_path):
     prepare_cache(annotations.video_ids, annotations.video_paths, str(tmp_path), size=32, progress=False)
     with pytest.raises(ValueError, match="was made with .*'max_frames': 12.*needs .*'max_frames': 4"):
         VideoFrames(cache=FrameCache(str(tmp_path)), max_frames=4, size=32)
+
+
+class _SignalsItself(torch.utils.data.Dataset):
+    """Item i: i, after the worker that loads it sends itself SIGINT and SIGTERM."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import signal
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return i
+
+
+def test_loader_workers_ignore_stop_signals():
+    """A Ctrl-C or SIGTERM reaches the loader workers too; with ignore_stop_signals they keep
+    loading (the trainer stops between steps), where a default worker dies and fails the batch."""
+    loader = torch.utils.data.DataLoader(_SignalsItself(), batch_size=2, num_workers=1, timeout=60,
+                                         worker_init_fn=ignore_stop_signals)
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]

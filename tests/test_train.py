@@ -2,6 +2,7 @@
 equivalence (gloo, 2 processes)."""
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from conftest import TINY_TRAIN_CLIP, requires_cuda, write_frame_cache_set
 
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import RetrievalForward, encode_text
-from cma_train.train import CheckpointError, TrainConfig, build_model, load_checkpoint, train, train_step
+from cma_train.train import (CheckpointError, TrainConfig, TrainingStopped, build_model, load_checkpoint, train,
+                             train_step)
 
 
 def tiny_config(jsonl, cache, out, **kw):
@@ -121,6 +123,49 @@ def test_a_run_stopped_during_an_evaluation_evaluates_first_on_resume(video_set,
     assert [(r["step"], r["t2v"]) for r in _evals(tmp_path / "cut")] == [(r["step"], r["t2v"]) for r in
                                                                        _evals(tmp_path / "whole")]
     assert resumed["best"] == whole["best"]
+
+
+def _signal_at_step(monkeypatch, at, *signums):
+    """Make the trainer's train_step send this process the given signals during step `at` (1-based)."""
+    import cma_train.train as train_module
+    calls = []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(train_module, "train_step", step_then_signal)
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(video_set, tmp_path, monkeypatch,
+                                                                             name):
+    """Ctrl-C or a scheduler's SIGTERM mid-epoch: the step finishes, its checkpoint is written (not
+    only the last epoch's), the handlers are restored, and --resume gives the uninterrupted losses."""
+    jsonl, cache = video_set
+    kw = dict(batch_size=2, epochs=2, max_steps=6)   # 4 steps per epoch: step 3 is mid-epoch
+    whole = train(tiny_config(jsonl, cache, tmp_path / "whole", **kw))["losses"]
+    _signal_at_step(monkeypatch, 3, getattr(signal, name))
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(tiny_config(jsonl, cache, tmp_path / "cut", **kw))
+    assert stopped.value.step == 3 and stopped.value.signum == getattr(signal, name)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint_latest.pt"))["step"] == 3
+    monkeypatch.undo()
+    resumed = train(tiny_config(jsonl, cache, tmp_path / "cut", resume=True, **kw))["losses"]
+    assert resumed == pytest.approx(whole[3:], rel=1e-6, abs=1e-7)
+
+
+def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(video_set, tmp_path, monkeypatch):
+    jsonl, cache = video_set
+    _signal_at_step(monkeypatch, 3, signal.SIGINT, signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(jsonl, cache, tmp_path, batch_size=2, epochs=2, max_steps=6, save_every=2))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert load_checkpoint(str(tmp_path / "checkpoint_latest.pt"))["step"] == 2   # step 3 never finished
 
 
 def test_unreadable_videos_are_skipped_named_and_left_out_of_the_evaluation(video_set, tmp_path, capsys):
@@ -317,3 +362,39 @@ def test_two_process_training_run_matches_one_process(video_set, tmp_path):
         assert got["eval"]["v2t"] == pytest.approx(single["eval"]["v2t"]), rank
         assert got["eval"]["num_videos"] == 8
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3 + 1   # steps, evaluation
+
+
+def _stopping_worker(rank, port, jsonl, cache, out, result_dir):
+    """Rank 1 alone gets SIGTERM during step 2; both ranks must stop after that same step."""
+    import cma_train.train as train_module
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    calls = []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*args, **kwargs)
+    train_module.train_step = step
+    try:
+        train(tiny_config(jsonl, cache, out, batch_size=4, epochs=2, max_steps=4, lr=3e-3))
+        stopped = None
+    except TrainingStopped as e:
+        stopped = (e.signum, e.step)
+    torch.save(stopped, os.path.join(result_dir, f"stopped{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(video_set, tmp_path):
+    import socket
+    jsonl, cache = video_set
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stopping_worker, args=(port, jsonl, cache, str(tmp_path / "ddp"), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    for rank in range(WORLD):
+        assert torch.load(tmp_path / f"stopped{rank}.pt") == (signal.SIGTERM, 2), rank
+    assert load_checkpoint(str(tmp_path / "ddp" / "checkpoint_latest.pt"))["step"] == 2
