@@ -10,7 +10,7 @@ from conftest import TINY_TRAIN_CLIP
 
 from cma_train.cli import main
 
-TINY = ["--model-config", json.dumps(TINY_TRAIN_CLIP), "--pretrained", "none", "--max-words", "16",
+TINY = ["--model-config", json.dumps(TINY_TRAIN_CLIP), "--pretrained", "none", "--max-words", "12",
         "--workers", "0", "--no-progress"]
 
 

@@ -18,7 +18,7 @@ from cma_train.train import (CheckpointError, TrainConfig, TrainingStopped, buil
 
 def tiny_config(jsonl, cache, out, **kw):
     base = dict(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", dataset="jsonl", root=jsonl,
-                cache=cache, max_words=16, batch_size=8, epochs=30, lr=1e-2, weight_decay=0.0, warmup=0.05,
+                cache=cache, max_words=12, batch_size=8, epochs=30, lr=1e-2, weight_decay=0.0, warmup=0.05,
                 pooling="meanP", workers=0, out=str(out), progress=False, reduction_dim=8, shared_dim=8)
     base.update(kw)
     return TrainConfig(**base)
