@@ -38,6 +38,8 @@ HELP = {
     "workers": "data-loading processes",
     "epochs": "training epochs",
     "batch_size": "global batch (all processes together); negatives come from the whole global batch",
+    "micro_batch": "videos per forward/backward pass on each process (0: its whole share): a global batch "
+                   "larger than GPU memory holds, with the same gradients, for one more forward pass per step",
     "lr": "peak learning rate (AdamW, cosine schedule with warm-up)",
     "weight_decay": "weight decay on adapter weights (biases get none)",
     "warmup": "fraction of the steps spent warming up the learning rate",

@@ -14,6 +14,7 @@ SIGINT (Ctrl-C) or SIGTERM (a job scheduler's preemption) stops a run cleanly: t
 (or evaluation) finishes, every rank agrees on the step, the checkpoint is written and train()
 raises TrainingStopped; `--resume` then continues exactly. A second Ctrl-C stops at once.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -73,6 +74,7 @@ class TrainConfig:
     # recipe (the paper's, REFERENCE.md section 2)
     epochs: int = 5
     batch_size: int = 128         # global, over all ranks
+    micro_batch: int = 0          # videos per forward/backward pass on a rank (0: its whole share), same gradients
     lr: float = 1e-5
     weight_decay: float = 0.2
     warmup: float = 0.1
@@ -99,6 +101,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "max_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0, got {self.micro_batch}")
+        if self.micro_batch and self.dropout > 0:
+            raise ValueError("--micro-batch runs every forward twice, which would draw new dropout masks: "
+                             "use it with --dropout 0")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.eval_every and not self.eval_split:
@@ -272,18 +279,46 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
     """Loss of the global batch (features gathered across ranks), back-propagated; returns the loss.
     forward: a RetrievalForward (or its DistributedDataParallel wrapper); to_input(frames, device):
     the loader's frames -> model input on the device (VideoFrames.to_model_input: raw uint8 frames
-    are normalised there); default: moved as they are."""
+    are normalised there); default: moved as they are.
+
+    cfg.micro_batch < the local batch: the same loss and gradients with the activations of only
+    micro_batch videos alive at a time (gradient caching): embed the whole batch in chunks without
+    autograd, take the loss and its gradient with respect to the embeddings, then run each chunk
+    again with autograd and back-propagate that gradient. One more forward pass per step."""
     frames = to_input(batch["frames"], device) if to_input else batch["frames"].to(device)
     mask, tokens = batch["mask"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        frame_feats, text_feats = forward(frames, mask, tokens)
-    frame_feats = gather_with_grad(frame_feats.float())
-    mask_all = gather_with_grad(mask.to(torch.uint8))
-    text_feats = gather_with_grad(text_feats.float())
-    loss = infonce(similarity(text_feats, frame_feats, mask_all.bool(), cfg.pooling, cfg.temperature), logit_scale)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     world = dist.get_world_size() if dist.is_initialized() else 1
-    (loss * world).backward()   # DDP averages over ranks: x world gives the global-batch gradient
+    chunk = cfg.micro_batch or len(tokens)
+    if chunk >= len(tokens):
+        with autocast:
+            frame_feats, text_feats = forward(frames, mask, tokens)
+        loss = _global_loss(frame_feats.float(), text_feats.float(), mask, logit_scale, cfg)
+        (loss * world).backward()   # DDP averages over ranks: x world gives the global-batch gradient
+        return loss.detach()
+    chunks = list(zip(frames.split(chunk), mask.split(chunk), tokens.split(chunk)))
+    with torch.no_grad(), autocast:
+        feats = [forward(*c) for c in chunks]
+    frame_feats = torch.cat([f for f, _ in feats]).float().requires_grad_()   # [B_local, T, E]
+    text_feats = torch.cat([t for _, t in feats]).float().requires_grad_()    # [B_local, E]
+    loss = _global_loss(frame_feats, text_feats, mask, logit_scale, cfg)
+    (loss * world).backward()   # gradients of the embeddings only
+    grads = zip(frame_feats.grad.split(chunk), text_feats.grad.split(chunk))
+    for i, (c, (frame_grad, text_grad)) in enumerate(zip(chunks, grads)):
+        last = i == len(chunks) - 1   # DDP reduces the summed gradients once, after the last chunk
+        with forward.no_sync() if hasattr(forward, "no_sync") and not last else contextlib.nullcontext():
+            with autocast:
+                chunk_frame_feats, chunk_text_feats = forward(*c)
+            torch.autograd.backward([chunk_frame_feats.float(), chunk_text_feats.float()], [frame_grad, text_grad])
     return loss.detach()
+
+
+def _global_loss(frame_feats, text_feats, mask, logit_scale, cfg):
+    """InfoNCE over the global batch: this rank's features [B_local, T, E], [B_local, E] and frame
+    mask [B_local, T] gathered from every rank, autograd through this rank's part."""
+    frame_feats, text_feats = gather_with_grad(frame_feats), gather_with_grad(text_feats)
+    mask_all = gather_with_grad(mask.to(torch.uint8)).bool()
+    return infonce(similarity(text_feats, frame_feats, mask_all, cfg.pooling, cfg.temperature), logit_scale)
 
 
 def train(cfg: TrainConfig):
