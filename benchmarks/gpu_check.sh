@@ -20,8 +20,7 @@ pack() {   # after every section: a run stopped by its time limit still sends ba
 }
 echo "== CUDA tests"
 timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_adapter_op.py tests/test_quick_gelu.py \
-    tests/test_frozen_block.py tests/test_train.py \
-    -k "cuda or whole or compiles or deterministic or every_rank or fp16" 2>&1 | tail -15
+    tests/test_frozen_block.py tests/test_train.py -m gpu_check 2>&1 | tail -15
 echo "== adapter benchmark"
 timeout 150 python benchmarks/bench_adapter.py --out benchmarks/results 2>&1 | tail -30
 pack

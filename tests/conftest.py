@@ -15,6 +15,24 @@ from cma_benchmarks.bench_train_step import SMOKE_CLIP  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+gpu_check = pytest.mark.gpu_check   # benchmarks/gpu_check.sh runs these (`-m gpu_check`) on a lent GPU
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu_check: run by benchmarks/gpu_check.sh on a GPU (no video files there)")
+
+
+VIDEO_FIXTURES = {"video_set", "videos", "annotations"}   # write mp4 files: PyAV, which the GPU machine lacks
+
+
+def pytest_collection_modifyitems(config, items):
+    """A gpu_check test must run on the lent GPU machine, which cannot write videos: fail at
+    collection, here on the CPU, rather than spend GPU time on a fixture error."""
+    for item in items:
+        if item.get_closest_marker("gpu_check") and VIDEO_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} is marked gpu_check but uses a fixture that writes videos "
+                                    f"({', '.join(VIDEO_FIXTURES & set(item.fixturenames))}); use "
+                                    f"write_frame_cache_set instead")
 
 
 def small_clip(vision_layers=2, text_layers=2, vision_width=64, text_width=48, seed=0, custom_text=False):

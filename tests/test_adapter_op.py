@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import CUDA, clip_inputs, requires_cuda, small_clip
+from conftest import CUDA, clip_inputs, gpu_check, requires_cuda, small_clip
 
 from cma_kernels import adapter_backward, adapter_reference, fused_adapter
 from cma_model import CrossModalAdapterConfig, adapter_named_parameters, add_cross_modal_adapters, set_adapter_backend
@@ -74,10 +74,12 @@ def test_fp32_forward_and_every_gradient(N, D, r, ds):
 
 @pytest.mark.parametrize("N,D,r,ds", [(7, 96, 4, 16), (257, 96, 8, 0), (257, 96, 16, 96), (257, 768, 8, 16),
                                       (1, 512, 16, 512), (0, 768, 8, 16)])
+@gpu_check
 def test_fp16_forward_and_every_gradient(N, D, r, ds):
     check_against_float64(*make_case(N, D, r, ds, torch.float16))
 
 
+@gpu_check
 @pytest.mark.parametrize("r", [1, 4, 8, 16, 32, 64])
 def test_every_rank(r):
     check_against_float64(*make_case(65, 96, r, 16, torch.float32))
@@ -104,11 +106,13 @@ def test_non_contiguous_inputs():
     check_against_float64(h[0], x[0], [w_down] + weights[1:])
 
 
+@gpu_check
 def test_fp32_weights_with_fp16_activations():
     """Autocast-style: fp32 master weights, 16-bit activations; grads come back in the weights' dtype."""
     check_against_float64(*make_case(33, 96, 8, 16, torch.float16, weight_dtype=torch.float32))
 
 
+@gpu_check
 def test_backward_is_deterministic():
     h, x, weights = make_case(700, 96, 8, 16, torch.float32)   # several programs with several tiles each
     dy = torch.randn(700, 96).to(DEVICE)
@@ -175,12 +179,14 @@ def _compare_models(reference, fused, images, texts, rtol):
         assert (out[2][n] - ref[2][n]).abs().max() <= rtol * ref[2][n].abs().max() + 1e-12, n
 
 
+@gpu_check
 def test_whole_small_clip_triton_matches_reference():
     reference, fused = _model_pair(small_clip, CrossModalAdapterConfig(reduction_dim=8, shared_dim=16))
     images, texts = clip_inputs()
     _compare_models(reference, fused, images.to(DEVICE), texts.to(DEVICE), rtol=1e-4)
 
 
+@gpu_check
 def test_whole_vit_b32_triton_matches_reference(vit_b32):
     config = CrossModalAdapterConfig(reduction_dim=8, shared_dim=16)
     reference, fused = _model_pair(lambda: copy.deepcopy(vit_b32), config)
@@ -188,6 +194,7 @@ def test_whole_vit_b32_triton_matches_reference(vit_b32):
     _compare_models(reference, fused, images.to(DEVICE), texts.to(DEVICE), rtol=1e-4)
 
 
+@gpu_check
 def test_compiles_without_graph_breaks():
     """fullgraph=True fails on any graph break; aot_eager on CPU, inductor on CUDA (below)."""
     reference, fused = _model_pair(small_clip, CrossModalAdapterConfig(reduction_dim=4, shared_dim=8))
@@ -206,10 +213,12 @@ def test_compiles_without_graph_breaks():
 @requires_cuda
 @pytest.mark.parametrize("N,D,r,ds", [(19200, 768, 8, 16), (12288, 512, 8, 16), (1000, 1280, 16, 64),
                                       (257, 96, 4, 96), (3, 1024, 8, 0)])
+@gpu_check
 def test_cuda_bf16_matches_float64(N, D, r, ds):
     check_against_float64(*make_case(N, D, r, ds, torch.bfloat16))
 
 
+@gpu_check
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("r", [4, 8, 16, 32, 64])
@@ -217,6 +226,7 @@ def test_cuda_every_rank_compiles(r, dtype):
     check_against_float64(*make_case(4099, 768, r, 16, dtype))
 
 
+@gpu_check
 @requires_cuda
 def test_cuda_inductor_fullgraph_and_bf16_autocast_model():
     reference, fused = _model_pair(small_clip, CrossModalAdapterConfig(reduction_dim=8, shared_dim=16))

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import clip_inputs, requires_cuda, small_clip
+from conftest import clip_inputs, gpu_check, requires_cuda, small_clip
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
 from cma_benchmarks.common import saved_activation_bytes
@@ -145,6 +145,7 @@ def test_lean_block_keeps_less_activation_memory(tokens, width):
     assert recompute <= 6.2 * unit, recompute / unit   # ln_1 input, q/k/v, attention output, MLP input
 
 
+@gpu_check
 @requires_cuda
 def test_lean_layer_norm_keeps_bf16_under_cuda_autocast():
     """CUDA autocast runs LayerNorm in fp32 and keeps an fp32 copy of its input; the lean norm keeps
@@ -201,6 +202,7 @@ def test_store_frozen_linears_refuses_a_model_without_adapters():
     assert plain.transformer.resblocks[0].mlp.c_fc.weight.dtype == torch.float32   # nothing half-done
 
 
+@gpu_check
 @requires_cuda
 def test_cma_train_model_on_cuda_keeps_frozen_linears_in_bf16():
     from conftest import TINY_TRAIN_CLIP

@@ -1,7 +1,7 @@
 """cma_kernels.quick_gelu against z * sigmoid(1.702 z) in float64 (CPU: Triton's interpreter)."""
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import gpu_check, requires_cuda
 
 from cma_kernels.quick_gelu import BLOCK, fused_quick_gelu
 
@@ -50,6 +50,7 @@ def test_keeps_only_its_input_for_backward():
     assert len(saved) == 1 and saved[0] is z
 
 
+@gpu_check
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cuda_matches_float64(dtype):

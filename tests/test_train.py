@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_TRAIN_CLIP, requires_cuda, write_frame_cache_set
+from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cache_set
 
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import RetrievalForward, encode_text
@@ -187,6 +187,7 @@ def test_unreadable_videos_are_skipped_named_and_left_out_of_the_evaluation(vide
     assert res["num_videos"] == 7 and res["num_captions"] == 7 and list(res["skipped"]) == ["clip3"]
 
 
+@gpu_check
 @requires_cuda
 def test_training_on_cuda_takes_the_fast_path(tmp_path, monkeypatch):
     """`cma train` on the GPU as users get it (fused adapters, lean frozen blocks with bf16 frozen
