@@ -34,7 +34,7 @@ in fp32, so the stock variants keep about 2 [tokens, width] activations per bloc
 --videos sets the batch.
 
 --smoke runs every code path on the CPU with a tiny model and a tiny batch, under bf16 autocast
-as on the GPU (no meaningful numbers; the tests use it so that a GPU session never meets a broken
+as on the GPU (no meaningful numbers; the tests use it so that a GPU run never meets a broken
 script).
 """
 import argparse

@@ -70,7 +70,7 @@ def device_name(device):
 def git_commit():
     """Short hash of HEAD, with "-dirty" when code differs from it (changes under
     benchmarks/results/ do not count: they are outputs). $CMA_COMMIT wins: a copy of the tree
-    without .git (a lent GPU machine) gets the hash from whoever starts the run."""
+    without .git (a copy sent to a GPU machine) gets the hash from whoever starts the run."""
     if os.environ.get("CMA_COMMIT"):
         return os.environ["CMA_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks, in one run: CUDA tests, the adapter and quick_gelu benchmarks
+# Everything to check on a GPU, in one run: CUDA tests, the adapter and quick_gelu benchmarks
 # (results into benchmarks/results/), a launch-config sweep, the end-to-end step benchmark, and,
 # with the time left of ~570 s, the step with compiled towers (CUDA graphs first, then
 # torch.compile default; the results file is rewritten after every variant, so a cut-off run keeps
 # what it measured). Worst case, every section at its time limit: about 560 s.
-# On a machine without a package index, first run the install line printed by
-# ../shared/gpu/stage.sh (it puts open_clip and decord on PYTHONPATH).
-# Where $OUT is set (a lent machine sends back only what is under it), this log goes to
+# On a machine without a package index, first put open_clip and decord (wheels or unpacked) on
+# PYTHONPATH.
+# Where $OUT is set (a remote machine sends back only what is under it), this log goes to
 # $OUT/gpu_check.log and benchmarks/results/ to $OUT/results.tgz: unpack that with
 # `tar xzf results.tgz -C benchmarks` and commit the new files. A copy of the tree without .git
 # cannot name its commit: start it as `CMA_COMMIT=<git describe --always --dirty> bash ...`.

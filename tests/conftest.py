@@ -15,7 +15,7 @@ from cma_benchmarks.bench_train_step import SMOKE_CLIP  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-gpu_check = pytest.mark.gpu_check   # benchmarks/gpu_check.sh runs these (`-m gpu_check`) on a lent GPU
+gpu_check = pytest.mark.gpu_check   # benchmarks/gpu_check.sh runs these (`-m gpu_check`) on a GPU
 
 
 def pytest_configure(config):
@@ -26,7 +26,7 @@ VIDEO_FIXTURES = {"video_set", "videos", "annotations"}   # write mp4 files: PyA
 
 
 def pytest_collection_modifyitems(config, items):
-    """A gpu_check test must run on the lent GPU machine, which cannot write videos: fail at
+    """A gpu_check test must run on a GPU machine that may have no video writer (PyAV): fail at
     collection, here on the CPU, rather than spend GPU time on a fixture error."""
     for item in items:
         if item.get_closest_marker("gpu_check") and VIDEO_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -141,7 +141,7 @@ def test_e2e_memory_only_measures_what_each_variant_keeps(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [[], ["--variants", "full", "--compile", "default", "--no-curves", "--words", "8"]])
 def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
-    """`--smoke`: the GPU benchmark's whole script on a tiny model, so a GPU session never meets a
+    """`--smoke`: the GPU benchmark's whole script on a tiny model, so a GPU run never meets a
     broken script (the compiled variant takes about a minute of inductor on 2 cores)."""
     import csv
     assert main(["bench", "--e2e", "--smoke", "--out", str(tmp_path)] + extra) == 0
