@@ -11,7 +11,8 @@ import signal
 import sys
 import typing
 
-from cma_train.train import TrainConfig, TrainingStopped
+from cma_train.signals import TrainingStopped
+from cma_train.train import TrainConfig
 
 HELP = {
     "model": "open_clip architecture name (ViT-B-32, ViT-B-16, ViT-L-14, ...)",

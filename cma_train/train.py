@@ -10,9 +10,9 @@ Resume is exact: each epoch's order is a permutation seeded by (seed, epoch), a 
 the steps already taken, and optimizer, scheduler, step and RNG states come back from the
 checkpoint. Checkpoints are written to a temporary file and renamed.
 
-SIGINT (Ctrl-C) or SIGTERM (a job scheduler's preemption) stops a run cleanly: the current step
-(or evaluation) finishes, every rank agrees on the step, the checkpoint is written and train()
-raises TrainingStopped; `--resume` then continues exactly. A second Ctrl-C stops at once.
+SIGINT (Ctrl-C) or SIGTERM (a job scheduler's preemption) stops a run cleanly (cma_train.signals):
+the current step (or evaluation) finishes, every rank agrees on the step, the checkpoint is
+written and train() raises TrainingStopped; `--resume` then continues exactly.
 """
 import contextlib
 import dataclasses
@@ -20,9 +20,6 @@ import json
 import math
 import os
 import random
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -42,6 +39,7 @@ from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import POOLINGS, infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, RetrievalForward, compile_towers, gather_with_grad
 from cma_train.evaluate import evaluate
+from cma_train.signals import StopSignals, TrainingStopped
 
 CHECKPOINT_FORMAT = "cma-train-v1"
 RESUME_MUST_MATCH = ("model", "dataset", "split", "reduction_dim", "shared_dim", "activation", "batch_size", "seed",
@@ -134,48 +132,6 @@ class TrainConfig:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which file and why."""
-
-
-class TrainingStopped(Exception):
-    """Training stopped on a signal after a whole step, its checkpoint written: resume from it."""
-
-    def __init__(self, signum, step, checkpoint):
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint}")
-
-
-class StopSignals:
-    """Context manager for the training loop: SIGINT or SIGTERM only records the request, which the
-    loop reads between steps (`requested`); a second SIGINT raises KeyboardInterrupt at once.
-    Handlers are installed from the main thread only, and restored on exit."""
-
-    def __init__(self, announce=True):
-        self.received, self.announce, self._previous = 0, announce, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-        if self.announce:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step (or evaluation) to write the "
-                  f"checkpoint; Ctrl-C again stops at once, keeping the last checkpoint", file=sys.stderr)
-
-    def requested(self, device, world):
-        """The signal number any rank received so far, else 0: the same answer on every rank."""
-        if world == 1:
-            return self.received
-        flag = torch.tensor(self.received, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag)
 
 
 def build_model(cfg: TrainConfig, device):

@@ -12,8 +12,8 @@ from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cach
 
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import RetrievalForward, encode_text
-from cma_train.train import (CheckpointError, TrainConfig, TrainingStopped, build_model, load_checkpoint, train,
-                             train_step)
+from cma_train.signals import TrainingStopped
+from cma_train.train import CheckpointError, TrainConfig, build_model, load_checkpoint, train, train_step
 
 
 def tiny_config(jsonl, cache, out, **kw):

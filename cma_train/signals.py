@@ -1,0 +1,55 @@
+"""Stopping a training run on a signal without losing work.
+
+SIGINT (Ctrl-C) or SIGTERM (a job scheduler's preemption) only records the request; the training
+loop reads it between steps, on every rank alike (an all-reduce under DDP), writes its checkpoint
+and raises TrainingStopped. A second Ctrl-C raises KeyboardInterrupt at once. Data-loading workers
+ignore both signals (cma_model.data.ignore_stop_signals) and leave the stopping to the loop.
+"""
+import signal
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a signal after a whole step, its checkpoint written: resume from it."""
+
+    def __init__(self, signum, step, checkpoint):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint}")
+
+
+class StopSignals:
+    """Context manager for the training loop: SIGINT or SIGTERM only records the request, which the
+    loop reads between steps (`requested`); a second SIGINT raises KeyboardInterrupt at once.
+    Handlers are installed from the main thread only, and restored on exit."""
+
+    def __init__(self, announce=True):
+        self.received, self.announce, self._previous = 0, announce, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (or evaluation) to write the "
+                  f"checkpoint; Ctrl-C again stops at once, keeping the last checkpoint", file=sys.stderr)
+
+    def requested(self, device, world):
+        """The signal number any rank received so far, else 0: the same answer on every rank."""
+        if world == 1:
+            return self.received
+        flag = torch.tensor(self.received, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
