@@ -6,7 +6,9 @@
    pipeline, per input resolution and thread count (median ms per 12 frames, frames/s). cma and
    torchvision are timed in turn, so their ratio holds even when the machine's speed drifts.
 2. videos/s for sampling + preprocessing from mp4 files vs from a prepared frame cache, on
-   generated 240p clips.
+   generated 240p clips (one thread, normalised fp32 frames), and what `cma train` and `cma eval`
+   run: the cache's uint8 frames through a DataLoader (2 workers, batches of 8, the trainer's
+   collate), normalised later on the device.
 """
 import argparse
 import os
@@ -58,7 +60,8 @@ def bench_ops(threads, resolutions=RESOLUTIONS, reps=15):
 
 def bench_loading(num_videos=16):
     from cma_model.cache import FrameCache, prepare_cache
-    from cma_model.data import VideoFrames
+    from cma_model.data import VideoDataset, VideoFrames, collate
+    from cma_model.datasets import Annotations
     import av
     with tempfile.TemporaryDirectory() as d:
         ids, paths = [], []
@@ -84,6 +87,16 @@ def bench_loading(num_videos=16):
             ms = time_ms(lambda: [frames(v, p) for v, p in zip(ids, paths)], CPU, warmup=1, reps=3)
             rows.append({"source": source, "videos": num_videos, "ms_per_video": ms / num_videos,
                          "videos_per_s": num_videos / ms * 1e3})
+        ann = Annotations()
+        for v, path in zip(ids, paths):
+            ann.add(v, path, [v])
+        raw = VideoDataset(ann, VideoFrames(cache=FrameCache(os.path.join(d, "cache")), raw=True))
+        passes = 8   # workers started once (warm-up): the steady state of an epoch
+        loader = torch.utils.data.DataLoader(raw, batch_size=8, sampler=list(range(num_videos)) * passes,
+                                             num_workers=2, collate_fn=collate, persistent_workers=True)
+        ms = time_ms(lambda: [b["frames"] for b in loader], CPU, warmup=1, reps=3)
+        n = passes * num_videos
+        rows.append({"source": "cache_uint8_loader", "videos": n, "ms_per_video": ms / n, "videos_per_s": n / ms * 1e3})
         return rows
 
 

@@ -123,7 +123,9 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
 
 
 class FrameCache:
-    """Read side of a prepared cache: `cache[video_id]` -> (frames uint8 [T, S, S, 3], mask bool [T])."""
+    """Read side of a prepared cache: `cache[video_id]` -> (frames uint8 [T, S, S, 3], mask bool [T]).
+    The frames are a copy-on-write view of the memory-mapped shard, not a copy: the loader's collate
+    reads them straight into the batch (writing to them never reaches the file)."""
 
     def __init__(self, out_dir):
         meta_path = os.path.join(out_dir, "cache.json")
@@ -149,5 +151,5 @@ class FrameCache:
             raise VideoError(f"video {video_id!r} is not in the frame cache {self.out_dir}")
         path, row, mask = self.index[video_id]
         if path not in self._arrays:   # opened lazily, per process (DataLoader workers each map their own)
-            self._arrays[path] = np.load(path, mmap_mode="r")
-        return np.array(self._arrays[path][row]), mask
+            self._arrays[path] = np.load(path, mmap_mode="c")   # copy-on-write: writable views, file untouched
+        return self._arrays[path][row], mask

@@ -115,8 +115,6 @@ def collate(items):
     good = [it for it in items if "frames" in it]
     batch = {"skipped": [it["skipped"] for it in items if "frames" not in it],
              "skipped_videos": [it["video"] for it in items if "frames" not in it and "video" in it]}
-    if good:
-        for key in good[0]:
-            values = [it[key] for it in good]
-            batch[key] = torch.stack(values) if torch.is_tensor(values[0]) else torch.tensor(values)
+    if good:   # default_collate stacks straight into shared memory in a loader worker: no copy to send it
+        batch.update(torch.utils.data.default_collate(good))
     return batch

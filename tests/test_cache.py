@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import write_video
+from conftest import write_frame_cache_set, write_video
 
 from cma_kernels.preprocess import preprocess_frames
 from cma_model.cache import FrameCache, prepare_cache
@@ -63,3 +63,16 @@ def test_a_video_without_answer_in_time_is_skipped_not_hung(tmp_path, videos):
     ids, paths = videos
     skipped = prepare_cache(ids[:2], paths[:2], str(tmp_path), size=32, workers=1, timeout=0.001, progress=False)
     assert set(skipped) == {"a", "b"} and all("no answer within" in r for r in skipped.values())
+
+
+def test_cached_frames_are_views_that_never_write_the_file(tmp_path):
+    """FrameCache hands out copy-on-write views of the shard (no copy per read): writing to one
+    changes neither the file nor what a fresh reader sees."""
+    _, cache_dir = write_frame_cache_set(tmp_path, num_videos=4)
+    shard = next(p for p in os.listdir(cache_dir) if p.endswith(".npy"))
+    on_disk = np.load(os.path.join(cache_dir, shard))
+    frames, mask = FrameCache(str(cache_dir))["clip2"]
+    assert np.array_equal(frames, on_disk[2]) and mask.all() and frames.any()
+    frames[:] = 0
+    assert np.array_equal(np.load(os.path.join(cache_dir, shard)), on_disk)
+    assert np.array_equal(FrameCache(str(cache_dir))["clip2"][0], on_disk[2])
