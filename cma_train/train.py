@@ -241,20 +241,21 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
     micro_batch videos alive at a time (gradient caching): embed the whole batch in chunks without
     autograd, take the loss and its gradient with respect to the embeddings, then run each chunk
     again with autograd and back-propagate that gradient. One more forward pass per step."""
-    frames = to_input(batch["frames"], device) if to_input else batch["frames"].to(device)
+    to_input = to_input or (lambda frames, device: frames.to(device))
     mask, tokens = batch["mask"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     world = dist.get_world_size() if dist.is_initialized() else 1
     chunk = cfg.micro_batch or len(tokens)
     if chunk >= len(tokens):
         with autocast:
-            frame_feats, text_feats = forward(frames, mask, tokens)
+            frame_feats, text_feats = forward(to_input(batch["frames"], device), mask, tokens)
         loss = _global_loss(frame_feats.float(), text_feats.float(), mask, logit_scale, cfg)
         (loss * world).backward()   # DDP averages over ranks: x world gives the global-batch gradient
         return loss.detach()
+    frames = batch["frames"].to(device, non_blocking=True)   # as loaded (uint8): normalised a chunk at a time
     chunks = list(zip(frames.split(chunk), mask.split(chunk), tokens.split(chunk)))
     with torch.no_grad(), autocast:
-        feats = [forward(*c) for c in chunks]
+        feats = [forward(to_input(f, device), m, t) for f, m, t in chunks]
     frame_feats = torch.cat([f for f, _ in feats]).float().requires_grad_()   # [B_local, T, E]
     text_feats = torch.cat([t for _, t in feats]).float().requires_grad_()    # [B_local, E]
     loss = _global_loss(frame_feats, text_feats, mask, logit_scale, cfg)
@@ -264,7 +265,7 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
         last = i == len(chunks) - 1   # DDP reduces the summed gradients once, after the last chunk
         with forward.no_sync() if hasattr(forward, "no_sync") and not last else contextlib.nullcontext():
             with autocast:
-                chunk_frame_feats, chunk_text_feats = forward(*c)
+                chunk_frame_feats, chunk_text_feats = forward(to_input(c[0], device), *c[1:])
             torch.autograd.backward([chunk_frame_feats.float(), chunk_text_feats.float()], [frame_grad, text_grad])
     return loss.detach()
 
