@@ -149,7 +149,7 @@ def _evaluate(model, cfg, split, device):
 
 def cmd_eval(args):
     import torch
-    from cma_model import load_adapter_state_dict
+    from cma_model import adapter_modules, load_adapter_state_dict
     from cma_train.evaluate import format_results, save_results
     from cma_train.train import _device, _distributed, build_model, load_checkpoint
     cfg = config_from_args(args)
@@ -164,6 +164,11 @@ def cmd_eval(args):
         state = torch.load(args.adapters, map_location="cpu", weights_only=True)
         state = load_checkpoint(args.adapters)["adapters"] if state.get("format") == "cma-train-v1" else state
         load_adapter_state_dict(model, state)
+    else:   # zero-shot: every up-projection zeroed, so each adapter adds nothing to its sublayer
+        with torch.no_grad():
+            for m in adapter_modules(model):
+                for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
+                    p.zero_()
     res = _evaluate(model, cfg, args.eval_on, device)
     if rank != 0:
         return 0
@@ -216,7 +221,7 @@ def build_parser():
     _add_config_flags(p)
     p = sub.add_parser("eval", help="evaluate retrieval (t2v and v2t R@1/5/10, MdR, MnR)")
     _add_config_flags(p)
-    p.add_argument("--adapters", help="adapters.pt or a training checkpoint (default: fresh adapters, i.e. ~zero-shot)")
+    p.add_argument("--adapters", help="adapters.pt or a training checkpoint (default: none, the backbone alone: zero-shot)")
     p.add_argument("--eval-on", default="test", help="split to evaluate (default: test)")
     p.add_argument("--results", help="where to write the JSON results (default: next to --adapters, or in --out)")
     p = sub.add_parser("prepare", help="decode and resize a dataset once into a frame cache (resumable)")

@@ -78,6 +78,37 @@ def test_ctrl_c_in_train_checkpoints_and_says_how_to_resume(video_set, tmp_path,
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
 
 
+def test_eval_without_adapters_is_the_backbone_alone(video_set, tmp_path, monkeypatch):
+    """`cma eval` without --adapters scores plain open_clip (zero-shot): the model it evaluates
+    embeds images and captions as the adapter-free backbone does (fp32, 1e-5), and its metrics
+    are evaluate()'s on that backbone."""
+    import open_clip
+
+    import cma_train.cli as cli
+    from cma_model.cache import FrameCache
+    from cma_model.data import VideoFrames
+    from cma_model.datasets import load_annotations
+    from cma_train.evaluate import evaluate
+    jsonl, cache = video_set
+    evaluated, real_evaluate = [], cli._evaluate
+    monkeypatch.setattr(cli, "_evaluate", lambda model, *a: evaluated.append(model) or real_evaluate(model, *a))
+    results = tmp_path / "zero_shot.json"
+    assert main(["eval", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache, "--pooling", "softmax",
+                 "--results", str(results)]) == 0
+    torch.manual_seed(42)   # cma eval's default seed builds the random backbone
+    plain = open_clip.model.CLIP(**TINY_TRAIN_CLIP)
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(3, 3, 32, 32, generator=g), torch.randint(1, 49000, (3, 16), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(evaluated[0].encode_image(images), plain.encode_image(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(evaluated[0].encode_text(texts), plain.encode_text(texts), rtol=1e-5, atol=1e-5)
+    want = evaluate(plain, open_clip.get_tokenizer("ViT-B-32"), load_annotations("jsonl", jsonl),
+                    VideoFrames(FrameCache(cache), 12, 32, raw=True), "softmax", max_words=12, workers=0,
+                    progress=False)
+    got = json.load(open(results))
+    assert got["t2v"] == pytest.approx(want["t2v"]) and got["v2t"] == pytest.approx(want["v2t"])
+
+
 def test_torchrun_train_then_eval_on_two_processes(video_set, tmp_path):
     """`torchrun --nproc_per_node 2 -m cma_train.cli train/eval` (gloo on the CPU) as a user runs
     it: both exit 0, rank 0 alone writes the results, and `cma eval` spread over the two ranks
