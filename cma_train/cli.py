@@ -221,7 +221,8 @@ def build_parser():
     _add_config_flags(p)
     p = sub.add_parser("eval", help="evaluate retrieval (t2v and v2t R@1/5/10, MdR, MnR)")
     _add_config_flags(p)
-    p.add_argument("--adapters", help="adapters.pt or a training checkpoint (default: none, the backbone alone: zero-shot)")
+    p.add_argument("--adapters",
+                   help="adapters.pt or a training checkpoint (default: none, the backbone alone: zero-shot)")
     p.add_argument("--eval-on", default="test", help="split to evaluate (default: test)")
     p.add_argument("--results", help="where to write the JSON results (default: next to --adapters, or in --out)")
     p = sub.add_parser("prepare", help="decode and resize a dataset once into a frame cache (resumable)")
