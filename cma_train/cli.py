@@ -156,13 +156,27 @@ def cmd_eval(args):
     cfg.validate()
     rank, _ = _distributed()   # under torchrun every rank encodes its share
     device = _device(cfg, rank)
-    torch.manual_seed(cfg.seed)   # a random backbone (--pretrained none) is the one `cma train` built
-    model, _, _ = build_model(cfg, device)
+    state = None
     if args.adapters:
         if not os.path.isfile(args.adapters):
             raise ValueError(f"--adapters {args.adapters}: no such file")
-        state = torch.load(args.adapters, map_location="cpu", weights_only=True)
-        state = load_checkpoint(args.adapters)["adapters"] if state.get("format") == "cma-train-v1" else state
+        try:
+            state = torch.load(args.adapters, map_location="cpu", weights_only=True)
+        except Exception as e:   # not a torch file, truncated, or pickled objects weights_only refuses
+            raise ValueError(f"--adapters {args.adapters}: cannot be read ({type(e).__name__})") from None
+        if isinstance(state, dict) and state.get("format") == "cma-train-v1":
+            state = load_checkpoint(args.adapters)["adapters"]
+        if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
+            raise ValueError(f"--adapters {args.adapters}: not a cma adapter file or training checkpoint")
+        for key in ("reduction_dim", "shared_dim", "activation"):   # the adapters' shape comes with them
+            trained = state["config"][key]
+            if getattr(args, key, None) is not None and getattr(args, key) != trained:
+                raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}, but {args.adapters} holds "
+                                 f"adapters with {key}={trained!r}; leave the flag out")
+            setattr(cfg, key, trained)
+    torch.manual_seed(cfg.seed)   # a random backbone (--pretrained none) is the one `cma train` built
+    model, _, _ = build_model(cfg, device)
+    if state is not None:
         load_adapter_state_dict(model, state)
     else:   # zero-shot: every up-projection zeroed, so each adapter adds nothing to its sublayer
         with torch.no_grad():

@@ -39,7 +39,8 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"dataset": "jsonl", "root": jsonl, "batch-size": 4, "lr": 1e-3, "epochs": 1}))
     assert main(["train", "--config", str(config), *TINY, "--cache", cache, "--out", out, "--max-steps", "2",
-                 "--batch-size", "8", "--eval-split", "test", "--eval-every", "1"]) == 0
+                 "--batch-size", "8", "--eval-split", "test", "--eval-every", "1",
+                 "--reduction-dim", "4", "--shared-dim", "8"]) == 0
     logged = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in logged if "loss" in r] == [1]   # flag beat the file: 8 per batch
     assert [r["eval_split"] for r in logged if "t2v" in r] == ["test"]   # the evaluation after training
@@ -47,9 +48,20 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
     assert res["num_videos"] == 8 and set(res["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"}
     out_text = capsys.readouterr().out
     assert "R@1" in out_text and "best t2v R@1" in out_text and os.path.isfile(os.path.join(out, "adapters_best.pt"))
+    # eval reads the adapters' shape (r = 4, d_s = 8) from the file, and refuses a flag against it
     assert main(["eval", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache,
                  "--adapters", os.path.join(out, "adapters.pt"), "--results", str(tmp_path / "r.json")]) == 0
     assert json.load(open(tmp_path / "r.json"))["t2v"] == res["t2v"]   # same adapters, same numbers
+    capsys.readouterr()
+    assert main(["eval", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache, "--reduction-dim", "8",
+                 "--adapters", os.path.join(out, "adapters.pt")]) == 2
+    assert "adapters with reduction_dim=4; leave the flag out" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save(torch.ones(3), tmp_path / "tensor.pt")
+    for junk, message in (("junk.pt", "cannot be read"), ("tensor.pt", "not a cma adapter file")):
+        assert main(["eval", *TINY, "--dataset", "jsonl", "--root", jsonl, "--adapters", str(tmp_path / junk)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
     assert main(["eval", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache,
                  "--adapters", os.path.join(out, "checkpoint_latest.pt"), "--results", str(tmp_path / "r2.json")]) == 0
 
