@@ -117,10 +117,16 @@ def config_from_args(args) -> TrainConfig:
 
 
 def cmd_train(args):
+    import torch
     from cma_train.evaluate import format_results, save_results
     from cma_train.train import train
     cfg = config_from_args(args)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except torch.OutOfMemoryError as e:   # a setting to change, not a bug: say which ones
+        raise ValueError(f"out of GPU memory ({str(e).splitlines()[0]}); lower --batch-size, or keep it and add "
+                         f"--micro-batch N (the same gradients for one more forward pass per step), or add "
+                         f"--recompute-mlp") from None
     if cfg.eval_split and int(os.environ.get("RANK", 0)) == 0:
         print(format_results(result["eval"], f"{cfg.dataset} {cfg.eval_split}, final adapters"))
         save_results(result["eval"], os.path.join(cfg.out, f"results_{cfg.eval_split}.json"))

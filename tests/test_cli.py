@@ -121,6 +121,18 @@ def test_eval_without_adapters_is_the_backbone_alone(video_set, tmp_path, monkey
     assert got["t2v"] == pytest.approx(want["t2v"]) and got["v2t"] == pytest.approx(want["v2t"])
 
 
+def test_out_of_gpu_memory_in_train_says_what_to_turn_down(monkeypatch, capsys):
+    import cma_train.train as train_module
+
+    def oom(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+    monkeypatch.setattr(train_module, "train", oom)
+    assert main(["train", *TINY, "--dataset", "jsonl", "--root", "x.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.)" in err
+    assert "--micro-batch N" in err and "Traceback" not in err
+
+
 def test_torchrun_train_then_eval_on_two_processes(video_set, tmp_path):
     """`torchrun --nproc_per_node 2 -m cma_train.cli train/eval` (gloo on the CPU) as a user runs
     it: both exit 0, rank 0 alone writes the results, and `cma eval` spread over the two ranks
