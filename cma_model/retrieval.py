@@ -4,7 +4,6 @@ import open_clip
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -41,19 +40,20 @@ def encode_text(model, tokens):
     """tokens [B, L] (open_clip token ids, zero-padded; L <= model.context_length) -> text
     embeddings [B, E] (un-normalised), the same as model.encode_text on the tokens zero-padded to
     the full context. open_clip's CLIP text tower is causal (a position never sees the ones after
-    it) and pools at the end token, so it runs only the L positions: captions of 32 words cost
-    32/77 of the full context. Other text towers get the padded tokens."""
+    it) and pools at the end token (pool type "argmax", OpenAI's CLIP), so it runs only the L
+    positions: captions of 32 words cost 32/77 of the full context. Other text towers get the
+    padded tokens."""
     context = model.context_length
     if tokens.shape[1] > context:
         raise ValueError(f"{tokens.shape[1]} tokens per caption, the text tower takes at most {context}")
     short = tokens.shape[1] < context
     if not (short and type(model) is open_clip.CLIP and model.attn_mask is not None
-            and model.text_pool_type in ("argmax", "eos", "first")):
+            and getattr(model, "text_pool_type", "argmax") == "argmax"):
         return model.encode_text(F.pad(tokens, (0, context - tokens.shape[1])) if short else tokens)
     length, cast_dtype = tokens.shape[1], model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
     x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length].contiguous()))
-    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    x = x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)]   # at the end token, the largest id
     if model.text_projection is None:
         return x
     return model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection

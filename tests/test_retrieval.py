@@ -62,12 +62,15 @@ def _captions(batch, length, vocab=100, seed=0):
 
 
 @pytest.mark.parametrize("length", [2, 9, 16])
-@pytest.mark.parametrize("kind", ["plain", "reference", "lean", "custom_text"])
+@pytest.mark.parametrize("kind", ["plain", "reference", "lean", "custom_text", "last_token_pool"])
 def test_encode_text_at_caption_length_matches_the_full_context(kind, length):
     """encode_text on [B, L] tokens equals open_clip's encode_text on them zero-padded to the
-    16-token context, embeddings and adapter gradients (float64, 1e-10); open_clip's CLIP runs only
-    L positions, other text towers (CustomTextCLIP) the full context."""
+    16-token context, embeddings and adapter gradients (float64, 1e-10); open_clip's CLIP pooling
+    at the end token runs only L positions, other text towers (CustomTextCLIP, or a CLIP pooling
+    the last position) the full context."""
     model = small_clip(custom_text=kind == "custom_text", seed=3)
+    if kind == "last_token_pool":
+        model.text_pool_type = "last"
     if kind in ("reference", "lean"):
         add_cross_modal_adapters(model, CrossModalAdapterConfig(reduction_dim=4, shared_dim=8),
                                  backend="reference" if kind == "reference" else "auto")
@@ -82,7 +85,7 @@ def test_encode_text_at_caption_length_matches_the_full_context(kind, length):
                                                 with_kwargs=True)
     got = encode_text(model, tokens)
     hook.remove()
-    assert positions == [16 if kind == "custom_text" else length]
+    assert positions == [16 if kind in ("custom_text", "last_token_pool") else length]
     want = model.encode_text(torch.nn.functional.pad(tokens, (0, 16 - length)))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     if kind in ("reference", "lean"):
