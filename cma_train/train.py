@@ -261,11 +261,11 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
     loss = _global_loss(frame_feats, text_feats, mask, logit_scale, cfg)
     (loss * world).backward()   # gradients of the embeddings only
     grads = zip(frame_feats.grad.split(chunk), text_feats.grad.split(chunk))
-    for i, (c, (frame_grad, text_grad)) in enumerate(zip(chunks, grads)):
+    for i, ((f, m, t), (frame_grad, text_grad)) in enumerate(zip(chunks, grads)):
         last = i == len(chunks) - 1   # DDP reduces the summed gradients once, after the last chunk
         with forward.no_sync() if hasattr(forward, "no_sync") and not last else contextlib.nullcontext():
             with autocast:
-                chunk_frame_feats, chunk_text_feats = forward(to_input(c[0], device), *c[1:])
+                chunk_frame_feats, chunk_text_feats = forward(to_input(f, device), m, t)
             torch.autograd.backward([chunk_frame_feats.float(), chunk_text_feats.float()], [frame_grad, text_grad])
     return loss.detach()
 
