@@ -13,7 +13,8 @@ tile's weight-gradient products into ITS OWN fp32 partials (no atomics; its firs
 them, so no zero-fill). All six partials of a program sit in one row of a [programs, grads]
 buffer, summed over programs by ONE torch reduction afterwards: the same inputs give
 bit-identical gradients, and the six gradients are views of that sum.
-The residual's gradient is dy itself.
+The residual's gradient is dy itself. Where h needs no gradient (each tower's first attention
+adapter: its h comes from frozen layers over the input), dh is neither computed nor written.
 
 r < 16 is padded to 16 with masked zero rows so tl.dot sees K >= 16 on the GPU (REFERENCE.md
 section 7). fp32 inputs use IEEE dots so fp32 matches fp32 PyTorch; 16-bit inputs use tensor
@@ -130,14 +131,14 @@ def _adapter_fwd_kernel(
 def _adapter_bwd_kernel(
     dy_ptr,             # [N, D] row stride stride_dy, unit column stride
     h_ptr,              # [N, D] row stride stride_h, unit column stride
-    dh_ptr,             # [N, D] contiguous
+    dh_ptr,             # [N, D] contiguous; unused unless NEED_DH
     w_down_ptr,         # [R, D] contiguous
     b_down_ptr,         # [R]
     w_up_unique_ptr,    # [D - DS, R] contiguous
     w_up_shared_ptr,    # [DS, R] contiguous
     grads_part_ptr,     # [P, GRADS] fp32, this program's partial gradients, laid out as grads_flat
     N, D, DS, GRADS, stride_dy, stride_h, TILES_PER_PROGRAM,
-    R: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr,
+    R: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr, NEED_DH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     dtype = h_ptr.dtype.element_ty
@@ -180,17 +181,18 @@ def _adapter_bwd_kernel(
         a = tl.where(row_mask[:, None], a, 0.0).to(dtype)
         dz = dz.to(dtype)
 
-        # sweep 2: dh = dy + dz . W_down, plus this tile's weight-gradient products
+        # sweep 2: dh = dy + dz . W_down (where h needs it), plus this tile's weight-gradient products
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             col_mask = cols < D
             mask = row_mask[:, None] & col_mask[None, :]
             h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
             dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
-            w_down = tl.load(w_down_ptr + ranks[:, None] * D + cols[None, :],
-                             mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-            dh = dy.to(tl.float32) + tl.dot(dz, w_down.to(dtype), input_precision=DOT_PRECISION)
-            tl.store(dh_ptr + rows[:, None] * D + cols[None, :], dh, mask=mask)
+            if NEED_DH:
+                w_down = tl.load(w_down_ptr + ranks[:, None] * D + cols[None, :],
+                                 mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+                dh = dy.to(tl.float32) + tl.dot(dz, w_down.to(dtype), input_precision=DOT_PRECISION)
+                tl.store(dh_ptr + rows[:, None] * D + cols[None, :], dh, mask=mask)
 
             part = dw_up_part_ptr + cols[:, None] * R + ranks[None, :]
             part_mask = col_mask[:, None] & rank_mask[None, :]
@@ -306,12 +308,13 @@ def _real(t, stand_in):
     return (stand_in if t.numel() == 0 else t).contiguous()
 
 
-def adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation="quick_gelu"):
+def adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation="quick_gelu", need_dh=True):
     """Launch the fused backward; the weight gradients come as ONE fp32 vector.
 
-    dy, h: [..., D]. Returns (dh [..., D] in h's dtype, grads_flat [2 r D + r + D] fp32), grads_flat
-    = [dW_down [r, D] | db_down [r] | dW_up [D, r] (unique rows, then shared) | db_up [D]], reduced
-    over tokens deterministically (per-program fp32 partials, then one sum); split_grads cuts it.
+    dy, h: [..., D]. Returns (dh [..., D] in h's dtype, or None with need_dh=False, grads_flat
+    [2 r D + r + D] fp32), grads_flat = [dW_down [r, D] | db_down [r] | dW_up [D, r] (unique rows,
+    then shared) | db_up [D]], reduced over tokens deterministically (per-program fp32 partials,
+    then one sum); split_grads cuts it.
     """
     D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
     h2, dy2 = _rows(h), _rows(dy)
@@ -323,17 +326,17 @@ def adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activ
     grads = 2 * r * D + r + D
     # every program writes all of its partials (no zero-fill); N = 0 runs no program
     grads_part = (torch.empty if N > 0 else torch.zeros)((P, grads), dtype=torch.float32, device=h.device)
-    dh = torch.empty((N, D), dtype=h.dtype, device=h.device)
+    dh = torch.empty((N, D), dtype=h.dtype, device=h.device) if need_dh else None
     if N > 0:
         _adapter_bwd_kernel[(P,)](
-            dy2, h2, dh, w_down.contiguous(), b_down.contiguous(),
+            dy2, h2, dh if need_dh else h2, w_down.contiguous(), b_down.contiguous(),
             _real(w_up_unique, w_up_shared), _real(w_up_shared, w_up_unique), grads_part,
             N, D, ds, grads, dy2.stride(0), h2.stride(0), tiles_per_program,
-            R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation),
+            R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation), NEED_DH=need_dh,
             DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    return dh.view(h.shape), grads_part.sum(0)
+    return dh.view(h.shape) if need_dh else None, grads_part.sum(0)
 
 
 def split_grads(grads_flat, w_down, b_down, w_up_unique, w_up_shared):
@@ -347,15 +350,15 @@ def split_grads(grads_flat, w_down, b_down, w_up_unique, w_up_shared):
     return tuple(g.to(t) for g, t in zip(parts, dtypes))
 
 
-def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation="quick_gelu"):
+def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation="quick_gelu", need_dh=True):
     """Launch the fused backward.
 
-    dy, h: [..., D]. Returns (dh [..., D] in h's dtype, dw_down [r, D], db_down [r],
+    dy, h: [..., D]. Returns (dh [..., D] in h's dtype (None with need_dh=False), dw_down [r, D], db_down [r],
     dw_up_unique [D - d_s, r], db_up_unique [D - d_s], dw_up_shared [d_s, r], db_up_shared [d_s]),
     each weight gradient in its weight's dtype, reduced over tokens in fp32 deterministically.
     The weight gradients are views of one buffer (one reduction launch for all six).
     """
-    dh, grads_flat = adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation)
+    dh, grads_flat = adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation, need_dh)
     return dh, *split_grads(grads_flat, w_down, b_down, w_up_unique, w_up_shared)
 
 
@@ -374,7 +377,7 @@ class FusedAdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        grads = adapter_backward(dy, *ctx.saved_tensors, ctx.activation)
+        grads = adapter_backward(dy, *ctx.saved_tensors, ctx.activation, need_dh=ctx.needs_input_grad[0])
         return *grads, dy if ctx.has_residual else None, None   # the residual's gradient is dy itself
 
 
@@ -395,15 +398,17 @@ def _(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared, res
 
 @torch.library.custom_op("cma::fused_adapter_backward", mutates_args=())
 def _fused_adapter_backward_op(dy: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor,
-                               w_up_unique: torch.Tensor, w_up_shared: torch.Tensor, activation: str
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    return adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation)
+                               w_up_unique: torch.Tensor, w_up_shared: torch.Tensor, activation: str,
+                               need_dh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """adapter_backward_flat as an op; without need_dh, dh is an empty [0] tensor."""
+    dh, grads_flat = adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation, need_dh)
+    return (dh if need_dh else h.new_empty(0)), grads_flat
 
 
 @_fused_adapter_backward_op.register_fake
-def _(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation):
+def _(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation, need_dh):
     (r, D) = w_down.shape
-    return h.new_empty(h.shape), h.new_empty(2 * r * D + r + D, dtype=torch.float32)
+    return h.new_empty(h.shape if need_dh else (0,)), h.new_empty(2 * r * D + r + D, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -414,8 +419,9 @@ def _setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, dy):
     _, w_down, b_down, w_up_unique, w_up_shared = ctx.saved_tensors
-    dh, grads_flat = torch.ops.cma.fused_adapter_backward(dy, *ctx.saved_tensors, ctx.activation)
-    return dh, *split_grads(grads_flat, w_down, b_down, w_up_unique, w_up_shared), \
+    need_dh = ctx.needs_input_grad[0]
+    dh, grads_flat = torch.ops.cma.fused_adapter_backward(dy, *ctx.saved_tensors, ctx.activation, need_dh)
+    return dh if need_dh else None, *split_grads(grads_flat, w_down, b_down, w_up_unique, w_up_shared), \
         dy if ctx.has_residual else None, None
 
 

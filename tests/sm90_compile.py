@@ -20,8 +20,9 @@ def signature(kernel, pointers, ints):
     return {a: pointers.get(a) or ("i32" if a in ints else "constexpr") for a in kernel.arg_names}
 
 
-def compile_pair(dtype, r, act, weight_dtype="fp32"):
-    """Compile forward and backward for one (activation dtype, r, activation); returns shared bytes."""
+def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32"):
+    """Compile forward and backward for one (activation dtype, r, activation, dh or not); returns
+    shared bytes."""
     r_pad = max(16, triton.next_power_of_2(r))
     precision = "ieee" if dtype == "fp32" else "tf32"
     w = {n: f"*{weight_dtype}" for n in ("w_down_ptr", "b_down_ptr", "w_up_unique_ptr", "b_up_unique_ptr",
@@ -34,7 +35,7 @@ def compile_pair(dtype, r, act, weight_dtype="fp32"):
     bwd = (op._adapter_bwd_kernel,
            {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}", **w, "grads_part_ptr": "*fp32"},
            {"N", "D", "DS", "GRADS", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
-           dict(R=r, R_PAD=r_pad, ACT=act, DOT_PRECISION=precision,
+           dict(R=r, R_PAD=r_pad, ACT=act, NEED_DH=need_dh, DOT_PRECISION=precision,
                 BLOCK_N=op.BWD_CONFIG["BLOCK_N"], BLOCK_D=op.BWD_CONFIG["BLOCK_D"]), op.BWD_CONFIG)
     shared = []
     for kernel, pointers, ints, constexprs, cfg in (fwd, bwd):
@@ -48,11 +49,13 @@ def compile_pair(dtype, r, act, weight_dtype="fp32"):
 
 
 def main(argv):
-    cases = list(itertools.product(["bf16", "fp16", "fp32"], [1, 4, 8, 16, 32, 64], [0])) + [("bf16", 8, 1)] \
-        if "--all" in argv else [("bf16", 8, 0), ("bf16", 4, 1), ("fp16", 16, 0), ("fp32", 64, 0), ("bf16", 64, 0)]
-    for dtype, r, act in cases:
-        print(dtype, f"r={r}", ("quick_gelu", "gelu")[act], "shared bytes fwd/bwd", compile_pair(dtype, r, act),
-              flush=True)
+    cases = list(itertools.product(["bf16", "fp16", "fp32"], [1, 4, 8, 16, 32, 64], [0], [True])) \
+        + [("bf16", 8, 1, True), ("bf16", 8, 0, False)] if "--all" in argv else \
+        [("bf16", 8, 0, True), ("bf16", 8, 0, False), ("bf16", 4, 1, True), ("fp16", 16, 0, True),
+         ("fp32", 64, 0, True), ("bf16", 64, 0, True)]
+    for dtype, r, act, need_dh in cases:
+        print(dtype, f"r={r}", ("quick_gelu", "gelu")[act], "dh" if need_dh else "no dh", "shared bytes fwd/bwd",
+              compile_pair(dtype, r, act, need_dh), flush=True)
     print("all compiled for sm_90")
 
 
