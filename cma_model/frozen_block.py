@@ -6,7 +6,8 @@ in units of one bf16 [N, D] activation; N tokens, D width):
 - LayerNorm: autocast runs it in fp32, so the bf16 input is copied to fp32 (kept for backward:
   2 units per norm) and the fp32 output cast back. Here the norm runs outside autocast in the
   activation's dtype (statistics are still accumulated in fp32 by the kernel): 1 unit, no casts.
-  The norm's weight and bias are cast to that dtype, the one rounding this path adds.
+  The norm's weight and bias are cast to that dtype, the one rounding this path adds; the cast
+  copies are kept while the frozen parameters are unchanged (not 4 casts per block per call).
 - Attention: nn.MultiheadAttention copies the packed q/k/v projection into a new layout before
   scaled_dot_product_attention. Here q, k, v are views of the projection: one SDPA call, no copy.
 - quick_gelu (OpenAI CLIP weights): `x * sigmoid(1.702 x)` in autograd keeps x AND the sigmoid
@@ -30,8 +31,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, QuickGELU
 from torch.utils.checkpoint import checkpoint
+from torch.utils.weak import WeakIdKeyDictionary
 
 from cma_kernels.quick_gelu import fused_quick_gelu
+
+
+_frozen_casts = WeakIdKeyDictionary()   # frozen parameter -> (what it was cast from, the cast copy)
+
+
+def cast_frozen(p, dtype):
+    """p.to(dtype), kept for the next call while the frozen p is unchanged (same device, storage and
+    version counter: in-place writes and load_state_dict bump it). Trainable parameters and
+    torch.compile's tracing get a plain cast."""
+    if p is None or p.dtype == dtype:
+        return p
+    if p.requires_grad or torch.compiler.is_compiling():
+        return p.to(dtype)
+    source = (dtype, p.device, p.data_ptr(), p._version, torch.is_inference_mode_enabled())
+    kept = _frozen_casts.get(p)
+    if kept is None or kept[0] != source:
+        kept = _frozen_casts[p] = (source, p.detach().to(dtype))
+    return kept[1]
 
 
 def layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +59,7 @@ def layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     Modules that are not plain (open_clip) LayerNorms, e.g. LayerNormFp32, run as they are."""
     if type(ln) not in (nn.LayerNorm, LayerNorm):
         return ln(x)
-    weight = ln.weight.to(x.dtype) if ln.weight is not None else None
-    bias = ln.bias.to(x.dtype) if ln.bias is not None else None
+    weight, bias = cast_frozen(ln.weight, x.dtype), cast_frozen(ln.bias, x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         return F.layer_norm(x, ln.normalized_shape, weight, bias, ln.eps)
 

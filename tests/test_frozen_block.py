@@ -145,6 +145,46 @@ def test_lean_block_keeps_less_activation_memory(tokens, width):
     assert recompute <= 6.2 * unit, recompute / unit   # ln_1 input, q/k/v, attention output, MLP input
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_keeps_its_weight_cast_until_the_weights_change(dtype):
+    """The lean norm casts its frozen weight and bias once: equal to F.layer_norm with freshly cast
+    parameters (bit for bit) after in-place edits, load_state_dict, .data swaps and inference mode."""
+    g = torch.Generator().manual_seed(5)
+    ln = nn.LayerNorm(96).requires_grad_(False)
+    x = torch.randn(3, 7, 96, generator=g).to(dtype)
+
+    def check():
+        expected = nn.functional.layer_norm(x, (96,), ln.weight.to(dtype), ln.bias.to(dtype), ln.eps)
+        assert torch.equal(frozen_block.layer_norm(ln, x), expected)
+
+    with torch.no_grad():
+        ln.weight.normal_(1.0, 0.3, generator=g)
+        ln.bias.normal_(0.0, 0.3, generator=g)
+    check()
+    assert frozen_block.cast_frozen(ln.weight, dtype) is frozen_block.cast_frozen(ln.weight, dtype)
+    with torch.no_grad():
+        ln.weight.mul_(-2.0)
+    check()
+    ln.load_state_dict({"weight": torch.randn(96, generator=g), "bias": torch.randn(96, generator=g)})
+    check()
+    ln.bias.data = torch.randn(96, generator=g)
+    check()
+
+    with torch.no_grad():
+        ln.weight.add_(0.5)
+    with torch.inference_mode():   # a cast made in inference mode is not reused by autograd
+        frozen_block.layer_norm(ln, x)
+    x_grad = x.clone().requires_grad_()
+    frozen_block.layer_norm(ln, x_grad).sum().backward()
+    assert torch.isfinite(x_grad.grad).all()
+
+    ln.weight.requires_grad_(True)   # a trainable norm gets its gradient through the cast
+    frozen_block.layer_norm(ln, x).float().pow(2).sum().backward()
+    reference = ln.weight.detach().clone().requires_grad_()
+    nn.functional.layer_norm(x, (96,), reference.to(dtype), ln.bias.to(dtype), ln.eps).float().pow(2).sum().backward()
+    assert torch.equal(ln.weight.grad, reference.grad)
+
+
 @gpu_check
 @requires_cuda
 def test_lean_layer_norm_keeps_bf16_under_cuda_autocast():
