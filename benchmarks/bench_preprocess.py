@@ -11,6 +11,7 @@
    collate), normalised later on the device.
 """
 import argparse
+import json
 import os
 import tempfile
 
@@ -105,7 +106,12 @@ def main(argv=None, prog=None):
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--quick", action="store_true", help="240x320 only and 4 videos (a smoke test)")
+    p.add_argument("--replot", metavar="STEM", help="measure nothing: redraw STEM.png from STEM.json and "
+                   "STEM_loading.json (results of earlier runs)")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(args.replot)
+        return
     info = {**run_info(CPU), "cma_simd": simd_level()}
     before = torch.get_num_threads()
     try:
@@ -121,13 +127,24 @@ def main(argv=None, prog=None):
     stem = f"preprocess_{slug(info['device'])}_{info['date']}"
     path = write_results(args.out, stem, info, ops)
     write_results(args.out, stem + "_loading", info, loading)
-    one = [r for r in ops if r["threads"] == 1]
-    methods = [k[:-3] for k in one[0] if k.endswith("_ms")]
-    bar_chart(path + ".png", [("12 frames -> 224, one thread", "ms", [r["input"] for r in one],
-                               {m: [r[f"{m}_ms"] for r in one] for m in methods}, True),
-                              ("12 frames per video from", "ms per video", [r["source"] for r in loading],
-                               {"sample + preprocess": [r["ms_per_video"] for r in loading]}, False)])
+    plot(path)
     print(f"wrote {path}.json, .csv, .png (+ _loading)")
+
+
+def plot(path):
+    """{path}.png from the results in {path}.json (ops) and {path}_loading.json (loading); each
+    panel names the commit its numbers were measured at."""
+    with open(path + ".json") as f:
+        ops = json.load(f)
+    with open(path + "_loading.json") as f:
+        loading = json.load(f)
+    one = [r for r in ops["rows"] if r["threads"] == 1]
+    methods = [k[:-3] for k in one[0] if k.endswith("_ms")]
+    bar_chart(path + ".png", [
+        (f"12 frames -> 224, one thread ({ops['commit']})", "ms", [r["input"] for r in one],
+         {m: [r[f"{m}_ms"] for r in one] for m in methods}, True),
+        (f"12 frames per video from ({loading['commit']})", "ms per video", [r["source"] for r in loading["rows"]],
+         {"sample + preprocess": [r["ms_per_video"] for r in loading["rows"]]}, False)])
 
 
 if __name__ == "__main__":

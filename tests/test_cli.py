@@ -173,6 +173,10 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert main(["bench", "--preprocess", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
     assert "torchvision_v2_ms" in capsys.readouterr().out
     assert sorted(p.suffix for p in tmp_path.glob("preprocess_*")) == [".csv", ".csv", ".json", ".json", ".png"]
+    png = next(tmp_path.glob("preprocess_*.png"))
+    png.unlink()
+    assert main(["bench", "--preprocess", "--replot", str(png.with_suffix(""))]) == 0   # from the JSON files
+    assert png.stat().st_size > 0
 
 
 def test_gpu_busy_time_is_the_union_of_kernel_intervals():
