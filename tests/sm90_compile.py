@@ -1,4 +1,4 @@
-"""Compile the fused adapter kernels for sm_90 (H100/H200) on a machine without a GPU.
+"""Compile the fused adapter and quick_gelu kernels for sm_90 (H100/H200) on a machine without a GPU.
 
 Triton lowers to PTX and runs its bundled ptxas without a device, which catches what the CPU
 interpreter lets through (tl.dot shape rules, dtype mixes, shared-memory overflow). Run in a
@@ -12,6 +12,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import cma_kernels.adapter_op as op
+import cma_kernels.quick_gelu as qg
 
 SM90_SHARED_BYTES = 227 * 1024
 
@@ -48,6 +49,15 @@ def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32"):
     return shared
 
 
+def compile_quick_gelu(dtype):
+    """Compile the quick_gelu forward and backward kernels for one storage dtype."""
+    for kernel, pointers in ((qg._quick_gelu_fwd_kernel, ("z_ptr", "y_ptr")),
+                             (qg._quick_gelu_bwd_kernel, ("z_ptr", "dy_ptr", "dz_ptr"))):
+        src = ASTSource(fn=kernel, signature=signature(kernel, {a: f"*{dtype}" for a in pointers}, {"n"}),
+                        constexprs=dict(BLOCK=qg.BLOCK))
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=qg.NUM_WARPS))
+
+
 def main(argv):
     cases = list(itertools.product(["bf16", "fp16", "fp32"], [1, 4, 8, 16, 32, 64], [0], [True])) \
         + [("bf16", 8, 1, True), ("bf16", 8, 0, False)] if "--all" in argv else \
@@ -56,6 +66,9 @@ def main(argv):
     for dtype, r, act, need_dh in cases:
         print(dtype, f"r={r}", ("quick_gelu", "gelu")[act], "dh" if need_dh else "no dh", "shared bytes fwd/bwd",
               compile_pair(dtype, r, act, need_dh), flush=True)
+    for dtype in ("bf16", "fp16", "fp32"):
+        compile_quick_gelu(dtype)
+    print("quick_gelu bf16/fp16/fp32 compiled")
     print("all compiled for sm_90")
 
 
