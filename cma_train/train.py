@@ -270,6 +270,12 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
     return loss.detach()
 
 
+def uneven_chunks_recompile(cfg, local_batch):
+    """Whether --micro-batch splits each process's batch into chunks of two sizes under --compile
+    (the smaller last chunk is a new shape: one more compilation of the towers)."""
+    return bool(cfg.compile) and 0 < cfg.micro_batch < local_batch and local_batch % cfg.micro_batch != 0
+
+
 def _global_loss(frame_feats, text_feats, mask, logit_scale, cfg):
     """InfoNCE over the global batch: this rank's features [B_local, T, E], [B_local, E] and frame
     mask [B_local, T] gathered from every rank, autograd through this rank's part."""
@@ -303,6 +309,9 @@ def train(cfg: TrainConfig):
         raise ValueError(f"{len(dataset)} captions cannot fill one batch of {cfg.batch_size}; lower --batch-size")
     total_steps = steps_per_epoch * cfg.epochs
     local_batch = cfg.batch_size // world
+    if rank == 0 and uneven_chunks_recompile(cfg, local_batch):
+        print(f"note: --micro-batch {cfg.micro_batch} does not divide the {local_batch} videos per process: the "
+              f"last, smaller chunk of each step makes torch.compile compile the towers once more")
 
     forward = RetrievalForward(model)
     if world > 1:

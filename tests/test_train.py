@@ -386,6 +386,15 @@ def test_mlp_recompute_trains_like_keeping_activations(video_set, tmp_path, monk
         assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
 
 
+@pytest.mark.parametrize("compile_mode,micro,local,expected", [
+    ("default", 3, 8, True), ("default", 4, 8, False), ("", 3, 8, False), ("default", 0, 8, False),
+    ("reduce-overhead", 16, 8, False)])
+def test_uneven_micro_batches_under_compile_are_pointed_out(compile_mode, micro, local, expected):
+    from cma_train.train import uneven_chunks_recompile
+    cfg = TrainConfig(pretrained="none", compile=compile_mode, micro_batch=micro)
+    assert uneven_chunks_recompile(cfg, local) is expected
+
+
 def test_micro_batch_trains_like_the_whole_batch(video_set, tmp_path):
     """--micro-batch 3 on batches of 8 (chunks 3, 3, 2): the losses of whole batches within 1e-5
     relative over 4 fp32 steps."""
