@@ -25,19 +25,26 @@ except ImportError:
     from common import copy_bandwidth_gbps, run_info, slug, time_ms, write_results
 import cma_kernels.adapter_op as fa
 
-FWD_SPACE = dict(BLOCK_N=[16, 32, 64], BLOCK_D=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 3, 4])
+FWD_SPACE = dict(BLOCK_N=[16, 32, 64, 128], BLOCK_D=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 3, 4])
 BWD_SPACE = dict(BLOCK_N=[32, 64, 128], BLOCK_D=[64, 128], num_warps=[4, 8], num_stages=[2, 3],
                  PROGRAMS_PER_SM=[1, 2, 4])
 
 
+def search_order(space, current):
+    """Every configuration of space (a tuple of values per configuration), nearest to the current
+    one first: itself, then those differing in one setting, then in two, ...; the grid's order
+    among equals. A sweep cut short by its time budget has then tried the current configuration's
+    neighbours rather than one corner of the grid."""
+    configs = list(itertools.product(*space.values()))
+    return sorted(configs, key=lambda values: sum(v != c for v, c in zip(values, current)))
+
+
 def sweep(space, target, fn, device, deadline=float("inf"), limit=None):
-    """Time fn under each configuration of space (written into the config dict target), the
-    current configuration first; stops at the deadline (time.monotonic()) or after limit configs."""
+    """Time fn under each configuration of space (written into the config dict target) in
+    search_order; stops at the deadline (time.monotonic()) or after limit configs."""
     default = dict(target)
     rows = []
-    configs = list(itertools.product(*space.values()))
-    current = tuple(default.get(k) for k in space)
-    configs.sort(key=lambda values: values != current)   # stable: the current one first, then the grid
+    configs = search_order(space, tuple(default.get(k) for k in space))
     for values in configs[:limit]:
         if time.monotonic() > deadline:
             print(f"  time is up: {len(rows)} of {len(configs)} configurations timed")

@@ -1,5 +1,6 @@
 """cma_train.cli: every subcommand on tiny data, and the errors a user meets."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -253,6 +254,19 @@ def test_adapter_bench_and_tuner_smoke_run_the_gpu_code_path_on_cpu(tmp_path, ca
     assert out[0]["ms"] > 0 and next(tmp_path.glob("tune_smoke_*.json")).exists()
     assert tune_adapter.main(["--smoke", "--budget-s", "0", "--out", str(tmp_path)]) == []
     assert "time is up" in capsys.readouterr().out
+
+
+def test_tuner_tries_the_current_configurations_neighbours_first():
+    from cma_benchmarks.tune_adapter import BWD_SPACE, FWD_SPACE, search_order
+    import cma_kernels.adapter_op as fa
+    for space, config in ((FWD_SPACE, fa.FWD_CONFIG), (BWD_SPACE, fa.BWD_CONFIG)):
+        current = tuple(config[k] for k in space)
+        order = search_order(space, current)
+        assert order[0] == current and sorted(order) == sorted(set(order))   # each configuration once
+        assert len(order) == math.prod(len(v) for v in space.values())
+        distance = [sum(a != b for a, b in zip(values, current)) for values in order]
+        assert distance == sorted(distance) and distance[1:1 + sum(len(v) - 1 for v in space.values())] == \
+            [1] * sum(len(v) - 1 for v in space.values())
 
 
 @pytest.mark.parametrize("argv,message", [
