@@ -79,9 +79,9 @@ def step_files(results, dev):
     return [newest_per_kind[k] for k in sorted(newest_per_kind, key=lambda k: (k != "train_step", k))]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+def main(argv=None, prog=None, results=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=results, help=f"folder of result files (default {results})")
     p.add_argument("--device", help="device name as in the result files (default: this machine's CUDA device)")
     args = p.parse_args(argv)
     if args.device is None:

@@ -222,6 +222,9 @@ def cmd_bench(args, rest):
     elif args.preprocess:
         from cma_benchmarks import bench_preprocess
         bench_preprocess.main(rest, prog="cma bench --preprocess")
+    elif args.targets:
+        from cma_benchmarks import targets
+        return targets.main(rest, prog="cma bench --targets", results="runs/bench")
     else:
         from cma_benchmarks import bench_adapter
         bench_adapter.main(rest, prog="cma bench")
@@ -259,11 +262,14 @@ def build_parser():
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a video counts as hung (default: 300)")
     p = sub.add_parser("bench", add_help=False, allow_abbrev=False,   # --quick is the benchmarks' own flag
                        help="benchmarks: the adapter op (default), --e2e training step, --preprocess frames, "
-                            "--quick-gelu the fused activation; `cma bench [--e2e|--preprocess|--quick-gelu] "
+                            "--quick-gelu the fused activation, --targets the targets against results; "
+                            "`cma bench [--e2e|--preprocess|--quick-gelu|--targets] "
                             "--help` lists the chosen benchmark's options")
     p.add_argument("--e2e", action="store_true", help="whole training step: full fine-tune vs adapters (needs CUDA)")
     p.add_argument("--preprocess", action="store_true", help="frame preprocessing and video loading on the CPU")
     p.add_argument("--quick-gelu", action="store_true", help="the fused quick_gelu kernel vs eager (needs CUDA)")
+    p.add_argument("--targets", action="store_true", help="measure nothing: the speed and memory targets against "
+                   "the newest results in --results (default runs/bench, where the benchmarks write)")
     p = sub.add_parser("demo", help="the embedded demo: synthetic videos, zero-shot vs adapter-tuned R@1")
     p.add_argument("--out", default="runs/demo",
                    help="folder for the generated videos and the run (default: runs/demo)")

@@ -6,6 +6,7 @@ import pytest
 
 from cma_benchmarks import targets
 from cma_benchmarks.common import write_results
+from cma_train.cli import main as cli_main
 
 DEVICE = "NVIDIA Test GPU"
 
@@ -73,6 +74,8 @@ def test_targets_table_reads_the_newest_results(tmp_path, capsys, fast):
         assert table[what] == expected, (what, table)
     assert table["ViT-B-32 fused_compile-default step_vs_full"] == "yes"   # only the compiled run has it
     assert "ViT-B-32 full step_vs_full" not in table
+    assert cli_main(["bench", "--targets", "--results", str(tmp_path), "--device", DEVICE]) == 0   # the same table
+    assert _table(capsys) == table
 
 
 def test_targets_without_results_or_device(tmp_path, capsys, monkeypatch):
