@@ -14,6 +14,7 @@ i <-> i pairing; ViT-L/14 (24 vision, 12 text) pairs text block j with vision bl
 Unpaired blocks get an unshared up-projection of the same [d_s, r] shape.
 """
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -56,8 +57,13 @@ class CrossModalAdapterConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
-def _trunc_normal(shape, std):
-    return nn.init.trunc_normal_(torch.empty(shape), std=std, a=-2 * std, b=2 * std)
+def trunc_normal(shape, std):
+    """fp32 tensor of `shape` from Normal(0, std) truncated to [-2 std, 2 std], by the inverse CDF of
+    float64 torch.rand draws: the same values from the same seed on every torch release
+    (nn.init.trunc_normal_ draws other values from one seed in torch 2.11 and 2.14)."""
+    lo = 0.5 * math.erfc(math.sqrt(2))   # Phi(-2)
+    u = lo + (1 - 2 * lo) * torch.rand(shape, dtype=torch.float64)
+    return (math.sqrt(2) * std * torch.erfinv(2 * u - 1)).float()
 
 
 class SharedUpProjection(nn.Module):
@@ -66,7 +72,7 @@ class SharedUpProjection(nn.Module):
 
     def __init__(self, shared_dim, reduction_dim, init_std):
         super().__init__()
-        self.weight = nn.Parameter(_trunc_normal((shared_dim, reduction_dim), init_std))
+        self.weight = nn.Parameter(trunc_normal((shared_dim, reduction_dim), init_std))
         self.bias = nn.Parameter(torch.zeros(shared_dim))
 
 
@@ -78,9 +84,9 @@ class CrossModalAdapter(nn.Module):
         super().__init__()
         r, ds = config.reduction_dim, config.shared_dim
         self.config, self.backend = config, backend
-        self.w_down = nn.Parameter(_trunc_normal((r, width), config.init_std))
+        self.w_down = nn.Parameter(trunc_normal((r, width), config.init_std))
         self.b_down = nn.Parameter(torch.zeros(r))
-        self.w_up_unique = nn.Parameter(_trunc_normal((width - ds, r), config.init_std))
+        self.w_up_unique = nn.Parameter(trunc_normal((width - ds, r), config.init_std))
         self.b_up_unique = nn.Parameter(torch.zeros(width - ds))
         self.shared = shared
 

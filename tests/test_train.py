@@ -33,8 +33,8 @@ def test_loss_falls_and_r1_rises_above_chance(video_set, tmp_path):
     result = train(tiny_config(jsonl, cache, tmp_path, epochs=40))
     losses = result["losses"]
     assert len(losses) == 40
-    # ln 8 = 2.08 at the start; how far it falls depends on the adapters' random init (seeds 0-3 and
-    # torch 2.11 vs 2.14, whose trunc_normal_ draws differ: last/first 0.44-0.73), not learning: ~1.0
+    # ln 8 = 2.08 at the start; how far it falls depends on the adapters' random init (last/first
+    # 0.68 with this seed, 0.44-0.73 with seeds 0-3, torch 2.11 and 2.14 alike); not learning: ~1.0
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     ann = load_annotations("jsonl", jsonl)
     import open_clip
@@ -89,14 +89,14 @@ def test_eval_every_logs_each_epoch_and_keeps_the_best_adapters(video_set, tmp_p
     from cma_model import load_adapter_state_dict
     from cma_train.cli import _evaluate
     jsonl, cache = video_set
-    cfg = tiny_config(jsonl, cache, tmp_path, batch_size=4, epochs=16, lr=1e-2, eval_split="test", eval_every=2)
+    cfg = tiny_config(jsonl, cache, tmp_path, batch_size=4, epochs=16, lr=3e-2, eval_split="test", eval_every=2)
     result = train(cfg)
     evals = _evals(tmp_path)
     assert [r["step"] for r in evals] == list(range(4, 33, 4))   # 2 steps per epoch; the last is the final one
     assert result["eval"]["t2v"] == evals[-1]["t2v"]
     r1 = [r["t2v"]["R1"] for r in evals]
-    assert r1[0] < max(r1), r1   # the best moved at least once (seed 42 at this lr: 12.5 first, later 25
-    # with torch 2.14 and 2.11 alike; some seeds never move on 8 clips of a random backbone)
+    assert r1[0] < max(r1), r1   # the best moved at least once (seed 42 at this lr: 12.5, then 25, with
+    # torch 2.11 and 2.14 alike; at lr 1e-2 it stays 25 from the first evaluation)
     first_best = evals[r1.index(max(r1))]
     assert result["best"]["step"] == first_best["step"] and result["best"]["t2v"] == first_best["t2v"]
     torch.manual_seed(cfg.seed)
