@@ -21,6 +21,16 @@ def signature(kernel, pointers, ints):
     return {a: pointers.get(a) or ("i32" if a in ints else "constexpr") for a in kernel.arg_names}
 
 
+def compile_sm90(kernel, pointers, ints, constexprs, num_warps, num_stages=3):
+    """Compile one kernel for sm_90; returns the shared memory it needs, refusing more than sm_90 has."""
+    src = ASTSource(fn=kernel, signature=signature(kernel, pointers, ints), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    if compiled.metadata.shared > SM90_SHARED_BYTES:
+        raise RuntimeError(f"{kernel.__name__} needs {compiled.metadata.shared} bytes of shared memory")
+    return compiled.metadata.shared
+
+
 def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32"):
     """Compile forward and backward for one (activation dtype, r, activation, dh or not); returns
     shared bytes."""
@@ -38,24 +48,15 @@ def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32"):
            {"N", "D", "DS", "GRADS", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
            dict(R=r, R_PAD=r_pad, ACT=act, NEED_DH=need_dh, DOT_PRECISION=precision,
                 BLOCK_N=op.BWD_CONFIG["BLOCK_N"], BLOCK_D=op.BWD_CONFIG["BLOCK_D"]), op.BWD_CONFIG)
-    shared = []
-    for kernel, pointers, ints, constexprs, cfg in (fwd, bwd):
-        src = ASTSource(fn=kernel, signature=signature(kernel, pointers, ints), constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-        if compiled.metadata.shared > SM90_SHARED_BYTES:
-            raise RuntimeError(f"{kernel.__name__} needs {compiled.metadata.shared} bytes of shared memory")
-        shared.append(compiled.metadata.shared)
-    return shared
+    return [compile_sm90(kernel, pointers, ints, constexprs, cfg["num_warps"], cfg["num_stages"])
+            for kernel, pointers, ints, constexprs, cfg in (fwd, bwd)]
 
 
 def compile_quick_gelu(dtype):
     """Compile the quick_gelu forward and backward kernels for one storage dtype."""
     for kernel, pointers in ((qg._quick_gelu_fwd_kernel, ("z_ptr", "y_ptr")),
                              (qg._quick_gelu_bwd_kernel, ("z_ptr", "dy_ptr", "dz_ptr"))):
-        src = ASTSource(fn=kernel, signature=signature(kernel, {a: f"*{dtype}" for a in pointers}, {"n"}),
-                        constexprs=dict(BLOCK=qg.BLOCK))
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=qg.NUM_WARPS))
+        compile_sm90(kernel, {a: f"*{dtype}" for a in pointers}, {"n"}, dict(BLOCK=qg.BLOCK), qg.NUM_WARPS)
 
 
 def main(argv):
