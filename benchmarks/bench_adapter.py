@@ -15,10 +15,11 @@ import os
 import torch
 
 try:
-    from cma_benchmarks.common import (bar_chart, copy_bandwidth_gbps, print_table, run_info, slug, time_ms,
-                                       write_results)
+    from cma_benchmarks.common import (bar_chart, copy_bandwidth_gbps, fresh_compile, print_table, run_info, slug,
+                                       time_ms, write_results)
 except ImportError:   # run from a checkout that is not pip-installed
-    from common import bar_chart, copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
+    from common import (bar_chart, copy_bandwidth_gbps, fresh_compile, print_table, run_info, slug, time_ms,
+                        write_results)
 from cma_kernels import adapter_reference, fused_adapter
 
 GPU_SHAPES = [(N, D) for D in (768, 512) for N in (19200, 153600, 1048576)]   # the targets' shapes first
@@ -40,7 +41,12 @@ def make_inputs(N, D, r, ds, dtype, device, seed=0):
     return rand(N, D), rand(N, D), weights
 
 
-def bench_shape(N, D, dtype, device, r, ds, variants, bandwidth):
+def bench_shape(N, D, dtype, device, r, ds, variants, bandwidth, compile_backend=None):
+    """One result row: median ms of each variant {name: adapter function}, forward and fwd+bwd, and
+    the floor. compile_backend adds torch.compile(adapter_reference) on that backend, compiled
+    afresh for this shape."""
+    if compile_backend:
+        variants = {**variants, "compile": fresh_compile(adapter_reference, compile_backend)}
     h, x, weights = make_inputs(N, D, r, ds, dtype, device)
     inputs = [h, x] + weights
     dy = torch.randn(N, D, dtype=dtype, device=device)
@@ -85,30 +91,31 @@ def main(argv=None, prog=None):
     bandwidth = copy_bandwidth_gbps(device)
     info["copy_GBps"] = bandwidth
     if args.smoke or device.type == "cuda":
-        variants = {"fused": fused_adapter, "eager": adapter_reference,   # smoke: no inductor build, same path
-                    "compile": torch.compile(adapter_reference, dynamic=False,
-                                             backend="aot_eager" if args.smoke else "inductor")}
+        variants = {"fused": fused_adapter, "eager": adapter_reference}
+        compile_backend = "aot_eager" if args.smoke else "inductor"   # smoke: no inductor build, same path
         shapes = SMOKE_SHAPES if args.smoke else [(N, 768) for N in (19200, 153600)] if args.quick else GPU_SHAPES
         dtypes = [torch.float32] if args.smoke else list(DTYPES.values())
     else:
         print("No CUDA device: timing the eager reference on CPU only; the fused and torch.compile numbers need CUDA.")
         variants, shapes, dtypes = {"eager": adapter_reference}, CPU_SHAPES, [torch.float32]
+        compile_backend = None
+    names = [*variants, "compile"] if compile_backend else list(variants)
     print(f"{info['device']}  copy bandwidth {bandwidth:.0f} GB/s  r={args.r} d_s={args.ds}")
 
     stem = f"adapter{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
     rows = []
     for dt in dtypes:
         for N, D in shapes:
-            rows.append(bench_shape(N, D, dt, device, args.r, args.ds, variants, bandwidth))
+            rows.append(bench_shape(N, D, dt, device, args.r, args.ds, variants, bandwidth, compile_backend))
             print(f"{rows[-1]['dtype']} {N}x{D}: " + ", ".join(f"{v} {rows[-1][f'{v}_fwdbwd_ms']:.3f}"
-                                                             for v in variants) + " ms fwd+bwd", flush=True)
+                                                             for v in names) + " ms fwd+bwd", flush=True)
             write_results(args.out, stem, {**info, "complete": False}, rows)   # a run cut short keeps its rows
-    cols = ["dtype", "N", "D"] + [f"{v}_{k}_ms" for k in ("fwd", "fwdbwd") for v in list(variants) + ["floor"]]
+    cols = ["dtype", "N", "D"] + [f"{v}_{k}_ms" for k in ("fwd", "fwdbwd") for v in names + ["floor"]]
     if "fused" in variants:
         cols += ["fused_fwd_pct_of_copy_bw", "fused_fwdbwd_pct_of_copy_bw"]
     print_table(rows, cols)
     path = write_results(args.out, stem, {**info, "complete": True}, rows)
-    plot(rows, variants, path + ".png")
+    plot(rows, names, path + ".png")
     print(f"wrote {path}.json, .csv, .png")
     return rows
 

@@ -15,15 +15,21 @@ import torch
 from open_clip.transformer import QuickGELU
 
 try:
-    from cma_benchmarks.common import copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
+    from cma_benchmarks.common import (copy_bandwidth_gbps, fresh_compile, print_table, run_info, slug, time_ms,
+                                       write_results)
 except ImportError:   # run from a checkout that is not pip-installed
-    from common import copy_bandwidth_gbps, print_table, run_info, slug, time_ms, write_results
+    from common import copy_bandwidth_gbps, fresh_compile, print_table, run_info, slug, time_ms, write_results
 from cma_kernels import fused_quick_gelu
 
 GPU_SHAPES = [(19200, 3072), (75648, 3072)]
+SMOKE_SHAPES = [(64, 256)]
 
 
-def bench_shape(N, width, dtype, device, variants, bandwidth):
+def bench_shape(N, width, dtype, device, variants, bandwidth, compile_backend=None):
+    """One result row: median ms of each variant {name: function}, forward and fwd+bwd, and the
+    floor. compile_backend adds torch.compile of the eager variant, compiled afresh for this shape."""
+    if compile_backend:
+        variants = {**variants, "compile": fresh_compile(variants["eager"], compile_backend)}
     z = torch.randn(N, width, dtype=dtype, device=device, requires_grad=True)
     dy = torch.randn_like(z)
     row = {"N": N, "hidden": width, "dtype": str(dtype).replace("torch.", "")}
@@ -52,15 +58,14 @@ def main(argv=None, prog=None):
         print("The quick_gelu benchmark needs CUDA: no GPU here, nothing timed (--smoke tries the script).")
         return None
     device = torch.device("cpu" if args.smoke else "cuda")
-    eager = QuickGELU()
-    variants = {"fused": fused_quick_gelu, "eager": eager}
-    if not args.smoke:   # no inductor build on the CPU for a smoke run
-        variants["compile"] = torch.compile(eager, dynamic=False)
+    variants = {"fused": fused_quick_gelu, "eager": QuickGELU()}
+    compile_backend = "aot_eager" if args.smoke else "inductor"   # smoke: no inductor build, same path
     info = {**run_info(device), "smoke": args.smoke, "copy_GBps": copy_bandwidth_gbps(device)}
-    shapes = [(64, 256)] if args.smoke else GPU_SHAPES
+    shapes = SMOKE_SHAPES if args.smoke else GPU_SHAPES
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    rows = [bench_shape(N, width, dtype, device, variants, info["copy_GBps"]) for N, width in shapes]
-    times = [f"{v}_{k}_ms" for k in ("fwd", "fwdbwd") for v in [*variants, "floor"]]
+    rows = [bench_shape(N, width, dtype, device, variants, info["copy_GBps"], compile_backend) for N, width in shapes]
+    names = [*variants, "compile"] if compile_backend else list(variants)
+    times = [f"{v}_{k}_ms" for k in ("fwd", "fwdbwd") for v in [*names, "floor"]]
     print_table(rows, ["dtype", "N", "hidden", *times, "fused_fwdbwd_pct_of_copy_bw", "eager_over_fused_fwdbwd"])
     stem = f"quick_gelu{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
     path = write_results(args.out, stem, info, rows)

@@ -52,6 +52,15 @@ def saved_activation_bytes(fn, params=()):
     return out, sum(storages.values())
 
 
+def fresh_compile(fn, backend="inductor"):
+    """torch.compile(fn, dynamic=False) with dynamo's caches emptied first; benchmarks call it once
+    per shape. One compiled function reused over many shapes would, after dynamo's recompile_limit
+    (8) graphs per code object (a shape times grad mode times dtype each), silently run eager: the
+    "compile" column would then time eager."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False, backend=backend)
+
+
 def copy_bandwidth_gbps(device, nbytes=1 << 30):
     """Device copy bandwidth in GB/s, counting bytes read plus bytes written."""
     nbytes = nbytes if device.type == "cuda" else nbytes // 16

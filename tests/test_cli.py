@@ -170,7 +170,7 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
         assert "needs CUDA" in capsys.readouterr().out
         assert main(["bench", "--quick-gelu", "--smoke", "--out", str(tmp_path)]) == 0   # the fused path, interpreted
         rows = json.loads(next(tmp_path.glob("quick_gelu_smoke_*.json")).read_text())["rows"]
-        assert rows[0]["fused_fwdbwd_ms"] > 0 and rows[0]["eager_fwdbwd_ms"] > 0
+        assert all(rows[0][f"{v}_fwdbwd_ms"] > 0 for v in ("fused", "eager", "compile"))
     assert main(["bench", "--preprocess", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
     assert "torchvision_v2_ms" in capsys.readouterr().out
     assert sorted(p.suffix for p in tmp_path.glob("preprocess_*")) == [".csv", ".csv", ".json", ".json", ".png"]
@@ -254,6 +254,23 @@ def test_adapter_bench_and_tuner_smoke_run_the_gpu_code_path_on_cpu(tmp_path, ca
     assert out[0]["ms"] > 0 and next(tmp_path.glob("tune_smoke_*.json")).exists()
     assert tune_adapter.main(["--smoke", "--budget-s", "0", "--out", str(tmp_path)]) == []
     assert "time is up" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bench", ["bench_adapter", "bench_quick_gelu"])
+def test_op_benchmarks_compile_each_shape_afresh(bench, tmp_path, monkeypatch):
+    """One compiled function over many shapes runs eager, silently, once dynamo's recompile_limit
+    is spent (8 graphs: 4 shapes in two grad modes), so the "compile" column would time eager. With
+    the limit at 2 (one shape's forward and fwd+bwd) and a hit made an error, two shapes pass only
+    if each shape is compiled afresh."""
+    import importlib
+    if torch.cuda.is_available():
+        pytest.skip("the smoke runs are for machines without a GPU")
+    module = importlib.import_module(f"cma_benchmarks.{bench}")
+    monkeypatch.setattr(module, "SMOKE_SHAPES", [(16, 64), (24, 64)])
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    rows = module.main(["--smoke", "--out", str(tmp_path)])
+    assert [r["N"] for r in rows] == [16, 24] and all(r["compile_fwdbwd_ms"] > 0 for r in rows)
 
 
 def test_tuner_tries_the_current_configurations_neighbours_first():
