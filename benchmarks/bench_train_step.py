@@ -24,9 +24,11 @@ variants leave out: fp32 from pageable memory vs uint8 from pinned memory normal
 `cma train` does). Last, 50 steps with reference and with fused adapters from the same start on
 the same batches: the two loss curves must agree within bf16 noise.
 
---compile MODE [MODE ...] adds fused adapters on towers compiled with torch.compile (`cma train
---compile MODE`), e.g. default and reduce-overhead (CUDA graphs); compiling takes a minute or more
-per mode and architecture, and the results file then says which modes ran.
+--compile MODE [MODE ...] adds, per mode, fused adapters on towers compiled with torch.compile
+(`cma train --compile MODE`): fused_compile-MODE, and fused_recompute_compile-MODE (`--compile MODE
+--recompute-mlp`) where fused_recompute is among --variants; modes e.g. reduce-overhead (CUDA graphs)
+and default. Compiling takes a minute or more per variant, mode and architecture; the results file
+says which modes ran.
 
 --memory-only measures only the activations each variant keeps (no timing), on any device, the
 CPU included (bf16 autocast there too; CPU autocast keeps LayerNorm in bf16 where CUDA's runs it
@@ -140,12 +142,19 @@ def _variant(model, name):
         for block in [m for m in model.modules() if hasattr(m, "adapter_attn")]:
             block.adapter_attn, block.adapter_mlp = ResidualAdd(), ResidualAdd()
         return frozen_floor(model)
-    if name == "fused_recompute":
+    if name.startswith("fused_recompute"):
         set_mlp_recompute(model)
-    if name.startswith("fused_compile-"):
-        compile_towers(model, name.split("-", 1)[1])
+    if "_compile-" in name:
+        compile_towers(model, name.split("_compile-", 1)[1])
     params = [p for p in model.parameters() if p.requires_grad]
     return model, adamw(params, lr=1e-5), False
+
+
+def compiled_variants(variants, modes):
+    """Per compile mode: fused_compile-MODE, then fused_recompute_compile-MODE where fused_recompute
+    is among the variants."""
+    bases = ["fused"] + (["fused_recompute"] if "fused_recompute" in variants else [])
+    return [f"{base}_compile-{mode}" for mode in modes for base in bases]
 
 
 def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
@@ -312,7 +321,8 @@ def main(argv=None, prog=None):
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="(default: all)")
     p.add_argument("--compile", nargs="+", default=[], choices=COMPILE_MODES, metavar="MODE",
-                   help=f"also fused adapters on compiled towers, per mode: {', '.join(COMPILE_MODES)}")
+                   help=f"also fused adapters on compiled towers, per mode: {', '.join(COMPILE_MODES)} (with "
+                   "--recompute-mlp too where fused_recompute is among --variants)")
     p.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
                    help="the 50-step reference-vs-fused loss-curve check (default: on)")
     p.add_argument("--memory-only", action="store_true",
@@ -350,7 +360,7 @@ def main(argv=None, prog=None):
     rows, kernels = [], {}
     for arch in args.archs:
         base = make_model(arch, setup)
-        for name in args.variants + [f"fused_compile-{mode}" for mode in args.compile]:
+        for name in args.variants + compiled_variants(args.variants, args.compile):
             model, optimizer, need_grad = make_variant(base, name, setup.autocasts())
             step, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             if setup.device.type == "cuda":

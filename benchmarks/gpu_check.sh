@@ -2,9 +2,10 @@
 # Everything to check on a GPU, in one run: CUDA tests, the adapter and quick_gelu benchmarks
 # (results into benchmarks/results/), a launch-config sweep, the end-to-end step benchmark, and,
 # with the time left of ~555 s, the step with compiled towers (CUDA graphs first, then
-# torch.compile default; the results file is rewritten after every variant, so a cut-off run keeps
-# what it measured), then the issues' targets against the results (benchmarks/targets.py). Worst
-# case, every section at its time limit: about 570 s. Each test's outcome: $OUT/gpu_tests.log.
+# torch.compile default; each with and without --recompute-mlp; the results file is rewritten
+# after every variant, so a cut-off run keeps what it measured), then the issues' targets against
+# the results (benchmarks/targets.py). Worst case, every section at its time limit: about 570 s.
+# Each test's outcome: $OUT/gpu_tests.log.
 # On a machine without a package index, first put open_clip and decord (wheels or unpacked) on
 # PYTHONPATH.
 # Where $OUT is set (a remote machine sends back only what is under it), this log goes to
@@ -47,7 +48,7 @@ left=$((555 - SECONDS))
 if [ "$left" -gt 100 ]; then
     echo "== training step with compiled towers (${left} s left)"
     timeout "$left" python benchmarks/bench_train_step.py --out benchmarks/results --archs ViT-B-32 \
-        --variants full fused_adapters --compile reduce-overhead default --no-curves 2>&1 | tail -20
+        --variants full fused_adapters fused_recompute --compile reduce-overhead default --no-curves 2>&1 | tail -20
     pack
 else
     echo "== compiled towers skipped: ${left} s left"

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import open_clip
 import pytest
 import torch
 from conftest import TINY_TRAIN_CLIP
@@ -219,6 +220,27 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     with open(stem.with_suffix(".csv")) as f:
         assert [r["variant"] for r in csv.DictReader(f)] == variants
     assert stem.with_suffix(".png").exists()
+
+
+def test_e2e_bench_compiles_each_fused_variant_it_runs(monkeypatch):
+    """--compile MODE adds fused_compile-MODE, and its --recompute-mlp twin only where the run has
+    fused_recompute; a variant's name sets recompute and the mode, hyphens in the mode included."""
+    from cma_benchmarks import bench_train_step
+    from cma_benchmarks.bench_train_step import compiled_variants, make_variant
+    from cma_model.adapter import AdaptedResidualAttentionBlock
+    modes = []
+    monkeypatch.setattr(bench_train_step, "compile_towers", lambda model, mode: modes.append(mode))
+    base = open_clip.model.CLIP(**TINY_TRAIN_CLIP)
+    for name, recompute in [("fused_recompute_compile-max-autotune-no-cudagraphs", True),
+                            ("fused_compile-reduce-overhead", False)]:
+        model, _, _ = make_variant(base, name)
+        assert {b.recompute_mlp for b in model.modules() if isinstance(b, AdaptedResidualAttentionBlock)} == {recompute}
+    assert modes == ["max-autotune-no-cudagraphs", "reduce-overhead"]
+    assert compiled_variants(["full", "fused_adapters"], ["reduce-overhead"]) == ["fused_compile-reduce-overhead"]
+    assert compiled_variants(["full", "fused_recompute"], ["reduce-overhead", "default"]) == [
+        "fused_compile-reduce-overhead", "fused_recompute_compile-reduce-overhead",
+        "fused_compile-default", "fused_recompute_compile-default"]
+    assert compiled_variants(["full"], []) == []
 
 
 def test_e2e_bench_rejects_more_words_than_the_context(capsys):
