@@ -32,11 +32,28 @@ from .reference import ACTIVATIONS
 
 MAX_RANK = 64   # r up to this runs fused; larger bottlenecks use the reference path
 
-# Launch configurations (benchmarks/tune_adapter.py sweeps them on a GPU). The forward owns
-# BLOCK_N rows per program; the backward runs at most PROGRAMS_PER_SM programs per SM, each over a
-# contiguous run of BLOCK_N-row tiles, with one set of fp32 weight-gradient partials per program.
+# Launch configurations. The forward owns BLOCK_N rows per program; the backward runs at most
+# PROGRAMS_PER_SM programs per SM, each over a contiguous run of BLOCK_N-row tiles, with one set of
+# fp32 weight-gradient partials per program. FWD_CONFIG / BWD_CONFIG serve 16-bit inputs with
+# r <= 32 (the paper's configurations; benchmarks/tune_adapter.py sweeps them on a GPU). fp32 dots
+# run on FMA units with their operands in registers, and r = 64 doubles the bottleneck tiles: there
+# those tiles would make ptxas spill registers to local memory on sm_90 (the fp32 backward by about
+# 4 KB per thread), so they get smaller tiles or more warps. tests/sm90_compile.py reports every
+# configuration's registers and spills and fails on spills.
 FWD_CONFIG = dict(BLOCK_N=32, BLOCK_D=128, num_warps=4, num_stages=3)
 BWD_CONFIG = dict(BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=2, PROGRAMS_PER_SM=2)
+_CONFIGS = {   # (fp32 inputs, r > 32) -> (forward, backward)
+    (False, False): (FWD_CONFIG, BWD_CONFIG),
+    (False, True): (FWD_CONFIG, dict(BWD_CONFIG, num_warps=8, PROGRAMS_PER_SM=1)),
+    (True, False): (FWD_CONFIG, dict(BLOCK_N=32, BLOCK_D=32, num_warps=8, num_stages=2, PROGRAMS_PER_SM=1)),
+    (True, True): (dict(FWD_CONFIG, BLOCK_D=64),
+                   dict(BLOCK_N=16, BLOCK_D=32, num_warps=8, num_stages=2, PROGRAMS_PER_SM=1)),
+}
+
+
+def launch_configs(dtype: torch.dtype, r: int) -> tuple[dict, dict]:
+    """(forward, backward) launch configuration for inputs h of this dtype and bottleneck width r."""
+    return _CONFIGS[dtype == torch.float32, r > 32]
 
 
 def triton_runs_on(device: torch.device) -> bool:
@@ -236,10 +253,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"   # tf32 is ignored for 16-bit inputs
 
 
-def _num_programs_cap(device: torch.device) -> int:
+def _num_programs_cap(device: torch.device, programs_per_sm: int) -> int:
     if device.type == "cuda":
-        return BWD_CONFIG["PROGRAMS_PER_SM"] * _sm_count(device.index if device.index is not None
-                                                         else torch.cuda.current_device())
+        return programs_per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4   # interpreter: a few programs, so the multi-tile loop is exercised
 
 
@@ -289,7 +305,7 @@ def adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_
     if N == 0:
         return out.view(h.shape)
     res2 = _rows(residual) if residual is not None else h2
-    cfg = FWD_CONFIG
+    cfg = launch_configs(h.dtype, r)[0]
     _adapter_fwd_kernel[(_cdiv(N, cfg["BLOCK_N"]),)](
         h2, res2, out, w_down.contiguous(), b_down.contiguous(),
         _real(w_up_unique, w_up_shared), _real(b_up_unique, b_up_shared),
@@ -319,9 +335,9 @@ def adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activ
     D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
     h2, dy2 = _rows(h), _rows(dy)
     N = h2.shape[0]
-    cfg = BWD_CONFIG
+    cfg = launch_configs(h.dtype, r)[1]
     num_tiles = _cdiv(N, cfg["BLOCK_N"])
-    tiles_per_program = max(1, _cdiv(num_tiles, _num_programs_cap(h.device)))
+    tiles_per_program = max(1, _cdiv(num_tiles, _num_programs_cap(h.device, cfg["PROGRAMS_PER_SM"])))
     P = max(1, _cdiv(num_tiles, tiles_per_program))
     grads = 2 * r * D + r + D
     # every program writes all of its partials (no zero-fill); N = 0 runs no program

@@ -1,12 +1,21 @@
-"""Compile the fused adapter and quick_gelu kernels for sm_90 (H100/H200) on a machine without a GPU.
+"""Compile the fused adapter and quick_gelu kernels for sm_90 (H100/H200) on a machine without a GPU,
+and report what each needs: registers and local memory per thread (spills), shared memory.
 
 Triton lowers to PTX and runs its bundled ptxas without a device, which catches what the CPU
-interpreter lets through (tl.dot shape rules, dtype mixes, shared-memory overflow). Run in a
-process WITHOUT TRITON_INTERPRET:  python tests/sm90_compile.py [--all]
+interpreter lets through (tl.dot shape rules, dtype mixes, shared-memory overflow). The kernels are
+specialised as a launch specialises them (16-byte aligned pointers; sizes and row strides that
+are multiples of 16, as D, d_s and N are in every model's shapes), so the registers are those the
+GPU will run with. A kernel that spills more than MAX_STACK_BYTES per thread to local memory
+fails: in these memory-bound kernels spills add their own memory traffic. Run in a process
+WITHOUT TRITON_INTERPRET:  python tests/sm90_compile.py [--all]
 """
 import itertools
+import os
+import subprocess
 import sys
+import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -15,39 +24,61 @@ import cma_kernels.adapter_op as op
 import cma_kernels.quick_gelu as qg
 
 SM90_SHARED_BYTES = 227 * 1024
+MAX_STACK_BYTES = 32   # a value or two; the configurations this replaced spilled 344 to 3944 bytes
+DIVISIBLE_BY_16 = {"N", "D", "DS", "stride_h", "stride_res", "stride_dy", "n"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def signature(kernel, pointers, ints):
     return {a: pointers.get(a) or ("i32" if a in ints else "constexpr") for a in kernel.arg_names}
 
 
+def resources(cubin):
+    """(registers, stack bytes) per thread of a cubin, from the cuobjdump bundled with Triton."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    line = next(line for line in out.splitlines() if "REG:" in line)
+    return int(line.split("REG:")[1].split()[0]), int(line.split("STACK:")[1].split()[0])
+
+
 def compile_sm90(kernel, pointers, ints, constexprs, num_warps, num_stages=3):
-    """Compile one kernel for sm_90; returns the shared memory it needs, refusing more than sm_90 has."""
-    src = ASTSource(fn=kernel, signature=signature(kernel, pointers, ints), constexprs=constexprs)
+    """Compile one kernel for sm_90 as a launch would specialise it; returns (registers, stack
+    bytes, shared bytes), refusing more shared memory than sm_90 has or spills over MAX_STACK_BYTES."""
+    aligned = {a for a in kernel.arg_names if a in pointers or a in DIVISIBLE_BY_16 & set(ints)}
+    attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=kernel, signature=signature(kernel, pointers, ints), constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
+    registers, stack = resources(compiled.asm["cubin"])
     if compiled.metadata.shared > SM90_SHARED_BYTES:
         raise RuntimeError(f"{kernel.__name__} needs {compiled.metadata.shared} bytes of shared memory")
-    return compiled.metadata.shared
+    if stack > MAX_STACK_BYTES:
+        raise RuntimeError(f"{kernel.__name__} {constexprs} spills: {stack} bytes of stack per thread")
+    return registers, stack, compiled.metadata.shared
 
 
 def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32"):
-    """Compile forward and backward for one (activation dtype, r, activation, dh or not); returns
-    shared bytes."""
+    """Compile forward and backward, each with its launch configuration (op.launch_configs), for one
+    (activation dtype, r, activation, dh or not); returns [(registers, stack, shared)] per kernel."""
     r_pad = max(16, triton.next_power_of_2(r))
     precision = "ieee" if dtype == "fp32" else "tf32"
+    fwd_cfg, bwd_cfg = op.launch_configs(DTYPES[dtype], r)
     w = {n: f"*{weight_dtype}" for n in ("w_down_ptr", "b_down_ptr", "w_up_unique_ptr", "b_up_unique_ptr",
                                          "w_up_shared_ptr", "b_up_shared_ptr")}
     fwd = (op._adapter_fwd_kernel,
            {"h_ptr": f"*{dtype}", "residual_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", **w},
            {"N", "D", "DS", "stride_h", "stride_res"},
            dict(R=r, R_PAD=r_pad, ACT=act, HAS_RESIDUAL=True, DOT_PRECISION=precision,
-                BLOCK_N=op.FWD_CONFIG["BLOCK_N"], BLOCK_D=op.FWD_CONFIG["BLOCK_D"]), op.FWD_CONFIG)
+                BLOCK_N=fwd_cfg["BLOCK_N"], BLOCK_D=fwd_cfg["BLOCK_D"]), fwd_cfg)
     bwd = (op._adapter_bwd_kernel,
            {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}", **w, "grads_part_ptr": "*fp32"},
            {"N", "D", "DS", "GRADS", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
            dict(R=r, R_PAD=r_pad, ACT=act, NEED_DH=need_dh, DOT_PRECISION=precision,
-                BLOCK_N=op.BWD_CONFIG["BLOCK_N"], BLOCK_D=op.BWD_CONFIG["BLOCK_D"]), op.BWD_CONFIG)
+                BLOCK_N=bwd_cfg["BLOCK_N"], BLOCK_D=bwd_cfg["BLOCK_D"]), bwd_cfg)
     return [compile_sm90(kernel, pointers, ints, constexprs, cfg["num_warps"], cfg["num_stages"])
             for kernel, pointers, ints, constexprs, cfg in (fwd, bwd)]
 
@@ -63,10 +94,12 @@ def main(argv):
     cases = list(itertools.product(["bf16", "fp16", "fp32"], [1, 4, 8, 16, 32, 64], [0], [True])) \
         + [("bf16", 8, 1, True), ("bf16", 8, 0, False)] if "--all" in argv else \
         [("bf16", 8, 0, True), ("bf16", 8, 0, False), ("bf16", 4, 1, True), ("fp16", 16, 0, True),
-         ("fp32", 64, 0, True), ("bf16", 64, 0, True)]
+         ("fp32", 8, 0, True), ("bf16", 64, 0, True), ("fp32", 64, 0, True)]
     for dtype, r, act, need_dh in cases:
-        print(dtype, f"r={r}", ("quick_gelu", "gelu")[act], "dh" if need_dh else "no dh", "shared bytes fwd/bwd",
-              compile_pair(dtype, r, act, need_dh), flush=True)
+        (fwd_regs, fwd_stack, fwd_shared), (bwd_regs, bwd_stack, bwd_shared) = compile_pair(dtype, r, act, need_dh)
+        print(f"{dtype} r={r} {('quick_gelu', 'gelu')[act]} {'dh' if need_dh else 'no dh'}: registers / stack "
+              f"bytes / shared bytes: fwd {fwd_regs} / {fwd_stack} / {fwd_shared}, "
+              f"bwd {bwd_regs} / {bwd_stack} / {bwd_shared}", flush=True)
     for dtype in ("bf16", "fp16", "fp32"):
         compile_quick_gelu(dtype)
     print("quick_gelu bf16/fp16/fp32 compiled")
