@@ -20,7 +20,7 @@ try:
 except ImportError:   # run from a checkout that is not pip-installed
     from common import (bar_chart, copy_bandwidth_gbps, fresh_compile, print_table, run_info, slug, time_ms,
                         write_results)
-from cma_kernels import adapter_reference, fused_adapter
+from cma_kernels import MAX_RANK, adapter_reference, fused_adapter
 
 GPU_SHAPES = [(N, D) for D in (768, 512) for N in (19200, 153600, 1048576)]   # the targets' shapes first
 CPU_SHAPES = [(4096, 512), (4096, 768)]
@@ -85,6 +85,8 @@ def main(argv=None, prog=None):
     args = p.parse_args(argv)
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+    if not 1 <= args.r <= MAX_RANK:
+        p.error(f"--r must be in [1, {MAX_RANK}] (the fused kernel's range), got {args.r}")
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     info = {**run_info(device), "smoke": args.smoke}
@@ -99,6 +101,9 @@ def main(argv=None, prog=None):
         print("No CUDA device: timing the eager reference on CPU only; the fused and torch.compile numbers need CUDA.")
         variants, shapes, dtypes = {"eager": adapter_reference}, CPU_SHAPES, [torch.float32]
         compile_backend = None
+    narrowest = min(D for _, D in shapes)
+    if not 0 <= args.ds <= narrowest:
+        p.error(f"--ds must be in [0, {narrowest}] (the narrowest width benchmarked here), got {args.ds}")
     names = [*variants, "compile"] if compile_backend else list(variants)
     print(f"{info['device']}  copy bandwidth {bandwidth:.0f} GB/s  r={args.r} d_s={args.ds}")
 

@@ -243,6 +243,14 @@ def test_e2e_bench_compiles_each_fused_variant_it_runs(monkeypatch):
     assert compiled_variants(["full"], []) == []
 
 
+@pytest.mark.parametrize("bad,message", [(["--r", "0"], "--r must be in [1, 64]"), (["--r", "65"], "--r must be in"),
+                                         (["--ds", "-1"], "--ds must be in [0, 512]"), (["--ds", "513"], "--ds must")])
+def test_adapter_bench_rejects_bad_shapes(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench"] + bad)
+    assert message in capsys.readouterr().err
+
+
 def test_e2e_bench_rejects_more_words_than_the_context(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--e2e", "--words", "78"])
