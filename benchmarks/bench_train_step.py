@@ -332,8 +332,8 @@ def main(argv=None, prog=None):
                    help="tokens per caption (default 77, the full context; cma train uses 32)")
     p.add_argument("--smoke", action="store_true", help="tiny model and batch on the CPU: exercises the script only")
     args = p.parse_args(argv)
-    if args.videos < 1:
-        p.error("--videos must be >= 1")
+    if args.videos < 1 or args.steps < 1:
+        p.error("--videos and --steps must be >= 1")
     if not 2 <= args.words <= 77:
         p.error("--words must be in [2, 77]")
     if args.smoke:

@@ -69,6 +69,8 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=None, help="stop sweeping after this many seconds")
     p.add_argument("--smoke", action="store_true", help="two configurations on the CPU (TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
+    if min(args.N) < 1 or args.D < 16:
+        p.error("--N must be >= 1 and --D >= 16")
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             p.error("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")

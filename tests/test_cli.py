@@ -251,10 +251,21 @@ def test_adapter_bench_rejects_bad_shapes(bad, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_e2e_bench_rejects_more_words_than_the_context(capsys):
+@pytest.mark.parametrize("bad,message", [(["--words", "78"], "--words must be in [2, 77]"),
+                                         (["--steps", "0"], "--steps must be >= 1"),
+                                         (["--videos", "0"], "--videos and --steps must be >= 1")])
+def test_e2e_bench_rejects_bad_options(bad, message, capsys):
     with pytest.raises(SystemExit):
-        main(["bench", "--e2e", "--words", "78"])
-    assert "--words must be in [2, 77]" in capsys.readouterr().err
+        main(["bench", "--e2e"] + bad)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--N", "0"], ["--D", "8"]])
+def test_tuner_rejects_bad_shapes(bad, capsys):
+    from cma_benchmarks import tune_adapter
+    with pytest.raises(SystemExit):
+        tune_adapter.main(bad)
+    assert "--N must be >= 1 and --D >= 16" in capsys.readouterr().err
 
 
 def test_e2e_bench_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):
