@@ -153,8 +153,8 @@ def _adapter_bwd_kernel(
     b_down_ptr,         # [R]
     w_up_unique_ptr,    # [D - DS, R] contiguous
     w_up_shared_ptr,    # [DS, R] contiguous
-    grads_part_ptr,     # [P, GRADS] fp32, this program's partial gradients, laid out as grads_flat
-    N, D, DS, GRADS, stride_dy, stride_h, TILES_PER_PROGRAM,
+    grads_part_ptr,     # [P, stride_part] fp32: per program, its partial gradients laid out as grads_flat
+    N, D, DS, stride_part, stride_dy, stride_h, TILES_PER_PROGRAM,
     R: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr, NEED_DH: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -164,7 +164,7 @@ def _adapter_bwd_kernel(
     rank_mask = ranks < R
     D_UNIQUE = D - DS
     b_down = tl.load(b_down_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
-    dw_down_part_ptr = grads_part_ptr + pid.to(tl.int64) * GRADS   # [R, D]
+    dw_down_part_ptr = grads_part_ptr + pid.to(tl.int64) * stride_part   # [R, D]
     db_down_part_ptr = dw_down_part_ptr + R * D                      # [R]
     dw_up_part_ptr = db_down_part_ptr + R                            # [D, R]: unique rows, then shared rows
     db_up_part_ptr = dw_up_part_ptr + D * R                          # [D]
@@ -340,19 +340,22 @@ def adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activ
     tiles_per_program = max(1, _cdiv(num_tiles, _num_programs_cap(h.device, cfg["PROGRAMS_PER_SM"])))
     P = max(1, _cdiv(num_tiles, tiles_per_program))
     grads = 2 * r * D + r + D
-    # every program writes all of its partials (no zero-fill); N = 0 runs no program
-    grads_part = (torch.empty if N > 0 else torch.zeros)((P, grads), dtype=torch.float32, device=h.device)
+    # rows padded to a multiple of 16 values: the kernel then knows each program's partials are aligned
+    # and accesses them with vector loads and stores. Every program writes all of its partials (no
+    # zero-fill); N = 0 runs no program.
+    stride_part = _cdiv(grads, 16) * 16
+    grads_part = (torch.empty if N > 0 else torch.zeros)((P, stride_part), dtype=torch.float32, device=h.device)
     dh = torch.empty((N, D), dtype=h.dtype, device=h.device) if need_dh else None
     if N > 0:
         _adapter_bwd_kernel[(P,)](
             dy2, h2, dh if need_dh else h2, w_down.contiguous(), b_down.contiguous(),
             _real(w_up_unique, w_up_shared), _real(w_up_shared, w_up_unique), grads_part,
-            N, D, ds, grads, dy2.stride(0), h2.stride(0), tiles_per_program,
+            N, D, ds, stride_part, dy2.stride(0), h2.stride(0), tiles_per_program,
             R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation), NEED_DH=need_dh,
             DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    return dh.view(h.shape) if need_dh else None, grads_part.sum(0)
+    return dh.view(h.shape) if need_dh else None, grads_part[:, :grads].sum(0)
 
 
 def split_grads(grads_flat, w_down, b_down, w_up_unique, w_up_shared):

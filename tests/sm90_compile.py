@@ -25,7 +25,7 @@ import cma_kernels.quick_gelu as qg
 
 SM90_SHARED_BYTES = 227 * 1024
 MAX_STACK_BYTES = 32   # a value or two; the configurations this replaced spilled 344 to 3944 bytes
-DIVISIBLE_BY_16 = {"N", "D", "DS", "stride_h", "stride_res", "stride_dy", "n"}
+DIVISIBLE_BY_16 = {"N", "D", "DS", "stride_h", "stride_res", "stride_dy", "stride_part", "n"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -76,7 +76,7 @@ def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32"):
                 BLOCK_N=fwd_cfg["BLOCK_N"], BLOCK_D=fwd_cfg["BLOCK_D"]), fwd_cfg)
     bwd = (op._adapter_bwd_kernel,
            {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}", **w, "grads_part_ptr": "*fp32"},
-           {"N", "D", "DS", "GRADS", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
+           {"N", "D", "DS", "stride_part", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
            dict(R=r, R_PAD=r_pad, ACT=act, NEED_DH=need_dh, DOT_PRECISION=precision,
                 BLOCK_N=bwd_cfg["BLOCK_N"], BLOCK_D=bwd_cfg["BLOCK_D"]), bwd_cfg)
     return [compile_sm90(kernel, pointers, ints, constexprs, cfg["num_warps"], cfg["num_stages"])
