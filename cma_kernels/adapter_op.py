@@ -39,7 +39,7 @@ MAX_RANK = 64   # r up to this runs fused; larger bottlenecks use the reference 
 # run on FMA units with their operands in registers, and r = 64 doubles the bottleneck tiles: there
 # those tiles would make ptxas spill registers to local memory on sm_90 (the fp32 backward by about
 # 4 KB per thread), so they get smaller tiles or more warps. tests/sm90_compile.py reports every
-# configuration's registers and spills and fails on spills.
+# configuration's registers and spills and fails on more than a value or two spilled.
 FWD_CONFIG = dict(BLOCK_N=32, BLOCK_D=128, num_warps=4, num_stages=3)
 BWD_CONFIG = dict(BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=2, PROGRAMS_PER_SM=2)
 _CONFIGS = {   # (fp32 inputs, r > 32) -> (forward, backward)
@@ -165,9 +165,9 @@ def _adapter_bwd_kernel(
     D_UNIQUE = D - DS
     b_down = tl.load(b_down_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
     dw_down_part_ptr = grads_part_ptr + pid.to(tl.int64) * stride_part   # [R, D]
-    db_down_part_ptr = dw_down_part_ptr + R * D                      # [R]
-    dw_up_part_ptr = db_down_part_ptr + R                            # [D, R]: unique rows, then shared rows
-    db_up_part_ptr = dw_up_part_ptr + D * R                          # [D]
+    db_down_part_ptr = dw_down_part_ptr + R * D                            # [R]
+    dw_up_part_ptr = db_down_part_ptr + R                                  # [D, R]: unique rows, then shared rows
+    db_up_part_ptr = dw_up_part_ptr + D * R                                # [D]
     db_down = tl.zeros((R_PAD,), dtype=tl.float32)
     first_tile = pid * TILES_PER_PROGRAM
 
