@@ -308,9 +308,10 @@ def test_op_benchmarks_compile_each_shape_afresh(bench, tmp_path, monkeypatch):
         pytest.skip("the smoke runs are for machines without a GPU")
     module = importlib.import_module(f"cma_benchmarks.{bench}")
     monkeypatch.setattr(module, "SMOKE_SHAPES", [(16, 64), (24, 64)])
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    rows = module.main(["--smoke", "--out", str(tmp_path)])
+    # dynamo's own patch, not monkeypatch: undoing a monkeypatch deletes the option, and a deleted
+    # torch config option stays hidden, breaking every later compile in the process
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+        rows = module.main(["--smoke", "--out", str(tmp_path)])
     assert [r["N"] for r in rows] == [16, 24] and all(r["compile_fwdbwd_ms"] > 0 for r in rows)
 
 
