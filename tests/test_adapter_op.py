@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import CUDA, clip_inputs, gpu_check, requires_cuda, small_clip
 
+import cma_kernels.adapter_op as adapter_op
 from cma_kernels import adapter_backward, adapter_reference, fused_adapter
 from cma_model import CrossModalAdapterConfig, adapter_named_parameters, add_cross_modal_adapters, set_adapter_backend
 
@@ -83,6 +84,18 @@ def test_fp16_forward_and_every_gradient(N, D, r, ds):
 @pytest.mark.parametrize("r", [1, 4, 8, 16, 32, 64])
 def test_every_rank(r):
     check_against_float64(*make_case(65, 96, r, 16, torch.float32))
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU every test runs these configurations")
+@pytest.mark.parametrize("fp32_inputs,wide_r", list(adapter_op._CONFIGS))
+def test_every_gpu_launch_configuration_in_the_interpreter(fp32_inputs, wide_r, monkeypatch):
+    """On the CPU the launchers take the largest tiles (launch_configs); here each (forward,
+    backward) configuration the GPU uses runs instead, with its dtype and r, so every tile shape's
+    masks and multi-tile loop are checked against float64 before a GPU sees them."""
+    config = adapter_op._CONFIGS[fp32_inputs, wide_r]
+    monkeypatch.setattr(adapter_op, "launch_configs", lambda dtype, r, device: config)
+    dtype = torch.float32 if fp32_inputs else torch.float16
+    check_against_float64(*make_case(257, 96, 64 if wide_r else 8, 16, dtype))
 
 
 @pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
