@@ -6,7 +6,8 @@ torch.compile of it vs the memory floor (bytes that must move / measured device 
 Shapes: the [tokens, 4 x width] hidden activation of ViT-B/32 and ViT-B/16 at 32 videos x 12
 frames (19200 and 75648 tokens, width 768), bf16. Floor bytes: forward reads z and writes y;
 backward reads z and dy and writes dz. Needs CUDA; --smoke runs the fused path on the CPU in
-Triton's interpreter (tiny shape, TRITON_INTERPRET=1): no meaningful numbers.
+Triton's interpreter and the compiled one through aot_eager (tiny shape, TRITON_INTERPRET=1): no
+meaningful numbers.
 """
 import argparse
 import os
@@ -49,7 +50,7 @@ def bench_shape(N, width, dtype, device, variants, bandwidth, compile_backend=No
 def main(argv=None, prog=None):
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench", help="folder for the JSON/CSV results (default runs/bench)")
-    p.add_argument("--smoke", action="store_true", help="the fused path on the CPU, tiny shape (needs "
+    p.add_argument("--smoke", action="store_true", help="the fused and compiled paths on the CPU, tiny shape (needs "
                    "TRITON_INTERPRET=1): exercises the script only")
     args = p.parse_args(argv)
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
