@@ -337,8 +337,12 @@ def train(cfg: TrainConfig):
         best, evaluated_step = ckpt.get("best"), ckpt.get("evaluated_step", -1)
         set_rng_state(ckpt["rng"])
 
+    written = None   # (step, evaluated_step) of the last checkpoint written: the state it holds
+
     def checkpoint():
-        if rank == 0:
+        nonlocal written
+        if rank == 0 and written != (step, evaluated_step):   # a stop right after a save writes nothing new
+            written = (step, evaluated_step)
             save_checkpoint(latest, {"format": CHECKPOINT_FORMAT, "adapters": adapter_state_dict(model),
                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                      "step": step, "config": _plain(cfg), "rng": rng_state(), "skipped": skipped,

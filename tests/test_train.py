@@ -13,7 +13,8 @@ from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cach
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import RetrievalForward, encode_text
 from cma_train.signals import TrainingStopped
-from cma_train.train import CheckpointError, TrainConfig, build_model, load_checkpoint, train, train_step
+from cma_train.train import (CheckpointError, TrainConfig, build_model, load_checkpoint, save_checkpoint, train,
+                             train_step)
 
 
 def tiny_config(jsonl, cache, out, **kw):
@@ -142,24 +143,30 @@ def _signal_at_step(monkeypatch, at, *signums):
     monkeypatch.setattr(train_module, "train_step", step_then_signal)
 
 
-@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("name, at", [("SIGINT", 3), ("SIGTERM", 4)])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(video_set, tmp_path, monkeypatch,
-                                                                             name):
-    """Ctrl-C or a scheduler's SIGTERM mid-epoch: the step finishes, its checkpoint is written (not
-    only the last epoch's), the handlers are restored, and --resume gives the uninterrupted losses."""
+                                                                             name, at):
+    """Ctrl-C or a scheduler's SIGTERM mid-epoch (step 3) or on the epoch's last step (4, which
+    writes its checkpoint anyway): the step finishes, its checkpoint is written once, the handlers
+    are restored, and --resume gives the uninterrupted losses."""
+    import cma_train.train as train_module
     jsonl, cache = video_set
-    kw = dict(batch_size=2, epochs=2, max_steps=6)   # 4 steps per epoch: step 3 is mid-epoch
+    kw = dict(batch_size=2, epochs=2, max_steps=6)   # 4 steps per epoch
     whole = train(tiny_config(jsonl, cache, tmp_path / "whole", **kw))["losses"]
-    _signal_at_step(monkeypatch, 3, getattr(signal, name))
+    _signal_at_step(monkeypatch, at, getattr(signal, name))
+    written = []
+    monkeypatch.setattr(train_module, "save_checkpoint",
+                        lambda path, payload: (written.append(payload["step"]), save_checkpoint(path, payload)))
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingStopped) as stopped:
         train(tiny_config(jsonl, cache, tmp_path / "cut", **kw))
-    assert stopped.value.step == 3 and stopped.value.signum == getattr(signal, name)
+    assert stopped.value.step == at and stopped.value.signum == getattr(signal, name)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
-    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint_latest.pt"))["step"] == 3
+    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint_latest.pt"))["step"] == at
+    assert written == [at]
     monkeypatch.undo()
     resumed = train(tiny_config(jsonl, cache, tmp_path / "cut", resume=True, **kw))["losses"]
-    assert resumed == pytest.approx(whole[3:], rel=1e-6, abs=1e-7)
+    assert resumed == pytest.approx(whole[at:], rel=1e-6, abs=1e-7)
 
 
 def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(video_set, tmp_path, monkeypatch):
