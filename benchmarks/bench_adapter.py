@@ -1,16 +1,20 @@
 """Adapter op throughput: fused Triton vs eager reference vs torch.compile(reference) vs the
 memory floor (bytes that must move / measured device copy bandwidth).
 
-    python benchmarks/bench_adapter.py [--out benchmarks/results] [--quick]
+    python benchmarks/bench_adapter.py [--out benchmarks/results] [--quick] [--budget-s S]
 
 Forward is `residual + adapter(h)`; fwd+bwd adds the gradients of h, the residual and all six
 weights. Floor bytes: forward reads x and h and writes out; backward reads dy and h and writes dh.
 On CPU only the eager reference runs (small shapes): the fused and compiled numbers need CUDA.
 --smoke runs the GPU code path on the CPU instead (tiny shapes, the kernels in Triton's
 interpreter, TRITON_INTERPRET=1): no meaningful numbers, but the script is known to work.
+--budget-s starts no new shape once the time is up (each shape compiles torch.compile's graphs
+afresh, about seconds apart on a GPU); the shapes run targets first, and a run cut short still
+prints its table, writes its plot and lists the shapes it skipped.
 """
 import argparse
 import os
+import time
 
 import torch
 
@@ -29,12 +33,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def make_inputs(N, D, r, ds, dtype, device, seed=0):
-    """Fresh random adapter inputs:
-    (h, residual, [w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared])."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """Fresh random adapter inputs, drawn on the device (a CPU draw of the largest shape's 1.6 G
+    values took seconds): (h, residual, [w_down, b_down, w_up_unique, b_up_unique, w_up_shared,
+    b_up_shared])."""
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+        return (torch.randn(*shape, generator=g, device=device, dtype=dtype) * scale).requires_grad_()
 
     weights = [rand(r, D, scale=0.02), rand(r, scale=0.02), rand(D - ds, r, scale=0.02), rand(D - ds, scale=0.02),
                rand(ds, r, scale=0.02), rand(ds, scale=0.02)]
@@ -80,6 +85,8 @@ def main(argv=None, prog=None):
     p.add_argument("--quick", action="store_true", help="GPU: only N=19200 and 153600 at D=768")
     p.add_argument("--r", type=int, default=8, help="bottleneck width r (default 8, the MSR-VTT config)")
     p.add_argument("--ds", type=int, default=16, help="shared channels d_s (default 16)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no new shape after this many seconds "
+                   "(the first always runs; the rest are listed as skipped)")
     p.add_argument("--smoke", action="store_true", help="the GPU code path on the CPU, tiny shapes (needs "
                    "TRITON_INTERPRET=1): exercises the script only")
     args = p.parse_args(argv)
@@ -108,9 +115,13 @@ def main(argv=None, prog=None):
     print(f"{info['device']}  copy bandwidth {bandwidth:.0f} GB/s  r={args.r} d_s={args.ds}")
 
     stem = f"adapter{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
-    rows = []
+    rows, skipped = [], []
+    deadline = time.monotonic() + args.budget_s if args.budget_s is not None else float("inf")
     for dt in dtypes:
         for N, D in shapes:
+            if rows and time.monotonic() > deadline:
+                skipped.append(f"{str(dt).replace('torch.', '')} {N}x{D}")
+                continue
             rows.append(bench_shape(N, D, dt, device, args.r, args.ds, variants, bandwidth, compile_backend))
             print(f"{rows[-1]['dtype']} {N}x{D}: " + ", ".join(f"{v} {rows[-1][f'{v}_fwdbwd_ms']:.3f}"
                                                              for v in names) + " ms fwd+bwd", flush=True)
@@ -119,7 +130,9 @@ def main(argv=None, prog=None):
     if "fused" in variants:
         cols += ["fused_fwd_pct_of_copy_bw", "fused_fwdbwd_pct_of_copy_bw"]
     print_table(rows, cols)
-    path = write_results(args.out, stem, {**info, "complete": True}, rows)
+    if skipped:
+        print(f"time is up after {args.budget_s:g} s: skipped {', '.join(skipped)}")
+    path = write_results(args.out, stem, {**info, "complete": not skipped, "skipped": skipped}, rows)
     plot(rows, names, path + ".png")
     print(f"wrote {path}.json, .csv, .png")
     return rows

@@ -33,7 +33,7 @@ echo "pytest exit $? (124: cut off at its time limit): $(grep -c " PASSED" "$tes
 grep -E " (FAILED|ERROR)" "$tests_log" | head -10
 tail -22 "$tests_log"
 echo "== adapter benchmark"
-timeout 140 python benchmarks/bench_adapter.py --out benchmarks/results 2>&1 | tail -30
+timeout 140 python benchmarks/bench_adapter.py --budget-s 110 --out benchmarks/results 2>&1 | tail -32
 pack
 echo "== quick_gelu benchmark"
 timeout 35 python benchmarks/bench_quick_gelu.py --out benchmarks/results 2>&1 | tail -6

@@ -313,6 +313,11 @@ def test_op_benchmarks_compile_each_shape_afresh(bench, tmp_path, monkeypatch):
     with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
         rows = module.main(["--smoke", "--out", str(tmp_path)])
     assert [r["N"] for r in rows] == [16, 24] and all(r["compile_fwdbwd_ms"] > 0 for r in rows)
+    if bench == "bench_adapter":   # a spent time budget: the first shape runs, the rest are named as skipped
+        assert [r["N"] for r in module.main(["--smoke", "--budget-s", "0", "--out", str(tmp_path)])] == [16]
+        results = json.loads(next(tmp_path.glob("adapter_smoke_*.json")).read_text())
+        assert results["skipped"] == ["float32 24x64"] and not results["complete"]
+        assert next(tmp_path.glob("adapter_smoke_*.png")).exists()
 
 
 def test_tuner_tries_the_current_configurations_neighbours_first():
