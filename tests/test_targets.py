@@ -41,9 +41,9 @@ def _step_rows(rng, fused_ratio):
     return rows
 
 
-def _table(capsys):
-    return {line[7:].rsplit(None, 3)[0].strip(): line.split()[-1] for line in capsys.readouterr().out.splitlines()
-            if line.startswith("#")}
+def _table(out):
+    """{target: "yes" or "NO"} from targets.py's printed table."""
+    return {line[7:].rsplit(None, 3)[0].strip(): line.split()[-1] for line in out.splitlines() if line.startswith("#")}
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -64,7 +64,7 @@ def test_targets_table_reads_the_newest_results(tmp_path, capsys, fast):
     assert "adapter_nvidia-test-gpu_2026-02-01.json" in out and "smoke" not in out and "words32" not in out
     capsys.readouterr()
     targets.main(["--results", str(tmp_path), "--device", DEVICE])
-    table = _table(capsys)
+    table = _table(capsys.readouterr().out)
     expected = "yes" if fast else "NO"
     for what in ("fused fwd ms, bf16 153600x768", "fused fwdbwd ms, bf16 19200x768",
                  "fused fwd % of copy bandwidth, bf16 153600x768",
@@ -75,7 +75,21 @@ def test_targets_table_reads_the_newest_results(tmp_path, capsys, fast):
     assert table["ViT-B-32 fused_compile-default step_vs_full"] == "yes"   # only the compiled run has it
     assert "ViT-B-32 full step_vs_full" not in table
     assert cli_main(["bench", "--targets", "--results", str(tmp_path), "--device", DEVICE]) == 0   # the same table
-    assert _table(capsys) == table
+    assert _table(capsys.readouterr().out) == table
+
+
+def test_shapes_a_time_budget_skipped_keep_never_slower_unmet(tmp_path, capsys):
+    """All measured shapes fast, but two left out by bench_adapter --budget-s: "never slower than
+    eager or compile at any benchmarked shape" is not shown, so it is not met; the rest are."""
+    rows = _adapter_rows(random.Random(3), fast=True)
+    info = dict(_info("2026-02-01"), complete=False, skipped=["float32 153600x768", "float32 19200x512"])
+    write_results(tmp_path, "adapter_nvidia-test-gpu_2026-02-01", info, rows[:4])
+    assert targets.main(["--results", str(tmp_path), "--device", DEVICE]) == 0
+    out = capsys.readouterr().out
+    assert "(cut short)" in out and "not measured (time budget): float32 153600x768, float32 19200x512" in out
+    table = _table(out)
+    assert table["shapes where fused is slower than eager or compile (2 not measured)"] == "NO"
+    assert table["fused fwd ms, bf16 153600x768"] == "yes"
 
 
 def test_targets_without_results_or_device(tmp_path, capsys, monkeypatch):
