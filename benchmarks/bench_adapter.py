@@ -9,7 +9,7 @@ On CPU only the eager reference runs (small shapes): the fused and compiled numb
 --smoke runs the GPU code path on the CPU instead (tiny shapes, the kernels in Triton's
 interpreter, TRITON_INTERPRET=1): no meaningful numbers, but the script is known to work.
 --budget-s starts no new shape once the time is up (each shape compiles torch.compile's graphs
-afresh, about seconds apart on a GPU); the shapes run targets first, and a run cut short still
+afresh, seconds per shape on a GPU); the shapes run targets first, and a run cut short still
 prints its table, writes its plot and lists the shapes it skipped.
 """
 import argparse
