@@ -1,16 +1,25 @@
 """Compile the fused adapter and quick_gelu kernels for sm_90 (H100/H200) on a machine without a GPU,
-and report what each needs: registers and local memory per thread (spills), shared memory.
+and report what each needs: registers and local memory per thread (spills), shared memory, and
+how many of its global loads and stores are 128 bits wide.
 
 Triton lowers to PTX and runs its bundled ptxas without a device, which catches what the CPU
 interpreter lets through (tl.dot shape rules, dtype mixes, shared-memory overflow). The kernels are
 specialised as a launch specialises them (16-byte aligned pointers; sizes and row strides that
 are multiples of 16, as D, d_s and N are in every model's shapes), so the registers are those the
 GPU will run with. A kernel that spills more than MAX_STACK_BYTES per thread to local memory
-fails: in these memory-bound kernels spills add their own memory traffic. Run in a process
-WITHOUT TRITON_INTERPRET:  python tests/sm90_compile.py [--all]
+fails: in these memory-bound kernels spills add their own memory traffic. So does a 16-bit
+kernel at r >= 4 (every r issue #3 lists) with under MIN_WIDE_SHARE of its global memory
+instructions 128 bits wide: the sign of h, dy or out moved in narrow pieces (a lost alignment or
+a layout change), where a 64 x 64 bf16 tile takes 32 scalar loads per thread instead of 4. The
+share counts instructions in the SASS, not bytes moved; the few narrow ones load biases and
+weights (at r = 1 and in fp32 those are most of the count, so these are not checked).
+Run in a process WITHOUT TRITON_INTERPRET:
+    python tests/sm90_compile.py [--all]
 """
+import collections
 import itertools
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,9 +34,12 @@ import cma_kernels.quick_gelu as qg
 
 SM90_SHARED_BYTES = 227 * 1024
 MAX_STACK_BYTES = 32   # a value or two; the configurations this replaced spilled 344 to 3944 bytes
+MIN_WIDE_SHARE = 0.85  # 16-bit, r >= 4: 0.92 to 0.98 with the configurations of November 2026
 DIVISIBLE_BY_16 = {"N", "D", "DS", "stride_h", "stride_res", "stride_dy", "stride_part", "n"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+NVDISASM = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+GLOBAL_ACCESS = re.compile(r"\b(LDGSTS|LDG|STG)\.E(?:\.BYPASS)?(\.\d+)?\b")   # e.g. LDG.E.128, LDGSTS.E.BYPASS.128
 
 
 def signature(kernel, pointers, ints):
@@ -35,35 +47,46 @@ def signature(kernel, pointers, ints):
 
 
 def resources(cubin):
-    """(registers, stack bytes) per thread of a cubin, from the cuobjdump bundled with Triton."""
+    """(registers, stack bytes, {global memory instruction: count}) per thread of a cubin, from the
+    cuobjdump and nvdisasm bundled with Triton; instructions as "LDG.128", "STG" (32-bit), ..."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
                              check=True).stdout
+        sass = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if "REG:" in line)
-    return int(line.split("REG:")[1].split()[0]), int(line.split("STACK:")[1].split()[0])
+    accesses = collections.Counter(op + width for op, width in GLOBAL_ACCESS.findall(sass))
+    return int(line.split("REG:")[1].split()[0]), int(line.split("STACK:")[1].split()[0]), accesses
+
+
+def wide_share(accesses):
+    """Share of global memory instructions that move 128 bits."""
+    return sum(n for op, n in accesses.items() if op.endswith(".128")) / max(1, sum(accesses.values()))
 
 
 def compile_sm90(kernel, pointers, ints, constexprs, num_warps, num_stages=3):
     """Compile one kernel for sm_90 as a launch would specialise it; returns (registers, stack
-    bytes, shared bytes), refusing more shared memory than sm_90 has or spills over MAX_STACK_BYTES."""
+    bytes, shared bytes, global accesses), refusing more shared memory than sm_90 has or spills over
+    MAX_STACK_BYTES."""
     aligned = {a for a in kernel.arg_names if a in pointers or a in DIVISIBLE_BY_16 & set(ints)}
     attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=kernel, signature=signature(kernel, pointers, ints), constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
-    registers, stack = resources(compiled.asm["cubin"])
+    registers, stack, accesses = resources(compiled.asm["cubin"])
     if compiled.metadata.shared > SM90_SHARED_BYTES:
         raise RuntimeError(f"{kernel.__name__} needs {compiled.metadata.shared} bytes of shared memory")
     if stack > MAX_STACK_BYTES:
         raise RuntimeError(f"{kernel.__name__} {constexprs} spills: {stack} bytes of stack per thread")
-    return registers, stack, compiled.metadata.shared
+    return registers, stack, compiled.metadata.shared, accesses
 
 
 def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32"):
     """Compile forward and backward, each with its launch configuration (op.launch_configs), for one
-    (activation dtype, r, activation, dh or not); returns [(registers, stack, shared)] per kernel."""
+    (activation dtype, r, activation, dh or not); returns [(registers, stack, shared, accesses)] per
+    kernel, refusing a 16-bit pair at r >= 4 whose share of 128-bit global accesses is under
+    MIN_WIDE_SHARE."""
     r_pad = max(16, triton.next_power_of_2(r))
     precision = "ieee" if dtype == "fp32" else "tf32"
     fwd_cfg, bwd_cfg = op.launch_configs(DTYPES[dtype], r)
@@ -79,8 +102,13 @@ def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32"):
            {"N", "D", "DS", "stride_part", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
            dict(R=r, R_PAD=r_pad, ACT=act, NEED_DH=need_dh, DOT_PRECISION=precision,
                 BLOCK_N=bwd_cfg["BLOCK_N"], BLOCK_D=bwd_cfg["BLOCK_D"]), bwd_cfg)
-    return [compile_sm90(kernel, pointers, ints, constexprs, cfg["num_warps"], cfg["num_stages"])
-            for kernel, pointers, ints, constexprs, cfg in (fwd, bwd)]
+    out = [compile_sm90(kernel, pointers, ints, constexprs, cfg["num_warps"], cfg["num_stages"])
+           for kernel, pointers, ints, constexprs, cfg in (fwd, bwd)]
+    for (kernel, *_), (*_, accesses) in zip((fwd, bwd), out):
+        if dtype != "fp32" and r >= 4 and wide_share(accesses) < MIN_WIDE_SHARE:
+            raise RuntimeError(f"{kernel.__name__} {dtype} r={r}: only {wide_share(accesses):.0%} of its global "
+                               f"memory instructions are 128-bit: {dict(accesses)}")
+    return out
 
 
 def compile_quick_gelu(dtype):
@@ -96,10 +124,11 @@ def main(argv):
         [("bf16", 8, 0, True), ("bf16", 8, 0, False), ("bf16", 4, 1, True), ("fp16", 16, 0, True),
          ("fp32", 8, 0, True), ("bf16", 64, 0, True), ("fp32", 64, 0, True)]
     for dtype, r, act, need_dh in cases:
-        (fwd_regs, fwd_stack, fwd_shared), (bwd_regs, bwd_stack, bwd_shared) = compile_pair(dtype, r, act, need_dh)
+        fwd, bwd = compile_pair(dtype, r, act, need_dh)
         print(f"{dtype} r={r} {('quick_gelu', 'gelu')[act]} {'dh' if need_dh else 'no dh'}: registers / stack "
-              f"bytes / shared bytes: fwd {fwd_regs} / {fwd_stack} / {fwd_shared}, "
-              f"bwd {bwd_regs} / {bwd_stack} / {bwd_shared}", flush=True)
+              f"bytes / shared bytes / 128-bit global accesses: "
+              + ", ".join(f"{kind} {regs} / {stack} / {shared} / {wide_share(acc):.0%}"
+                          for kind, (regs, stack, shared, acc) in (("fwd", fwd), ("bwd", bwd))), flush=True)
     for dtype in ("bf16", "fp16", "fp32"):
         compile_quick_gelu(dtype)
     print("quick_gelu bf16/fp16/fp32 compiled")
