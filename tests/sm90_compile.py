@@ -12,7 +12,8 @@ kernel at r >= 4 (every r issue #3 lists) with under MIN_WIDE_SHARE of its globa
 instructions 128 bits wide: the sign of h, dy or out moved in narrow pieces (a lost alignment or
 a layout change), where a 64 x 64 bf16 tile takes 32 scalar loads per thread instead of 4. The
 share counts instructions in the SASS, not bytes moved; the few narrow ones load biases and
-weights (at r = 1 and in fp32 those are most of the count, so these are not checked).
+weights or update the backward's weight-gradient partials (at r = 1 and in fp32 those are most
+of the count, so these are not checked).
 Run in a process WITHOUT TRITON_INTERPRET:
     python tests/sm90_compile.py [--all]
 """
