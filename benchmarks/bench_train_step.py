@@ -18,7 +18,8 @@ Per variant: median step time over the timed steps, peak memory, the activations
 (saved_GiB, measured with saved-tensor hooks), videos/s, ratios to full fine-tuning, and from one
 profiled step its top CUDA kernels and gpu_busy_pct: the time any kernel ran over the step time
 (well under 100: the GPU waits for launches, and CUDA graphs, `--compile reduce-overhead`, would
-pay). Results are written after every variant ("complete": false until the end), so a run cut
+pay; under them, cudagraph_skips counts the graphs inductor declined to record, which ran without
+CUDA graphs). Results are written after every variant ("complete": false until the end), so a run cut
 short keeps what it measured. Then the time to bring one batch of frames to the device, which the
 variants leave out: fp32 from pageable memory vs uint8 from pinned memory normalised there (what
 `cma train` does). Last, 50 steps with reference and with fused adapters from the same start on
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 
 import open_clip
 import torch
+from torch._dynamo.utils import counters
 
 try:
     from cma_benchmarks.common import bar_chart, print_table, run_info, saved_activation_bytes, slug, write_results
@@ -56,7 +58,7 @@ from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_ada
 from cma_kernels import normalize_frames
 from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import infonce, similarity
-from cma_model.retrieval import COMPILE_MODES, compile_towers, encode_text
+from cma_model.retrieval import COMPILE_MODES, CUDA_GRAPH_MODES, compile_towers, encode_text
 
 VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute")
 SMOKE_CLIP = {"embed_dim": 32, "quick_gelu": True,
@@ -365,6 +367,7 @@ def main(argv=None, prog=None):
             step, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             if setup.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            skips = counters["inductor"]["cudagraph_skips"]
             ms = time_steps(step, setup, steps=args.steps)
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if setup.device.type == "cuda" else 0.0
             kernels[f"{arch}/{name}"], busy = profile_step(step, setup)
@@ -372,6 +375,8 @@ def main(argv=None, prog=None):
                    "videos_per_s": setup.videos / ms * 1e3}
             if setup.device.type == "cuda":
                 row["gpu_busy_pct"] = 100 * busy / ms
+                if name.endswith(CUDA_GRAPH_MODES):   # graphs inductor declined to record: those parts ran eager
+                    row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
             if "compile" not in name:   # saved-tensor hooks would make dynamo trace again
                 _, saved = saved_activation_bytes(forward, model.parameters())
                 row["saved_GiB"] = saved / 2 ** 30
@@ -385,7 +390,8 @@ def main(argv=None, prog=None):
             if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
     print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "saved_GiB", "videos_per_s", "gpu_busy_pct",
-                       "step_vs_full", "step_vs_floor", "mem_vs_full", "encode_384_frames_ms", "encode_vs_plain"])
+                       "cudagraph_skips", "step_vs_full", "step_vs_floor", "mem_vs_full", "encode_384_frames_ms",
+                       "encode_vs_plain"])
     copy_ms = info["batch_to_device_ms"] = batch_to_device_ms(setup)
     print("frames of one batch to the device, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in copy_ms.items()))
     if args.curves:

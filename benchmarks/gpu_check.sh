@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything to check on a GPU, in one run: CUDA tests, the adapter and quick_gelu benchmarks
 # (results into benchmarks/results/), a launch-config sweep, the end-to-end step benchmark, and,
-# with the time left of ~555 s, the step with compiled towers (CUDA graphs first, then
-# torch.compile default; each with and without --recompute-mlp; the results file is rewritten
-# after every variant, so a cut-off run keeps what it measured), then the issues' targets against
-# the results (benchmarks/targets.py). Worst case, every section at its time limit: about 570 s.
+# with the time left of ~555 s, the compiled towers: a test of --micro-batch under CUDA graphs,
+# then the step (CUDA graphs first, then torch.compile default; each with and without
+# --recompute-mlp; the results file is rewritten after every variant, so a cut-off run keeps what
+# it measured), then the issues' targets against the results (benchmarks/targets.py). Worst case,
+# every section at its time limit: about 570 s.
 # Each test's outcome: $OUT/gpu_tests.log.
 # On a machine without a package index, first put open_clip and decord (wheels or unpacked) on
 # PYTHONPATH.
@@ -24,7 +25,7 @@ echo "== CUDA tests"
 # every test's outcome goes to its own log (kept even when the time limit cuts pytest off), the
 # quick whole-path tests first, the compile-heavy kernel grid last; --durations sizes the next run
 tests_log="${OUT:-${TMPDIR:-/tmp}}/gpu_tests.log"
-timeout 170 python -m pytest -v -p no:cacheprovider --maxfail=5 --durations=12 -m gpu_check \
+timeout 170 python -m pytest -v -p no:cacheprovider --maxfail=5 --durations=12 -m gpu_check -k "not cuda_graphs" \
     tests/test_train.py tests/test_frozen_block.py tests/test_quick_gelu.py tests/test_adapter_op.py \
     > "$tests_log" 2>&1
 echo "pytest exit $? (124: cut off at its time limit): $(grep -c " PASSED" "$tests_log") passed," \
@@ -46,6 +47,13 @@ timeout 140 python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 
 pack
 left=$((555 - SECONDS))
 if [ "$left" -gt 100 ]; then
+    echo "== --micro-batch under CUDA graphs: test (${left} s left)"
+    timeout 80 python -m pytest -v -p no:cacheprovider -m gpu_check -k cuda_graphs tests/test_train.py \
+        >> "$tests_log" 2>&1
+    echo "pytest exit $? (124: cut off): $(grep -E "cuda_graphs.* (PASSED|FAILED|ERROR)" "$tests_log" | tail -1)"
+fi
+left=$((555 - SECONDS))
+if [ "$left" -gt 60 ]; then
     echo "== training step with compiled towers (${left} s left)"
     timeout "$left" python benchmarks/bench_train_step.py --out benchmarks/results --archs ViT-B-32 \
         --variants full fused_adapters fused_recompute --compile reduce-overhead default --no-curves 2>&1 | tail -20

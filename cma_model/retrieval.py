@@ -6,6 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the modes that run the compiled towers as CUDA graphs
 
 
 def compile_towers(model, mode="default"):

@@ -267,7 +267,20 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
             with autocast:
                 chunk_frame_feats, chunk_text_feats = forward(to_input(f, device), m, t)
             torch.autograd.backward([chunk_frame_feats.float(), chunk_text_feats.float()], [frame_grad, text_grad])
+        if i == 0:
+            _own_grads(forward)
     return loss.detach()
+
+
+def _own_grads(module):
+    """Give each parameter's .grad storage of its own. Autograd keeps a parameter's first gradient
+    as it arrives, without a copy; under CUDA graphs (--compile reduce-overhead or max-autotune)
+    that is an output buffer of the backward graph, which the next chunk's replay overwrites before
+    autograd adds that chunk's gradient to it (pytorch/pytorch#169545: an error or wrong sums).
+    One copy of the trainable parameters' gradients per step, with --micro-batch only."""
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.clone()
 
 
 def uneven_chunks_recompile(cfg, local_batch):
