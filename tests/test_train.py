@@ -367,9 +367,11 @@ def test_micro_batches_give_the_whole_batch_loss_and_gradients(micro_batch):
 def test_micro_batches_under_cuda_graphs_give_the_whole_batch_gradients():
     """--micro-batch 2 (3 chunks) with --compile reduce-overhead: on the step that replays the
     recorded CUDA graphs (the third: warm-up, recording, replay), the adapter gradients are those
-    of the eager whole batch within bf16 noise (5e-2 of each gradient's norm). Autograd keeps the
-    first chunk's gradients in the graphs' output buffers unless the trainer copies them out; the
-    next replay would then overwrite them (an error or wrong sums). Compiling takes a while:
+    of the eager whole batch within 0.15 of each gradient's norm. Autograd keeps the first chunk's
+    gradients in the graphs' output buffers unless the trainer copies them out; the next replay
+    would then overwrite them: an error, or sums off by 0.7 of the norm or more (this model and
+    batch on the CPU, chunk 0's gradients replaced by chunk 1's), where bf16 autocast against fp32
+    differs by at most 0.04 (CPU). Compiling takes a while:
     gpu_check.sh runs this (`-k cuda_graphs`) in its compiled section, after the quick tests."""
     from torch._dynamo.utils import counters
     from cma_model.retrieval import compile_towers
@@ -390,7 +392,7 @@ def test_micro_batches_under_cuda_graphs_give_the_whole_batch_gradients():
     assert got.keys() == want.keys()
     for n in want:
         err = ((got[n] - want[n]).norm() / want[n].norm()).item()
-        assert err <= 5e-2, (n, err)
+        assert err <= 0.15, (n, err)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU fp32 check; the GPU comparison runs in bench_train_step.py")
