@@ -22,8 +22,8 @@ pay; under them, cudagraph_skips counts the graphs inductor declined to record, 
 CUDA graphs). Results are written after every variant ("complete": false until the end), so a run
 cut short keeps what it measured. Then the time to bring one batch of frames to the device, which
 the variants leave out: fp32 from pageable memory vs uint8 from pinned memory normalised there
-(what `cma train` does). Last, 50 steps with reference and with fused adapters from the same start on
-the same batches: the two loss curves must agree within bf16 noise.
+(what `cma train` does). Last, 50 steps with reference and with fused adapters from the same
+start on the same batches: the two loss curves must agree within bf16 noise.
 
 --compile MODE [MODE ...] adds, per mode, fused adapters on towers compiled with torch.compile
 (`cma train --compile MODE`): fused_compile-MODE, and fused_recompute_compile-MODE (`--compile MODE
