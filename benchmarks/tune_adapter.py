@@ -2,12 +2,13 @@
 
     python benchmarks/tune_adapter.py [--out benchmarks/results]
 
-Prints forward and forward+backward medians per configuration (bf16, r=8, d_s=16) and writes
+Prints the forward's and the backward's medians per configuration (bf16, r=8, d_s=16) and writes
 them to tune_<device>_<date>.json. Copy a winner into FWD_CONFIG / BWD_CONFIG in
 cma_kernels/adapter_op.py only after it wins at every benchmarked shape.
 
---budget-s stops sweeping when the time is up (each new configuration compiles first, a second
-or two) and still writes what was measured, current configuration first. --smoke sweeps two
+Order: the current configuration, then the candidates in BWD_FIRST (backward), then the rest of
+the space, nearest to the current configuration first. --budget-s stops sweeping when the time is
+up (each new configuration compiles first, a second or two) and still writes what was measured. --smoke sweeps two
 configurations per kernel on the CPU in Triton's interpreter (TRITON_INTERPRET=1): script check only.
 """
 import argparse
@@ -28,23 +29,33 @@ import cma_kernels.adapter_op as fa
 FWD_SPACE = dict(BLOCK_N=[16, 32, 64, 128], BLOCK_D=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 3, 4])
 BWD_SPACE = dict(BLOCK_N=[32, 64, 128], BLOCK_D=[64, 128], num_warps=[4, 8], num_stages=[2, 3],
                  PROGRAMS_PER_SM=[1, 2, 4])
+# Timed right after the current backward configuration, ahead of its neighbours: 128-row tiles
+# halve the per-row cost of the fp32 weight-gradient partials each tile reads and writes back.
+# tests/sm90_compile.py, bf16 r=8: 216 registers, no spill, 78 KB shared (with 4 warps it spills),
+# so one program per SM: 75 programs on 132 SMs at N = 19200, 120 at 153600 (whole tiles per
+# program, rounded up). The sweep decides.
+BWD_FIRST = [dict(BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=2, PROGRAMS_PER_SM=1)]
 
 
-def search_order(space, current):
-    """Every configuration of space (a tuple of values per configuration), nearest to the current
-    one first: itself, then those differing in one setting, then in two, ...; the grid's order
-    among equals. A sweep cut short by its time budget has then tried the current configuration's
-    neighbours rather than one corner of the grid."""
-    configs = list(itertools.product(*space.values()))
-    return sorted(configs, key=lambda values: sum(v != c for v, c in zip(values, current)))
+def search_order(space, current, first=()):
+    """Every configuration of space (a tuple of values per configuration): the current one, then
+    the configurations in `first` (dicts), then the rest nearest to the current one first (those
+    differing in one setting, then in two, ...; the grid's order among equals). A sweep cut short
+    by its time budget has then tried the candidates and the current configuration's neighbours
+    rather than one corner of the grid."""
+    def distance(values):
+        return sum(v != c for v, c in zip(values, current))
+    ahead = [current] + [values for values in (tuple(f[k] for k in space) for f in first) if values != current]
+    return ahead + sorted((values for values in itertools.product(*space.values()) if values not in ahead),
+                          key=distance)
 
 
-def sweep(space, target, fn, device, deadline=float("inf"), limit=None):
+def sweep(space, target, fn, device, deadline=float("inf"), limit=None, first=()):
     """Time fn under each configuration of space (written into the config dict target) in
     search_order; stops at the deadline (time.monotonic()) or after limit configs."""
     default = dict(target)
     rows = []
-    configs = search_order(space, tuple(default.get(k) for k in space))
+    configs = search_order(space, tuple(default.get(k) for k in space), first)
     for values in configs[:limit]:
         if time.monotonic() > deadline:
             print(f"  time is up: {len(rows)} of {len(configs)} configurations timed")
@@ -96,7 +107,7 @@ def main(argv=None):
                         time.monotonic() + share, limit)
         share = (deadline - time.monotonic()) / (2 * (len(args.N) - i) - 1)
         bwd = sweep(BWD_SPACE, fa.BWD_CONFIG, lambda: fa.adapter_backward(dy, h, w[0], w[1], w[2], w[4]), device,
-                    time.monotonic() + share, limit)
+                    time.monotonic() + share, limit, BWD_FIRST)
         for kind, rows, floor_ms in (("fwd", fwd, 3 * floor), ("bwd", bwd, 3 * floor)):
             print(f"N={N} D={args.D} {kind}: floor {floor_ms:.4f} ms; best 3:")
             for r in rows[:3]:

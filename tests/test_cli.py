@@ -320,17 +320,19 @@ def test_op_benchmarks_compile_each_shape_afresh(bench, tmp_path, monkeypatch):
         assert next(tmp_path.glob("adapter_smoke_*.png")).exists()
 
 
-def test_tuner_tries_the_current_configurations_neighbours_first():
-    from cma_benchmarks.tune_adapter import BWD_SPACE, FWD_SPACE, search_order
+def test_tuner_tries_the_current_configuration_then_the_candidates_then_the_neighbours():
+    from cma_benchmarks.tune_adapter import BWD_FIRST, BWD_SPACE, FWD_SPACE, search_order
     import cma_kernels.adapter_op as fa
-    for space, config in ((FWD_SPACE, fa.FWD_CONFIG), (BWD_SPACE, fa.BWD_CONFIG)):
+    for space, config, first in ((FWD_SPACE, fa.FWD_CONFIG, []), (BWD_SPACE, fa.BWD_CONFIG, BWD_FIRST)):
         current = tuple(config[k] for k in space)
-        order = search_order(space, current)
-        assert order[0] == current and sorted(order) == sorted(set(order))   # each configuration once
+        candidates = [tuple(f[k] for k in space) for f in first]
+        assert all(f.keys() == space.keys() and all(f[k] in space[k] for k in space) for f in first)
+        order = search_order(space, current, first)
+        assert order[:1 + len(candidates)] == [current] + candidates
+        assert sorted(order) == sorted(set(order))   # each configuration once
         assert len(order) == math.prod(len(v) for v in space.values())
-        distance = [sum(a != b for a, b in zip(values, current)) for values in order]
-        assert distance == sorted(distance) and distance[1:1 + sum(len(v) - 1 for v in space.values())] == \
-            [1] * sum(len(v) - 1 for v in space.values())
+        distance = [sum(a != b for a, b in zip(values, current)) for values in order[1 + len(candidates):]]
+        assert distance[0] == 1 and distance == sorted(distance)   # then the rest, nearest first
 
 
 @pytest.mark.parametrize("argv,message", [
