@@ -8,8 +8,9 @@ cma_kernels/adapter_op.py only after it wins at every benchmarked shape.
 
 Order: the current configuration, then the candidates in BWD_FIRST (backward), then the rest of
 the space, nearest to the current configuration first. --budget-s stops sweeping when the time is
-up (each new configuration compiles first, a second or two) and still writes what was measured. --smoke sweeps two
-configurations per kernel on the CPU in Triton's interpreter (TRITON_INTERPRET=1): script check only.
+up (each new configuration compiles first, a second or two) and still writes what was measured.
+--smoke sweeps two configurations per kernel on the CPU in Triton's interpreter
+(TRITON_INTERPRET=1): script check only.
 """
 import argparse
 import itertools
