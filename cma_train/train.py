@@ -194,7 +194,7 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, payload):
-    """Write-then-rename: a crash mid-save leaves the previous checkpoint intact."""
+    """torch.save, write-then-rename: a crash mid-save leaves the previous file intact."""
     tmp = path + ".tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -332,7 +332,8 @@ def train(cfg: TrainConfig):
         forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                   fused=device.type == "cuda")   # one kernel for all adapter tensors
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, cfg.warmup))
+    schedule = cosine_with_warmup(total_steps, cfg.warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     os.makedirs(cfg.out, exist_ok=True)
     latest = os.path.join(cfg.out, "checkpoint_latest.pt")
     step, skipped = 0, {}
@@ -347,6 +348,12 @@ def train(cfg: TrainConfig):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         step, skipped = ckpt["step"], dict(ckpt["skipped"])
+        # the two states bring back the saved lr, betas, eps and weight decay: this run's settings win
+        # (a diverged run resumes with a lower --lr), on the schedule at the step reached
+        for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):   # as param_groups() made them
+            group.update(initial_lr=cfg.lr, lr=cfg.lr * schedule(step), betas=tuple(cfg.betas), eps=cfg.eps,
+                         weight_decay=decay)
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
         best, evaluated_step = ckpt.get("best"), ckpt.get("evaluated_step", -1)
         set_rng_state(ckpt["rng"])
 
@@ -420,7 +427,8 @@ def train(cfg: TrainConfig):
                 step += 1
                 losses.append(loss.item())
                 if not math.isfinite(losses[-1]):
-                    raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr")
+                    hint = " (--resume then continues from the last checkpoint)" if os.path.isfile(latest) else ""
+                    raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr{hint}")
                 rate = cfg.batch_size / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                 vid_s=f"{rate:.1f}")
@@ -445,7 +453,7 @@ def train(cfg: TrainConfig):
                     break
     bar.close()
     if rank == 0:
-        torch.save(adapter_state_dict(model), os.path.join(cfg.out, "adapters.pt"))
+        save_checkpoint(os.path.join(cfg.out, "adapters.pt"), adapter_state_dict(model))
         if skipped:
             print(f"skipped {len(skipped)} unreadable video(s):")
             for reason in list(skipped.values())[:20]:

@@ -80,6 +80,41 @@ def test_truncated_or_foreign_checkpoint_is_refused(video_set, tmp_path):
     assert not (tmp_path / "checkpoint_latest.pt.tmp").exists()
 
 
+def test_a_diverged_run_resumes_on_new_optimizer_settings(video_set, tmp_path, monkeypatch):
+    """A non-finite loss stops the run before the bad step is checkpointed; --resume with a lower
+    --lr (and other AdamW settings) continues from the last checkpoint on the new settings: the
+    learning rates and optimizer settings of a run started with them."""
+    import cma_train.train as train_module
+    jsonl, cache = video_set
+    kw = dict(batch_size=4, epochs=3, max_steps=4, save_every=1)
+    real_loss, calls = train_module._global_loss, []
+
+    def diverging_loss(*args):
+        calls.append(1)
+        return real_loss(*args) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(train_module, "_global_loss", diverging_loss)
+    with pytest.raises(FloatingPointError, match=r"nan at step 3; lower --lr \(--resume then continues"):
+        train(tiny_config(jsonl, cache, tmp_path / "cut", **kw))
+    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint_latest.pt"))["step"] == 2
+    monkeypatch.undo()
+    new = dict(lr=3e-3, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-5)
+    assert len(train(tiny_config(jsonl, cache, tmp_path / "cut", resume=True, **kw, **new))["losses"]) == 2
+    train(tiny_config(jsonl, cache, tmp_path / "fresh", **kw, **new))
+
+    def logged_lrs(out):
+        return [r["lr"] for r in map(json.loads, (tmp_path / out / "metrics.jsonl").read_text().splitlines())]
+
+    def group_settings(out):
+        groups = load_checkpoint(str(tmp_path / out / "checkpoint_latest.pt"))["optimizer"]["param_groups"]
+        return [(g["lr"], g["initial_lr"], tuple(g["betas"]), g["eps"], g["weight_decay"]) for g in groups]
+
+    assert logged_lrs("cut")[2:] == logged_lrs("fresh")[2:]   # steps 3 and 4; 1 and 2 ran at lr 1e-2
+    assert logged_lrs("cut")[0] != logged_lrs("fresh")[0]
+    assert group_settings("cut") == group_settings("fresh")
+    assert group_settings("fresh")[0][2:] == ((0.8, 0.95), 1e-5, 0.1)
+
+
 def _evals(out):
     return [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "t2v" in r]
 
