@@ -10,8 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048       # elements per program
+BLOCK = 2048                  # elements per program on the GPU
+INTERPRETER_BLOCK = 1 << 15   # on the CPU (Triton's interpreter) a program is ms of Python: few, large ones
 NUM_WARPS = 8
+
+
+def block_size(z: torch.Tensor) -> int:
+    """Elements per program for a launch on z's device."""
+    return BLOCK if z.is_cuda else INTERPRETER_BLOCK
 
 
 @triton.jit
@@ -52,7 +58,8 @@ def quick_gelu_forward(z: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(z)
     n = z.numel()
     if n:
-        _quick_gelu_fwd_kernel[(-(-n // BLOCK),)](z, y, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        block = block_size(z)
+        _quick_gelu_fwd_kernel[(-(-n // block),)](z, y, n, BLOCK=block, num_warps=NUM_WARPS)
     return y
 
 
@@ -62,7 +69,8 @@ def quick_gelu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     dz = torch.empty_like(z)
     n = z.numel()
     if n:
-        _quick_gelu_bwd_kernel[(-(-n // BLOCK),)](z, dy, dz, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        block = block_size(z)
+        _quick_gelu_bwd_kernel[(-(-n // block),)](z, dy, dz, n, BLOCK=block, num_warps=NUM_WARPS)
     return dz
 
 
