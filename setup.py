@@ -24,7 +24,7 @@ setup(
     package_dir={"cma_benchmarks": "benchmarks"},
     install_requires=["torch>=2.6", "torchvision", "triton", "open_clip_torch>=2.24", "decord", "av", "numpy", "tqdm",
                       "matplotlib", "pyyaml"],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pytest-xdist"]},   # -n 2: the suite on both cores
     entry_points={"console_scripts": ["cma=cma_train.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
