@@ -282,16 +282,28 @@ def test_e2e_bench_keeps_what_it_measured_when_cut_short(tmp_path, monkeypatch):
     assert results["rows"][1]["step_vs_full"] > 0
 
 
-def test_adapter_bench_and_tuner_smoke_run_the_gpu_code_path_on_cpu(tmp_path, capsys):
-    """--smoke: the kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU)."""
+def test_adapter_bench_and_tuner_smoke_run_the_gpu_code_path_on_cpu(tmp_path, capsys, monkeypatch):
+    """--smoke: the kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU);
+    the tuner's kernels launch with the configurations it sweeps, not the interpreter's own."""
+    import cma_kernels.adapter_op as adapter_op
     from cma_benchmarks import tune_adapter
     if torch.cuda.is_available():
         pytest.skip("the smoke runs are for machines without a GPU")
     assert main(["bench", "--smoke", "--out", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.glob("adapter_smoke_*.json")).read_text())["rows"]
     assert all(rows[0][f"{v}_{k}_ms"] > 0 for v in ("fused", "eager", "compile") for k in ("fwd", "fwdbwd"))
+    launched, launch_configs = [], adapter_op.launch_configs   # copies: the tuner edits the dicts in place
+
+    def recorded_launch_configs(*args):
+        launched.append(tuple(dict(config) for config in launch_configs(*args)))
+        return launched[-1]
+
+    monkeypatch.setattr(adapter_op, "launch_configs", recorded_launch_configs)
     out = tune_adapter.main(["--smoke", "--out", str(tmp_path)])
     assert sorted({r["kind"] for r in out}) == ["bwd", "fwd"] and len(out) == 4
+    backward_tiles = {(bwd["BLOCK_N"], bwd["BLOCK_D"]) for _, bwd in launched}
+    assert backward_tiles == {(r["BLOCK_N"], r["BLOCK_D"]) for r in out if r["kind"] == "bwd"}, backward_tiles
+    monkeypatch.undo()
     assert out[0]["ms"] > 0 and next(tmp_path.glob("tune_smoke_*.json")).exists()
     assert tune_adapter.main(["--smoke", "--budget-s", "0", "--out", str(tmp_path)]) == []
     assert "time is up" in capsys.readouterr().out
