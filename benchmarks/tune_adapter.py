@@ -13,11 +13,9 @@ up (each new configuration compiles first, a second or two) and still writes wha
 (TRITON_INTERPRET=1): script check only.
 """
 import argparse
-import contextlib
 import itertools
 import os
 import time
-from unittest import mock
 
 import torch
 
@@ -99,29 +97,28 @@ def main(argv=None):
     bandwidth = copy_bandwidth_gbps(device)
     stem = f"tune{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
     out = []
-    # on the CPU the launchers take the interpreter's own tiles: hand them the dicts being swept
-    swept = mock.patch.object(fa, "INTERPRETER_CONFIGS", (fa.FWD_CONFIG, fa.BWD_CONFIG)) if args.smoke \
-        else contextlib.nullcontext()
-    with swept:
-        for i, N in enumerate(args.N):
-            h, x, w = make_inputs(N, args.D, 8, 16, dtype, device)
-            dy = torch.randn_like(h)
-            floor = N * args.D * dtype.itemsize / (bandwidth * 1e9) * 1e3
-            # the budget is shared out: this shape's two sweeps may use their part of what is left
-            share = (deadline - time.monotonic()) / (2 * (len(args.N) - i))
-            with torch.no_grad():
-                fwd = sweep(FWD_SPACE, fa.FWD_CONFIG, lambda: fa.adapter_forward(h, *w, residual=x), device,
-                            time.monotonic() + share, limit)
-            share = (deadline - time.monotonic()) / (2 * (len(args.N) - i) - 1)
-            bwd = sweep(BWD_SPACE, fa.BWD_CONFIG, lambda: fa.adapter_backward(dy, h, w[0], w[1], w[2], w[4]), device,
-                        time.monotonic() + share, limit, BWD_FIRST)
-            for kind, rows, floor_ms in (("fwd", fwd, 3 * floor), ("bwd", bwd, 3 * floor)):
-                print(f"N={N} D={args.D} {kind}: floor {floor_ms:.4f} ms; best 3:")
-                for r in rows[:3]:
-                    print(f"  {r['ms']:.4f} ms ({100 * floor_ms / r['ms']:.0f}% of copy bw)  {r}")
-                out += [{"N": N, "D": args.D, "kind": kind, "floor_ms": floor_ms, **r} for r in rows]
-            path = write_results(args.out, stem, {**info, "complete": i == len(args.N) - 1},   # after every shape
-                                 [{k: r.get(k) for k in ["N", "D", "kind", "ms", "floor_ms", *BWD_SPACE]} for r in out])
+    # the dicts the launchers read for these inputs (on the CPU, the interpreter's): each sweep
+    # writes its configurations into them and puts them back
+    fwd_config, bwd_config = fa.launch_configs(dtype, 8, device)
+    for i, N in enumerate(args.N):
+        h, x, w = make_inputs(N, args.D, 8, 16, dtype, device)
+        dy = torch.randn_like(h)
+        floor = N * args.D * dtype.itemsize / (bandwidth * 1e9) * 1e3
+        # the budget is shared out: this shape's two sweeps may use their part of what is left
+        share = (deadline - time.monotonic()) / (2 * (len(args.N) - i))
+        with torch.no_grad():
+            fwd = sweep(FWD_SPACE, fwd_config, lambda: fa.adapter_forward(h, *w, residual=x), device,
+                        time.monotonic() + share, limit)
+        share = (deadline - time.monotonic()) / (2 * (len(args.N) - i) - 1)
+        bwd = sweep(BWD_SPACE, bwd_config, lambda: fa.adapter_backward(dy, h, w[0], w[1], w[2], w[4]), device,
+                    time.monotonic() + share, limit, BWD_FIRST)
+        for kind, rows, floor_ms in (("fwd", fwd, 3 * floor), ("bwd", bwd, 3 * floor)):
+            print(f"N={N} D={args.D} {kind}: floor {floor_ms:.4f} ms; best 3:")
+            for r in rows[:3]:
+                print(f"  {r['ms']:.4f} ms ({100 * floor_ms / r['ms']:.0f}% of copy bw)  {r}")
+            out += [{"N": N, "D": args.D, "kind": kind, "floor_ms": floor_ms, **r} for r in rows]
+        path = write_results(args.out, stem, {**info, "complete": i == len(args.N) - 1},   # after every shape
+                             [{k: r.get(k) for k in ["N", "D", "kind", "ms", "floor_ms", *BWD_SPACE]} for r in out])
     print(f"wrote {path}.json")
     return out
 

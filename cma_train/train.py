@@ -350,9 +350,9 @@ def train(cfg: TrainConfig):
         step, skipped = ckpt["step"], dict(ckpt["skipped"])
         # the two states bring back the saved lr, betas, eps and weight decay: this run's settings win
         # (a diverged run resumes with a lower --lr), on the schedule at the step reached
-        for group, decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):   # as param_groups() made them
+        for group, fresh in zip(optimizer.param_groups, param_groups(model, cfg.weight_decay)):
             group.update(initial_lr=cfg.lr, lr=cfg.lr * schedule(step), betas=tuple(cfg.betas), eps=cfg.eps,
-                         weight_decay=decay)
+                         weight_decay=fresh["weight_decay"])
         scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
         best, evaluated_step = ckpt.get("best"), ckpt.get("evaluated_step", -1)
         set_rng_state(ckpt["rng"])

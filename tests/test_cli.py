@@ -295,8 +295,9 @@ def test_adapter_bench_and_tuner_smoke_run_the_gpu_code_path_on_cpu(tmp_path, ca
     launched, launch_configs = [], adapter_op.launch_configs   # copies: the tuner edits the dicts in place
 
     def recorded_launch_configs(*args):
-        launched.append(tuple(dict(config) for config in launch_configs(*args)))
-        return launched[-1]
+        configs = launch_configs(*args)
+        launched.append(tuple(dict(config) for config in configs))
+        return configs
 
     monkeypatch.setattr(adapter_op, "launch_configs", recorded_launch_configs)
     out = tune_adapter.main(["--smoke", "--out", str(tmp_path)])
