@@ -70,6 +70,10 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
                   shard_size=64, timeout=300.0, progress=True):
     """Decode + resize every video into shards under out_dir; resumable. Returns {video id: reason}
     for every skipped video (unreadable, or no answer within `timeout` seconds: a hung decoder)."""
+    for name, value in (("max_frames", max_frames), ("size", size), ("workers", workers), ("shard_size", shard_size),
+                        ("sample_fps", sample_fps), ("timeout", timeout)):
+        if not value > 0:   # before the folder is made: a bad setting leaves no cache behind
+            raise ValueError(f"{name} must be > 0, got {value}")
     os.makedirs(out_dir, exist_ok=True)
     meta = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps, "shard_size": shard_size,
             "num_videos": len(video_ids)}

@@ -44,7 +44,7 @@ HELP = {
     "lr": "peak learning rate (AdamW, cosine schedule with warm-up)",
     "weight_decay": "weight decay on adapter weights (biases get none)",
     "warmup": "fraction of the steps spent warming up the learning rate",
-    "grad_clip": "gradient norm clip",
+    "grad_clip": "gradient norm clip (inf: none)",
     "betas": "AdamW betas",
     "eps": "AdamW epsilon",
     "pooling": "video-text similarity: softmax (the paper's parameter-free pooling) or meanP",
@@ -97,14 +97,35 @@ def _read_config_file(path):
             raise ValueError(f"--config {path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of settings")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
     out = {}
     for key, value in data.items():
         name = key.replace("-", "_")
-        if name not in names:
-            raise ValueError(f"--config {path}: unknown setting {key!r}; known: {', '.join(sorted(names))}")
-        out[name] = tuple(value) if name == "betas" else value
+        if name not in hints:
+            raise ValueError(f"--config {path}: unknown setting {key!r}; known: {', '.join(sorted(hints))}")
+        out[name] = _typed(value, hints[name], f"--config {path}: {key}")
     return out
+
+
+def _typed(value, kind, where):
+    """A config file's value as the setting's type, as its flag would parse it. YAML reads 1e-5 (no
+    dot) as a string, so numbers may come as strings; a value that is not the type is an error."""
+    optional = typing.get_origin(kind) is typing.Union
+    kind = typing.get_args(kind)[0] if optional else kind
+    if value is None and optional:
+        return None
+    try:
+        if kind is tuple:   # betas: two floats
+            value = tuple(float(v) for v in value)
+        elif kind is float and not isinstance(value, bool):
+            value = float(value)
+        elif kind is int and not isinstance(value, bool) and float(value) == int(float(value)):
+            value = int(float(value))
+        if isinstance(value, kind):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"{where} must be {'two numbers' if kind is tuple else kind.__name__}, got {value!r}")
 
 
 def config_from_args(args) -> TrainConfig:
@@ -137,13 +158,11 @@ def cmd_train(args):
     return 0
 
 
-def _evaluate(model, cfg, split, device):
+def _evaluate(model, cfg, ann, device):
     import open_clip
     from cma_model.cache import FrameCache
     from cma_model.data import VideoFrames
-    from cma_model.datasets import load_annotations
     from cma_train.evaluate import evaluate
-    ann = load_annotations(cfg.dataset, cfg.root, split, cfg.video_dir)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, size, cfg.sample_fps,
@@ -156,6 +175,7 @@ def _evaluate(model, cfg, split, device):
 def cmd_eval(args):
     import torch
     from cma_model import adapter_modules, load_adapter_state_dict
+    from cma_model.datasets import load_annotations
     from cma_train.evaluate import format_results, save_results
     from cma_train.train import _device, _distributed, build_model, load_checkpoint
     cfg = config_from_args(args)
@@ -180,6 +200,7 @@ def cmd_eval(args):
                 raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}, but {args.adapters} holds "
                                  f"adapters with {key}={trained!r}; leave the flag out")
             setattr(cfg, key, trained)
+    ann = load_annotations(cfg.dataset, cfg.root, args.eval_on, cfg.video_dir)   # before the model: fails fast
     torch.manual_seed(cfg.seed)   # a random backbone (--pretrained none) is the one `cma train` built
     model, _, _ = build_model(cfg, device)
     if state is not None:
@@ -189,7 +210,7 @@ def cmd_eval(args):
             for m in adapter_modules(model):
                 for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
                     p.zero_()
-    res = _evaluate(model, cfg, args.eval_on, device)
+    res = _evaluate(model, cfg, ann, device)
     if rank != 0:
         return 0
     print(format_results(res, f"{cfg.dataset} {args.eval_on}"))

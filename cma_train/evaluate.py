@@ -83,7 +83,7 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
     model.train(was_training)
     readable, masks = readable.bool(), masks.bool()
     if not readable.any():
-        raise RuntimeError(f"no test video could be read, e.g. {list(skipped.values())[:3]}")
+        raise ValueError(f"no video of the evaluation split could be read, e.g. {list(skipped.values())[:3]}")
 
     caption_video = torch.tensor(ann.caption_video, device=device)
     keep = readable[caption_video]

@@ -16,6 +16,7 @@ written and train() raises TrainingStopped; `--resume` then continues exactly.
 """
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -96,22 +97,26 @@ class TrainConfig:
     def validate(self):
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        for name in ("epochs", "batch_size", "max_frames"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch < 0:
-            raise ValueError(f"micro_batch must be >= 0, got {self.micro_batch}")
+        ranges = {   # setting -> (holds, what it must be); NaN fails every comparison
+            "epochs": (self.epochs >= 1, ">= 1"), "batch_size": (self.batch_size >= 1, ">= 1"),
+            "max_frames": (self.max_frames >= 1, ">= 1"), "micro_batch": (self.micro_batch >= 0, ">= 0"),
+            "eval_every": (self.eval_every >= 0, ">= 0"), "save_every": (self.save_every >= 0, ">= 0"),
+            "max_steps": (self.max_steps >= 0, ">= 0"), "workers": (self.workers >= 0, ">= 0"),
+            "lr": (self.lr > 0, "> 0"), "sample_fps": (self.sample_fps > 0, "> 0"),
+            "temperature": (self.temperature > 0, "> 0"), "eps": (self.eps > 0, "> 0"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "grad_clip": (self.grad_clip > 0, "> 0 (inf: no clipping)"),
+            "warmup": (0 <= self.warmup < 1, "a fraction in [0, 1)"),
+            "betas": (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
+        }
+        for name, (holds, must) in ranges.items():
+            if not holds:
+                raise ValueError(f"{name} must be {must}, got {getattr(self, name)}")
         if self.micro_batch and self.dropout > 0:
             raise ValueError("--micro-batch runs every forward twice, which would draw new dropout masks: "
                              "use it with --dropout 0")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.eval_every and not self.eval_split:
             raise ValueError("--eval-every needs --eval-split (the split to evaluate on, e.g. test)")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         if self.compile not in ("",) + COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES} (or empty for eager), got {self.compile!r}")
         if self.recompute_mlp and self.backend == "reference":
@@ -126,8 +131,27 @@ class TrainConfig:
         if not self.pretrained:
             raise ValueError("say which weights to start from: --pretrained PATH_OR_TAG, or --pretrained none for "
                              "random init (adapters on a random backbone learn little)")
-        if self.pretrained not in ("none",) and os.path.sep in self.pretrained and not os.path.isfile(self.pretrained):
+        self._validate_model_and_weights()
+
+    def _validate_model_and_weights(self):
+        """--model names an open_clip architecture, --pretrained a file or one of its tags."""
+        if self.model_config is None and self.model.startswith(("hf-hub:", "local-dir:")):
+            return   # open_clip resolves these (weights included) itself
+        arch = self.model.replace("/", "-")   # open_clip's own spelling of ViT-B/32
+        if self.model_config is None and arch not in open_clip.list_models():
+            by_lower = {m.lower(): m for m in open_clip.list_models()}
+            close = [by_lower[m] for m in difflib.get_close_matches(arch.lower(), by_lower, n=3, cutoff=0.6)]
+            raise ValueError(f"--model {self.model!r} is not an open_clip architecture"
+                             + (f"; did you mean {', '.join(close)}?" if close else "")
+                             + " (open_clip.list_models() lists them; --model-config takes a custom one)")
+        if self.pretrained == "none" or os.path.isfile(self.pretrained):
+            return
+        tags = open_clip.list_pretrained_tags_by_model(arch) if self.model_config is None else []
+        if os.path.sep in self.pretrained or "." in self.pretrained or not tags:
             raise ValueError(f"--pretrained {self.pretrained}: no such file")
+        if self.pretrained not in tags:
+            raise ValueError(f"--pretrained {self.pretrained}: neither a file nor an open_clip tag of {arch} "
+                             f"(its tags: {', '.join(tags)})")
 
 
 class CheckpointError(ValueError):
@@ -141,6 +165,13 @@ def build_model(cfg: TrainConfig, device):
         model = open_clip.model.CLIP(**cfg.model_config)
         if pretrained:
             open_clip.load_checkpoint(model, pretrained)
+    elif pretrained and not os.path.isfile(pretrained):   # a tag validate() accepted: downloads
+        try:
+            model = open_clip.create_model(cfg.model, pretrained=pretrained)
+        except Exception as e:   # no network, hub refused, ...: a message, not a traceback
+            raise ValueError(f"--pretrained {pretrained}: could not fetch open_clip's {cfg.model} weights "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                             f"download them where there is network and pass the file") from None
     else:
         model = open_clip.create_model(cfg.model, pretrained=pretrained)
     model = model.to(device)
@@ -307,13 +338,14 @@ def train(cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    # annotations first: a wrong --root or split fails in a second, not after the model is built
+    ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
+    eval_ann = load_annotations(cfg.dataset, cfg.root, cfg.eval_split, cfg.video_dir) if cfg.eval_split else None
     model, tokenizer, image_size = build_model(cfg, device)
     if cfg.recompute_mlp:
         set_mlp_recompute(model)
     if cfg.compile:
         compile_towers(model, cfg.compile)
-    ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
-    eval_ann = load_annotations(cfg.dataset, cfg.root, cfg.eval_split, cfg.video_dir) if cfg.eval_split else None
     frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, image_size, cfg.sample_fps,
                          raw=True)   # uint8 through the loader, normalised on the device
     dataset = CaptionVideoDataset(ann, tokenizer, frames, cfg.max_words, model.context_length)
@@ -417,7 +449,7 @@ def train(cfg: TrainConfig):
                 for reason in batch["skipped"]:
                     skipped[reason.split(":")[0]] = reason
                 if "frames" not in batch:
-                    raise RuntimeError(f"every video of a batch was unreadable at step {step}: "
+                    raise ValueError(f"every video of a batch was unreadable at step {step}: "
                                        f"{batch['skipped'][:3]}")
                 optimizer.zero_grad(set_to_none=True)
                 loss = train_step(forward, model.logit_scale, batch, cfg, device, frames.to_model_input)

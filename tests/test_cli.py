@@ -357,11 +357,30 @@ def test_tuner_tries_the_current_configuration_then_the_candidates_then_the_neig
     (["train", "--config", "/nonexistent.yaml"], "no such file"),
     (["eval", "--pretrained", "none", "--adapters", "/nonexistent.pt"], "--adapters /nonexistent.pt: no such file"),
     (["prepare", "--dataset", "kinetics", "--root", ".", "--out", "x"], "unknown dataset 'kinetics'"),
+    (["train", "--model", "ViT-B32", "--pretrained", "none"], "not an open_clip architecture; did you mean ViT-B-32"),
+    (["eval", "--model", "ViT-Q-99", "--pretrained", "none"], "--model 'ViT-Q-99' is not an open_clip architecture"),
+    (["train", "--pretrained", "weights.pt"], "--pretrained weights.pt: no such file"),
+    (["train", "--pretrained", "openai2"], "neither a file nor an open_clip tag of ViT-B-32 (its tags: openai,"),
+    (["eval", "--dataset", "jsonl", "--root", "/nonexistent/data.jsonl", "--pretrained", "none"],
+     "no such annotation file"),
 ] + ([] if torch.cuda.is_available() else [(["train", "--pretrained", "none", "--device", "cuda"], "no CUDA device")]))
 def test_errors_say_what_to_do(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_pretrained_tag_that_cannot_be_fetched_is_an_error_not_a_traceback(video_set, monkeypatch, capsys):
+    jsonl, _ = video_set
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai'")
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    for command in ("train", "eval"):
+        assert main([command, "--dataset", "jsonl", "--root", jsonl, "--pretrained", "openai", "--workers", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "--pretrained openai: could not fetch open_clip's ViT-B-32 weights (RuntimeError: Failed to " \
+               "download" in err and "pass the file" in err and "Traceback" not in err
 
 
 def test_unknown_config_key_and_bad_flag_value(tmp_path, capsys):
@@ -372,6 +391,22 @@ def test_unknown_config_key_and_bad_flag_value(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--batch-size", "many"])
     assert "invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_config_file_values_take_the_settings_types(tmp_path, capsys):
+    from cma_train.cli import build_parser, config_from_args
+    good = tmp_path / "c.yaml"   # YAML reads 1e-5 (no dot) as the string '1e-5'
+    good.write_text("lr: 1e-5\nepochs: 2.0\nbetas: [0.8, '0.9']\neval_split: null\nresume: true\n")
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(good)]))
+    assert (cfg.lr, cfg.epochs, cfg.betas, cfg.eval_split, cfg.resume) == (1e-5, 2, (0.8, 0.9), None, True)
+    assert type(cfg.lr) is float and type(cfg.epochs) is int
+    for text, message in (("epochs: 1.5", "epochs must be int, got 1.5"), ("lr: fast", "lr must be float, got 'fast'"),
+                          ("resume: 1", "resume must be bool, got 1"), ("betas: 0.9", "betas must be two numbers")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text + "\n")
+        assert main(["train", "--config", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"--config {bad}: {message}" in err and "Traceback" not in err
 
 
 def test_console_script_is_installed():

@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cache_set
 
+from cma_model.datasets import load_annotations
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import RetrievalForward, encode_text
 from cma_train.signals import TrainingStopped
@@ -138,7 +139,8 @@ def test_eval_every_logs_each_epoch_and_keeps_the_best_adapters(video_set, tmp_p
     torch.manual_seed(cfg.seed)
     fresh, _, _ = build_model(cfg, torch.device("cpu"))
     load_adapter_state_dict(fresh, torch.load(tmp_path / "adapters_best.pt"))
-    assert _evaluate(fresh, cfg, "test", torch.device("cpu"))["t2v"] == result["best"]["t2v"]
+    test_ann = load_annotations("jsonl", cfg.root, "test")
+    assert _evaluate(fresh, cfg, test_ann, torch.device("cpu"))["t2v"] == result["best"]["t2v"]
 
 
 def test_a_run_stopped_during_an_evaluation_evaluates_first_on_resume(video_set, tmp_path, monkeypatch):
@@ -229,8 +231,13 @@ def test_unreadable_videos_are_skipped_named_and_left_out_of_the_evaluation(vide
     assert len(result["skipped"]) == 1 and "clip3.mp4" in next(iter(result["skipped"].values()))
     out = capsys.readouterr().out
     assert "skipped 1 unreadable video(s):" in out and "clip3.mp4" in out
-    res = _evaluate(result["model"], cfg, "test", torch.device("cpu"))
+    test_ann = load_annotations("jsonl", cfg.root, "test")
+    res = _evaluate(result["model"], cfg, test_ann, torch.device("cpu"))
     assert res["num_videos"] == 7 and res["num_captions"] == 7 and list(res["skipped"]) == ["clip3"]
+    for clip in folder.glob("clip*.mp4"):   # none readable: an error that says so (cma prints it, no traceback)
+        clip.write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="no video of the evaluation split could be read, e.g. .*clip"):
+        _evaluate(result["model"], cfg, test_ann, torch.device("cpu"))
 
 
 @gpu_check
@@ -254,6 +261,19 @@ def test_training_on_cuda_takes_the_fast_path(tmp_path, monkeypatch):
     assert fused["eval"]["num_videos"] == 8 and [r["step"] for r in _evals(tmp_path / "fused")] == [2, 4, 6]
 
 
+@pytest.mark.parametrize("setting,value,message", [
+    ("grad_clip", 0.0, r"grad_clip must be > 0 \(inf: no clipping\), got 0.0"),   # 0 would zero every gradient
+    ("temperature", -1.0, "temperature must be > 0"), ("sample_fps", float("nan"), "sample_fps must be > 0, got nan"),
+    ("workers", -1, "workers must be >= 0"), ("weight_decay", -0.1, "weight_decay must be >= 0"),
+    ("eps", 0.0, "eps must be > 0"), ("betas", (0.9, 1.0), r"betas must be two values in \[0, 1\)"),
+    ("save_every", -1, "save_every must be >= 0"), ("max_steps", -2, "max_steps must be >= 0"),
+    ("epochs", 0, "epochs must be >= 1, got 0"), ("warmup", 1.0, r"warmup must be a fraction in \[0, 1\)"),
+])
+def test_settings_out_of_range_are_refused_before_anything_runs(setting, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(pretrained="none", **{setting: value}).validate()
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="pooling must be one of"):
         TrainConfig(pretrained="none", pooling="max").validate()
@@ -274,6 +294,11 @@ def test_config_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             TrainConfig(pretrained="none", device="cuda").validate()
+    with pytest.raises(ValueError, match="'ViT-b-32' is not an open_clip architecture; did you mean ViT-B-32"):
+        TrainConfig(pretrained="none", model="ViT-b-32").validate()
+    TrainConfig(pretrained="none", model="ViT-B/32").validate()   # open_clip's own spelling
+    TrainConfig(pretrained="openai", model="ViT-B/16").validate()   # a tag of that architecture
+    TrainConfig(pretrained="openai", model="hf-hub:org/model").validate()   # open_clip resolves these
 
 
 # ------------------------------------------------------------------------------------------ DDP
