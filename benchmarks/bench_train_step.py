@@ -338,6 +338,9 @@ def main(argv=None, prog=None):
         p.error("--videos and --steps must be >= 1")
     if not 2 <= args.words <= 77:
         p.error("--words must be in [2, 77]")
+    unknown = [arch for arch in args.archs if arch not in open_clip.list_models()]
+    if unknown and not args.smoke:
+        p.error(f"--archs {' '.join(unknown)}: not an open_clip architecture (open_clip.list_models() lists them)")
     if args.smoke:
         setup = Setup(torch.device("cpu"), videos=4, frames=2, words=min(args.words, 16), image_size=32, curve_steps=3,
                       cpu_autocast=True)   # bf16 autocast, as on the GPU: the same code paths

@@ -253,7 +253,8 @@ def test_adapter_bench_rejects_bad_shapes(bad, message, capsys):
 
 @pytest.mark.parametrize("bad,message", [(["--words", "78"], "--words must be in [2, 77]"),
                                          (["--steps", "0"], "--steps must be >= 1"),
-                                         (["--videos", "0"], "--videos and --steps must be >= 1")])
+                                         (["--videos", "0"], "--videos and --steps must be >= 1"),
+                                         (["--archs", "ViT-B-32", "ViT-B/16"], "--archs ViT-B/16: not an open_clip")])
 def test_e2e_bench_rejects_bad_options(bad, message, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--e2e"] + bad)
