@@ -308,7 +308,7 @@ def main(argv=None):
         if args.command == "bench":
             return cmd_bench(args, rest)
         return {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "demo": cmd_demo}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:   # user errors: one clear line, no traceback
+    except (ValueError, OSError) as e:   # user errors (settings, files, disk): one clear line, no traceback
         print(f"cma {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:   # SIGINT / SIGTERM in training: checkpointed after a whole step

@@ -384,6 +384,13 @@ def test_pretrained_tag_that_cannot_be_fetched_is_an_error_not_a_traceback(video
                "download" in err and "pass the file" in err and "Traceback" not in err
 
 
+def test_an_output_folder_that_cannot_be_made_is_an_error_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "file" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cma demo: error: [Errno 20] Not a directory") and "Traceback" not in err
+
+
 def test_unknown_config_key_and_bad_flag_value(tmp_path, capsys):
     bad = tmp_path / "c.yaml"
     bad.write_text("batch_size: 8\nlearning_rate: 0.1\n")
