@@ -13,6 +13,7 @@
 """
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -124,7 +125,7 @@ def run_demo(out="runs/demo", workers=2, quick=False):
     rng = np.random.default_rng(42)
     os.makedirs(out, exist_ok=True)
     make_videos(out, rng)
-    backbone = os.path.join(out, "backbone.pt")
+    backbone = os.path.join(out, "backbone_quick.pt" if quick else "backbone.pt")   # --quick pretrains less
     if not os.path.exists(backbone):
         pretrain_backbone(backbone, 60 if quick else 600, rng)
     cache = os.path.join(out, "cache")
@@ -146,6 +147,7 @@ def run_demo(out="runs/demo", workers=2, quick=False):
     plain = open_clip.model.CLIP(**TINY_CLIP)
     open_clip.load_checkpoint(plain, backbone)
     zero_shot = evaluate(plain, tokenizer, test, test_frames, "meanP", max_words=16, workers=0, progress=False)
+    shutil.rmtree(cfg.out, ignore_errors=True)   # the demo's own run: a rerun trains afresh
     result = train(cfg)
     tuned = evaluate(result["model"], tokenizer, test, test_frames, "meanP", max_words=16, workers=0, progress=False)
 

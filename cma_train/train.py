@@ -328,6 +328,28 @@ def _global_loss(frame_feats, text_feats, mask, logit_scale, cfg):
     return infonce(similarity(text_feats, frame_feats, mask_all, cfg.pooling, cfg.temperature), logit_scale)
 
 
+def _drop_records_after(log_path, step, evaluated_step):
+    """Resuming: metrics.jsonl keeps only what the checkpoint holds (training steps up to `step`,
+    evaluations up to `evaluated_step`); the run redoes the rest and logs it again. A line torn by
+    a crash is dropped too."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path) as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= (evaluated_step if "eval_split" in record else step):
+            keep.append(line + "\n")
+    if len(keep) < len(lines):
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log_path + ".tmp", log_path)
+
+
 def train(cfg: TrainConfig):
     """Run training as configured; returns {"losses": [...], "skipped": {...}, "checkpoint": path}."""
     cfg.validate()
@@ -338,6 +360,10 @@ def train(cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    latest = os.path.join(cfg.out, "checkpoint_latest.pt")
+    if not cfg.resume and os.path.exists(latest):   # a fresh run would overwrite it at its first checkpoint
+        raise ValueError(f"{cfg.out} already holds a training run ({latest}): continue it with --resume, or "
+                         f"train into another --out")
     # annotations first: a wrong --root or split fails in a second, not after the model is built
     ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
     eval_ann = load_annotations(cfg.dataset, cfg.root, cfg.eval_split, cfg.video_dir) if cfg.eval_split else None
@@ -367,7 +393,6 @@ def train(cfg: TrainConfig):
     schedule = cosine_with_warmup(total_steps, cfg.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     os.makedirs(cfg.out, exist_ok=True)
-    latest = os.path.join(cfg.out, "checkpoint_latest.pt")
     step, skipped = 0, {}
     best, evaluated_step, last_eval = None, -1, None   # best: t2v R@1 so far, and when
     if cfg.resume:
@@ -427,7 +452,10 @@ def train(cfg: TrainConfig):
         return bool(cfg.eval_every and step % steps_per_epoch == 0 and (step // steps_per_epoch) % cfg.eval_every == 0
                     and 0 < step < last_step and step != evaluated_step)
 
-    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+    log_path = os.path.join(cfg.out, "metrics.jsonl")
+    if rank == 0 and cfg.resume:
+        _drop_records_after(log_path, step, evaluated_step)
+    log = open(log_path, "a" if cfg.resume else "w") if rank == 0 else None
     writer = _tensorboard(cfg) if rank == 0 else None
     losses = []
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps

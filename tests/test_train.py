@@ -58,6 +58,39 @@ def test_resume_reproduces_the_uninterrupted_run(video_set, tmp_path):
     assert ckpt["step"] == 5 and ckpt["config"]["batch_size"] == 4
 
 
+def test_a_crashed_run_is_neither_overwritten_nor_logged_twice(video_set, tmp_path, monkeypatch):
+    """A crash after step 3 (checkpoint at step 2, a torn line at the end of metrics.jsonl): a new
+    run into the same folder is refused before it writes anything; --resume redoes step 3 and logs
+    every step once."""
+    import cma_train.train as train_module
+    jsonl, cache = video_set
+    kw = dict(batch_size=4, epochs=3, max_steps=4, save_every=2)
+    real_step, calls = train_module.train_step, []
+
+    def crashing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_config(jsonl, cache, tmp_path, **kw))
+    monkeypatch.undo()
+    log = tmp_path / "metrics.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 4, "loss"')   # torn by the crash
+    crashed = [json.loads(line) for line in log.read_text().splitlines()[:3]]
+    checkpoint, log_text = (tmp_path / "checkpoint_latest.pt").read_bytes(), log.read_text()
+    with pytest.raises(ValueError, match="already holds a training run .* continue it with --resume"):
+        train(tiny_config(jsonl, cache, tmp_path, **kw))
+    assert (tmp_path / "checkpoint_latest.pt").read_bytes() == checkpoint and log.read_text() == log_text
+    train(tiny_config(jsonl, cache, tmp_path, resume=True, **kw))
+    resumed = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert resumed[2]["loss"] == pytest.approx(crashed[2]["loss"], rel=1e-6)   # step 3 redone from step 2's state
+
+
 def test_resume_refuses_a_changed_setting(video_set, tmp_path):
     jsonl, cache = video_set
     train(tiny_config(jsonl, cache, tmp_path, max_steps=1))
