@@ -123,7 +123,7 @@ def _typed(value, kind, where):
             value = int(float(value))
         if isinstance(value, kind):
             return value
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):   # OverflowError: int(inf)
         pass
     raise ValueError(f"{where} must be {'two numbers' if kind is tuple else kind.__name__}, got {value!r}")
 

@@ -165,15 +165,16 @@ def build_model(cfg: TrainConfig, device):
         model = open_clip.model.CLIP(**cfg.model_config)
         if pretrained:
             open_clip.load_checkpoint(model, pretrained)
-    elif pretrained and not os.path.isfile(pretrained):   # a tag validate() accepted: downloads
+    else:
         try:
             model = open_clip.create_model(cfg.model, pretrained=pretrained)
-        except Exception as e:   # no network, hub refused, ...: a message, not a traceback
+        except Exception as e:
+            if not pretrained or os.path.isfile(pretrained):
+                raise
+            # a tag validate() accepted, so a download: no network, hub refused, ...
             raise ValueError(f"--pretrained {pretrained}: could not fetch open_clip's {cfg.model} weights "
                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                              f"download them where there is network and pass the file") from None
-    else:
-        model = open_clip.create_model(cfg.model, pretrained=pretrained)
     model = model.to(device)
     add_cross_modal_adapters(model, CrossModalAdapterConfig(cfg.reduction_dim, cfg.shared_dim, cfg.activation,
                                                            dropout=cfg.dropout), backend=cfg.backend)
@@ -478,7 +479,7 @@ def train(cfg: TrainConfig):
                     skipped[reason.split(":")[0]] = reason
                 if "frames" not in batch:
                     raise ValueError(f"every video of a batch was unreadable at step {step}: "
-                                       f"{batch['skipped'][:3]}")
+                                     f"{batch['skipped'][:3]}")
                 optimizer.zero_grad(set_to_none=True)
                 loss = train_step(forward, model.logit_scale, batch, cfg, device, frames.to_model_input)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

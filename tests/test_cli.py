@@ -409,7 +409,8 @@ def test_config_file_values_take_the_settings_types(tmp_path, capsys):
     assert (cfg.lr, cfg.epochs, cfg.betas, cfg.eval_split, cfg.resume) == (1e-5, 2, (0.8, 0.9), None, True)
     assert type(cfg.lr) is float and type(cfg.epochs) is int
     for text, message in (("epochs: 1.5", "epochs must be int, got 1.5"), ("lr: fast", "lr must be float, got 'fast'"),
-                          ("resume: 1", "resume must be bool, got 1"), ("betas: 0.9", "betas must be two numbers")):
+                          ("resume: 1", "resume must be bool, got 1"), ("betas: 0.9", "betas must be two numbers"),
+                          ("epochs: .inf", "epochs must be int, got inf")):
         bad = tmp_path / "bad.yaml"
         bad.write_text(text + "\n")
         assert main(["train", "--config", str(bad)]) == 2
