@@ -28,7 +28,7 @@ from cma_model.cache import FrameCache, prepare_cache
 from cma_model.data import VideoFrames, tokenize
 from cma_model.datasets import load_annotations
 from cma_train.evaluate import evaluate, format_results
-from cma_train.train import TrainConfig, train
+from cma_train.train import TrainConfig, save_checkpoint, train
 
 COLORS = {"red": (220, 50, 40), "green": (40, 190, 70), "blue": (50, 90, 240), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -116,7 +116,7 @@ def pretrain_backbone(path, steps, rng, batch=64):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    torch.save(model.state_dict(), path)
+    save_checkpoint(path, model.state_dict())   # write, then rename: a stop never leaves half a file
     return model
 
 
