@@ -100,6 +100,22 @@ class VideoDataset(torch.utils.data.Dataset):
         return {"frames": frames, "mask": mask, "video": v}
 
 
+LOADER_TIMEOUT_S = 600   # a loader worker silent this long is hung (decord can hang on a broken file)
+
+
+def batches(loader):
+    """The batches of `loader` (a DataLoader with timeout=LOADER_TIMEOUT_S). A worker silent that
+    long ends it with a ValueError saying what to do, instead of PyTorch's bare RuntimeError."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if "DataLoader timed out" not in str(e):
+            raise
+        raise ValueError(f"no batch from the data-loading workers in {loader.timeout:g} s: a video decoder that "
+                         f"hangs? `cma prepare` caches the frames and skips such videos (then pass --cache); a "
+                         f"training run continues from its last checkpoint with --resume") from None
+
+
 def ignore_stop_signals(worker_id=None):
     """DataLoader worker_init_fn: workers ignore SIGINT and SIGTERM, which a terminal's Ctrl-C or a
     job scheduler sends to every process. The main process decides when to stop (the trainer

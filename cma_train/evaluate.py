@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cma_model.data import VideoDataset, collate, ignore_stop_signals, tokenize
+from cma_model.data import LOADER_TIMEOUT_S, VideoDataset, batches, collate, ignore_stop_signals, tokenize
 from cma_model.losses import similarity
 from cma_model.metrics import multi_caption_metrics
 from cma_model.retrieval import encode_frames, encode_text
@@ -60,13 +60,14 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
     videos = list(range(n_videos))[_share(n_videos, rank, world)]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(VideoDataset(ann, frames), videos),
                                          batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                                         timeout=600 if workers else 0, pin_memory=device.type == "cuda",
+                                         timeout=LOADER_TIMEOUT_S if workers else 0, pin_memory=device.type == "cuda",
                                          worker_init_fn=ignore_stop_signals)
     feats = torch.zeros(n_videos, frames.max_frames, dim, device=device)
     masks = torch.zeros(n_videos, frames.max_frames, dtype=torch.uint8, device=device)
     readable = torch.zeros(n_videos, dtype=torch.uint8, device=device)
     skipped = {}
-    for batch in tqdm(loader, desc="eval videos", unit="batch", disable=not progress or rank != 0):
+    for batch in tqdm(batches(loader), total=len(loader), desc="eval videos", unit="batch",
+                      disable=not progress or rank != 0):
         for v, reason in zip(batch["skipped_videos"], batch["skipped"]):
             skipped[ann.video_ids[v]] = reason
         if "frames" not in batch:

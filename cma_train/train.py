@@ -34,7 +34,8 @@ from tqdm import tqdm
 from cma_model import (CrossModalAdapterConfig, adapter_state_dict, add_cross_modal_adapters, load_adapter_state_dict,
                        set_mlp_recompute)
 from cma_model.cache import FrameCache
-from cma_model.data import CaptionVideoDataset, VideoFrames, collate, ignore_stop_signals
+from cma_model.data import (LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, collate,
+                            ignore_stop_signals)
 from cma_model.datasets import load_annotations
 from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import POOLINGS, infonce, similarity
@@ -470,10 +471,10 @@ def train(cfg: TrainConfig):
             order = epoch_order(len(dataset), cfg.seed, epoch)[: steps_per_epoch * cfg.batch_size]
             mine = order[rank::world][in_epoch * local_batch:]
             loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=mine,
-                                                 num_workers=cfg.workers, collate_fn=collate,
-                                                 timeout=600 if cfg.workers else 0, persistent_workers=False,
+                                                 num_workers=cfg.workers, collate_fn=collate, persistent_workers=False,
+                                                 timeout=LOADER_TIMEOUT_S if cfg.workers else 0,
                                                  pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
-            for batch in loader:
+            for batch in batches(loader):
                 t0 = time.perf_counter()
                 for reason in batch["skipped"]:
                     skipped[reason.split(":")[0]] = reason

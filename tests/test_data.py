@@ -7,7 +7,7 @@ import torch
 from conftest import write_video
 
 from cma_model.cache import FrameCache, prepare_cache
-from cma_model.data import CaptionVideoDataset, VideoFrames, collate, ignore_stop_signals, tokenize
+from cma_model.data import CaptionVideoDataset, VideoFrames, batches, collate, ignore_stop_signals, tokenize
 from cma_model.datasets import Annotations
 
 
@@ -101,3 +101,25 @@ def test_loader_workers_ignore_stop_signals():
     loader = torch.utils.data.DataLoader(_SignalsItself(), batch_size=2, num_workers=1, timeout=60,
                                          worker_init_fn=ignore_stop_signals)
     assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
+
+
+class _HangsAtTwo(torch.utils.data.Dataset):
+    """Item i: i, except that item 2 never comes (a decoder hung on a broken file)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 2:
+            import time
+            time.sleep(60)
+        return i
+
+
+def test_a_hung_loader_worker_ends_with_what_to_do():
+    loader = torch.utils.data.DataLoader(_HangsAtTwo(), batch_size=2, num_workers=1, timeout=2)
+    got = []
+    with pytest.raises(ValueError, match="no batch from the data-loading workers in 2 s: .*`cma prepare`.*--resume"):
+        for batch in batches(loader):
+            got.append(batch.tolist())
+    assert got == [[0, 1]]
