@@ -290,6 +290,8 @@ def load_adapter_state_dict(model, state, backend="auto"):
     none. Raises ValueError naming the mismatch when the checkpoint does not fit the model."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"not a cma adapter checkpoint (expected format {FORMAT!r})")
+    if not {"towers", "config", "state_dict"} <= state.keys():
+        raise ValueError(f"adapter checkpoint lacks {sorted({'towers', 'config', 'state_dict'} - state.keys())}")
     towers = _tower_info(model)
     for key, want in state["towers"].items():
         if towers.get(key) != want:

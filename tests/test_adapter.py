@@ -145,6 +145,10 @@ def test_loading_into_a_mismatched_model_names_the_mismatch(other, message):
 def test_loading_garbage_fails_clearly():
     with pytest.raises(ValueError, match="not a cma adapter checkpoint"):
         load_adapter_state_dict(small_clip(), {"w": torch.zeros(2)})
+    state = adapter_state_dict(add_cross_modal_adapters(small_clip(), CrossModalAdapterConfig(4, 8)))
+    del state["state_dict"]
+    with pytest.raises(ValueError, match=r"adapter checkpoint lacks \['state_dict'\]"):
+        load_adapter_state_dict(small_clip(), state)
 
 
 @pytest.mark.parametrize("kwargs,message", [
