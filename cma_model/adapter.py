@@ -192,6 +192,7 @@ def pair_blocks(n_vision: int, n_text: int):
 def _tower_info(model):
     vision, text = tower_blocks(model)
     return {"vision_width": _width(vision[0]), "vision_layers": len(vision),
+            "vision_patch_size": list(model.visual.patch_size),   # ViT-B/32 adapters do not fit ViT-B/16
             "text_width": _width(text[0]), "text_layers": len(text)}
 
 

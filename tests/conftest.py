@@ -35,10 +35,11 @@ def pytest_collection_modifyitems(config, items):
                                     f"write_frame_cache_set instead")
 
 
-def small_clip(vision_layers=2, text_layers=2, vision_width=64, text_width=48, seed=0, custom_text=False):
+def small_clip(vision_layers=2, text_layers=2, vision_width=64, text_width=48, seed=0, custom_text=False, patch_size=8):
     """A tiny open_clip CLIP (32x32 images, 8x8 patches, 16-token context) with random weights."""
     torch.manual_seed(seed)
-    vision = CLIPVisionCfg(layers=vision_layers, width=vision_width, head_width=32, patch_size=8, image_size=32)
+    vision = CLIPVisionCfg(layers=vision_layers, width=vision_width, head_width=32, patch_size=patch_size,
+                           image_size=32)
     text = CLIPTextCfg(context_length=16, vocab_size=100, width=text_width, heads=4, layers=text_layers)
     if custom_text:
         return open_clip.model.CustomTextCLIP(embed_dim=32, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval()

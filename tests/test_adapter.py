@@ -130,6 +130,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     (dict(config=CrossModalAdapterConfig(reduction_dim=4, shared_dim=8, activation="gelu")), "activation"),
     (dict(text_width=64), "text_width=48"),
     (dict(vision_layers=3), "vision_layers=2"),
+    (dict(patch_size=4), r"vision_patch_size=\[8, 8\], but this model has vision_patch_size=\[4, 4\]"),
 ])
 def test_loading_into_a_mismatched_model_names_the_mismatch(other, message):
     config = CrossModalAdapterConfig(reduction_dim=4, shared_dim=8)
