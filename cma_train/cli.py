@@ -148,13 +148,18 @@ def cmd_train(args):
         raise ValueError(f"out of GPU memory ({str(e).splitlines()[0]}); lower --batch-size, or keep it and add "
                          f"--micro-batch N (the same gradients for one more forward pass per step), or add "
                          f"--recompute-mlp") from None
-    if cfg.eval_split and int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
+    if cfg.eval_split:
         print(format_results(result["eval"], f"{cfg.dataset} {cfg.eval_split}, final adapters"))
         save_results(result["eval"], os.path.join(cfg.out, f"results_{cfg.eval_split}.json"))
         best = result["best"]
         if cfg.eval_every:
             print(f"best t2v R@1 {best['t2v']['R1']:.1f} at epoch {best['epoch']:g} (step {best['step']}): "
                   f"{os.path.join(cfg.out, 'adapters_best.pt')}")
+    losses = result["losses"]
+    print(f"wrote {os.path.join(cfg.out, 'adapters.pt')} (for `cma eval --adapters`): " +
+          (f"{len(losses)} step(s) in this run, last loss {losses[-1]:.4f}" if losses else "no step was left to run"))
     return 0
 
 

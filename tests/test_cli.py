@@ -50,6 +50,7 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
     assert res["num_videos"] == 8 and set(res["t2v"]) == {"R1", "R5", "R10", "MdR", "MnR"}
     out_text = capsys.readouterr().out
     assert "R@1" in out_text and "best t2v R@1" in out_text and os.path.isfile(os.path.join(out, "adapters_best.pt"))
+    assert f"wrote {os.path.join(out, 'adapters.pt')} (for `cma eval --adapters`): 1 step(s) in this run" in out_text
     # eval reads the adapters' shape (r = 4, d_s = 8) from the file, and refuses a flag against it
     assert main(["eval", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache,
                  "--adapters", os.path.join(out, "adapters.pt"), "--results", str(tmp_path / "r.json")]) == 0
