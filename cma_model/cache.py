@@ -144,6 +144,10 @@ class FrameCache:
             for row, (vid, mask) in enumerate(zip(shard["videos"], shard["masks"])):
                 self.index[vid] = (path[:-5] + ".npy", row, np.asarray(mask, dtype=bool))
             self.skipped.update(shard["skipped"])
+        if len(self.index) < self.meta["num_videos"]:   # `cma prepare` was stopped: training would skip the rest
+            raise ValueError(f"{out_dir} is an unfinished frame cache ({len(self.index)} of "
+                             f"{self.meta['num_videos']} videos); run the same `cma prepare` again to finish it "
+                             f"(it resumes)")
 
     def __contains__(self, video_id):
         return video_id in self.index and video_id not in self.skipped

@@ -366,15 +366,16 @@ def train(cfg: TrainConfig):
     if not cfg.resume and os.path.exists(latest):   # a fresh run would overwrite it at its first checkpoint
         raise ValueError(f"{cfg.out} already holds a training run ({latest}): continue it with --resume, or "
                          f"train into another --out")
-    # annotations first: a wrong --root or split fails in a second, not after the model is built
+    # data first: a wrong --root, split or --cache fails in a second, not after the model is built
     ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
     eval_ann = load_annotations(cfg.dataset, cfg.root, cfg.eval_split, cfg.video_dir) if cfg.eval_split else None
+    cache = FrameCache(cfg.cache) if cfg.cache else None
     model, tokenizer, image_size = build_model(cfg, device)
     if cfg.recompute_mlp:
         set_mlp_recompute(model)
     if cfg.compile:
         compile_towers(model, cfg.compile)
-    frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, image_size, cfg.sample_fps,
+    frames = VideoFrames(cache, cfg.max_frames, image_size, cfg.sample_fps,
                          raw=True)   # uint8 through the loader, normalised on the device
     dataset = CaptionVideoDataset(ann, tokenizer, frames, cfg.max_words, model.context_length)
     steps_per_epoch = len(dataset) // cfg.batch_size

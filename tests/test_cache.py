@@ -44,6 +44,8 @@ def test_resume_redoes_only_unfinished_shards(tmp_path, videos):
     first = tmp_path / "shard_00000.npy"
     stamp = os.stat(first).st_mtime_ns
     os.remove(tmp_path / "shard_00001.json")          # as if interrupted while writing shard 1
+    with pytest.raises(ValueError, match=r"unfinished frame cache \(2 of 4 videos\); run the same `cma prepare`"):
+        FrameCache(str(tmp_path))                     # training on it would silently skip half the videos
     skipped = prepare_cache(ids, paths, str(tmp_path), size=32, shard_size=2, progress=False)
     assert os.stat(first).st_mtime_ns == stamp        # shard 0 untouched
     assert (tmp_path / "shard_00001.json").exists() and list(skipped) == ["broken"]
