@@ -149,6 +149,10 @@ class FrameCache:
                              f"{self.meta['num_videos']} videos); run the same `cma prepare` again to finish it "
                              f"(it resumes)")
 
+    def covers(self, video_id):
+        """True if `cma prepare` handled this video: its frames are here, or why it was skipped."""
+        return video_id in self.index
+
     def __contains__(self, video_id):
         return video_id in self.index and video_id not in self.skipped
 

@@ -25,7 +25,8 @@ class VideoFrames:
     """Frames of one video as model input: (float [T, 3, S, S] normalised, mask bool [T]); with
     raw=True (uint8 [T, S, S, 3] resized and cropped, mask), left for the GPU to normalise
     (`normalize_frames`), so a loader ships a quarter of the bytes. Padded slots hold zeros (raw:
-    zero pixels). From `cache` (a FrameCache) when given, else decoded from the file."""
+    zero pixels). From `cache` (a FrameCache) for the videos it covers, else decoded from the file
+    (a cache made for the training split still serves an evaluation on another split)."""
 
     def __init__(self, cache=None, max_frames=12, size=224, sample_fps=1.0, mean=CLIP_MEAN, std=CLIP_STD,
                  raw=False):
@@ -38,9 +39,13 @@ class VideoFrames:
         self.cache, self.max_frames, self.size, self.sample_fps = cache, max_frames, size, sample_fps
         self.mean, self.std, self.raw = mean, std, raw
 
+    def uncached(self, video_ids):
+        """The ids among `video_ids` that the cache does not cover (all of them without a cache)."""
+        return [v for v in video_ids if self.cache is None or not self.cache.covers(v)]
+
     def __call__(self, video_id, path):
-        if self.cache is not None:
-            frames, mask = self.cache[video_id]
+        if self.cache is not None and self.cache.covers(video_id):
+            frames, mask = self.cache[video_id]   # VideoError where `cma prepare` skipped it
             if self.raw:   # the cache holds exactly the resized, cropped uint8 frames
                 return torch.from_numpy(frames), torch.from_numpy(mask)
         else:

@@ -32,7 +32,8 @@ HELP = {
     "root": "folder with the dataset's annotation files (for jsonl: the .jsonl file)",
     "split": "split to train on (msrvtt: train = 9k, train7k; others: train)",
     "video_dir": "folder with the videos (default ROOT/videos; jsonl: paths relative to the file)",
-    "cache": "frame cache made by `cma prepare` (no decoding during training)",
+    "cache": "frame cache made by `cma prepare` (no decoding during training; videos it lacks, such as another "
+             "split's, are decoded from their files)",
     "max_frames": "frames per video (sampled at --sample-fps, then uniformly)",
     "max_words": "caption tokens, start and end included",
     "sample_fps": "candidate frames per second before uniform sampling",
@@ -168,10 +169,13 @@ def _evaluate(model, cfg, ann, device):
     from cma_model.cache import FrameCache
     from cma_model.data import VideoFrames
     from cma_train.evaluate import evaluate
+    from cma_train.train import _note_uncached
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, size, cfg.sample_fps,
                          raw=True)   # uint8 through the loader, normalised on the device
+    if cfg.cache and int(os.environ.get("RANK", 0)) == 0:
+        _note_uncached(frames, ann, "the evaluated split", cfg.cache)
     tokenizer = open_clip.get_tokenizer("ViT-B-32" if cfg.model_config else cfg.model)
     return evaluate(model, tokenizer, ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
                     workers=cfg.workers, device=device, progress=cfg.progress)

@@ -330,6 +330,14 @@ def _global_loss(frame_feats, text_feats, mask, logit_scale, cfg):
     return infonce(similarity(text_feats, frame_feats, mask_all, cfg.pooling, cfg.temperature), logit_scale)
 
 
+def _note_uncached(frames, ann, what, cache_dir):
+    """Say how many of `what`'s videos (a split) the frame cache lacks: they are decoded from their files."""
+    missing = frames.uncached(ann.video_ids) if ann is not None else []
+    if missing:
+        print(f"note: {len(missing)} of the {len(ann.video_ids)} videos of {what} are not in the frame "
+              f"cache {cache_dir} (e.g. {missing[0]!r}): they are decoded from their video files")
+
+
 def _drop_records_after(log_path, step, evaluated_step):
     """Resuming: metrics.jsonl keeps only what the checkpoint holds (training steps up to `step`,
     evaluations up to `evaluated_step`); the run redoes the rest and logs it again. A line torn by
@@ -377,6 +385,9 @@ def train(cfg: TrainConfig):
         compile_towers(model, cfg.compile)
     frames = VideoFrames(cache, cfg.max_frames, image_size, cfg.sample_fps,
                          raw=True)   # uint8 through the loader, normalised on the device
+    if cache is not None and rank == 0:
+        for split, split_ann in ((cfg.split, ann), (cfg.eval_split, eval_ann)):
+            _note_uncached(frames, split_ann, f"split {split!r}", cfg.cache)
     dataset = CaptionVideoDataset(ann, tokenizer, frames, cfg.max_words, model.context_length)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:

@@ -51,6 +51,23 @@ def test_items_from_files_and_cache_agree_and_bad_videos_are_skipped(annotations
     assert batch_files["frames"][0, 5:].abs().sum() == 0 and batch_files["frames"][0, :5].abs().sum() > 0
 
 
+@pytest.mark.parametrize("raw", [False, True])
+def test_videos_the_cache_does_not_cover_are_decoded_from_their_files(annotations, tmp_path, raw):
+    """A cache made for some videos (the training split) still serves others (an evaluation split):
+    those are decoded from their files, bit-equal to no cache; a video the cache skipped stays
+    skipped rather than being decoded again."""
+    from cma_model.video import VideoError
+    ids, paths = annotations.video_ids, annotations.video_paths   # a, bad, b
+    prepare_cache(ids[:2], paths[:2], str(tmp_path), size=32, progress=False)
+    cached, direct = VideoFrames(cache=FrameCache(str(tmp_path)), size=32, raw=raw), VideoFrames(size=32, raw=raw)
+    assert cached.uncached(ids) == ["b"] and direct.uncached(ids) == ids
+    for got, want in zip(cached("b", paths[2]), direct("b", paths[2])):
+        assert torch.equal(got, want)
+    assert torch.equal(cached("a", paths[0])[1], direct("a", paths[0])[1])
+    with pytest.raises(VideoError, match="bad.mp4"):
+        cached("bad", paths[1])
+
+
 def test_raw_frames_normalised_on_the_device_are_the_normalised_frames(annotations, tmp_path):
     """raw=True ships uint8 [T, S, S, 3] (from files and from the cache alike); to_model_input
     normalises them to exactly the float frames of raw=False in every unpadded slot."""

@@ -91,6 +91,19 @@ def test_a_crashed_run_is_neither_overwritten_nor_logged_twice(video_set, tmp_pa
     assert resumed[2]["loss"] == pytest.approx(crashed[2]["loss"], rel=1e-6)   # step 3 redone from step 2's state
 
 
+def test_a_cache_of_part_of_the_videos_serves_an_evaluation_of_all(video_set, tmp_path, capsys):
+    """`cma prepare --split train` then `cma train --cache ... --eval-split test` (the README's
+    commands): the test videos the cache lacks are decoded from their files, not skipped."""
+    from cma_model.cache import prepare_cache
+    jsonl, _ = video_set
+    ann = load_annotations("jsonl", jsonl)
+    cache = str(tmp_path / "half_cache")
+    prepare_cache(ann.video_ids[:4], ann.video_paths[:4], cache, size=32, workers=1, progress=False)
+    result = train(tiny_config(jsonl, cache, tmp_path / "run", batch_size=4, max_steps=1, eval_split="test"))
+    assert "note: 4 of the 8 videos of split 'test' are not in the frame cache" in capsys.readouterr().out
+    assert result["eval"]["num_videos"] == 8 and not result["eval"]["skipped"]
+
+
 def test_resume_refuses_a_changed_setting(video_set, tmp_path):
     jsonl, cache = video_set
     train(tiny_config(jsonl, cache, tmp_path, max_steps=1))
