@@ -233,10 +233,13 @@ def cmd_eval(args):
 def cmd_prepare(args):
     from cma_model.cache import prepare_cache
     from cma_model.datasets import load_annotations
-    ann = load_annotations(args.dataset, args.root, args.split, args.video_dir)
-    skipped = prepare_cache(ann.video_ids, ann.video_paths, args.out, args.max_frames, args.size, args.sample_fps,
-                            args.workers, args.shard_size, args.timeout)
-    print(f"cache {args.out}: {len(ann.video_ids) - len(skipped)} videos ready, {len(skipped)} skipped")
+    videos = {}   # id -> path, over every split asked for (one cache can serve training and evaluation)
+    for split in args.split.split(","):
+        ann = load_annotations(args.dataset, args.root, split, args.video_dir)
+        videos.update((v, p) for v, p in zip(ann.video_ids, ann.video_paths) if v not in videos)
+    skipped = prepare_cache(list(videos), list(videos.values()), args.out, args.max_frames, args.size,
+                            args.sample_fps, args.workers, args.shard_size, args.timeout)
+    print(f"cache {args.out}: {len(videos) - len(skipped)} videos ready, {len(skipped)} skipped")
     for vid, reason in list(skipped.items())[:20]:
         print(f"  {vid}: {reason}")
     return 0
@@ -281,7 +284,8 @@ def build_parser():
     p = sub.add_parser("prepare", help="decode and resize a dataset once into a frame cache (resumable)")
     p.add_argument("--dataset", required=True, help=HELP["dataset"])
     p.add_argument("--root", required=True, help=HELP["root"])
-    p.add_argument("--split", default="train", help="split to cache (default: train)")
+    p.add_argument("--split", default="train",
+                   help="split to cache, or several joined by commas: train,test (default: train)")
     p.add_argument("--video-dir", help=HELP["video_dir"])
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--max-frames", type=int, default=12, help="frames per video (default: 12)")

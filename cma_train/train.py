@@ -335,7 +335,8 @@ def _note_uncached(frames, ann, what, cache_dir):
     missing = frames.uncached(ann.video_ids) if ann is not None else []
     if missing:
         print(f"note: {len(missing)} of the {len(ann.video_ids)} videos of {what} are not in the frame "
-              f"cache {cache_dir} (e.g. {missing[0]!r}): they are decoded from their video files")
+              f"cache {cache_dir} (e.g. {missing[0]!r}): they are decoded from their video files (`cma prepare "
+              f"--split train,test` caches several splits in one folder)")
 
 
 def _drop_records_after(log_path, step, evaluated_step):

@@ -69,6 +69,31 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
                  "--adapters", os.path.join(out, "checkpoint_latest.pt"), "--results", str(tmp_path / "r2.json")]) == 0
 
 
+def test_prepare_caches_several_splits_in_one_folder(tmp_path, capsys):
+    """`--split train,test`: one cache for training and evaluation, each video once."""
+    from conftest import write_video
+
+    from cma_model.cache import FrameCache
+    root = tmp_path / "msrvtt"
+    (root / "videos").mkdir(parents=True)
+    for i in range(3):
+        write_video(root / "videos" / f"video{i}.mp4", 12 + 4 * i)
+    (root / "MSRVTT_data.json").write_text(json.dumps({
+        "videos": [{"video_id": f"video{i}"} for i in range(3)],
+        "sentences": [{"video_id": f"video{i}", "caption": f"clip {i}"} for i in (0, 1, 1, 2)]}))
+    (root / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\nvideo1\n")
+    (root / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\n"
+                                                   "ret0,x,video2,clip 2\nret1,x,video1,clip 1\n")
+    cache = str(tmp_path / "cache")
+    argv = ["prepare", "--dataset", "msrvtt", "--root", str(root), "--out", cache, "--size", "32", "--workers", "1"]
+    assert main(argv + ["--split", "train,test"]) == 0
+    assert "3 videos ready, 0 skipped" in capsys.readouterr().out   # video1 is in both splits: cached once
+    frames = FrameCache(cache)
+    assert all(frames.covers(f"video{i}") and f"video{i}" in frames for i in range(3))
+    assert main(argv + ["--split", "train"]) == 2   # another set of videos: not into the same folder
+    assert "holds a cache made with" in capsys.readouterr().err
+
+
 def test_ctrl_c_in_train_checkpoints_and_says_how_to_resume(video_set, tmp_path, monkeypatch, capsys):
     import signal
 
