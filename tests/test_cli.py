@@ -116,6 +116,10 @@ def test_ctrl_c_in_train_checkpoints_and_says_how_to_resume(video_set, tmp_path,
     monkeypatch.undo()
     assert main(argv + ["--resume"]) == 0
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
+    assert "2 step(s) in this run" in capsys.readouterr().out
+    assert main(argv + ["--resume"]) == 0   # a finished run: nothing to redo, nothing logged twice
+    assert "no step was left to run" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
 
 
 def test_eval_without_adapters_is_the_backbone_alone(video_set, tmp_path, monkeypatch):
