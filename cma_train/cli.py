@@ -86,11 +86,19 @@ def _add_config_flags(parser):
 def _read_config_file(path):
     if not os.path.isfile(path):
         raise ValueError(f"--config {path}: no such file")
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"--config {path}: not a text file (UTF-8)") from None
     if path.endswith((".yaml", ".yml")):
         import yaml
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:   # syntax: say where, as for JSON below
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ValueError(f"--config {path}{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
     else:
         try:
             data = json.loads(text)

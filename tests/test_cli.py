@@ -414,6 +414,23 @@ def test_pretrained_tag_that_cannot_be_fetched_is_an_error_not_a_traceback(video
                "download" in err and "pass the file" in err and "Traceback" not in err
 
 
+def test_pretrained_file_of_another_architecture_is_an_error_not_a_traceback(video_set, tmp_path, capsys):
+    jsonl, _ = video_set
+    other = json.loads(json.dumps(TINY_TRAIN_CLIP))
+    other["vision_cfg"]["width"] *= 2
+    torch.save(open_clip.model.CLIP(**other).state_dict(), tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    for name in ("other.pt", "junk.pt"):
+        for command in ("train", "eval"):
+            path = tmp_path / name
+            assert main([command, "--dataset", "jsonl", "--root", jsonl, "--model-config", json.dumps(TINY_TRAIN_CLIP),
+                         "--pretrained", str(path), "--out", str(tmp_path / "run"), "--workers", "0"]) == 2
+            err = capsys.readouterr().err
+            assert f"--pretrained {path}: cannot be loaded into the --model-config model (" in err, err
+            assert err.rstrip().endswith("not an open_clip checkpoint of that architecture") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_output_folder_that_cannot_be_made_is_an_error_not_a_traceback(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["demo", "--out", str(tmp_path / "file" / "run")]) == 2
@@ -446,6 +463,20 @@ def test_config_file_values_take_the_settings_types(tmp_path, capsys):
         assert main(["train", "--config", str(bad)]) == 2
         err = capsys.readouterr().err
         assert f"--config {bad}: {message}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("c.yaml", b"lr: [1e-5\nepochs: 2\n", ":2: invalid YAML (expected ',' or ']', but got ':')"),
+    ("c.yml", b"lr: epochs: 2\n", ":1: invalid YAML (mapping values are not allowed here)"),
+    ("c.json", b'{"lr": 1e-5,}', ":1: invalid JSON"),
+    ("c.yaml", b"\xff\xfe\x00", ": not a text file (UTF-8)"),
+])
+def test_unreadable_config_file_is_one_line_naming_it(tmp_path, capsys, name, content, message):
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cma train: error: --config {bad}{message}") and "Traceback" not in err
 
 
 def test_console_script_is_installed():
