@@ -70,7 +70,7 @@ class TrainConfig:
     max_frames: int = 12
     max_words: int = 32
     sample_fps: float = 1.0
-    workers: int = 4
+    workers: int = min(4, os.cpu_count() or 1)   # more loader processes than cores only adds a DataLoader warning
     # recipe (the paper's, REFERENCE.md section 2)
     epochs: int = 5
     batch_size: int = 128         # global, over all ranks
@@ -162,20 +162,24 @@ class CheckpointError(ValueError):
 def build_model(cfg: TrainConfig, device):
     """open_clip model (pretrained or random) with adapters; returns (model, tokenizer, image_size)."""
     pretrained = None if cfg.pretrained == "none" else cfg.pretrained
-    if cfg.model_config is not None:
-        model = open_clip.model.CLIP(**cfg.model_config)
-        if pretrained:
-            open_clip.load_checkpoint(model, pretrained)
-    else:
-        try:
+    try:
+        if cfg.model_config is not None:
+            model = open_clip.model.CLIP(**cfg.model_config)
+            if pretrained:
+                open_clip.load_checkpoint(model, pretrained)
+        else:
             model = open_clip.create_model(cfg.model, pretrained=pretrained)
-        except Exception as e:
-            if not pretrained or os.path.isfile(pretrained):
-                raise
-            # a tag validate() accepted, so a download: no network, hub refused, ...
-            raise ValueError(f"--pretrained {pretrained}: could not fetch open_clip's {cfg.model} weights "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                             f"download them where there is network and pass the file") from None
+    except Exception as e:
+        if not pretrained:
+            raise
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        if os.path.isfile(pretrained):   # another architecture's weights, or not a checkpoint at all
+            arch = "the --model-config model" if cfg.model_config is not None else f"--model {cfg.model}"
+            raise ValueError(f"--pretrained {pretrained}: cannot be loaded into {arch} ({reason}): "
+                             f"not an open_clip checkpoint of that architecture") from None
+        # a tag validate() accepted, so a download: no network, hub refused, ...
+        raise ValueError(f"--pretrained {pretrained}: could not fetch open_clip's {cfg.model} weights "
+                         f"({reason}); download them where there is network and pass the file") from None
     model = model.to(device)
     add_cross_modal_adapters(model, CrossModalAdapterConfig(cfg.reduction_dim, cfg.shared_dim, cfg.activation,
                                                            dropout=cfg.dropout), backend=cfg.backend)
