@@ -12,7 +12,9 @@ Layouts (`root` holds the annotation files, `video_dir` the videos):
 - activitynet: {train,val_1}.json ({id: {"sentences": [...]}}), {train,val}_ids.json optional
   filter; paragraph per video; id.mp4.
 - vatex: {train,test}_list.txt and ref_captions.json ({id: [captions]}); id.mp4.
-- jsonl: one {"video": path, "caption": text} per line; relative paths against the file's folder.
+- jsonl: one {"video": path, "caption": text} per line, in one file or one {split}.jsonl per split
+  in a folder; relative paths against the file's folder;
+  the video id is the path as written, without its extension.
 """
 import csv
 import json
@@ -170,11 +172,14 @@ def load_vatex(root, split="test", video_dir=None):
 
 
 def load_jsonl(path, split=None, video_dir=None):
-    """One {"video": path, "caption": text} per line; lines of the same video share it."""
+    """One {"video": path, "caption": text} per line; lines of the same video share it. `path` is
+    the file (whatever the split), or a folder holding one `{split}.jsonl` per split."""
+    if os.path.isdir(path):
+        path = os.path.join(path, f"{split}.jsonl")
     if not os.path.isfile(path):
         raise AnnotationError(f"{path}: no such annotation file")
     base = video_dir or os.path.dirname(os.path.abspath(path))
-    ann, index = Annotations(), {}
+    ann, index, ids = Annotations(), {}, {}   # index: path -> row; ids: video id -> the path as written
     with open(path) as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -187,10 +192,18 @@ def load_jsonl(path, split=None, video_dir=None):
                     and isinstance(item.get("caption"), str)):
                 raise AnnotationError(f'{path}:{line_no}: expected {{"video": str, "caption": str}}, '
                                       f'got {line.strip()[:80]}')
-            video = os.path.join(base, item["video"])
+            video = os.path.normpath(os.path.join(base, item["video"]))
             if video not in index:
+                # the id keys the frame cache: the path as written, not its base name, so that
+                # a/clip.mp4 and b/clip.mp4 are two videos; the extension is dropped, as for the
+                # CLIP4Clip datasets' ids
+                video_id = os.path.splitext(os.path.normpath(item["video"]))[0]
+                if video_id in ids:
+                    raise AnnotationError(f"{path}:{line_no}: {item['video']} and {ids[video_id]} share the "
+                                          f"video id {video_id!r} (the name without extension); rename one")
+                ids[video_id] = item["video"]
                 index[video] = len(ann.video_ids)
-                ann.video_ids.append(os.path.splitext(os.path.basename(item["video"]))[0])
+                ann.video_ids.append(video_id)
                 ann.video_paths.append(video)
             ann.captions.append(item["caption"])
             ann.caption_video.append(index[video])
@@ -207,4 +220,7 @@ def load_annotations(dataset, root, split="test", video_dir=None):
     """Annotations of `dataset` (one of LOADERS) at `root` (for jsonl: the .jsonl file)."""
     if dataset not in LOADERS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(LOADERS)}")
-    return LOADERS[dataset](root, split=split, video_dir=video_dir)
+    ann = LOADERS[dataset](root, split=split, video_dir=video_dir)
+    if not ann.captions:   # an empty list or split file: nothing to train on or to rank
+        raise AnnotationError(f"{dataset} {split} at {root}: no captions (empty split)")
+    return ann

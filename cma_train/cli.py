@@ -29,7 +29,8 @@ HELP = {
     "recompute_mlp": "recompute each frozen block's MLP hidden activation in backward instead of keeping it: "
                      "4 fewer [tokens, width] activations per block, one more matmul per block",
     "dataset": "msrvtt, msvd, didemo, activitynet, vatex or jsonl",
-    "root": "folder with the dataset's annotation files (for jsonl: the .jsonl file)",
+    "root": "folder with the dataset's annotation files (jsonl: a folder of {split}.jsonl files, or one .jsonl file, "
+            "which is then every split)",
     "split": "split to train on (msrvtt: train = 9k, train7k; others: train)",
     "video_dir": "folder with the videos (default ROOT/videos; jsonl: paths relative to the file)",
     "cache": "frame cache made by `cma prepare` (no decoding during training; videos it lacks, such as another "

@@ -118,6 +118,10 @@ class TrainConfig:
                              "use it with --dropout 0")
         if self.eval_every and not self.eval_split:
             raise ValueError("--eval-every needs --eval-split (the split to evaluate on, e.g. test)")
+        if self.eval_split and self.dataset == "jsonl" and os.path.isfile(self.root):   # one file is one split
+            raise ValueError(f"--eval-split {self.eval_split} with --dataset jsonl --root {self.root} would evaluate "
+                             f"on the training file: pass as --root a folder holding {self.split}.jsonl and "
+                             f"{self.eval_split}.jsonl")
         if self.compile not in ("",) + COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES} (or empty for eager), got {self.compile!r}")
         if self.recompute_mlp and self.backend == "reference":

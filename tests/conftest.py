@@ -91,6 +91,13 @@ def frame_index(frame):
 TINY_TRAIN_CLIP = SMOKE_CLIP   # the e2e benchmark's smoke model: 32x32 images, the real tokenizer's vocabulary
 
 
+def write_splits(folder, lines):
+    """The JSONL lines as data.jsonl, and again as train.jsonl and test.jsonl: a folder `--root` whose
+    runs evaluate on the clips they trained on (tests of the mechanics, not of generalisation)."""
+    for name in ("data", "train", "test"):
+        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+
 def write_video_set(folder, combos, seed=0):
     """Real mp4 clips of coloured moving shapes (the demo's renderer) and a JSONL listing them."""
     import json
@@ -105,7 +112,7 @@ def write_video_set(folder, combos, seed=0):
         name = f"clip{i}.mp4"
         write_clip(str(folder / name), color, shape, motion, rng)
         lines.append(json.dumps({"video": name, "caption": f"a {color} {shape} {MOTION_WORDS[motion]}"}))
-    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    write_splits(folder, lines)
     return str(folder / "data.jsonl")
 
 
@@ -144,7 +151,7 @@ def write_frame_cache_set(folder, num_videos=8, max_frames=12, size=32, seed=0):
         ids.append(f"clip{i}")
         results.append((small, np.ones(max_frames, dtype=bool)))
         lines.append(json.dumps({"video": f"clip{i}.mp4", "caption": f"a {color} {shape} {MOTION_WORDS[motion]}"}))
-    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    write_splits(folder, lines)
     cache = folder / "cache"
     cache.mkdir()
     _atomic_write_json(str(cache / "cache.json"), {"max_frames": max_frames, "size": size, "sample_fps": 1.0,

@@ -39,7 +39,8 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
     assert "8 videos ready, 0 skipped" in capsys.readouterr().out
     out = str(tmp_path / "run")
     config = tmp_path / "cfg.json"
-    config.write_text(json.dumps({"dataset": "jsonl", "root": jsonl, "batch-size": 4, "lr": 1e-3, "epochs": 1}))
+    config.write_text(json.dumps({"dataset": "jsonl", "root": os.path.dirname(jsonl), "batch-size": 4, "lr": 1e-3,
+                                  "epochs": 1}))
     assert main(["train", "--config", str(config), *TINY, "--cache", cache, "--out", out, "--max-steps", "2",
                  "--batch-size", "8", "--eval-split", "test", "--eval-every", "1",
                  "--reduction-dim", "4", "--shared-dim", "8"]) == 0
@@ -171,7 +172,7 @@ def test_torchrun_train_then_eval_on_two_processes(video_set, tmp_path):
     scores the trained adapters as one process does."""
     jsonl, cache = video_set
     out = str(tmp_path / "run")
-    data = ["--dataset", "jsonl", "--root", jsonl, "--cache", cache]
+    data = ["--dataset", "jsonl", "--root", os.path.dirname(jsonl), "--cache", cache]   # train.jsonl, test.jsonl
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "cma_train.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

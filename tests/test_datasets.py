@@ -75,12 +75,36 @@ def test_jsonl(tmp_path):
     ann = load_annotations("jsonl", tmp_path / "d.jsonl")
     assert ann.video_paths == [str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4")]
     assert ann.captions == ["x", "y", "z"] and ann.caption_video == [0, 1, 0]
+    assert ann.video_ids == ["a", "b"]
+
+
+def test_jsonl_folder_holds_one_file_per_split(tmp_path):
+    write(tmp_path / "train.jsonl", '{"video": "a.mp4", "caption": "x"}\n')
+    write(tmp_path / "test.jsonl", '{"video": "b.mp4", "caption": "y"}\n')
+    assert load_annotations("jsonl", tmp_path, "train").captions == ["x"]
+    assert load_annotations("jsonl", tmp_path, "test").captions == ["y"]
+    assert load_annotations("jsonl", tmp_path / "test.jsonl", "train").captions == ["y"]   # a file is every split
+    with pytest.raises(AnnotationError, match="val.jsonl: no such annotation file"):
+        load_annotations("jsonl", tmp_path, "val")
+
+
+def test_jsonl_video_ids_are_paths_so_equal_base_names_stay_two_videos(tmp_path):
+    """The id keys the frame cache: a/clip.mp4 and b/clip.mp4 sharing one would get one video's frames."""
+    write(tmp_path / "d.jsonl", '{"video": "a/clip.mp4", "caption": "x"}\n{"video": "b/clip.mp4", "caption": "y"}\n'
+                                '{"video": "./a/clip.mp4", "caption": "z"}\n')
+    ann = load_annotations("jsonl", tmp_path / "d.jsonl")
+    assert ann.video_ids == ["a/clip", "b/clip"] and ann.caption_video == [0, 1, 0]
+    assert ann.video_paths == [str(tmp_path / "a" / "clip.mp4"), str(tmp_path / "b" / "clip.mp4")]
 
 
 @pytest.mark.parametrize("dataset,files,split,message", [
     ("jsonl", {"d.jsonl": '{"video": "a.mp4", "caption": "x"}\n{"video": "a.mp4"}\n'}, None, r"d.jsonl:2: expected"),
     ("jsonl", {"d.jsonl": '{"video": "a.mp4", "caption": "x"}\n{oops\n'}, None, r"d.jsonl:2: invalid JSON"),
     ("jsonl", {"d.jsonl": "\n"}, None, "no entries"),
+    ("jsonl", {"d.jsonl": '{"video": "a.mp4", "caption": "x"}\n{"video": "a.avi", "caption": "y"}\n'}, None,
+     r"d.jsonl:2: a.avi and a.mp4 share the video id 'a'"),
+    ("vatex", {"ref_captions.json": '{"a": ["x"]}', "test_list.txt": "\n"}, "test", "vatex test at .*: no captions"),
+    ("msrvtt", {"MSRVTT_JSFUSION_test.csv": "video_id,sentence\n"}, "test", "msrvtt test at .*: no captions"),
     ("msrvtt", {"MSRVTT_JSFUSION_test.csv": "key,video\n1,2\n"}, "test", r"MSRVTT_JSFUSION_test.csv:1: missing column"),
     ("msrvtt", {"MSRVTT_JSFUSION_test.csv": "video_id,sentence\nvideo1,\n"}, "test",
      r"MSRVTT_JSFUSION_test.csv:2: empty"),

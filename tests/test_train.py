@@ -19,7 +19,9 @@ from cma_train.train import (CheckpointError, TrainConfig, build_model, load_che
 
 
 def tiny_config(jsonl, cache, out, **kw):
-    base = dict(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", dataset="jsonl", root=jsonl,
+    """A tiny run on the folder of `jsonl` (its train.jsonl, and test.jsonl for eval_split="test")."""
+    base = dict(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", dataset="jsonl",
+                root=os.path.dirname(jsonl),
                 cache=cache, max_words=12, batch_size=8, epochs=30, lr=1e-2, weight_decay=0.0, warmup=0.05,
                 pooling="meanP", workers=0, out=str(out), progress=False, reduction_dim=8, shared_dim=8)
     base.update(kw)
@@ -320,7 +322,7 @@ def test_settings_out_of_range_are_refused_before_anything_runs(setting, value, 
         TrainConfig(pretrained="none", **{setting: value}).validate()
 
 
-def test_config_errors():
+def test_config_errors(tmp_path):
     with pytest.raises(ValueError, match="pooling must be one of"):
         TrainConfig(pretrained="none", pooling="max").validate()
     with pytest.raises(ValueError, match="--pretrained none"):
@@ -335,6 +337,12 @@ def test_config_errors():
         TrainConfig(pretrained="none", eval_every=-1, eval_split="test").validate()
     with pytest.raises(ValueError, match="micro_batch must be >= 0"):
         TrainConfig(pretrained="none", micro_batch=-1).validate()
+    one_file = tmp_path / "all.jsonl"
+    one_file.write_text('{"video": "a.mp4", "caption": "x"}\n')
+    with pytest.raises(ValueError, match="would evaluate on the training file: pass as --root a folder holding "
+                                         "train.jsonl and test.jsonl"):
+        TrainConfig(pretrained="none", dataset="jsonl", root=str(one_file), eval_split="test").validate()
+    TrainConfig(pretrained="none", dataset="jsonl", root=str(tmp_path), eval_split="test").validate()
     with pytest.raises(ValueError, match="new dropout masks"):
         TrainConfig(pretrained="none", micro_batch=4, dropout=0.1).validate()
     if not torch.cuda.is_available():
