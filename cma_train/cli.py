@@ -147,10 +147,16 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def _given_settings(args):
+    """The TrainConfig settings set on the command line or in --config (the rest are defaults)."""
+    given = set(_read_config_file(args.config)) if args.config else set()
+    return given | {f.name for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+
+
 def cmd_train(args):
     import torch
     from cma_train.evaluate import format_results, save_results
-    from cma_train.train import train
+    from cma_train.train import SCORING, train
     cfg = config_from_args(args)
     try:
         result = train(cfg)
@@ -162,7 +168,8 @@ def cmd_train(args):
         return 0
     if cfg.eval_split:
         print(format_results(result["eval"], f"{cfg.dataset} {cfg.eval_split}, final adapters"))
-        save_results(result["eval"], os.path.join(cfg.out, f"results_{cfg.eval_split}.json"))
+        scoring = {k: getattr(cfg, k) for k in SCORING}
+        save_results({**result["eval"], "scoring": scoring}, os.path.join(cfg.out, f"results_{cfg.eval_split}.json"))
         best = result["best"]
         if cfg.eval_every:
             print(f"best t2v R@1 {best['t2v']['R1']:.1f} at epoch {best['epoch']:g} (step {best['step']}): "
@@ -195,7 +202,7 @@ def cmd_eval(args):
     from cma_model import adapter_modules, load_adapter_state_dict
     from cma_model.datasets import load_annotations
     from cma_train.evaluate import format_results, save_results
-    from cma_train.train import _device, _distributed, build_model, load_checkpoint
+    from cma_train.train import SCORING, _device, _distributed, build_model, load_checkpoint
     cfg = config_from_args(args)
     cfg.validate()
     rank, _ = _distributed()   # under torchrun every rank encodes its share
@@ -208,16 +215,28 @@ def cmd_eval(args):
             state = torch.load(args.adapters, map_location="cpu", weights_only=True)
         except Exception as e:   # not a torch file, truncated, or pickled objects weights_only refuses
             raise ValueError(f"--adapters {args.adapters}: cannot be read ({type(e).__name__})") from None
+        scoring = {}   # how the run that trained them scored (older adapter files lack it)
         if isinstance(state, dict) and state.get("format") == "cma-train-v1":
-            state = load_checkpoint(args.adapters)["adapters"]
+            checkpoint = load_checkpoint(args.adapters)
+            state, scoring = checkpoint["adapters"], {k: checkpoint["config"][k] for k in SCORING}
         if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
             raise ValueError(f"--adapters {args.adapters}: not a cma adapter file or training checkpoint")
+        scoring = scoring or state.get("scoring", {})
+        given = _given_settings(args)
         for key in ("reduction_dim", "shared_dim", "activation"):   # the adapters' shape comes with them
             trained = state["config"][key]
-            if getattr(args, key, None) is not None and getattr(args, key) != trained:
-                raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)}, but {args.adapters} holds "
+            if key in given and getattr(cfg, key) != trained:
+                raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)}, but {args.adapters} holds "
                                  f"adapters with {key}={trained!r}; leave the flag out")
             setattr(cfg, key, trained)
+        unlike = []   # scoring settings: the run's, unless set here on purpose (then said)
+        for key, trained in scoring.items():
+            if key not in given:
+                setattr(cfg, key, trained)
+            elif getattr(cfg, key) != trained:
+                unlike.append(f"--{key.replace('_', '-')} {getattr(cfg, key)} (trained with {trained})")
+        if unlike and rank == 0:
+            print(f"cma eval: note: scoring with {', '.join(unlike)}", file=sys.stderr)
     ann = load_annotations(cfg.dataset, cfg.root, args.eval_on, cfg.video_dir)   # before the model: fails fast
     torch.manual_seed(cfg.seed)   # a random backbone (--pretrained none) is the one `cma train` built
     model, _, _ = build_model(cfg, device)
@@ -228,7 +247,7 @@ def cmd_eval(args):
             for m in adapter_modules(model):
                 for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
                     p.zero_()
-    res = _evaluate(model, cfg, ann, device)
+    res = {**_evaluate(model, cfg, ann, device), "scoring": {k: getattr(cfg, k) for k in SCORING}}
     if rank != 0:
         return 0
     print(format_results(res, f"{cfg.dataset} {args.eval_on}"))
@@ -287,7 +306,8 @@ def build_parser():
     p = sub.add_parser("eval", help="evaluate retrieval (t2v and v2t R@1/5/10, MdR, MnR)")
     _add_config_flags(p)
     p.add_argument("--adapters",
-                   help="adapters.pt or a training checkpoint (default: none, the backbone alone: zero-shot)")
+                   help="adapters.pt or a training checkpoint, scored with its run's pooling, temperature, words, "
+                        "frames and fps unless flags say otherwise (default: none, the backbone alone: zero-shot)")
     p.add_argument("--eval-on", default="test", help="split to evaluate (default: test)")
     p.add_argument("--results", help="where to write the JSON results (default: next to --adapters, or in --out)")
     p = sub.add_parser("prepare", help="decode and resize a dataset once into a frame cache (resumable)")

@@ -44,6 +44,8 @@ from cma_train.evaluate import evaluate
 from cma_train.signals import StopSignals, TrainingStopped
 
 CHECKPOINT_FORMAT = "cma-train-v1"
+SCORING = ("pooling", "temperature", "max_words", "max_frames", "sample_fps")   # how a run scores, kept with
+# its adapters so that `cma eval --adapters` scores them the same way
 RESUME_MUST_MATCH = ("model", "dataset", "split", "reduction_dim", "shared_dim", "activation", "batch_size", "seed",
                      "max_frames", "max_words", "pooling")
 
@@ -239,6 +241,11 @@ def save_checkpoint(path, payload):
     tmp = path + ".tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)
+
+
+def adapters_file(model, cfg):
+    """adapters.pt: `adapter_state_dict(model)` plus the run's scoring settings (SCORING)."""
+    return {**adapter_state_dict(model), "scoring": {k: getattr(cfg, k) for k in SCORING}}
 
 
 def load_checkpoint(path):
@@ -458,7 +465,7 @@ def train(cfg: TrainConfig):
         if best is None or res["t2v"]["R1"] > best["t2v"]["R1"]:
             best = {"step": step, "epoch": step / steps_per_epoch, "t2v": res["t2v"], "v2t": res["v2t"]}
             if rank == 0:
-                save_checkpoint(os.path.join(cfg.out, "adapters_best.pt"), adapter_state_dict(model))
+                save_checkpoint(os.path.join(cfg.out, "adapters_best.pt"), adapters_file(model, cfg))
         if log:
             log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "eval_split": cfg.eval_split,
                                   "t2v": res["t2v"], "v2t": res["v2t"], "num_videos": res["num_videos"],
@@ -536,7 +543,7 @@ def train(cfg: TrainConfig):
                     break
     bar.close()
     if rank == 0:
-        save_checkpoint(os.path.join(cfg.out, "adapters.pt"), adapter_state_dict(model))
+        save_checkpoint(os.path.join(cfg.out, "adapters.pt"), adapters_file(model, cfg))
         if skipped:
             print(f"skipped {len(skipped)} unreadable video(s):")
             for reason in list(skipped.values())[:20]:

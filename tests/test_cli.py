@@ -70,6 +70,34 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
                  "--adapters", os.path.join(out, "checkpoint_latest.pt"), "--results", str(tmp_path / "r2.json")]) == 0
 
 
+def test_eval_scores_adapters_as_their_run_did(video_set, tmp_path, capsys):
+    """A run trained with meanP pooling over 8 frames of 10 words: `cma eval --adapters` without
+    those flags scores as the run did (the same numbers as its own final evaluation), from
+    adapters.pt and from the checkpoint; a flag set on purpose wins, and is said."""
+    jsonl, _ = video_set
+    out, root = str(tmp_path / "run"), os.path.dirname(jsonl)
+    tiny = TINY[:4] + TINY[6:]   # TINY without its --max-words 12
+    assert TINY[4] == "--max-words" and "--max-words" not in tiny
+    run = ["--pooling", "meanP", "--max-frames", "8", "--max-words", "10"]
+    assert main(["train", *tiny, *run, "--dataset", "jsonl", "--root", root, "--out", out, "--batch-size", "4",
+                 "--max-steps", "2", "--lr", "1e-2", "--eval-split", "test"]) == 0
+    trained = json.load(open(os.path.join(out, "results_test.json")))
+    assert trained["scoring"] == {"pooling": "meanP", "temperature": 5.0, "max_words": 10, "max_frames": 8,
+                                  "sample_fps": 1.0}
+    capsys.readouterr()
+    for adapters in ("adapters.pt", "checkpoint_latest.pt"):
+        results = str(tmp_path / f"{adapters}.json")
+        assert main(["eval", *tiny, "--dataset", "jsonl", "--root", root, "--adapters", os.path.join(out, adapters),
+                     "--results", results]) == 0
+        again = json.load(open(results))
+        assert again["scoring"] == trained["scoring"] and again["t2v"] == trained["t2v"], adapters
+        assert "note:" not in capsys.readouterr().err
+    assert main(["eval", *tiny, "--dataset", "jsonl", "--root", root, "--adapters", os.path.join(out, "adapters.pt"),
+                 "--pooling", "softmax", "--results", str(tmp_path / "softmax.json")]) == 0
+    assert "note: scoring with --pooling softmax (trained with meanP)" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "softmax.json"))["scoring"]["pooling"] == "softmax"
+
+
 def test_prepare_caches_several_splits_in_one_folder(tmp_path, capsys):
     """`--split train,test`: one cache for training and evaluation, each video once."""
     from conftest import write_video
