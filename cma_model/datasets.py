@@ -94,6 +94,15 @@ def _key(obj, key, path, where):
     return obj[key]
 
 
+def _texts(value, path, where):
+    """A list of caption strings (a single string is one caption); anything else names the place."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise AnnotationError(f"{path}: {where}: expected a caption string or a list of them, got {str(value)[:80]}")
+
+
 def load_msrvtt(root, split="test", video_dir=None):
     """split "train" (9k) or "train7k": every caption of every video in MSRVTT_train.9k.csv /
     MSRVTT_train.7k.csv; "test" (1k-A): the 1000 pairs of MSRVTT_JSFUSION_test.csv."""
@@ -140,7 +149,8 @@ def load_didemo(root, split="test", video_dir=None):
     paragraphs = {}
     for i, item in enumerate(_read_json(path)):
         video = _key(item, "video", path, f"entry {i}")
-        paragraphs.setdefault(os.path.splitext(video)[0], []).append(_key(item, "description", path, f"entry {i}"))
+        paragraphs.setdefault(os.path.splitext(video)[0], []).extend(
+            _texts(_key(item, "description", path, f"entry {i}"), path, f"entry {i}"))
     ann = Annotations()
     for vid, sentences in paragraphs.items():
         ann.add(vid, _find_video(video_dir, vid), [" ".join(s.strip() for s in sentences)])
@@ -156,7 +166,7 @@ def load_activitynet(root, split="test", video_dir=None):
     ids = _read_json(ids_path) if os.path.isfile(ids_path) else list(data)
     ann = Annotations()
     for vid in ids:
-        sentences = _key(_key(data, vid, path, "top level"), "sentences", path, vid)
+        sentences = _texts(_key(_key(data, vid, path, "top level"), "sentences", path, vid), path, vid)
         ann.add(vid, _find_video(video_dir, vid), [" ".join(s.strip() for s in sentences)])
     return ann
 
@@ -167,7 +177,8 @@ def load_vatex(root, split="test", video_dir=None):
     captions = _read_json(path)
     ann = Annotations()
     for vid in _read_list(os.path.join(root, f"{split}_list.txt")):
-        ann.add(vid, _find_video(video_dir, vid), list(_key(captions, vid, path, f"video in {split}_list.txt")))
+        where = f"video in {split}_list.txt"
+        ann.add(vid, _find_video(video_dir, vid), _texts(_key(captions, vid, path, where), path, vid))
     return ann
 
 

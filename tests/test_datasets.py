@@ -62,6 +62,14 @@ def test_activitynet_paragraphs(tmp_path):
     assert load_annotations("activitynet", tmp_path, "test").video_ids == ["v_b"]
 
 
+def test_a_single_string_is_one_caption_not_its_characters(tmp_path):
+    write(tmp_path / "val_1.json", json.dumps({"v_a": {"sentences": "A man walks."}}))
+    assert load_annotations("activitynet", tmp_path, "test").captions == ["A man walks."]
+    write(tmp_path / "ref_captions.json", json.dumps({"q1": "a dog"}))
+    write(tmp_path / "test_list.txt", "q1\n")
+    assert load_annotations("vatex", tmp_path, "test").captions == ["a dog"]
+
+
 def test_vatex(tmp_path):
     write(tmp_path / "ref_captions.json", json.dumps({"q1": ["c1", "c2"], "q2": ["c3"]}))
     write(tmp_path / "train_list.txt", "q2\n")
@@ -118,6 +126,10 @@ def test_jsonl_video_ids_are_paths_so_equal_base_names_stay_two_videos(tmp_path)
      r"MSRVTT_data.json:3: invalid JSON"),
     ("vatex", {"ref_captions.json": '{"a": ["x"]}', "test_list.txt": "a\nb\n"}, "test", "missing key 'b'"),
     ("didemo", {"test_data.json": '[{"video": "v.mp4"}]'}, "test", "entry 0: missing key 'description'"),
+    ("didemo", {"test_data.json": '[{"video": "v.mp4", "description": 3}]'}, "test",
+     "entry 0: expected a caption string or a list of them, got 3"),
+    ("activitynet", {"val_1.json": '{"v_a": {"sentences": [["nested"]]}}'}, "test", "v_a: expected a caption string"),
+    ("vatex", {"ref_captions.json": '{"a": {"en": "x"}}', "test_list.txt": "a\n"}, "test", "a: expected a caption"),
     ("msvd", {}, "test", "raw-captions.pkl: no such annotation file"),
 ])
 def test_malformed_files_name_file_and_place(tmp_path, dataset, files, split, message):
