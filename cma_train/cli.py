@@ -156,7 +156,8 @@ def _given_settings(args):
 def cmd_train(args):
     import torch
     from cma_train.evaluate import format_results, save_results
-    from cma_train.train import SCORING, train
+    from cma_train.checkpoint import SCORING
+    from cma_train.train import train
     cfg = config_from_args(args)
     try:
         result = train(cfg)
@@ -202,7 +203,8 @@ def cmd_eval(args):
     from cma_model import adapter_modules, load_adapter_state_dict
     from cma_model.datasets import load_annotations
     from cma_train.evaluate import format_results, save_results
-    from cma_train.train import SCORING, _device, _distributed, build_model, load_checkpoint
+    from cma_train.checkpoint import SCORING, load_checkpoint
+    from cma_train.train import _device, _distributed, build_model
     cfg = config_from_args(args)
     cfg.validate()
     rank, _ = _distributed()   # under torchrun every rank encodes its share

@@ -40,12 +40,11 @@ from cma_model.datasets import load_annotations
 from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import POOLINGS, infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, RetrievalForward, compile_towers, gather_with_grad
+from cma_train.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, adapters_file, drop_records_after,
+                                  load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from cma_train.evaluate import evaluate
 from cma_train.signals import StopSignals, TrainingStopped
 
-CHECKPOINT_FORMAT = "cma-train-v1"
-SCORING = ("pooling", "temperature", "max_words", "max_frames", "sample_fps")   # how a run scores, kept with
-# its adapters so that `cma eval --adapters` scores them the same way
 RESUME_MUST_MATCH = ("model", "dataset", "split", "reduction_dim", "shared_dim", "activation", "batch_size", "seed",
                      "max_frames", "max_words", "pooling")
 
@@ -161,10 +160,6 @@ class TrainConfig:
                              f"(its tags: {', '.join(tags)})")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says which file and why."""
-
-
 def build_model(cfg: TrainConfig, device):
     """open_clip model (pretrained or random) with adapters; returns (model, tokenizer, image_size)."""
     pretrained = None if cfg.pretrained == "none" else cfg.pretrained
@@ -217,50 +212,6 @@ def cosine_with_warmup(total_steps, warmup_fraction):
 def epoch_order(n, seed, epoch):
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
-
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-            "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-            "python_gauss": random.getstate()[2]}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-
-
-def save_checkpoint(path, payload):
-    """torch.save, write-then-rename: a crash mid-save leaves the previous file intact."""
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def adapters_file(model, cfg):
-    """adapters.pt: `adapter_state_dict(model)` plus the run's scoring settings (SCORING)."""
-    return {**adapter_state_dict(model), "scoring": {k: getattr(cfg, k) for k in SCORING}}
-
-
-def load_checkpoint(path):
-    """Load a training checkpoint; CheckpointError naming the file if it is missing, truncated or foreign."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is truncated or corrupt and cannot be resumed from "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                              f"delete it to start over or point --resume elsewhere") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a cma training checkpoint")
-    return ckpt
 
 
 def _distributed():
@@ -352,28 +303,6 @@ def _note_uncached(frames, ann, what, cache_dir):
         print(f"note: {len(missing)} of the {len(ann.video_ids)} videos of {what} are not in the frame "
               f"cache {cache_dir} (e.g. {missing[0]!r}): they are decoded from their video files (`cma prepare "
               f"--split train,test` caches several splits in one folder)")
-
-
-def _drop_records_after(log_path, step, evaluated_step):
-    """Resuming: metrics.jsonl keeps only what the checkpoint holds (training steps up to `step`,
-    evaluations up to `evaluated_step`); the run redoes the rest and logs it again. A line torn by
-    a crash is dropped too."""
-    if not os.path.isfile(log_path):
-        return
-    with open(log_path) as f:
-        lines = f.read().splitlines()
-    keep = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record["step"] <= (evaluated_step if "eval_split" in record else step):
-            keep.append(line + "\n")
-    if len(keep) < len(lines):
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(log_path + ".tmp", log_path)
 
 
 def train(cfg: TrainConfig):
@@ -484,7 +413,7 @@ def train(cfg: TrainConfig):
 
     log_path = os.path.join(cfg.out, "metrics.jsonl")
     if rank == 0 and cfg.resume:
-        _drop_records_after(log_path, step, evaluated_step)
+        drop_records_after(log_path, step, evaluated_step)
     log = open(log_path, "a" if cfg.resume else "w") if rank == 0 else None
     writer = _tensorboard(cfg) if rank == 0 else None
     losses = []

@@ -14,8 +14,8 @@ from cma_model.datasets import load_annotations
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import RetrievalForward, encode_text
 from cma_train.signals import TrainingStopped
-from cma_train.train import (CheckpointError, TrainConfig, build_model, load_checkpoint, save_checkpoint, train,
-                             train_step)
+from cma_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cma_train.train import TrainConfig, build_model, train, train_step
 
 
 def tiny_config(jsonl, cache, out, **kw):

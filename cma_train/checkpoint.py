@@ -1,0 +1,89 @@
+"""What a run folder holds, read and written safely: training checkpoints (adapters, optimizer,
+scheduler, step, config, RNG), adapter files with the run's scoring settings, and metrics.jsonl
+trimmed back to a checkpoint on resume. Every file is written to a temporary name and renamed, so
+a crash never leaves a broken one."""
+import json
+import os
+import random
+
+import numpy as np
+import torch
+
+from cma_model import adapter_state_dict
+
+CHECKPOINT_FORMAT = "cma-train-v1"
+SCORING = ("pooling", "temperature", "max_words", "max_frames", "sample_fps")   # how a run scores, kept with
+# its adapters so that `cma eval --adapters` scores them the same way
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which file and why."""
+
+
+def rng_state():
+    """Every RNG a run draws from (torch CPU and CUDA, numpy, Python), as tensors and lists that
+    torch.load(weights_only=True) accepts."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+            "python_gauss": random.getstate()[2]}
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned."""
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+
+
+def save_checkpoint(path, payload):
+    """torch.save, write-then-rename: a crash mid-save leaves the previous file intact."""
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def adapters_file(model, cfg):
+    """adapters.pt: `adapter_state_dict(model)` plus the run's scoring settings (SCORING)."""
+    return {**adapter_state_dict(model), "scoring": {k: getattr(cfg, k) for k in SCORING}}
+
+
+def load_checkpoint(path):
+    """Load a training checkpoint; CheckpointError naming the file if it is missing, truncated or foreign."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is truncated or corrupt and cannot be resumed from "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                              f"delete it to start over or point --resume elsewhere") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a cma training checkpoint")
+    return ckpt
+
+
+def drop_records_after(log_path, step, evaluated_step):
+    """Resuming: metrics.jsonl keeps only what the checkpoint holds (training steps up to `step`,
+    evaluations up to `evaluated_step`); the run redoes the rest and logs it again. A line torn by
+    a crash is dropped too."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path) as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= (evaluated_step if "eval_split" in record else step):
+            keep.append(line + "\n")
+    if len(keep) < len(lines):
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log_path + ".tmp", log_path)

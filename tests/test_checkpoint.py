@@ -1,0 +1,71 @@
+"""cma_train.checkpoint: RNG state round trip, write-then-rename saves, adapter files with their
+scoring settings, and metrics.jsonl trimmed back to a checkpoint."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_clip
+
+from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters
+from cma_train.checkpoint import (SCORING, adapters_file, drop_records_after, load_checkpoint, rng_state,
+                                  save_checkpoint, set_rng_state)
+from cma_train.train import TrainConfig
+
+
+def _draws():
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_rng_state_survives_a_save_and_load(tmp_path):
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
+    _draws()
+    state = rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = _draws()
+    _draws()   # move every generator on
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert _draws() == expected
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint_latest.pt")
+    save_checkpoint(path, {"format": "cma-train-v1", "step": 1})
+
+    def torn(payload, target):   # the disk fills half way through
+        open(target, "wb").write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"format": "cma-train-v1", "step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+
+
+def test_adapters_file_carries_the_run_scoring():
+    model = add_cross_modal_adapters(small_clip(), CrossModalAdapterConfig(reduction_dim=8, shared_dim=16))
+    cfg = TrainConfig(pooling="meanP", max_words=20, max_frames=8)
+    state = adapters_file(model, cfg)
+    assert state["scoring"] == {k: getattr(cfg, k) for k in SCORING}
+    assert state["scoring"]["pooling"] == "meanP" and state["scoring"]["max_frames"] == 8
+    assert state["state_dict"] and state["config"]["reduction_dim"] == 8
+
+
+@pytest.mark.parametrize("step, evaluated_step, kept", [
+    (4, 4, [1, 2, "eval 2", 3, 4, "eval 4"]),
+    (3, 2, [1, 2, "eval 2", 3]),   # the crash came after step 3's checkpoint, before the evaluation at 4
+    (0, 0, []),
+])
+def test_drop_records_after_keeps_what_the_checkpoint_holds(tmp_path, step, evaluated_step, kept):
+    log = tmp_path / "metrics.jsonl"
+    lines = []
+    for s in range(1, 6):
+        lines.append(json.dumps({"step": s, "loss": 1.0 / s}))
+        if s % 2 == 0:
+            lines.append(json.dumps({"step": s, "eval_split": "test", "t2v": {}}))
+    log.write_text("\n".join(lines) + '\n{"step": 6, "lo')   # and a line torn by the crash
+    drop_records_after(str(log), step, evaluated_step)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [f"eval {r['step']}" if "eval_split" in r else r["step"] for r in records] == kept
