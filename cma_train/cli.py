@@ -240,6 +240,7 @@ def cmd_eval(args):
         if unlike and rank == 0:
             print(f"cma eval: note: scoring with {', '.join(unlike)}", file=sys.stderr)
     ann = load_annotations(cfg.dataset, cfg.root, args.eval_on, cfg.video_dir)   # before the model: fails fast
+    path = _results_path(args, cfg)
     torch.manual_seed(cfg.seed)   # a random backbone (--pretrained none) is the one `cma train` built
     model, _, _ = build_model(cfg, device)
     if state is not None:
@@ -253,11 +254,29 @@ def cmd_eval(args):
     if rank != 0:
         return 0
     print(format_results(res, f"{cfg.dataset} {args.eval_on}"))
-    path = args.results or os.path.join(os.path.dirname(os.path.abspath(args.adapters)) if args.adapters else cfg.out,
-                                        f"results_{args.eval_on}.json")
     save_results(res, path)
     print(f"wrote {path}")
     return 0
+
+
+def _results_path(args, cfg):
+    """Where `cma eval` writes its JSON: --results (a folder gets results_<split>.json inside), else
+    beside --adapters, else in --out. Checked before anything is evaluated, so no evaluation is lost
+    to a path that cannot be written."""
+    name = f"results_{args.eval_on}.json"
+    if args.results:
+        path = os.path.join(args.results, name) if os.path.isdir(args.results) else args.results
+    else:
+        path = os.path.join(os.path.dirname(os.path.abspath(args.adapters)) if args.adapters else cfg.out, name)
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:   # a file where a folder should be, permissions
+        raise ValueError(f"cannot write the results to {path}: cannot make the folder {folder} "
+                         f"({e.strerror})") from None
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write the results to {path}: no write permission")
+    return path
 
 
 def cmd_prepare(args):
@@ -311,7 +330,7 @@ def build_parser():
                    help="adapters.pt or a training checkpoint, scored with its run's pooling, temperature, words, "
                         "frames and fps unless flags say otherwise (default: none, the backbone alone: zero-shot)")
     p.add_argument("--eval-on", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--results", help="where to write the JSON results (default: next to --adapters, or in --out)")
+    p.add_argument("--results", help="file or folder for the JSON results (default: next to --adapters, or in --out)")
     p = sub.add_parser("prepare", help="decode and resize a dataset once into a frame cache (resumable)")
     p.add_argument("--dataset", required=True, help=HELP["dataset"])
     p.add_argument("--root", required=True, help=HELP["root"])

@@ -98,6 +98,23 @@ def test_eval_scores_adapters_as_their_run_did(video_set, tmp_path, capsys):
     assert json.load(open(tmp_path / "softmax.json"))["scoring"]["pooling"] == "softmax"
 
 
+def test_eval_results_into_a_folder_and_a_bad_path_before_evaluating(video_set, tmp_path, monkeypatch, capsys):
+    import cma_train.cli as cli
+    jsonl, cache = video_set
+    argv = ["eval", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache]
+    (tmp_path / "folder").mkdir()
+    assert main(argv + ["--results", str(tmp_path / "folder")]) == 0
+    assert json.load(open(tmp_path / "folder" / "results_test.json"))["num_videos"] == 8
+    evaluated = []
+    monkeypatch.setattr(cli, "_evaluate", lambda *args: evaluated.append(1))
+    (tmp_path / "file").write_text("")
+    capsys.readouterr()
+    assert main(argv + ["--results", str(tmp_path / "file" / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cma eval: error: cannot write the results to {tmp_path / 'file' / 'r.json'}: cannot make "
+                          f"the folder {tmp_path / 'file'}") and not evaluated
+
+
 def test_prepare_caches_several_splits_in_one_folder(tmp_path, capsys):
     """`--split train,test`: one cache for training and evaluation, each video once."""
     from conftest import write_video
