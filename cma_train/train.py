@@ -319,6 +319,7 @@ def train(cfg: TrainConfig):
     if not cfg.resume and os.path.exists(latest):   # a fresh run would overwrite it at its first checkpoint
         raise ValueError(f"{cfg.out} already holds a training run ({latest}): continue it with --resume, or "
                          f"train into another --out")
+    os.makedirs(cfg.out, exist_ok=True)   # an --out that cannot be made fails now, not after the model is built
     # data first: a wrong --root, split or --cache fails in a second, not after the model is built
     ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
     eval_ann = load_annotations(cfg.dataset, cfg.root, cfg.eval_split, cfg.video_dir) if cfg.eval_split else None
@@ -351,7 +352,6 @@ def train(cfg: TrainConfig):
                                   fused=device.type == "cuda")   # one kernel for all adapter tensors
     schedule = cosine_with_warmup(total_steps, cfg.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    os.makedirs(cfg.out, exist_ok=True)
     step, skipped = 0, {}
     best, evaluated_step, last_eval = None, -1, None   # best: t2v R@1 so far, and when
     if cfg.resume:

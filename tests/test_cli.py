@@ -474,14 +474,22 @@ def test_pretrained_file_of_another_architecture_is_an_error_not_a_traceback(vid
             err = capsys.readouterr().err
             assert f"--pretrained {path}: cannot be loaded into the --model-config model (" in err, err
             assert err.rstrip().endswith("not an open_clip checkpoint of that architecture") and "Traceback" not in err
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "checkpoint_latest.pt").exists()
 
 
-def test_an_output_folder_that_cannot_be_made_is_an_error_not_a_traceback(tmp_path, capsys):
+def test_an_output_folder_that_cannot_be_made_is_an_error_not_a_traceback(video_set, tmp_path, monkeypatch,
+                                                                         capsys):
+    import cma_train.train as train_module
     (tmp_path / "file").write_text("")
     assert main(["demo", "--out", str(tmp_path / "file" / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("cma demo: error: [Errno 20] Not a directory") and "Traceback" not in err
+    built = []
+    monkeypatch.setattr(train_module, "build_model", lambda *args: built.append(1))
+    jsonl, _ = video_set
+    assert main(["train", *TINY, "--dataset", "jsonl", "--root", jsonl, "--out", str(tmp_path / "file" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cma train: error: [Errno 20] Not a directory") and not built   # before the model
 
 
 def test_unknown_config_key_and_bad_flag_value(tmp_path, capsys):
