@@ -45,8 +45,9 @@ from cma_train.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, adapters_f
 from cma_train.evaluate import evaluate
 from cma_train.signals import StopSignals, TrainingStopped
 
-RESUME_MUST_MATCH = ("model", "dataset", "split", "reduction_dim", "shared_dim", "activation", "batch_size", "seed",
-                     "max_frames", "max_words", "pooling")
+RESUME_MUST_MATCH = ("model", "model_config", "dataset", "split", "reduction_dim", "shared_dim", "activation",
+                     "dropout", "batch_size", "seed", "max_frames", "max_words", "sample_fps", "pooling", "temperature",
+                     "epochs", "warmup")   # the loss, the data and the learning-rate schedule of the run
 
 
 @dataclass

@@ -106,11 +106,16 @@ def test_a_cache_of_part_of_the_videos_serves_an_evaluation_of_all(video_set, tm
     assert result["eval"]["num_videos"] == 8 and not result["eval"]["skipped"]
 
 
-def test_resume_refuses_a_changed_setting(video_set, tmp_path):
+@pytest.mark.parametrize("setting, value, message", [
+    ("batch_size", 4, "batch_size=8, this run has batch_size=4"),
+    ("temperature", 2.0, "temperature=5.0, this run has temperature=2.0"),   # another loss
+    ("epochs", 31, "epochs=30, this run has epochs=31"),                     # another learning-rate schedule
+])
+def test_resume_refuses_a_changed_setting(video_set, tmp_path, setting, value, message):
     jsonl, cache = video_set
     train(tiny_config(jsonl, cache, tmp_path, max_steps=1))
-    with pytest.raises(CheckpointError, match="batch_size=8, this run has batch_size=4"):
-        train(tiny_config(jsonl, cache, tmp_path, max_steps=2, batch_size=4, resume=True))
+    with pytest.raises(CheckpointError, match=message):
+        train(tiny_config(jsonl, cache, tmp_path, max_steps=2, resume=True, **{setting: value}))
 
 
 def test_truncated_or_foreign_checkpoint_is_refused(video_set, tmp_path):
