@@ -283,7 +283,10 @@ def cmd_prepare(args):
     from cma_model.cache import prepare_cache
     from cma_model.datasets import load_annotations
     videos = {}   # id -> path, over every split asked for (one cache can serve training and evaluation)
-    for split in args.split.split(","):
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    if not splits:
+        raise ValueError(f"--split {args.split!r}: name a split, or several joined by commas (train,test)")
+    for split in splits:
         ann = load_annotations(args.dataset, args.root, split, args.video_dir)
         videos.update((v, p) for v, p in zip(ann.video_ids, ann.video_paths) if v not in videos)
     skipped = prepare_cache(list(videos), list(videos.values()), args.out, args.max_frames, args.size,

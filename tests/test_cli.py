@@ -132,7 +132,7 @@ def test_prepare_caches_several_splits_in_one_folder(tmp_path, capsys):
                                                    "ret0,x,video2,clip 2\nret1,x,video1,clip 1\n")
     cache = str(tmp_path / "cache")
     argv = ["prepare", "--dataset", "msrvtt", "--root", str(root), "--out", cache, "--size", "32", "--workers", "1"]
-    assert main(argv + ["--split", "train,test"]) == 0
+    assert main(argv + ["--split", "train, test"]) == 0   # spaces after the comma are fine
     assert "3 videos ready, 0 skipped" in capsys.readouterr().out   # video1 is in both splits: cached once
     frames = FrameCache(cache)
     assert all(frames.covers(f"video{i}") and f"video{i}" in frames for i in range(3))
@@ -434,6 +434,7 @@ def test_tuner_tries_the_current_configuration_then_the_candidates_then_the_neig
     (["train", "--config", "/nonexistent.yaml"], "no such file"),
     (["eval", "--pretrained", "none", "--adapters", "/nonexistent.pt"], "--adapters /nonexistent.pt: no such file"),
     (["prepare", "--dataset", "kinetics", "--root", ".", "--out", "x"], "unknown dataset 'kinetics'"),
+    (["prepare", "--dataset", "jsonl", "--root", ".", "--split", ", ", "--out", "x"], "--split ', ': name a split"),
     (["train", "--model", "ViT-B32", "--pretrained", "none"], "not an open_clip architecture; did you mean ViT-B-32"),
     (["eval", "--model", "ViT-Q-99", "--pretrained", "none"], "--model 'ViT-Q-99' is not an open_clip architecture"),
     (["train", "--pretrained", "weights.pt"], "--pretrained weights.pt: no such file"),
