@@ -15,7 +15,10 @@ def _summary(ranks):
 
 
 def match_ranks(sim, match):
-    """1-based rank of candidate match[i] in row i of sim [Nq, Nc] (ties counted against the query)."""
+    """1-based rank of candidate match[i] in row i of sim [Nq, Nc] (ties counted against the query).
+    Raises ValueError on a NaN score: it compares false with everything, so it would rank first."""
+    if torch.isnan(sim).any():
+        raise ValueError(f"{int(torch.isnan(sim).sum())} NaN similarities: ranks would be meaningless")
     return (sim >= sim.gather(1, match.view(-1, 1))).sum(1)   # the match itself counts once
 
 

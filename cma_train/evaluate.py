@@ -86,6 +86,10 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
     if not readable.any():
         raise ValueError(f"no video of the evaluation split could be read, e.g. {list(skipped.values())[:3]}")
 
+    bad_text, bad_videos = (~text.isfinite().all(1)).sum().item(), (~feats.isfinite().all((1, 2))).sum().item()
+    if bad_text or bad_videos:   # NaN would rank first and make R@1 look perfect
+        raise ValueError(f"the model gives non-finite embeddings for {bad_text} caption(s) and {bad_videos} video(s) "
+                         f"(diverged adapters? see the loss in the run's metrics.jsonl)")
     caption_video = torch.tensor(ann.caption_video, device=device)
     keep = readable[caption_video]
     new_index = torch.cumsum(readable.long(), 0) - 1

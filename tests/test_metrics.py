@@ -50,6 +50,11 @@ def test_multi_caption_video_to_text_uses_the_best_caption():
 
 
 def test_errors():
+    sim = torch.rand(3, 3)
+    sim[1, 1] = float("nan")   # NaN >= x is false: it would rank first, R@1 for a broken model
+    for metrics in (lambda: retrieval_metrics(sim), lambda: multi_caption_metrics(sim, torch.arange(3))):
+        with pytest.raises(ValueError, match="1 NaN similarities"):
+            metrics()
     with pytest.raises(ValueError, match="square"):
         retrieval_metrics(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="at least one caption"):
