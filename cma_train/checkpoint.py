@@ -12,8 +12,10 @@ import torch
 from cma_model import adapter_state_dict
 
 CHECKPOINT_FORMAT = "cma-train-v1"
-SCORING = ("pooling", "temperature", "max_words", "max_frames", "sample_fps")   # how a run scores, kept with
-# its adapters so that `cma eval --adapters` scores them the same way
+# Kept with a run's adapters, so that `cma eval --adapters` rebuilds the backbone they were trained
+# on and scores them the same way
+BACKBONE = ("model", "model_config")
+SCORING = ("pooling", "temperature", "max_words", "max_frames", "sample_fps")
 
 
 class CheckpointError(ValueError):
@@ -48,8 +50,10 @@ def save_checkpoint(path, payload):
 
 
 def adapters_file(model, cfg):
-    """adapters.pt: `adapter_state_dict(model)` plus the run's scoring settings (SCORING)."""
-    return {**adapter_state_dict(model), "scoring": {k: getattr(cfg, k) for k in SCORING}}
+    """adapters.pt: `adapter_state_dict(model)` plus the run's backbone architecture (BACKBONE) and
+    scoring settings (SCORING)."""
+    return {**adapter_state_dict(model), "backbone": {k: getattr(cfg, k) for k in BACKBONE},
+            "scoring": {k: getattr(cfg, k) for k in SCORING}}
 
 
 def load_checkpoint(path):

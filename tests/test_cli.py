@@ -70,16 +70,18 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
                  "--adapters", os.path.join(out, "checkpoint_latest.pt"), "--results", str(tmp_path / "r2.json")]) == 0
 
 
-def test_eval_scores_adapters_as_their_run_did(video_set, tmp_path, capsys):
-    """A run trained with meanP pooling over 8 frames of 10 words: `cma eval --adapters` without
-    those flags scores as the run did (the same numbers as its own final evaluation), from
-    adapters.pt and from the checkpoint; a flag set on purpose wins, and is said."""
+def test_eval_takes_the_backbone_and_scoring_of_the_adapters_run(video_set, tmp_path, capsys):
+    """A run on a custom backbone (--model-config), trained with meanP pooling over 8 frames of 10
+    words: `cma eval --adapters` given none of those flags rebuilds that backbone and scores as the
+    run did (the same numbers as its own final evaluation), from adapters.pt and from the
+    checkpoint; a flag set on purpose wins, and a note says so."""
     jsonl, _ = video_set
     out, root = str(tmp_path / "run"), os.path.dirname(jsonl)
-    tiny = TINY[:4] + TINY[6:]   # TINY without its --max-words 12
-    assert TINY[4] == "--max-words" and "--max-words" not in tiny
-    run = ["--pooling", "meanP", "--max-frames", "8", "--max-words", "10"]
-    assert main(["train", *tiny, *run, "--dataset", "jsonl", "--root", root, "--out", out, "--batch-size", "4",
+    assert TINY[:2] == ["--model-config", json.dumps(TINY_TRAIN_CLIP)] and TINY[4] == "--max-words"
+    bare = TINY[2:4] + TINY[6:]   # TINY without its backbone and its --max-words 12
+    run = ["--model-config", json.dumps(TINY_TRAIN_CLIP), "--pooling", "meanP", "--max-frames", "8",
+           "--max-words", "10"]
+    assert main(["train", *bare, *run, "--dataset", "jsonl", "--root", root, "--out", out, "--batch-size", "4",
                  "--max-steps", "2", "--lr", "1e-2", "--eval-split", "test"]) == 0
     trained = json.load(open(os.path.join(out, "results_test.json")))
     assert trained["scoring"] == {"pooling": "meanP", "temperature": 5.0, "max_words": 10, "max_frames": 8,
@@ -87,15 +89,34 @@ def test_eval_scores_adapters_as_their_run_did(video_set, tmp_path, capsys):
     capsys.readouterr()
     for adapters in ("adapters.pt", "checkpoint_latest.pt"):
         results = str(tmp_path / f"{adapters}.json")
-        assert main(["eval", *tiny, "--dataset", "jsonl", "--root", root, "--adapters", os.path.join(out, adapters),
+        assert main(["eval", *bare, "--dataset", "jsonl", "--root", root, "--adapters", os.path.join(out, adapters),
                      "--results", results]) == 0
         again = json.load(open(results))
         assert again["scoring"] == trained["scoring"] and again["t2v"] == trained["t2v"], adapters
         assert "note:" not in capsys.readouterr().err
-    assert main(["eval", *tiny, "--dataset", "jsonl", "--root", root, "--adapters", os.path.join(out, "adapters.pt"),
+    assert main(["eval", *bare, "--dataset", "jsonl", "--root", root, "--adapters", os.path.join(out, "adapters.pt"),
                  "--pooling", "softmax", "--results", str(tmp_path / "softmax.json")]) == 0
-    assert "note: scoring with --pooling softmax (trained with meanP)" in capsys.readouterr().err
+    assert "note: evaluating with --pooling softmax (trained with meanP)" in capsys.readouterr().err
     assert json.load(open(tmp_path / "softmax.json"))["scoring"]["pooling"] == "softmax"
+
+
+def test_eval_takes_a_named_model_from_the_adapters_unless_told_otherwise(tmp_path, capsys):
+    from conftest import small_clip
+
+    from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters
+    from cma_train.checkpoint import adapters_file
+    from cma_train.cli import _read_adapters
+    from cma_train.train import TrainConfig
+    model = add_cross_modal_adapters(small_clip(), CrossModalAdapterConfig(reduction_dim=4, shared_dim=8))
+    torch.save(adapters_file(model, TrainConfig(model="ViT-B-16", pooling="meanP")), tmp_path / "a.pt")
+    cfg = TrainConfig()
+    _read_adapters(str(tmp_path / "a.pt"), cfg, given=set())
+    assert (cfg.model, cfg.pooling, cfg.reduction_dim, cfg.shared_dim) == ("ViT-B-16", "meanP", 4, 8)
+    assert capsys.readouterr().err == ""
+    cfg = TrainConfig(model="ViT-B-16-quickgelu")
+    _read_adapters(str(tmp_path / "a.pt"), cfg, given={"model"})
+    assert cfg.model == "ViT-B-16-quickgelu"
+    assert "note: evaluating with --model ViT-B-16-quickgelu (trained with ViT-B-16)" in capsys.readouterr().err
 
 
 def test_eval_results_into_a_folder_and_a_bad_path_before_evaluating(video_set, tmp_path, monkeypatch, capsys):
