@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cma_model import (CrossModalAdapterConfig, adapter_state_dict, add_cross_modal_adapters, load_adapter_state_dict,
-                       set_mlp_recompute)
+from cma_model import (CrossModalAdapterConfig, adapter_state_dict, add_cross_modal_adapters,
+                       count_trainable_parameters, load_adapter_state_dict, set_mlp_recompute)
 from cma_model.cache import FrameCache
 from cma_model.data import (LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, collate,
                             ignore_stop_signals)
@@ -419,7 +419,13 @@ def train(cfg: TrainConfig):
     writer = _tensorboard(cfg) if rank == 0 else None
     losses = []
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    if rank == 0:
+        todo = f"steps {step + 1}-{last_step} of {total_steps}" if step < last_step else "no step left to run"
+        print(f"training {count_trainable_parameters(model):,} adapter parameters on {len(dataset)} captions of "
+              f"{len(ann.video_ids)} videos ({cfg.dataset} {cfg.split}): {steps_per_epoch} steps per epoch, {todo}, "
+              f"global batch {cfg.batch_size} over {world} process(es) on {device.type}; writing to {cfg.out}")
     bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=rank != 0 or not cfg.progress)
+    say_epochs = rank == 0 and not cfg.progress   # without the bar, a line per epoch
     model.train()
     with StopSignals(announce=rank == 0) as stop:
         if periodic_eval_due():   # a run stopped during an evaluation: do it first
@@ -470,6 +476,10 @@ def train(cfg: TrainConfig):
                     bar.close()
                     raise TrainingStopped(signum, step, latest)
                 if step == last_step or step % steps_per_epoch == 0:
+                    if say_epochs:
+                        done = losses[-(step - epoch * steps_per_epoch - in_epoch):]   # this epoch's, in this run
+                        print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}/{last_step}, mean loss "
+                              f"{sum(done) / len(done):.4f}, {rate:.1f} videos/s", flush=True)
                     break
     bar.close()
     if rank == 0:

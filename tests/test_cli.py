@@ -183,9 +183,13 @@ def test_ctrl_c_in_train_checkpoints_and_says_how_to_resume(video_set, tmp_path,
     monkeypatch.undo()
     assert main(argv + ["--resume"]) == 0
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
-    assert "2 step(s) in this run" in capsys.readouterr().out
+    printed = capsys.readouterr().out   # without progress bars: what the run does, then a line per epoch
+    assert "on 8 captions of 8 videos (jsonl train): 4 steps per epoch, steps 3-4 of 4, global batch 2" in printed
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))][2:]
+    assert f"epoch 1/1: step 4/4, mean loss {sum(losses) / 2:.4f}," in printed and "2 step(s) in this run" in printed
     assert main(argv + ["--resume"]) == 0   # a finished run: nothing to redo, nothing logged twice
-    assert "no step was left to run" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "no step left to run" in printed and "no step was left to run" in printed and "epoch 1/1" not in printed
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
 
 
