@@ -212,6 +212,13 @@ def cmd_eval(args):
     device = _device(cfg, rank)
     ann = load_annotations(cfg.dataset, cfg.root, args.eval_on, cfg.video_dir)   # before the model: fails fast
     path = _results_path(args, cfg)
+    if rank == 0:
+        what = f"adapters {args.adapters} (r={cfg.reduction_dim}, d_s={cfg.shared_dim})" if args.adapters \
+            else "the backbone alone (zero-shot)"
+        arch = "the --model-config model" if cfg.model_config else cfg.model
+        print(f"evaluating {what} on {arch} ({cfg.pretrained}): {len(ann.captions)} captions, {len(ann.video_ids)} "
+              f"videos of {cfg.dataset} {args.eval_on}; {cfg.pooling} pooling (temperature {cfg.temperature:g}), "
+              f"{cfg.max_frames} frames at {cfg.sample_fps:g} fps, {cfg.max_words} words")
     torch.manual_seed(cfg.seed)   # a random backbone (--pretrained none) is the one `cma train` built
     model, _, _ = build_model(cfg, device)
     if state is not None:

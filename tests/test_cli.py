@@ -93,7 +93,11 @@ def test_eval_takes_the_backbone_and_scoring_of_the_adapters_run(video_set, tmp_
                      "--results", results]) == 0
         again = json.load(open(results))
         assert again["scoring"] == trained["scoring"] and again["t2v"] == trained["t2v"], adapters
-        assert "note:" not in capsys.readouterr().err
+        printed = capsys.readouterr()
+        assert "note:" not in printed.err
+        assert printed.out.startswith(f"evaluating adapters {os.path.join(out, adapters)} (r=8, d_s=16) on the "
+                                      f"--model-config model (none): 8 captions, 8 videos of jsonl test; meanP "
+                                      f"pooling (temperature 5), 8 frames at 1 fps, 10 words\n")
     assert main(["eval", *bare, "--dataset", "jsonl", "--root", root, "--adapters", os.path.join(out, "adapters.pt"),
                  "--pooling", "softmax", "--results", str(tmp_path / "softmax.json")]) == 0
     assert "note: evaluating with --pooling softmax (trained with meanP)" in capsys.readouterr().err
