@@ -1,10 +1,11 @@
 """What a run folder holds, read and written safely: training checkpoints (adapters, optimizer,
-scheduler, step, config, RNG), adapter files with the run's scoring settings, and metrics.jsonl
-trimmed back to a checkpoint on resume. Every file is written to a temporary name and renamed, so
-a crash never leaves a broken one."""
+scheduler, step, config, RNG), adapter files with the backbone and scoring settings of their run
+(read back by `cma eval --adapters`), and metrics.jsonl trimmed back to a checkpoint on resume.
+Every file is written to a temporary name and renamed, so a crash never leaves a broken one."""
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -91,3 +92,38 @@ def drop_records_after(log_path, step, evaluated_step):
         with open(log_path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(log_path + ".tmp", log_path)
+
+
+def read_adapters(path, cfg, given=()):
+    """The adapter state in `path` (adapters.pt or a training checkpoint), for load_adapter_state_dict.
+    Their shape, the backbone they were trained on and how their run scored become the TrainConfig
+    cfg's, except the settings named in `given` (set on purpose): those stay, and a note on stderr
+    names the ones that differ. ValueError naming the file if it is not one of ours."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--adapters {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # not a torch file, truncated, or pickled objects weights_only refuses
+        raise ValueError(f"--adapters {path}: cannot be read ({type(e).__name__})") from None
+    run = {}   # older adapter files lack the backbone and scoring: the flags' values stand
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        checkpoint = load_checkpoint(path)
+        state, run = checkpoint["adapters"], {k: checkpoint["config"][k] for k in BACKBONE + SCORING}
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
+        raise ValueError(f"--adapters {path}: not a cma adapter file or training checkpoint")
+    run = run or {**state.get("backbone", {}), **state.get("scoring", {})}
+    for key in ("reduction_dim", "shared_dim", "activation"):   # the adapters' shape: no choice
+        trained = state["config"][key]
+        if key in given and getattr(cfg, key) != trained:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)}, but {path} holds adapters with "
+                             f"{key}={trained!r}; leave the flag out")
+        setattr(cfg, key, trained)
+    unlike = []
+    for key, trained in run.items():
+        if key not in given:
+            setattr(cfg, key, trained)
+        elif getattr(cfg, key) != trained:
+            unlike.append(f"--{key.replace('_', '-')} {str(getattr(cfg, key))[:60]} (trained with {str(trained)[:60]})")
+    if unlike and int(os.environ.get("RANK", 0)) == 0:
+        print(f"cma eval: note: evaluating with {', '.join(unlike)}", file=sys.stderr)
+    return state

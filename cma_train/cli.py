@@ -202,11 +202,11 @@ def cmd_eval(args):
     import torch
     from cma_model import adapter_modules, load_adapter_state_dict
     from cma_model.datasets import load_annotations
-    from cma_train.checkpoint import SCORING
+    from cma_train.checkpoint import SCORING, read_adapters
     from cma_train.evaluate import format_results, save_results
     from cma_train.train import _device, _distributed, build_model
     cfg = config_from_args(args)
-    state = _read_adapters(args.adapters, cfg, _given_settings(args)) if args.adapters else None
+    state = read_adapters(args.adapters, cfg, _given_settings(args)) if args.adapters else None
     cfg.validate()
     rank, _ = _distributed()   # under torchrun every rank encodes its share
     device = _device(cfg, rank)
@@ -235,42 +235,6 @@ def cmd_eval(args):
     save_results(res, path)
     print(f"wrote {path}")
     return 0
-
-
-def _read_adapters(path, cfg, given):
-    """The adapter state in `path` (adapters.pt or a training checkpoint), for load_adapter_state_dict.
-    Their shape, the backbone they were trained on and how their run scored become cfg's, except
-    the settings in `given` (set on purpose): those stay, and a note names the ones that differ."""
-    import torch
-    from cma_train.checkpoint import BACKBONE, CHECKPOINT_FORMAT, SCORING, load_checkpoint
-    if not os.path.isfile(path):
-        raise ValueError(f"--adapters {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:   # not a torch file, truncated, or pickled objects weights_only refuses
-        raise ValueError(f"--adapters {path}: cannot be read ({type(e).__name__})") from None
-    run = {}   # older adapter files lack the backbone and scoring: the flags' values stand
-    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        checkpoint = load_checkpoint(path)
-        state, run = checkpoint["adapters"], {k: checkpoint["config"][k] for k in BACKBONE + SCORING}
-    if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
-        raise ValueError(f"--adapters {path}: not a cma adapter file or training checkpoint")
-    run = run or {**state.get("backbone", {}), **state.get("scoring", {})}
-    for key in ("reduction_dim", "shared_dim", "activation"):   # the adapters' shape: no choice
-        trained = state["config"][key]
-        if key in given and getattr(cfg, key) != trained:
-            raise ValueError(f"--{key.replace('_', '-')} {getattr(cfg, key)}, but {path} holds adapters with "
-                             f"{key}={trained!r}; leave the flag out")
-        setattr(cfg, key, trained)
-    unlike = []
-    for key, trained in run.items():
-        if key not in given:
-            setattr(cfg, key, trained)
-        elif getattr(cfg, key) != trained:
-            unlike.append(f"--{key.replace('_', '-')} {str(getattr(cfg, key))[:60]} (trained with {str(trained)[:60]})")
-    if unlike and int(os.environ.get("RANK", 0)) == 0:
-        print(f"cma eval: note: evaluating with {', '.join(unlike)}", file=sys.stderr)
-    return state
 
 
 def _results_path(args, cfg):

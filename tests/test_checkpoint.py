@@ -1,5 +1,5 @@
 """cma_train.checkpoint: RNG state round trip, write-then-rename saves, adapter files with their
-scoring settings, and metrics.jsonl trimmed back to a checkpoint."""
+run's settings (written and read back), and metrics.jsonl trimmed back to a checkpoint."""
 import json
 import random
 
@@ -10,8 +10,8 @@ import torch
 from conftest import small_clip
 
 from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters
-from cma_train.checkpoint import (SCORING, adapters_file, drop_records_after, load_checkpoint, rng_state,
-                                  save_checkpoint, set_rng_state)
+from cma_train.checkpoint import (SCORING, adapters_file, drop_records_after, load_checkpoint, read_adapters,
+                                  rng_state, save_checkpoint, set_rng_state)
 from cma_train.train import TrainConfig
 
 
@@ -69,3 +69,21 @@ def test_drop_records_after_keeps_what_the_checkpoint_holds(tmp_path, step, eval
     drop_records_after(str(log), step, evaluated_step)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [f"eval {r['step']}" if "eval_split" in r else r["step"] for r in records] == kept
+
+
+def test_read_adapters_takes_the_run_settings_unless_given(tmp_path, capsys):
+    """The shape, the named model and the scoring come with the file; a setting given on purpose
+    stays and is said. (End to end, with a --model-config backbone: test_cli.)"""
+    model = add_cross_modal_adapters(small_clip(), CrossModalAdapterConfig(reduction_dim=4, shared_dim=8))
+    torch.save(adapters_file(model, TrainConfig(model="ViT-B-16", pooling="meanP")), tmp_path / "a.pt")
+    cfg = TrainConfig()
+    read_adapters(str(tmp_path / "a.pt"), cfg, given=set())
+    assert (cfg.model, cfg.pooling, cfg.reduction_dim, cfg.shared_dim) == ("ViT-B-16", "meanP", 4, 8)
+    assert capsys.readouterr().err == ""
+    cfg = TrainConfig(model="ViT-B-16-quickgelu")
+    read_adapters(str(tmp_path / "a.pt"), cfg, given={"model"})
+    assert cfg.model == "ViT-B-16-quickgelu"
+    assert "note: evaluating with --model ViT-B-16-quickgelu (trained with ViT-B-16)" in capsys.readouterr().err
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="not a cma adapter file or training checkpoint"):
+        read_adapters(str(tmp_path / "b.pt"), TrainConfig())

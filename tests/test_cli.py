@@ -104,25 +104,6 @@ def test_eval_takes_the_backbone_and_scoring_of_the_adapters_run(video_set, tmp_
     assert json.load(open(tmp_path / "softmax.json"))["scoring"]["pooling"] == "softmax"
 
 
-def test_eval_takes_a_named_model_from_the_adapters_unless_told_otherwise(tmp_path, capsys):
-    from conftest import small_clip
-
-    from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters
-    from cma_train.checkpoint import adapters_file
-    from cma_train.cli import _read_adapters
-    from cma_train.train import TrainConfig
-    model = add_cross_modal_adapters(small_clip(), CrossModalAdapterConfig(reduction_dim=4, shared_dim=8))
-    torch.save(adapters_file(model, TrainConfig(model="ViT-B-16", pooling="meanP")), tmp_path / "a.pt")
-    cfg = TrainConfig()
-    _read_adapters(str(tmp_path / "a.pt"), cfg, given=set())
-    assert (cfg.model, cfg.pooling, cfg.reduction_dim, cfg.shared_dim) == ("ViT-B-16", "meanP", 4, 8)
-    assert capsys.readouterr().err == ""
-    cfg = TrainConfig(model="ViT-B-16-quickgelu")
-    _read_adapters(str(tmp_path / "a.pt"), cfg, given={"model"})
-    assert cfg.model == "ViT-B-16-quickgelu"
-    assert "note: evaluating with --model ViT-B-16-quickgelu (trained with ViT-B-16)" in capsys.readouterr().err
-
-
 def test_eval_results_into_a_folder_and_a_bad_path_before_evaluating(video_set, tmp_path, monkeypatch, capsys):
     import cma_train.cli as cli
     jsonl, cache = video_set
