@@ -299,9 +299,22 @@ def cmd_demo(args):
     return run_demo(args.out, workers=args.workers, quick=args.quick)
 
 
+def _version():
+    """cma's installed version, with the torch and triton it runs on."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions = []
+    for package in ("cma", "torch", "triton", "open_clip_torch"):
+        try:
+            versions.append(version(package))
+        except PackageNotFoundError:
+            versions.append("not installed")
+    return "{} (torch {}, triton {}, open_clip {})".format(*versions)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="cma",
                                      description="Cross-Modal Adapters for text-video retrieval on open_clip.")
+    parser.add_argument("--version", action="version", version=f"cma {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train adapters on a text-video dataset")
     _add_config_flags(p)

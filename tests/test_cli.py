@@ -544,6 +544,15 @@ def test_unreadable_config_file_is_one_line_naming_it(tmp_path, capsys, name, co
     assert err.startswith(f"cma train: error: --config {bad}{message}") and "Traceback" not in err
 
 
+def test_version_names_cma_and_what_it_runs_on(capsys):
+    from importlib.metadata import version
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == (f"cma {version('cma')} (torch {version('torch')}, triton "
+                                               f"{version('triton')}, open_clip {version('open_clip_torch')})")
+
+
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "cma_train.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout and "demo" in out.stdout
