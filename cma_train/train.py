@@ -17,6 +17,7 @@ written and train() raises TrainingStopped; `--resume` then continues exactly.
 import contextlib
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -135,6 +136,8 @@ class TrainConfig:
             raise ValueError("--device cuda was given but no CUDA device is available; use --device cpu or auto")
         if self.backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("--backend triton needs a CUDA GPU; use --backend auto (fused on GPU, PyTorch on CPU)")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
         if not self.pretrained:
             raise ValueError("say which weights to start from: --pretrained PATH_OR_TAG, or --pretrained none for "
                              "random init (adapters on a random backbone learn little)")
@@ -507,8 +510,5 @@ def _plain(cfg):
 def _tensorboard(cfg):
     if not cfg.tensorboard:
         return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    from torch.utils.tensorboard import SummaryWriter   # validate() checked that tensorboard is installed
     return SummaryWriter(os.path.join(cfg.out, "tensorboard"))

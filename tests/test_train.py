@@ -1,5 +1,6 @@
 """cma_train.train: learning, exact resume, checkpoints, evaluation during training, and DDP
 equivalence (gloo, 2 processes)."""
+import importlib.util
 import json
 import os
 import signal
@@ -342,6 +343,9 @@ def test_config_errors(tmp_path):
         TrainConfig(pretrained="none", eval_every=-1, eval_split="test").validate()
     with pytest.raises(ValueError, match="micro_batch must be >= 0"):
         TrainConfig(pretrained="none", micro_batch=-1).validate()
+    if importlib.util.find_spec("tensorboard") is None:   # refused before anything runs, not after the model
+        with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package"):
+            TrainConfig(pretrained="none", tensorboard=True).validate()
     one_file = tmp_path / "all.jsonl"
     one_file.write_text('{"video": "a.mp4", "caption": "x"}\n')
     with pytest.raises(ValueError, match="would evaluate on the training file: pass as --root a folder holding "
