@@ -50,11 +50,16 @@ def save_checkpoint(path, payload):
     os.replace(tmp, path)
 
 
+def scoring_of(cfg):
+    """{setting: value} of cfg's SCORING settings: how a run scores similarity."""
+    return {k: getattr(cfg, k) for k in SCORING}
+
+
 def adapters_file(model, cfg):
     """adapters.pt: `adapter_state_dict(model)` plus the run's backbone architecture (BACKBONE) and
     scoring settings (SCORING)."""
     return {**adapter_state_dict(model), "backbone": {k: getattr(cfg, k) for k in BACKBONE},
-            "scoring": {k: getattr(cfg, k) for k in SCORING}}
+            "scoring": scoring_of(cfg)}
 
 
 def load_checkpoint(path):

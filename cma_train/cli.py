@@ -155,8 +155,8 @@ def _given_settings(args):
 
 def cmd_train(args):
     import torch
+    from cma_train.checkpoint import scoring_of
     from cma_train.evaluate import format_results, save_results
-    from cma_train.checkpoint import SCORING
     from cma_train.train import train
     cfg = config_from_args(args)
     try:
@@ -169,8 +169,8 @@ def cmd_train(args):
         return 0
     if cfg.eval_split:
         print(format_results(result["eval"], f"{cfg.dataset} {cfg.eval_split}, final adapters"))
-        scoring = {k: getattr(cfg, k) for k in SCORING}
-        save_results({**result["eval"], "scoring": scoring}, os.path.join(cfg.out, f"results_{cfg.eval_split}.json"))
+        save_results({**result["eval"], "scoring": scoring_of(cfg)},
+                     os.path.join(cfg.out, f"results_{cfg.eval_split}.json"))
         best = result["best"]
         if cfg.eval_every:
             print(f"best t2v R@1 {best['t2v']['R1']:.1f} at epoch {best['epoch']:g} (step {best['step']}): "
@@ -202,7 +202,7 @@ def cmd_eval(args):
     import torch
     from cma_model import adapter_modules, load_adapter_state_dict
     from cma_model.datasets import load_annotations
-    from cma_train.checkpoint import SCORING, read_adapters
+    from cma_train.checkpoint import read_adapters, scoring_of
     from cma_train.evaluate import format_results, save_results
     from cma_train.train import _device, _distributed, build_model
     cfg = config_from_args(args)
@@ -228,7 +228,7 @@ def cmd_eval(args):
             for m in adapter_modules(model):
                 for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
                     p.zero_()
-    res = {**_evaluate(model, cfg, ann, device), "scoring": {k: getattr(cfg, k) for k in SCORING}}
+    res = {**_evaluate(model, cfg, ann, device), "scoring": scoring_of(cfg)}
     if rank != 0:
         return 0
     print(format_results(res, f"{cfg.dataset} {args.eval_on}"))
@@ -300,7 +300,7 @@ def cmd_demo(args):
 
 
 def _version():
-    """cma's installed version, with the torch and triton it runs on."""
+    """cma's installed version, with the torch, triton and open_clip it runs on."""
     from importlib.metadata import PackageNotFoundError, version
     versions = []
     for package in ("cma", "torch", "triton", "open_clip_torch"):
