@@ -39,10 +39,6 @@ class VideoFrames:
         self.cache, self.max_frames, self.size, self.sample_fps = cache, max_frames, size, sample_fps
         self.mean, self.std, self.raw = mean, std, raw
 
-    def uncached(self, video_ids):
-        """The ids among `video_ids` that the cache does not cover (all of them without a cache)."""
-        return [v for v in video_ids if self.cache is None or not self.cache.covers(v)]
-
     def __call__(self, video_id, path):
         if self.cache is not None and self.cache.covers(video_id):
             frames, mask = self.cache[video_id]   # VideoError where `cma prepare` skipped it

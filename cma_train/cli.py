@@ -186,13 +186,10 @@ def _evaluate(model, cfg, ann, device):
     from cma_model.cache import FrameCache
     from cma_model.data import VideoFrames
     from cma_train.evaluate import evaluate
-    from cma_train.train import _note_uncached
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, size, cfg.sample_fps,
                          raw=True)   # uint8 through the loader, normalised on the device
-    if cfg.cache and int(os.environ.get("RANK", 0)) == 0:
-        _note_uncached(frames, ann, "the evaluated split", cfg.cache)
     tokenizer = open_clip.get_tokenizer("ViT-B-32" if cfg.model_config else cfg.model)
     return evaluate(model, tokenizer, ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
                     workers=cfg.workers, device=device, progress=cfg.progress)
@@ -201,16 +198,18 @@ def _evaluate(model, cfg, ann, device):
 def cmd_eval(args):
     import torch
     from cma_model import adapter_modules, load_adapter_state_dict
+    from cma_model.cache import FrameCache
     from cma_model.datasets import load_annotations
     from cma_train.checkpoint import read_adapters, scoring_of
     from cma_train.evaluate import format_results, save_results
-    from cma_train.train import _device, _distributed, build_model
+    from cma_train.train import _device, _distributed, build_model, check_video_sources
     cfg = config_from_args(args)
     state = read_adapters(args.adapters, cfg, _given_settings(args)) if args.adapters else None
     cfg.validate()
     rank, _ = _distributed()   # under torchrun every rank encodes its share
     device = _device(cfg, rank)
     ann = load_annotations(cfg.dataset, cfg.root, args.eval_on, cfg.video_dir)   # before the model: fails fast
+    check_video_sources(FrameCache(cfg.cache) if cfg.cache else None, ann, f"split {args.eval_on!r}", say=rank == 0)
     path = _results_path(args, cfg)
     if rank == 0:
         what = f"adapters {args.adapters} (r={cfg.reduction_dim}, d_s={cfg.shared_dim})" if args.adapters \

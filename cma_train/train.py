@@ -300,13 +300,21 @@ def _global_loss(frame_feats, text_feats, mask, logit_scale, cfg):
     return infonce(similarity(text_feats, frame_feats, mask_all, cfg.pooling, cfg.temperature), logit_scale)
 
 
-def _note_uncached(frames, ann, what, cache_dir):
-    """Say how many of `what`'s videos (a split) the frame cache lacks: they are decoded from their files."""
-    missing = frames.uncached(ann.video_ids) if ann is not None else []
-    if missing:
-        print(f"note: {len(missing)} of the {len(ann.video_ids)} videos of {what} are not in the frame "
-              f"cache {cache_dir} (e.g. {missing[0]!r}): they are decoded from their video files (`cma prepare "
-              f"--split train,test` caches several splits in one folder)")
+def check_video_sources(cache, ann, what, say=True):
+    """Every video of `what` (a split's Annotations) comes from the FrameCache `cache` (or None) or
+    from its file. Refuses a split none of whose videos outside the cache has a file (a wrong --root
+    or --video-dir: every batch would be unreadable); with `say`, notes how many the cache lacks."""
+    uncached = [i for i, v in enumerate(ann.video_ids) if cache is None or not cache.covers(v)]
+    if not uncached:
+        return
+    if not any(os.path.isfile(ann.video_paths[i]) for i in uncached):   # stops at the first file found
+        lacks = " that the frame cache lacks" if cache is not None else ""
+        raise ValueError(f"none of the {len(uncached)} videos of {what}{lacks} is a file, e.g. "
+                         f"{ann.video_paths[uncached[0]]}: check --root and --video-dir (default ROOT/videos)")
+    if cache is not None and say:
+        print(f"note: {len(uncached)} of the {len(ann.video_ids)} videos of {what} are not in the frame cache "
+              f"{cache.out_dir} (e.g. {ann.video_ids[uncached[0]]!r}): they are decoded from their video files "
+              f"(`cma prepare --split train,test` caches several splits in one folder)")
 
 
 def train(cfg: TrainConfig):
@@ -328,6 +336,9 @@ def train(cfg: TrainConfig):
     ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
     eval_ann = load_annotations(cfg.dataset, cfg.root, cfg.eval_split, cfg.video_dir) if cfg.eval_split else None
     cache = FrameCache(cfg.cache) if cfg.cache else None
+    for split, split_ann in ((cfg.split, ann), (cfg.eval_split, eval_ann)):
+        if split_ann is not None:
+            check_video_sources(cache, split_ann, f"split {split!r}", say=rank == 0)
     model, tokenizer, image_size = build_model(cfg, device)
     if cfg.recompute_mlp:
         set_mlp_recompute(model)
@@ -335,9 +346,6 @@ def train(cfg: TrainConfig):
         compile_towers(model, cfg.compile)
     frames = VideoFrames(cache, cfg.max_frames, image_size, cfg.sample_fps,
                          raw=True)   # uint8 through the loader, normalised on the device
-    if cache is not None and rank == 0:
-        for split, split_ann in ((cfg.split, ann), (cfg.eval_split, eval_ann)):
-            _note_uncached(frames, split_ann, f"split {split!r}", cfg.cache)
     dataset = CaptionVideoDataset(ann, tokenizer, frames, cfg.max_words, model.context_length)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:

@@ -471,6 +471,15 @@ def test_pretrained_tag_that_cannot_be_fetched_is_an_error_not_a_traceback(video
                "download" in err and "pass the file" in err and "Traceback" not in err
 
 
+def test_eval_of_a_split_without_video_files_fails_before_the_model(tmp_path, monkeypatch, capsys):
+    import cma_train.train as train_module
+    monkeypatch.setattr(train_module, "build_model", lambda *args: pytest.fail("built the model"))
+    (tmp_path / "test.jsonl").write_text('{"video": "videos/nope.mp4", "caption": "a cat"}\n')
+    assert main(["eval", *TINY, "--dataset", "jsonl", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"none of the 1 videos of split 'test' is a file, e.g. {tmp_path / 'videos' / 'nope.mp4'}" in err
+
+
 def test_pretrained_file_of_another_architecture_is_an_error_not_a_traceback(video_set, tmp_path, capsys):
     jsonl, _ = video_set
     other = json.loads(json.dumps(TINY_TRAIN_CLIP))

@@ -107,6 +107,28 @@ def test_a_cache_of_part_of_the_videos_serves_an_evaluation_of_all(video_set, tm
     assert result["eval"]["num_videos"] == 8 and not result["eval"]["skipped"]
 
 
+def test_a_split_without_video_files_is_refused_unless_the_cache_holds_it(video_set, tmp_path, monkeypatch):
+    """A wrong --root or --video-dir (no video file at all) fails before the model is built, rather
+    than at the first batch; videos the frame cache holds need no file."""
+    import shutil
+
+    import cma_train.train as train_module
+    jsonl, cache = video_set
+    folder = tmp_path / "annotations_only"
+    folder.mkdir()
+    for name in ("train.jsonl", "test.jsonl"):
+        shutil.copy(os.path.join(os.path.dirname(jsonl), name), folder)
+    build_model = train_module.build_model
+    monkeypatch.setattr(train_module, "build_model", lambda *args: pytest.fail("built the model"))
+    with pytest.raises(ValueError, match=r"none of the 8 videos of split 'train' is a file, e.g. .*clip0.mp4: check "
+                                         r"--root and --video-dir"):
+        train(tiny_config(str(folder / "train.jsonl"), None, tmp_path / "run", batch_size=4, max_steps=1))
+    monkeypatch.setattr(train_module, "build_model", build_model)
+    result = train(tiny_config(str(folder / "train.jsonl"), cache, tmp_path / "cached", batch_size=4, max_steps=1,
+                               eval_split="test"))   # every video in the cache: no file needed
+    assert len(result["losses"]) == 1 and result["eval"]["num_videos"] == 8
+
+
 @pytest.mark.parametrize("setting, value, message", [
     ("batch_size", 4, "batch_size=8, this run has batch_size=4"),
     ("temperature", 2.0, "temperature=5.0, this run has temperature=2.0"),   # another loss
