@@ -181,14 +181,17 @@ def cmd_train(args):
     return 0
 
 
-def _evaluate(model, cfg, ann, device):
+def _evaluate(model, cfg, ann, device, cache=None):
+    """Metrics of `model` on `ann`, frames from `cache` (a FrameCache; opened from cfg.cache if None)."""
     import open_clip
     from cma_model.cache import FrameCache
     from cma_model.data import VideoFrames
     from cma_train.evaluate import evaluate
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    frames = VideoFrames(FrameCache(cfg.cache) if cfg.cache else None, cfg.max_frames, size, cfg.sample_fps,
+    if cache is None and cfg.cache:
+        cache = FrameCache(cfg.cache)
+    frames = VideoFrames(cache, cfg.max_frames, size, cfg.sample_fps,
                          raw=True)   # uint8 through the loader, normalised on the device
     tokenizer = open_clip.get_tokenizer("ViT-B-32" if cfg.model_config else cfg.model)
     return evaluate(model, tokenizer, ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
@@ -209,7 +212,8 @@ def cmd_eval(args):
     rank, _ = _distributed()   # under torchrun every rank encodes its share
     device = _device(cfg, rank)
     ann = load_annotations(cfg.dataset, cfg.root, args.eval_on, cfg.video_dir)   # before the model: fails fast
-    check_video_sources(FrameCache(cfg.cache) if cfg.cache else None, ann, f"split {args.eval_on!r}", say=rank == 0)
+    cache = FrameCache(cfg.cache) if cfg.cache else None   # its index is read once, here
+    check_video_sources(cache, ann, f"split {args.eval_on!r}", say=rank == 0)
     path = _results_path(args, cfg)
     if rank == 0:
         what = f"adapters {args.adapters} (r={cfg.reduction_dim}, d_s={cfg.shared_dim})" if args.adapters \
@@ -227,7 +231,7 @@ def cmd_eval(args):
             for m in adapter_modules(model):
                 for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
                     p.zero_()
-    res = {**_evaluate(model, cfg, ann, device), "scoring": scoring_of(cfg)}
+    res = {**_evaluate(model, cfg, ann, device, cache), "scoring": scoring_of(cfg)}
     if rank != 0:
         return 0
     print(format_results(res, f"{cfg.dataset} {args.eval_on}"))
