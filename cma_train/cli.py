@@ -1,7 +1,8 @@
 """The `cma` command: train, eval, prepare, bench, demo.
 
-Settings come from the defaults (the paper's recipe), then `--config FILE` (YAML or JSON, keys as
-the flag names with - or _), then flags: a flag always wins over the file.
+Settings come from the defaults (the paper's recipe; adapter shape, frames, words and epochs per
+--dataset, train.PAPER_RECIPES), then `--config FILE` (YAML or JSON, keys as the flag names with -
+or _), then flags: a flag always wins over the file.
 """
 import argparse
 import dataclasses
@@ -12,7 +13,7 @@ import sys
 import typing
 
 from cma_train.signals import TrainingStopped
-from cma_train.train import TrainConfig
+from cma_train.train import PAPER_RECIPES, TrainConfig, paper_recipe
 
 HELP = {
     "model": "open_clip architecture name (ViT-B-32, ViT-B-16, ViT-L-14, ...)",
@@ -70,8 +71,7 @@ def _add_config_flags(parser):
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        default = f.default
-        text = f"{HELP[f.name]} (default: {default!r})"
+        text = f"{HELP[f.name]} (default: {_default_text(f)})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "betas":
@@ -82,6 +82,16 @@ def _add_config_flags(parser):
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
             parser.add_argument(flag, type=base, default=None, help=text)
     parser.add_argument("--config", help="YAML or JSON file of settings; flags override it")
+
+
+def _default_text(field):
+    """A setting's default for --help: the paper's value per dataset where it depends on --dataset."""
+    return _recipe_text(field.name) if field.name in PAPER_RECIPES["msrvtt"] else repr(field.default)
+
+
+def _recipe_text(name):
+    values = ", ".join(f"{dataset} {recipe[name]}" for dataset, recipe in PAPER_RECIPES.items())
+    return f"the paper's for --dataset: {values}; jsonl as msrvtt"
 
 
 def _read_config_file(path):
@@ -270,7 +280,8 @@ def cmd_prepare(args):
     for split in splits:
         ann = load_annotations(args.dataset, args.root, split, args.video_dir)
         videos.update((v, p) for v, p in zip(ann.video_ids, ann.video_paths) if v not in videos)
-    skipped = prepare_cache(list(videos), list(videos.values()), args.out, args.max_frames, args.size,
+    max_frames = paper_recipe(args.dataset)["max_frames"] if args.max_frames is None else args.max_frames
+    skipped = prepare_cache(list(videos), list(videos.values()), args.out, max_frames, args.size,
                             args.sample_fps, args.workers, args.shard_size, args.timeout)
     print(f"cache {args.out}: {len(videos) - len(skipped)} videos ready, {len(skipped)} skipped")
     for vid, reason in list(skipped.items())[:20]:
@@ -336,7 +347,8 @@ def build_parser():
                    help="split to cache, or several joined by commas: train,test (default: train)")
     p.add_argument("--video-dir", help=HELP["video_dir"])
     p.add_argument("--out", required=True, help="cache folder")
-    p.add_argument("--max-frames", type=int, default=12, help="frames per video (default: 12)")
+    p.add_argument("--max-frames", type=int,
+                   help=f"frames per video (default: as `cma train`, {_recipe_text('max_frames')})")
     p.add_argument("--size", type=int, default=224, help="frame side after resize and crop (default: 224)")
     p.add_argument("--sample-fps", type=float, default=1.0, help=HELP["sample_fps"] + " (default: 1.0)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="decoding processes")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from cma_model import (CrossModalAdapterConfig, adapter_state_dict, add_cross_modal_adapters,
                        count_trainable_parameters, load_adapter_state_dict, set_mlp_recompute)
+from cma_model.adapter import tower_blocks
 from cma_model.cache import FrameCache
 from cma_model.data import (LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, collate,
                             ignore_stop_signals)
@@ -50,6 +51,23 @@ RESUME_MUST_MATCH = ("model", "model_config", "dataset", "split", "reduction_dim
                      "dropout", "batch_size", "seed", "max_frames", "max_words", "sample_fps", "pooling", "temperature",
                      "epochs", "warmup")   # the loss, the data and the learning-rate schedule of the run
 
+# The paper's per-dataset settings (REFERENCE.md sections 1 and 2; the rest of the recipe is shared by
+# all datasets): adapter shape, frames and words per video, epochs. A TrainConfig setting left at
+# None takes its dataset's value; jsonl (your own data) takes MSR-VTT's. ActivityNet's d_s = 512 is
+# ViT-B's text width: its text tower has no unique up-projection.
+PAPER_RECIPES = {
+    "msrvtt": {"reduction_dim": 8, "shared_dim": 16, "max_frames": 12, "max_words": 32, "epochs": 5},
+    "msvd": {"reduction_dim": 16, "shared_dim": 16, "max_frames": 12, "max_words": 32, "epochs": 5},
+    "vatex": {"reduction_dim": 16, "shared_dim": 64, "max_frames": 12, "max_words": 32, "epochs": 5},
+    "didemo": {"reduction_dim": 8, "shared_dim": 8, "max_frames": 64, "max_words": 64, "epochs": 5},
+    "activitynet": {"reduction_dim": 16, "shared_dim": 512, "max_frames": 64, "max_words": 64, "epochs": 20},
+}
+
+
+def paper_recipe(dataset):
+    """{setting: value} of the paper's recipe for `dataset` (MSR-VTT's for jsonl and unknown names)."""
+    return PAPER_RECIPES.get(dataset, PAPER_RECIPES["msrvtt"])
+
 
 @dataclass
 class TrainConfig:
@@ -57,8 +75,8 @@ class TrainConfig:
     model: str = "ViT-B-32"
     pretrained: str = ""          # open_clip checkpoint file or pretrained tag; "none" = random init (on purpose)
     model_config: Optional[dict] = None   # custom open_clip config (embed_dim, vision_cfg, text_cfg) instead of `model`
-    reduction_dim: int = 8
-    shared_dim: int = 16
+    reduction_dim: Optional[int] = None   # None here and below: the dataset's value (PAPER_RECIPES)
+    shared_dim: Optional[int] = None
     activation: str = "quick_gelu"
     dropout: float = 0.0
     backend: str = "auto"
@@ -70,12 +88,12 @@ class TrainConfig:
     split: str = "train"
     video_dir: Optional[str] = None
     cache: Optional[str] = None
-    max_frames: int = 12
-    max_words: int = 32
+    max_frames: Optional[int] = None
+    max_words: Optional[int] = None
     sample_fps: float = 1.0
     workers: int = min(4, os.cpu_count() or 1)   # more loader processes than cores only adds a DataLoader warning
     # recipe (the paper's, REFERENCE.md section 2)
-    epochs: int = 5
+    epochs: Optional[int] = None
     batch_size: int = 128         # global, over all ranks
     micro_batch: int = 0          # videos per forward/backward pass on a rank (0: its whole share), same gradients
     lr: float = 1e-5
@@ -97,6 +115,11 @@ class TrainConfig:
     device: str = "auto"
     max_steps: int = 0            # stop after this many steps in total (0: all epochs); for smoke tests
     progress: bool = True
+
+    def __post_init__(self):
+        for name, value in paper_recipe(self.dataset).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def validate(self):
         if self.pooling not in POOLINGS:
@@ -186,6 +209,10 @@ def build_model(cfg: TrainConfig, device):
         raise ValueError(f"--pretrained {pretrained}: could not fetch open_clip's {cfg.model} weights "
                          f"({reason}); download them where there is network and pass the file") from None
     model = model.to(device)
+    narrower = min(blocks[0].ln_1.normalized_shape[0] for blocks in tower_blocks(model))
+    if cfg.shared_dim > narrower:   # e.g. ActivityNet's 512 (ViT-B's text width) on a narrower model
+        raise ValueError(f"--shared-dim {cfg.shared_dim} is wider than this model's narrower tower ({narrower}): "
+                         f"set --shared-dim (unset, it is the paper's value for --dataset {cfg.dataset})")
     add_cross_modal_adapters(model, CrossModalAdapterConfig(cfg.reduction_dim, cfg.shared_dim, cfg.activation,
                                                            dropout=cfg.dropout), backend=cfg.backend)
     if device.type == "cuda" and cfg.backend != "reference":   # bf16 autocast on CUDA: bit-identical, leaner
@@ -432,9 +459,10 @@ def train(cfg: TrainConfig):
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     if rank == 0:
         todo = f"steps {step + 1}-{last_step} of {total_steps}" if step < last_step else "no step left to run"
-        print(f"training {count_trainable_parameters(model):,} adapter parameters on {len(dataset)} captions of "
-              f"{len(ann.video_ids)} videos ({cfg.dataset} {cfg.split}): {steps_per_epoch} steps per epoch, {todo}, "
-              f"global batch {cfg.batch_size} over {world} process(es) on {device.type}; writing to {cfg.out}")
+        print(f"training {count_trainable_parameters(model):,} adapter parameters (r={cfg.reduction_dim}, "
+              f"d_s={cfg.shared_dim}) on {len(dataset)} captions of {len(ann.video_ids)} videos ({cfg.dataset} "
+              f"{cfg.split}; {cfg.max_frames} frames, {cfg.max_words} words): {steps_per_epoch} steps per epoch, "
+              f"{todo}, global batch {cfg.batch_size} over {world} process(es) on {device.type}; writing to {cfg.out}")
     bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=rank != 0 or not cfg.progress)
     say_epochs = rank == 0 and not cfg.progress   # without the bar, a line per epoch
     model.train()

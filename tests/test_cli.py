@@ -169,7 +169,8 @@ def test_ctrl_c_in_train_checkpoints_and_says_how_to_resume(video_set, tmp_path,
     assert main(argv + ["--resume"]) == 0
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
     printed = capsys.readouterr().out   # without progress bars: what the run does, then a line per epoch
-    assert "on 8 captions of 8 videos (jsonl train): 4 steps per epoch, steps 3-4 of 4, global batch 2" in printed
+    assert ("(r=8, d_s=16) on 8 captions of 8 videos (jsonl train; 12 frames, 12 words): 4 steps per epoch, steps "
+            "3-4 of 4, global batch 2") in printed
     losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))][2:]
     assert f"epoch 1/1: step 4/4, mean loss {sum(losses) / 2:.4f}," in printed and "2 step(s) in this run" in printed
     assert main(argv + ["--resume"]) == 0   # a finished run: nothing to redo, nothing logged twice
@@ -537,6 +538,27 @@ def test_config_file_values_take_the_settings_types(tmp_path, capsys):
         assert main(["train", "--config", str(bad)]) == 2
         err = capsys.readouterr().err
         assert f"--config {bad}: {message}" in err and "Traceback" not in err
+
+
+def test_dataset_recipe_under_config_file_under_flags(tmp_path):
+    from cma_train.cli import build_parser, config_from_args
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset: activitynet\nmax_words: 32\n")
+    args = build_parser().parse_args(["train", "--config", str(config), "--epochs", "3"])
+    cfg = config_from_args(args)   # the paper's activitynet values, then the file's, then the flag's
+    assert (cfg.reduction_dim, cfg.shared_dim, cfg.max_frames, cfg.max_words, cfg.epochs) == (16, 512, 64, 32, 3)
+
+
+def test_prepare_caches_the_frames_train_will_ask_for(tmp_path, monkeypatch, capsys):
+    import cma_model.cache
+    (tmp_path / "train_data.json").write_text(json.dumps([{"video": "v1.mp4", "description": "a cat"}]))
+    asked = []
+    monkeypatch.setattr(cma_model.cache, "prepare_cache",
+                        lambda ids, paths, out, frames, *rest: asked.append(frames) or {})
+    for extra in ([], ["--max-frames", "12"]):
+        assert main(["prepare", "--dataset", "didemo", "--root", str(tmp_path), "--out", str(tmp_path / "c"),
+                     *extra]) == 0
+    assert asked == [64, 12]   # didemo trains on 64 frames (the paper's), unless told otherwise
 
 
 @pytest.mark.parametrize("name, content, message", [

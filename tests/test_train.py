@@ -386,6 +386,32 @@ def test_config_errors(tmp_path):
     TrainConfig(pretrained="openai", model="hf-hub:org/model").validate()   # open_clip resolves these
 
 
+# The paper's per-dataset settings, written out from REFERENCE.md sections 1 and 2 (not read from
+# PAPER_RECIPES): (r, d_s, frames, words, epochs).
+PAPER = {"msrvtt": (8, 16, 12, 32, 5), "msvd": (16, 16, 12, 32, 5), "vatex": (16, 64, 12, 32, 5),
+         "didemo": (8, 8, 64, 64, 5), "activitynet": (16, 512, 64, 64, 20), "jsonl": (8, 16, 12, 32, 5)}
+RECIPE_SETTINGS = ("reduction_dim", "shared_dim", "max_frames", "max_words", "epochs")
+
+
+@pytest.mark.parametrize("dataset", sorted(PAPER))
+def test_unset_settings_take_the_papers_values_for_the_dataset(dataset):
+    cfg = TrainConfig(dataset=dataset)
+    assert tuple(getattr(cfg, name) for name in RECIPE_SETTINGS) == PAPER[dataset]
+    given = TrainConfig(dataset=dataset, reduction_dim=4, shared_dim=0, max_frames=3, max_words=7, epochs=2)
+    assert tuple(getattr(given, name) for name in RECIPE_SETTINGS) == (4, 0, 3, 7, 2)   # set on purpose: kept
+    assert (cfg.lr, cfg.batch_size, cfg.warmup) == (1e-5, 128, 0.1)   # the rest of the recipe is shared
+
+
+def test_shared_dim_wider_than_a_tower_names_the_flag():
+    cfg = TrainConfig(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", dataset="activitynet")
+    with pytest.raises(ValueError, match=r"--shared-dim 512 is wider than this model's narrower tower \(\d+\): set "
+                                         r"--shared-dim \(unset, it is the paper's value for --dataset activitynet\)"):
+        build_model(cfg, torch.device("cpu"))
+    cfg.shared_dim = 16
+    model, _, _ = build_model(cfg, torch.device("cpu"))
+    assert model.transformer.resblocks[0].adapter_mlp.shared.weight.shape == (16, 16)   # [d_s, r]
+
+
 # ------------------------------------------------------------------------------------------ DDP
 
 GLOBAL, WORLD = 6, 2
