@@ -13,7 +13,7 @@ import sys
 import typing
 
 from cma_train.signals import TrainingStopped
-from cma_train.train import PAPER_RECIPES, TrainConfig, paper_recipe
+from cma_train.config import PAPER_RECIPES, TrainConfig, paper_recipe
 
 HELP = {
     "model": "open_clip architecture name (ViT-B-32, ViT-B-16, ViT-L-14, ...)",
@@ -398,8 +398,8 @@ def main(argv=None):
 
 def _close_process_group():
     """torchrun runs: leave the process group the trainer opened (torch warns at exit otherwise)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")   # not imported: no group to leave (and no torch to load)
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

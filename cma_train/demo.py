@@ -29,7 +29,8 @@ from cma_model.data import VideoFrames, tokenize
 from cma_model.datasets import load_annotations
 from cma_train.evaluate import evaluate, format_results
 from cma_train.checkpoint import save_checkpoint
-from cma_train.train import TrainConfig, train
+from cma_train.config import TrainConfig
+from cma_train.train import train
 
 COLORS = {"red": (220, 50, 40), "green": (40, 190, 70), "blue": (50, 90, 240), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square", "triangle")

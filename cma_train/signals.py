@@ -9,9 +9,6 @@ import signal
 import sys
 import threading
 
-import torch
-import torch.distributed as dist
-
 
 class TrainingStopped(Exception):
     """Training stopped on a signal after a whole step, its checkpoint written: resume from it."""
@@ -50,6 +47,8 @@ class StopSignals:
         """The signal number any rank received so far, else 0: the same answer on every rank."""
         if world == 1:
             return self.received
+        import torch   # here: the `cma` command imports this module before it needs torch
+        import torch.distributed as dist
         flag = torch.tensor(self.received, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag)

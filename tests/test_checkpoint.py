@@ -12,7 +12,7 @@ from conftest import small_clip
 from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters
 from cma_train.checkpoint import (SCORING, adapters_file, drop_records_after, load_checkpoint, read_adapters,
                                   rng_state, save_checkpoint, set_rng_state)
-from cma_train.train import TrainConfig
+from cma_train.config import TrainConfig
 
 
 def _draws():

@@ -575,6 +575,15 @@ def test_unreadable_config_file_is_one_line_naming_it(tmp_path, capsys, name, co
     assert err.startswith(f"cma train: error: --config {bad}{message}") and "Traceback" not in err
 
 
+def test_the_command_starts_without_torch():
+    """`cma --help`, `--version` and argument errors answer at once: torch (seconds to import) and
+    open_clip load only when a command runs."""
+    import subprocess
+    import sys
+    code = "import sys, cma_train.cli; print(sorted(m for m in ('torch', 'open_clip', 'triton') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
 def test_version_names_cma_and_what_it_runs_on(capsys):
     from importlib.metadata import version
     with pytest.raises(SystemExit) as exit_:

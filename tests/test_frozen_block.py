@@ -246,7 +246,8 @@ def test_store_frozen_linears_refuses_a_model_without_adapters():
 @requires_cuda
 def test_cma_train_model_on_cuda_keeps_frozen_linears_in_bf16():
     from conftest import TINY_TRAIN_CLIP
-    from cma_train.train import TrainConfig, build_model
+    from cma_train.config import TrainConfig
+    from cma_train.train import build_model
     cfg = TrainConfig(model_config=TINY_TRAIN_CLIP, pretrained="none")
     model, _, _ = build_model(cfg, torch.device("cuda"))
     block = model.visual.transformer.resblocks[0]

@@ -1,0 +1,148 @@
+"""Training settings: TrainConfig (every `cma train` / `cma eval` setting, its default and its
+check) and the paper's per-dataset recipe. Imports nothing heavy, so `cma --help` is quick;
+validate() imports torch and open_clip when it runs."""
+import difflib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+# The paper's per-dataset settings (REFERENCE.md sections 1 and 2; the rest of the recipe is shared by
+# all datasets): adapter shape, frames and words per video, epochs. A TrainConfig setting left at
+# None takes its dataset's value; jsonl (your own data) takes MSR-VTT's. ActivityNet's d_s = 512 is
+# ViT-B's text width: its text tower has no unique up-projection.
+PAPER_RECIPES = {
+    "msrvtt": {"reduction_dim": 8, "shared_dim": 16, "max_frames": 12, "max_words": 32, "epochs": 5},
+    "msvd": {"reduction_dim": 16, "shared_dim": 16, "max_frames": 12, "max_words": 32, "epochs": 5},
+    "vatex": {"reduction_dim": 16, "shared_dim": 64, "max_frames": 12, "max_words": 32, "epochs": 5},
+    "didemo": {"reduction_dim": 8, "shared_dim": 8, "max_frames": 64, "max_words": 64, "epochs": 5},
+    "activitynet": {"reduction_dim": 16, "shared_dim": 512, "max_frames": 64, "max_words": 64, "epochs": 20},
+}
+
+
+def paper_recipe(dataset):
+    """{setting: value} of the paper's recipe for `dataset` (MSR-VTT's for jsonl and unknown names)."""
+    return PAPER_RECIPES.get(dataset, PAPER_RECIPES["msrvtt"])
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "ViT-B-32"
+    pretrained: str = ""          # open_clip checkpoint file or pretrained tag; "none" = random init (on purpose)
+    model_config: Optional[dict] = None   # custom open_clip config (embed_dim, vision_cfg, text_cfg) instead of `model`
+    reduction_dim: Optional[int] = None   # None here and below: the dataset's value (PAPER_RECIPES)
+    shared_dim: Optional[int] = None
+    activation: str = "quick_gelu"
+    dropout: float = 0.0
+    backend: str = "auto"
+    compile: str = ""             # torch.compile mode for the towers ("" = eager), see cma_model.retrieval
+    recompute_mlp: bool = False   # recompute each block's MLP hidden activation in backward (less memory)
+    # data
+    dataset: str = "msrvtt"
+    root: str = ""
+    split: str = "train"
+    video_dir: Optional[str] = None
+    cache: Optional[str] = None
+    max_frames: Optional[int] = None
+    max_words: Optional[int] = None
+    sample_fps: float = 1.0
+    workers: int = min(4, os.cpu_count() or 1)   # more loader processes than cores only adds a DataLoader warning
+    # recipe (the paper's, REFERENCE.md section 2)
+    epochs: Optional[int] = None
+    batch_size: int = 128         # global, over all ranks
+    micro_batch: int = 0          # videos per forward/backward pass on a rank (0: its whole share), same gradients
+    lr: float = 1e-5
+    weight_decay: float = 0.2
+    warmup: float = 0.1
+    grad_clip: float = 1.0
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    pooling: str = "softmax"
+    temperature: float = 5.0
+    seed: int = 42
+    # run
+    out: str = "runs/cma"
+    resume: bool = False
+    save_every: int = 0           # steps between checkpoints (0: once per epoch)
+    eval_split: Optional[str] = None
+    eval_every: int = 0           # also evaluate every N epochs during training (0: after training only)
+    tensorboard: bool = False
+    device: str = "auto"
+    max_steps: int = 0            # stop after this many steps in total (0: all epochs); for smoke tests
+    progress: bool = True
+
+    def __post_init__(self):
+        for name, value in paper_recipe(self.dataset).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def validate(self):
+        """ValueError naming the first setting that is out of range or cannot work here."""
+        import torch   # here, not at import: `cma --help` should not wait for torch
+        from cma_model.losses import POOLINGS
+        from cma_model.retrieval import COMPILE_MODES
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        ranges = {   # setting -> (holds, what it must be); NaN fails every comparison
+            "epochs": (self.epochs >= 1, ">= 1"), "batch_size": (self.batch_size >= 1, ">= 1"),
+            "max_frames": (self.max_frames >= 1, ">= 1"), "micro_batch": (self.micro_batch >= 0, ">= 0"),
+            "eval_every": (self.eval_every >= 0, ">= 0"), "save_every": (self.save_every >= 0, ">= 0"),
+            "max_steps": (self.max_steps >= 0, ">= 0"), "workers": (self.workers >= 0, ">= 0"),
+            "lr": (self.lr > 0, "> 0"), "sample_fps": (self.sample_fps > 0, "> 0"),
+            "temperature": (self.temperature > 0, "> 0"), "eps": (self.eps > 0, "> 0"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "grad_clip": (self.grad_clip > 0, "> 0 (inf: no clipping)"),
+            "warmup": (0 <= self.warmup < 1, "a fraction in [0, 1)"),
+            "betas": (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
+        }
+        for name, (holds, must) in ranges.items():
+            if not holds:
+                raise ValueError(f"{name} must be {must}, got {getattr(self, name)}")
+        if self.micro_batch and self.dropout > 0:
+            raise ValueError("--micro-batch runs every forward twice, which would draw new dropout masks: "
+                             "use it with --dropout 0")
+        if self.eval_every and not self.eval_split:
+            raise ValueError("--eval-every needs --eval-split (the split to evaluate on, e.g. test)")
+        if self.eval_split and self.dataset == "jsonl" and os.path.isfile(self.root):   # one file is one split
+            raise ValueError(f"--eval-split {self.eval_split} with --dataset jsonl --root {self.root} would evaluate "
+                             f"on the training file: pass as --root a folder holding {self.split}.jsonl and "
+                             f"{self.eval_split}.jsonl")
+        if self.compile not in ("",) + COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES} (or empty for eager), got {self.compile!r}")
+        if self.recompute_mlp and self.backend == "reference":
+            raise ValueError("--recompute-mlp works in the lean frozen block, which --backend reference does not use "
+                             "(it keeps open_clip's own block as the reference); use --backend auto or triton")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was given but no CUDA device is available; use --device cpu or auto")
+        if self.backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--backend triton needs a CUDA GPU; use --backend auto (fused on GPU, PyTorch on CPU)")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        if not self.pretrained:
+            raise ValueError("say which weights to start from: --pretrained PATH_OR_TAG, or --pretrained none for "
+                             "random init (adapters on a random backbone learn little)")
+        self._validate_model_and_weights()
+
+    def _validate_model_and_weights(self):
+        """--model names an open_clip architecture, --pretrained a file or one of its tags."""
+        import open_clip
+        if self.model_config is None and self.model.startswith(("hf-hub:", "local-dir:")):
+            return   # open_clip resolves these (weights included) itself
+        arch = self.model.replace("/", "-")   # open_clip's own spelling of ViT-B/32
+        if self.model_config is None and arch not in open_clip.list_models():
+            by_lower = {m.lower(): m for m in open_clip.list_models()}
+            close = [by_lower[m] for m in difflib.get_close_matches(arch.lower(), by_lower, n=3, cutoff=0.6)]
+            raise ValueError(f"--model {self.model!r} is not an open_clip architecture"
+                             + (f"; did you mean {', '.join(close)}?" if close else "")
+                             + " (open_clip.list_models() lists them; --model-config takes a custom one)")
+        if self.pretrained == "none" or os.path.isfile(self.pretrained):
+            return
+        tags = open_clip.list_pretrained_tags_by_model(arch) if self.model_config is None else []
+        if os.path.sep in self.pretrained or "." in self.pretrained or not tags:
+            raise ValueError(f"--pretrained {self.pretrained}: no such file")
+        if self.pretrained not in tags:
+            raise ValueError(f"--pretrained {self.pretrained}: neither a file nor an open_clip tag of {arch} "
+                             f"(its tags: {', '.join(tags)})")
