@@ -21,6 +21,8 @@ import math
 import os
 import random
 import time
+import warnings
+import zipfile
 
 import numpy as np
 import open_clip
@@ -48,27 +50,67 @@ RESUME_MUST_MATCH = ("model", "model_config", "dataset", "split", "reduction_dim
                      "dropout", "batch_size", "seed", "max_frames", "max_words", "sample_fps", "pooling", "temperature",
                      "epochs", "warmup")   # the loss, the data and the learning-rate schedule of the run
 
+OPENAI_JIT_METADATA = ("input_resolution", "context_length", "vocab_size")   # in the state dict, not weights
+
+
+def openai_jit_state_dict(path):
+    """The state dict of one of OpenAI's own CLIP files (ViT-B-32.pt as CLIP4Clip downloads it), else
+    None. They are TorchScript archives, which torch.load(weights_only=True), and so open_clip's
+    loader, refuses; their parameter names are open_clip's."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        if not any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist()):
+            return None   # a torch.save file (zip too): open_clip reads it
+    with warnings.catch_warnings():   # torch.jit.load is deprecated; these files need it all the same
+        warnings.simplefilter("ignore", FutureWarning)
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+    return {k: v for k, v in state.items() if k not in OPENAI_JIT_METADATA}
+
+
+def _trained_with_quick_gelu(cfg, pretrained, openai_jit):
+    """True where the weights were trained with QuickGELU: OpenAI's files, and the open_clip tags
+    that say so (`openai` of ViT-B-32)."""
+    if openai_jit is not None:
+        return True
+    if pretrained is None or cfg.model_config is not None or os.path.isfile(pretrained):
+        return False
+    return bool(open_clip.get_pretrained_cfg(cfg.model.replace("/", "-"), pretrained).get("quick_gelu"))
+
+
 def build_model(cfg: TrainConfig, device):
-    """open_clip model (pretrained or random) with adapters; returns (model, tokenizer, image_size)."""
+    """open_clip model (pretrained or random) with adapters; returns (model, tokenizer, image_size).
+    Weights trained with QuickGELU (OpenAI's) make the model run QuickGELU, whatever its config says
+    (open_clip's ViT-B-32 says GELU; its ViT-B-32-quickgelu is the same model with QuickGELU)."""
     pretrained = None if cfg.pretrained == "none" else cfg.pretrained
+    arch = "the --model-config model" if cfg.model_config is not None else f"--model {cfg.model}"
     try:
+        openai_jit = openai_jit_state_dict(pretrained) if pretrained and os.path.isfile(pretrained) else None
+        quick_gelu = _trained_with_quick_gelu(cfg, pretrained, openai_jit)
         if cfg.model_config is not None:
-            model = open_clip.model.CLIP(**cfg.model_config)
-            if pretrained:
-                open_clip.load_checkpoint(model, pretrained)
+            model = open_clip.model.CLIP(**{**cfg.model_config, **({"quick_gelu": True} if quick_gelu else {})})
+            config_says = cfg.model_config.get("quick_gelu", False)
         else:
-            model = open_clip.create_model(cfg.model, pretrained=pretrained)
+            model = open_clip.create_model(cfg.model, pretrained=pretrained if openai_jit is None else None,
+                                           force_quick_gelu=quick_gelu)
+            config_says = (open_clip.get_model_config(cfg.model.replace("/", "-")) or {}).get("quick_gelu", False)
+        if openai_jit is not None:
+            model.load_state_dict(openai_jit)
+        elif pretrained and cfg.model_config is not None:
+            open_clip.load_checkpoint(model, pretrained)
     except Exception as e:
         if not pretrained:
             raise
         reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         if os.path.isfile(pretrained):   # another architecture's weights, or not a checkpoint at all
-            arch = "the --model-config model" if cfg.model_config is not None else f"--model {cfg.model}"
             raise ValueError(f"--pretrained {pretrained}: cannot be loaded into {arch} ({reason}): "
-                             f"not an open_clip checkpoint of that architecture") from None
+                             f"not an open_clip or OpenAI CLIP checkpoint of that architecture") from None
         # a tag validate() accepted, so a download: no network, hub refused, ...
         raise ValueError(f"--pretrained {pretrained}: could not fetch open_clip's {cfg.model} weights "
                          f"({reason}); download them where there is network and pass the file") from None
+    if quick_gelu and not config_says and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: --pretrained {cfg.pretrained} was trained with QuickGELU (OpenAI's CLIP): {arch} runs with "
+              f"QuickGELU too")
     model = model.to(device)
     narrower = min(blocks[0].ln_1.normalized_shape[0] for blocks in tower_blocks(model))
     if cfg.shared_dim > narrower:   # e.g. ActivityNet's 512 (ViT-B's text width) on a narrower model

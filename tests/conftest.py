@@ -91,6 +91,32 @@ def frame_index(frame):
 TINY_TRAIN_CLIP = SMOKE_CLIP   # the e2e benchmark's smoke model: 32x32 images, the real tokenizer's vocabulary
 
 
+def write_openai_style_clip(path, clip_config, seed=0):
+    """A QuickGELU CLIP of `clip_config` saved as OpenAI ships CLIP (ViT-B-32.pt): a TorchScript
+    archive whose state dict holds the weights under open_clip's names plus three metadata entries,
+    the attention mask not among them. Returns the open_clip model it was made from."""
+    import warnings
+    torch.manual_seed(seed)
+    model = CLIP(**{**clip_config, "quick_gelu": True}).eval()
+    mask = model.attn_mask
+    del model._buffers["attn_mask"]   # OpenAI's model keeps the mask as a plain attribute
+    model.attn_mask = mask
+    metadata = {key: model.__dict__.pop(key, None) for key in ("input_resolution", "context_length", "vocab_size")}
+    for key in metadata:   # OpenAI's state dict holds them as tensors
+        model.register_buffer(key, torch.tensor(7))
+    size, words = clip_config["vision_cfg"]["image_size"], clip_config["text_cfg"]["context_length"]
+    with warnings.catch_warnings():   # tracer warnings about data-dependent Python values
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (torch.randn(1, 3, size, size), torch.randint(1, 100, (1, words))),
+                                 strict=False, check_trace=False)
+    traced.save(str(path))
+    for key, value in metadata.items():   # the open_clip model as it was
+        del model._buffers[key]
+        if value is not None:
+            setattr(model, key, value)
+    return model
+
+
 def write_splits(folder, lines):
     """The JSONL lines as data.jsonl, and again as train.jsonl and test.jsonl: a folder `--root` whose
     runs evaluate on the clips they trained on (tests of the mechanics, not of generalisation)."""

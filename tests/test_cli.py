@@ -8,7 +8,7 @@ import sys
 import open_clip
 import pytest
 import torch
-from conftest import TINY_TRAIN_CLIP
+from conftest import TINY_TRAIN_CLIP, write_openai_style_clip
 
 from cma_train.cli import main
 
@@ -486,15 +486,17 @@ def test_pretrained_file_of_another_architecture_is_an_error_not_a_traceback(vid
     other = json.loads(json.dumps(TINY_TRAIN_CLIP))
     other["vision_cfg"]["width"] *= 2
     torch.save(open_clip.model.CLIP(**other).state_dict(), tmp_path / "other.pt")
+    write_openai_style_clip(tmp_path / "other_openai.pt", other)
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    for name in ("other.pt", "junk.pt"):
+    for name in ("other.pt", "other_openai.pt", "junk.pt"):
         for command in ("train", "eval"):
             path = tmp_path / name
             assert main([command, "--dataset", "jsonl", "--root", jsonl, "--model-config", json.dumps(TINY_TRAIN_CLIP),
                          "--pretrained", str(path), "--out", str(tmp_path / "run"), "--workers", "0"]) == 2
             err = capsys.readouterr().err
             assert f"--pretrained {path}: cannot be loaded into the --model-config model (" in err, err
-            assert err.rstrip().endswith("not an open_clip checkpoint of that architecture") and "Traceback" not in err
+            assert err.rstrip().endswith("not an open_clip or OpenAI CLIP checkpoint of that architecture")
+            assert "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoint_latest.pt").exists()
 
 

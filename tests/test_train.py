@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cache_set
+from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cache_set, write_openai_style_clip
 
+from cma_model import adapter_modules
 from cma_model.datasets import load_annotations
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import RetrievalForward, encode_text
@@ -345,6 +346,46 @@ def test_shared_dim_wider_than_a_tower_names_the_flag():
     cfg.shared_dim = 16
     model, _, _ = build_model(cfg, torch.device("cpu"))
     assert model.transformer.resblocks[0].adapter_mlp.shared.weight.shape == (16, 16)   # [d_s, r]
+
+
+def test_openais_own_clip_file_loads_and_runs_quick_gelu(tmp_path, capsys):
+    """OpenAI's ViT-B-32.pt (a TorchScript archive, trained with QuickGELU) into a model whose config
+    says GELU: the weights load and the model runs QuickGELU, so with its adapters' up-projections
+    zeroed it embeds exactly as the QuickGELU open_clip model the file was made from (fp32, 1e-5)."""
+    gelu_config = {**TINY_TRAIN_CLIP, "quick_gelu": False}
+    source = write_openai_style_clip(tmp_path / "ViT-tiny.pt", gelu_config)
+    cfg = TrainConfig(model="tiny", model_config=gelu_config, pretrained=str(tmp_path / "ViT-tiny.pt"))
+    model, tokenizer, size = build_model(cfg, torch.device("cpu"))
+    assert f"note: --pretrained {tmp_path / 'ViT-tiny.pt'} was trained with QuickGELU" in capsys.readouterr().out
+    with torch.no_grad():
+        for m in adapter_modules(model):
+            for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
+                p.zero_()
+    model.eval()
+    images = torch.randn(3, 3, size, size)
+    tokens = tokenizer(["a red circle", "a dog runs"], context_length=model.context_length)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), source.encode_image(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(tokens), source.encode_text(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name, tag, quick_gelu, note", [
+    ("ViT-B-32", "openai", True, True),              # OpenAI's weights, open_clip's GELU config: QuickGELU
+    ("ViT-B-32-quickgelu", "openai", True, False),   # the config says so already
+    ("ViT-B-32", "laion2b_s34b_b79k", False, False),
+])
+def test_a_quick_gelu_tag_builds_its_model_with_quick_gelu(monkeypatch, capsys, model_name, tag, quick_gelu, note):
+    import open_clip
+    asked = {}
+
+    def create_model(name, pretrained=None, force_quick_gelu=False):   # no download: a tiny stand-in
+        asked.update(name=name, pretrained=pretrained, force_quick_gelu=force_quick_gelu)
+        return open_clip.model.CLIP(**TINY_TRAIN_CLIP)
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    build_model(TrainConfig(model=model_name, pretrained=tag), torch.device("cpu"))
+    assert asked == {"name": model_name, "pretrained": tag, "force_quick_gelu": quick_gelu}
+    assert ("was trained with QuickGELU (OpenAI's CLIP): --model ViT-B-32 runs with QuickGELU too"
+            in capsys.readouterr().out) == note
 
 
 # ------------------------------------------------------------------------------------------ DDP
