@@ -54,7 +54,8 @@ HELP = {
     "temperature": "softmax pooling temperature",
     "seed": "random seed (also fixes the data order of every epoch)",
     "out": "output folder: checkpoints, adapters.pt, metrics.jsonl, results",
-    "resume": "continue from OUT/checkpoint_latest.pt exactly where it stopped",
+    "resume": "continue from OUT/checkpoint_latest.pt exactly where it stopped, with the run's own settings "
+              "(flags may change the optimizer's)",
     "save_every": "also checkpoint every N steps (0: once per epoch)",
     "eval_split": "evaluate on this split after training (e.g. test); on all GPUs under torchrun",
     "eval_every": "also evaluate on --eval-split every N epochs during training, log it to metrics.jsonl and keep "
@@ -148,13 +149,42 @@ def _typed(value, kind, where):
     raise ValueError(f"{where} must be {'two numbers' if kind is tuple else kind.__name__}, got {value!r}")
 
 
+# Settings of one invocation, never taken from the checkpoint a resumed run continues.
+PER_INVOCATION = ("out", "resume", "max_steps", "progress", "workers", "device")
+
+
 def config_from_args(args) -> TrainConfig:
+    """The TrainConfig of a command line: defaults, then --config, then flags. `cma train --resume`
+    starts from the run's own settings (its checkpoint's) instead of the defaults, so `cma train
+    --out DIR --resume` is the whole command."""
     values = _read_config_file(args.config) if args.config else {}
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name)
         if v is not None:
             values[f.name] = tuple(v) if f.name == "betas" else v
+    if args.command == "train" and values.get("resume"):
+        values = _resumed_settings(values)
     return TrainConfig(**values)
+
+
+def _resumed_settings(given):
+    """The resumed run's settings: its checkpoint's, under those given on purpose (a note names the
+    ones that differ; train() refuses a change to the settings that define the run)."""
+    from cma_train.checkpoint import load_checkpoint
+    from cma_train.train import RESUME_MUST_MATCH
+    out = given.get("out", TrainConfig.out)
+    path = os.path.join(out, "checkpoint_latest.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume: {out} holds no training run to continue (no {path}); leave out --resume to "
+                         f"start one")
+    run = {k: v for k, v in load_checkpoint(path)["config"].items()
+           if k in TrainConfig.__dataclass_fields__ and k not in PER_INVOCATION}
+    run["betas"] = tuple(run.get("betas", TrainConfig.betas))
+    changed = [f"--{k.replace('_', '-')} {given[k]} (the run had {run[k]})" for k in sorted(given.keys() & run.keys())
+               if given[k] != run[k] and k not in RESUME_MUST_MATCH]
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: resuming with {', '.join(changed)}", file=sys.stderr)
+    return {**run, **given}
 
 
 def _given_settings(args):

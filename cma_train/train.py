@@ -301,7 +301,8 @@ def train(cfg: TrainConfig):
         for key in RESUME_MUST_MATCH:
             if ckpt["config"].get(key) != getattr(cfg, key):
                 raise CheckpointError(f"{latest} was made with {key}={ckpt['config'].get(key)!r}, this run has "
-                                      f"{key}={getattr(cfg, key)!r}; resume with the same setting")
+                                      f"{key}={getattr(cfg, key)!r}; resume with the same setting (`cma train "
+                                      f"--resume` takes the run's own where no flag sets it)")
         load_adapter_state_dict(model, ckpt["adapters"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

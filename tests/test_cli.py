@@ -179,6 +179,31 @@ def test_ctrl_c_in_train_checkpoints_and_says_how_to_resume(video_set, tmp_path,
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
 
 
+def test_resume_takes_the_runs_own_settings(video_set, tmp_path, capsys):
+    """`cma train --out DIR --resume` alone continues a run made with non-default settings exactly:
+    the same losses as the run made in one go. Flags still win, with a note; a flag that would
+    change what defines the run is refused."""
+    jsonl, cache = video_set
+    run = [*TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache, "--batch-size", "2", "--epochs", "1",
+           "--lr", "1e-3", "--seed", "3", "--reduction-dim", "4", "--shared-dim", "8", "--pooling", "meanP"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    assert main(["train", *run, "--out", whole]) == 0
+    assert main(["train", *run, "--out", parts, "--max-steps", "2"]) == 0
+    assert main(["train", "--out", parts, "--resume", "--workers", "0", "--no-progress"]) == 0
+    assert "steps 3-4 of 4" in capsys.readouterr().out   # --max-steps belonged to the first invocation only
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(losses(whole)) == 4 and losses(parts) == losses(whole)
+    assert main(["train", "--out", parts, "--resume", "--lr", "5e-4", "--workers", "0"]) == 0
+    assert "note: resuming with --lr 0.0005 (the run had 0.001)" in capsys.readouterr().err
+    assert main(["train", "--out", parts, "--resume", "--batch-size", "4", "--workers", "0"]) == 2
+    assert "was made with batch_size=2, this run has batch_size=4; resume with the same setting" in \
+        capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "holds no training run to continue" in capsys.readouterr().err
+
+
 def test_eval_without_adapters_is_the_backbone_alone(video_set, tmp_path, monkeypatch):
     """`cma eval` without --adapters scores plain open_clip (zero-shot): the model it evaluates
     embeds images and captions as the adapter-free backbone does (fp32, 1e-5), and its metrics
@@ -528,12 +553,12 @@ def test_unknown_config_key_and_bad_flag_value(tmp_path, capsys):
 def test_config_file_values_take_the_settings_types(tmp_path, capsys):
     from cma_train.cli import build_parser, config_from_args
     good = tmp_path / "c.yaml"   # YAML reads 1e-5 (no dot) as the string '1e-5'
-    good.write_text("lr: 1e-5\nepochs: 2.0\nbetas: [0.8, '0.9']\neval_split: null\nresume: true\n")
+    good.write_text("lr: 1e-5\nepochs: 2.0\nbetas: [0.8, '0.9']\neval_split: null\nprogress: false\n")
     cfg = config_from_args(build_parser().parse_args(["train", "--config", str(good)]))
-    assert (cfg.lr, cfg.epochs, cfg.betas, cfg.eval_split, cfg.resume) == (1e-5, 2, (0.8, 0.9), None, True)
+    assert (cfg.lr, cfg.epochs, cfg.betas, cfg.eval_split, cfg.progress) == (1e-5, 2, (0.8, 0.9), None, False)
     assert type(cfg.lr) is float and type(cfg.epochs) is int
     for text, message in (("epochs: 1.5", "epochs must be int, got 1.5"), ("lr: fast", "lr must be float, got 'fast'"),
-                          ("resume: 1", "resume must be bool, got 1"), ("betas: 0.9", "betas must be two numbers"),
+                          ("progress: 1", "progress must be bool, got 1"), ("betas: 0.9", "betas must be two numbers"),
                           ("epochs: .inf", "epochs must be int, got inf")):
         bad = tmp_path / "bad.yaml"
         bad.write_text(text + "\n")
