@@ -104,6 +104,11 @@ def read_adapters(path, cfg, given=()):
     Their shape, the backbone they were trained on and how their run scored become the TrainConfig
     cfg's, except the settings named in `given` (set on purpose): those stay, and a note on stderr
     names the ones that differ. ValueError naming the file if it is not one of ours."""
+    if os.path.isdir(path):   # a run folder: which of its files is the user's call
+        files = [os.path.join(path, f) for f in ("adapters.pt", "adapters_best.pt", "checkpoint_latest.pt")
+                 if os.path.isfile(os.path.join(path, f))]
+        raise ValueError(f"--adapters {path} is a folder: pass one of its adapter files"
+                         + (f" ({', '.join(files)})" if files else "; it holds none (adapters.pt, adapters_best.pt)"))
     if not os.path.isfile(path):
         raise ValueError(f"--adapters {path}: no such file")
     try:

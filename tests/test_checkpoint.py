@@ -87,3 +87,13 @@ def test_read_adapters_takes_the_run_settings_unless_given(tmp_path, capsys):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "b.pt")
     with pytest.raises(ValueError, match="not a cma adapter file or training checkpoint"):
         read_adapters(str(tmp_path / "b.pt"), TrainConfig())
+
+
+def test_a_run_folder_as_adapters_names_its_adapter_files(tmp_path):
+    with pytest.raises(ValueError, match="is a folder: pass one of its adapter files; it holds none"):
+        read_adapters(str(tmp_path), TrainConfig())
+    for name in ("adapters.pt", "adapters_best.pt"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(ValueError, match=f"is a folder: pass one of its adapter files \\({tmp_path / 'adapters.pt'}, "
+                                         f"{tmp_path / 'adapters_best.pt'}\\)"):
+        read_adapters(str(tmp_path), TrainConfig())
