@@ -55,6 +55,16 @@ def scoring_of(cfg):
     return {k: getattr(cfg, k) for k in SCORING}
 
 
+def results_record(cfg, split, adapters):
+    """What a results JSON holds beside the metrics: what was evaluated (dataset and split, the
+    adapter file, None for the backbone alone, and the backbone with its weights) and how it was
+    scored (SCORING)."""
+    return {"evaluated": {"dataset": cfg.dataset, "split": split,
+                          "adapters": os.path.abspath(adapters) if adapters else None,
+                          **{k: getattr(cfg, k) for k in BACKBONE}, "pretrained": cfg.pretrained},
+            "scoring": scoring_of(cfg)}
+
+
 def adapters_file(model, cfg):
     """adapters.pt: `adapter_state_dict(model)` plus the run's backbone architecture (BACKBONE) and
     scoring settings (SCORING)."""

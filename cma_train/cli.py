@@ -195,7 +195,7 @@ def _given_settings(args):
 
 def cmd_train(args):
     import torch
-    from cma_train.checkpoint import scoring_of
+    from cma_train.checkpoint import results_record
     from cma_train.evaluate import format_results, save_results
     from cma_train.train import train
     cfg = config_from_args(args)
@@ -209,7 +209,7 @@ def cmd_train(args):
         return 0
     if cfg.eval_split:
         print(format_results(result["eval"], f"{cfg.dataset} {cfg.eval_split}, final adapters"))
-        save_results({**result["eval"], "scoring": scoring_of(cfg)},
+        save_results({**result["eval"], **results_record(cfg, cfg.eval_split, os.path.join(cfg.out, "adapters.pt"))},
                      os.path.join(cfg.out, f"results_{cfg.eval_split}.json"))
         best = result["best"]
         if cfg.eval_every:
@@ -243,7 +243,7 @@ def cmd_eval(args):
     from cma_model import adapter_modules, load_adapter_state_dict
     from cma_model.cache import FrameCache
     from cma_model.datasets import load_annotations
-    from cma_train.checkpoint import read_adapters, scoring_of
+    from cma_train.checkpoint import read_adapters, results_record
     from cma_train.evaluate import format_results, save_results
     from cma_train.train import _device, _distributed, build_model, check_video_sources
     cfg = config_from_args(args)
@@ -271,7 +271,7 @@ def cmd_eval(args):
             for m in adapter_modules(model):
                 for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
                     p.zero_()
-    res = {**_evaluate(model, cfg, ann, device, cache), "scoring": scoring_of(cfg)}
+    res = {**_evaluate(model, cfg, ann, device, cache), **results_record(cfg, args.eval_on, args.adapters)}
     if rank != 0:
         return 0
     print(format_results(res, f"{cfg.dataset} {args.eval_on}"))

@@ -86,6 +86,9 @@ def test_eval_takes_the_backbone_and_scoring_of_the_adapters_run(video_set, tmp_
     trained = json.load(open(os.path.join(out, "results_test.json")))
     assert trained["scoring"] == {"pooling": "meanP", "temperature": 5.0, "max_words": 10, "max_frames": 8,
                                   "sample_fps": 1.0}
+    assert trained["evaluated"] == {"dataset": "jsonl", "split": "test", "adapters": os.path.abspath(out) +
+                                    "/adapters.pt", "model": "ViT-B-32", "model_config": TINY_TRAIN_CLIP,
+                                    "pretrained": "none"}
     capsys.readouterr()
     for adapters in ("adapters.pt", "checkpoint_latest.pt"):
         results = str(tmp_path / f"{adapters}.json")
@@ -93,6 +96,7 @@ def test_eval_takes_the_backbone_and_scoring_of_the_adapters_run(video_set, tmp_
                      "--results", results]) == 0
         again = json.load(open(results))
         assert again["scoring"] == trained["scoring"] and again["t2v"] == trained["t2v"], adapters
+        assert again["evaluated"] == {**trained["evaluated"], "adapters": os.path.abspath(os.path.join(out, adapters))}
         printed = capsys.readouterr()
         assert "note:" not in printed.err
         assert printed.out.startswith(f"evaluating adapters {os.path.join(out, adapters)} (r=8, d_s=16) on the "
@@ -233,6 +237,7 @@ def test_eval_without_adapters_is_the_backbone_alone(video_set, tmp_path, monkey
                     progress=False)
     got = json.load(open(results))
     assert got["t2v"] == pytest.approx(want["t2v"]) and got["v2t"] == pytest.approx(want["v2t"])
+    assert got["evaluated"]["adapters"] is None and got["evaluated"]["split"] == "test"   # the backbone alone
 
 
 def test_out_of_gpu_memory_in_train_says_what_to_turn_down(monkeypatch, capsys):
