@@ -313,7 +313,8 @@ def cmd_prepare(args):
     max_frames = paper_recipe(args.dataset)["max_frames"] if args.max_frames is None else args.max_frames
     skipped = prepare_cache(list(videos), list(videos.values()), args.out, max_frames, args.size,
                             args.sample_fps, args.workers, args.shard_size, args.timeout)
-    print(f"cache {args.out}: {len(videos) - len(skipped)} videos ready, {len(skipped)} skipped")
+    print(f"cache {args.out}: {len(videos) - len(skipped)} videos ready, {len(skipped)} skipped ({max_frames} frames "
+          f"of {args.size} px per video, sampled at {args.sample_fps:g} fps)")
     for vid, reason in list(skipped.items())[:20]:
         print(f"  {vid}: {reason}")
     return 0

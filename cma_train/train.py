@@ -112,10 +112,16 @@ def build_model(cfg: TrainConfig, device):
         print(f"note: --pretrained {cfg.pretrained} was trained with QuickGELU (OpenAI's CLIP): {arch} runs with "
               f"QuickGELU too")
     model = model.to(device)
+    # settings the model bounds; unset, they are the dataset's recipe, e.g. ActivityNet's d_s = 512 (ViT-B's
+    # text width) or DiDeMo's 64 words, which a smaller custom model cannot take
+    unset = f"(unset, it is the paper's value for --dataset {cfg.dataset})"
     narrower = min(blocks[0].ln_1.normalized_shape[0] for blocks in tower_blocks(model))
-    if cfg.shared_dim > narrower:   # e.g. ActivityNet's 512 (ViT-B's text width) on a narrower model
+    if cfg.shared_dim > narrower:
         raise ValueError(f"--shared-dim {cfg.shared_dim} is wider than this model's narrower tower ({narrower}): "
-                         f"set --shared-dim (unset, it is the paper's value for --dataset {cfg.dataset})")
+                         f"set --shared-dim {unset}")
+    if not 2 <= cfg.max_words <= model.context_length:
+        raise ValueError(f"--max-words {cfg.max_words} does not fit this model's text context of "
+                         f"{model.context_length} tokens: set --max-words in [2, {model.context_length}] {unset}")
     add_cross_modal_adapters(model, CrossModalAdapterConfig(cfg.reduction_dim, cfg.shared_dim, cfg.activation,
                                                            dropout=cfg.dropout), backend=cfg.backend)
     if device.type == "cuda" and cfg.backend != "reference":   # bf16 autocast on CUDA: bit-identical, leaner

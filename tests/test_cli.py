@@ -36,7 +36,7 @@ def test_prepare_train_eval_round_trip(video_set, tmp_path, capsys):
     cache = str(tmp_path / "cache")
     assert main(["prepare", "--dataset", "jsonl", "--root", jsonl, "--out", cache, "--size", "32",
                  "--workers", "1"]) == 0
-    assert "8 videos ready, 0 skipped" in capsys.readouterr().out
+    assert "8 videos ready, 0 skipped (12 frames of 32 px per video, sampled at 1 fps)" in capsys.readouterr().out
     out = str(tmp_path / "run")
     config = tmp_path / "cfg.json"
     config.write_text(json.dumps({"dataset": "jsonl", "root": os.path.dirname(jsonl), "batch-size": 4, "lr": 1e-3,

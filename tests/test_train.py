@@ -338,12 +338,17 @@ def test_training_on_cuda_takes_the_fast_path(tmp_path, monkeypatch):
     assert fused["eval"]["num_videos"] == 8 and [r["step"] for r in _evals(tmp_path / "fused")] == [2, 4, 6]
 
 
-def test_shared_dim_wider_than_a_tower_names_the_flag():
+def test_recipe_values_the_model_cannot_take_name_their_flag():
     cfg = TrainConfig(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", dataset="activitynet")
     with pytest.raises(ValueError, match=r"--shared-dim 512 is wider than this model's narrower tower \(\d+\): set "
                                          r"--shared-dim \(unset, it is the paper's value for --dataset activitynet\)"):
         build_model(cfg, torch.device("cpu"))
     cfg.shared_dim = 16
+    context = TINY_TRAIN_CLIP["text_cfg"]["context_length"]
+    with pytest.raises(ValueError, match=rf"--max-words 64 does not fit this model's text context of {context} tokens: "
+                                         rf"set --max-words in \[2, {context}\] \(unset, it is the paper's value"):
+        build_model(cfg, torch.device("cpu"))   # ActivityNet's 64 words
+    cfg.max_words = context
     model, _, _ = build_model(cfg, torch.device("cpu"))
     assert model.transformer.resblocks[0].adapter_mlp.shared.weight.shape == (16, 16)   # [d_s, r]
 
