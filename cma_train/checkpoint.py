@@ -66,10 +66,16 @@ def results_record(cfg, split, adapters):
 
 
 def adapters_file(model, cfg):
-    """adapters.pt: `adapter_state_dict(model)` plus the run's backbone architecture (BACKBONE) and
-    scoring settings (SCORING)."""
+    """adapters.pt: `adapter_state_dict(model)` plus the run's backbone architecture (BACKBONE),
+    scoring settings (SCORING) and the --pretrained weights it trained on (for a note, not adopted:
+    a weights path need not exist where the adapters are evaluated)."""
     return {**adapter_state_dict(model), "backbone": {k: getattr(cfg, k) for k in BACKBONE},
-            "scoring": scoring_of(cfg)}
+            "scoring": scoring_of(cfg), "pretrained": cfg.pretrained}
+
+
+def _same_weights(a, b):
+    """The same --pretrained: the same tag or path, or two paths of one file."""
+    return a == b or (os.path.isfile(a) and os.path.isfile(b) and os.path.samefile(a, b))
 
 
 def load_checkpoint(path):
@@ -129,6 +135,7 @@ def read_adapters(path, cfg, given=()):
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
         checkpoint = load_checkpoint(path)
         state, run = checkpoint["adapters"], {k: checkpoint["config"][k] for k in BACKBONE + SCORING}
+        state = {**state, "pretrained": checkpoint["config"].get("pretrained")}
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
         raise ValueError(f"--adapters {path}: not a cma adapter file or training checkpoint")
     run = run or {**state.get("backbone", {}), **state.get("scoring", {})}
@@ -144,6 +151,9 @@ def read_adapters(path, cfg, given=()):
             setattr(cfg, key, trained)
         elif getattr(cfg, key) != trained:
             unlike.append(f"--{key.replace('_', '-')} {str(getattr(cfg, key))[:60]} (trained with {str(trained)[:60]})")
+    trained_on = state.get("pretrained")   # older adapter files do not say
+    if trained_on and cfg.pretrained and not _same_weights(cfg.pretrained, trained_on):
+        unlike.append(f"--pretrained {cfg.pretrained} (trained on {trained_on})")
     if unlike and int(os.environ.get("RANK", 0)) == 0:
         print(f"cma eval: note: evaluating with {', '.join(unlike)}", file=sys.stderr)
     return state

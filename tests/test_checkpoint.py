@@ -1,6 +1,7 @@
 """cma_train.checkpoint: RNG state round trip, write-then-rename saves, adapter files with their
 run's settings (written and read back), and metrics.jsonl trimmed back to a checkpoint."""
 import json
+import os
 import random
 
 import numpy as np
@@ -97,3 +98,16 @@ def test_a_run_folder_as_adapters_names_its_adapter_files(tmp_path):
     with pytest.raises(ValueError, match=f"is a folder: pass one of its adapter files \\({tmp_path / 'adapters.pt'}, "
                                          f"{tmp_path / 'adapters_best.pt'}\\)"):
         read_adapters(str(tmp_path), TrainConfig())
+
+
+def test_other_weights_than_the_adapters_trained_on_are_noted(tmp_path, capsys):
+    """Adapters learn a correction of one backbone's features: evaluated on other weights they
+    mean little, so `cma eval` says so (it does not adopt the path, which need not exist here)."""
+    model = add_cross_modal_adapters(small_clip(), CrossModalAdapterConfig(reduction_dim=4, shared_dim=8))
+    weights = tmp_path / "ViT-B-32.pt"
+    weights.write_bytes(b"weights")
+    torch.save(adapters_file(model, TrainConfig(pretrained=str(weights))), tmp_path / "a.pt")
+    for pretrained, noted in ((str(weights), False), (os.path.relpath(weights), False), ("openai", True)):
+        read_adapters(str(tmp_path / "a.pt"), TrainConfig(pretrained=pretrained), given={"pretrained"})
+        err = capsys.readouterr().err
+        assert (f"note: evaluating with --pretrained {pretrained} (trained on {weights})" in err) == noted, err

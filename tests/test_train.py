@@ -359,7 +359,7 @@ def test_openais_own_clip_file_loads_and_runs_quick_gelu(tmp_path, capsys):
     zeroed it embeds exactly as the QuickGELU open_clip model the file was made from (fp32, 1e-5)."""
     gelu_config = {**TINY_TRAIN_CLIP, "quick_gelu": False}
     source = write_openai_style_clip(tmp_path / "ViT-tiny.pt", gelu_config)
-    cfg = TrainConfig(model="tiny", model_config=gelu_config, pretrained=str(tmp_path / "ViT-tiny.pt"))
+    cfg = TrainConfig(model="tiny", model_config=gelu_config, pretrained=str(tmp_path / "ViT-tiny.pt"), max_words=12)
     model, tokenizer, size = build_model(cfg, torch.device("cpu"))
     assert f"note: --pretrained {tmp_path / 'ViT-tiny.pt'} was trained with QuickGELU" in capsys.readouterr().out
     with torch.no_grad():
@@ -387,7 +387,7 @@ def test_a_quick_gelu_tag_builds_its_model_with_quick_gelu(monkeypatch, capsys, 
         asked.update(name=name, pretrained=pretrained, force_quick_gelu=force_quick_gelu)
         return open_clip.model.CLIP(**TINY_TRAIN_CLIP)
     monkeypatch.setattr(open_clip, "create_model", create_model)
-    build_model(TrainConfig(model=model_name, pretrained=tag), torch.device("cpu"))
+    build_model(TrainConfig(model=model_name, pretrained=tag, max_words=12), torch.device("cpu"))
     assert asked == {"name": model_name, "pretrained": tag, "force_quick_gelu": quick_gelu}
     assert ("was trained with QuickGELU (OpenAI's CLIP): --model ViT-B-32 runs with QuickGELU too"
             in capsys.readouterr().out) == note
@@ -408,7 +408,7 @@ def _batch():
 
 
 def _model(device="cpu"):
-    cfg = TrainConfig(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", pooling="softmax")
+    cfg = TrainConfig(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", pooling="softmax", max_words=12)
     torch.manual_seed(0)
     model, _, _ = build_model(cfg, torch.device(device))
     with torch.no_grad():
