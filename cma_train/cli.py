@@ -1,7 +1,7 @@
 """The `cma` command: train, eval, prepare, bench, demo.
 
 Settings come from the defaults (the paper's recipe; adapter shape, frames, words and epochs per
---dataset, train.PAPER_RECIPES), then `--config FILE` (YAML or JSON, keys as the flag names with -
+--dataset, config.PAPER_RECIPES), then `--config FILE` (YAML or JSON, keys as the flag names with -
 or _), then flags: a flag always wins over the file.
 """
 import argparse

@@ -78,6 +78,15 @@ def _trained_with_quick_gelu(cfg, pretrained, openai_jit):
     return bool(open_clip.get_pretrained_cfg(cfg.model.replace("/", "-"), pretrained).get("quick_gelu"))
 
 
+def _config_says_quick_gelu(cfg):
+    """Whether the model's own config (open_clip's built-in one, or --model-config) has QuickGELU;
+    True for models open_clip resolves elsewhere (hf-hub:), which no note is about."""
+    if cfg.model_config is not None:
+        return cfg.model_config.get("quick_gelu", False)
+    arch = cfg.model.replace("/", "-")
+    return arch not in open_clip.list_models() or open_clip.get_model_config(arch).get("quick_gelu", False)
+
+
 def build_model(cfg: TrainConfig, device):
     """open_clip model (pretrained or random) with adapters; returns (model, tokenizer, image_size).
     Weights trained with QuickGELU (OpenAI's) make the model run QuickGELU, whatever its config says
@@ -89,11 +98,9 @@ def build_model(cfg: TrainConfig, device):
         quick_gelu = _trained_with_quick_gelu(cfg, pretrained, openai_jit)
         if cfg.model_config is not None:
             model = open_clip.model.CLIP(**{**cfg.model_config, **({"quick_gelu": True} if quick_gelu else {})})
-            config_says = cfg.model_config.get("quick_gelu", False)
         else:
             model = open_clip.create_model(cfg.model, pretrained=pretrained if openai_jit is None else None,
                                            force_quick_gelu=quick_gelu)
-            config_says = (open_clip.get_model_config(cfg.model.replace("/", "-")) or {}).get("quick_gelu", False)
         if openai_jit is not None:
             model.load_state_dict(openai_jit)
         elif pretrained and cfg.model_config is not None:
@@ -108,7 +115,7 @@ def build_model(cfg: TrainConfig, device):
         # a tag validate() accepted, so a download: no network, hub refused, ...
         raise ValueError(f"--pretrained {pretrained}: could not fetch open_clip's {cfg.model} weights "
                          f"({reason}); download them where there is network and pass the file") from None
-    if quick_gelu and not config_says and int(os.environ.get("RANK", 0)) == 0:
+    if quick_gelu and not _config_says_quick_gelu(cfg) and int(os.environ.get("RANK", 0)) == 0:
         print(f"note: --pretrained {cfg.pretrained} was trained with QuickGELU (OpenAI's CLIP): {arch} runs with "
               f"QuickGELU too")
     model = model.to(device)
