@@ -72,8 +72,10 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
     for every skipped video (unreadable, or no answer within `timeout` seconds: a hung decoder)."""
     for name, value in (("max_frames", max_frames), ("size", size), ("workers", workers), ("shard_size", shard_size),
                         ("sample_fps", sample_fps), ("timeout", timeout)):
-        if not value > 0:   # before the folder is made: a bad setting leaves no cache behind
-            raise ValueError(f"{name} must be > 0, got {value}")
+        if not 0 < value < float("inf"):   # before the folder is made: a bad setting leaves no cache behind
+            raise ValueError(f"{name} must be > 0 and finite, got {value}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{out_dir} is a file: the cache is a folder")
     os.makedirs(out_dir, exist_ok=True)
     meta = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps, "shard_size": shard_size,
             "num_videos": len(video_ids)}

@@ -17,9 +17,10 @@ from cma_train.config import PAPER_RECIPES, TrainConfig, paper_recipe
 
 HELP = {
     "model": "open_clip architecture name (ViT-B-32, ViT-B-16, ViT-L-14, ...)",
-    "pretrained": "open_clip checkpoint file, or an open_clip pretrained tag (needs network), "
-                  "or 'none' for random init",
-    "model_config": "JSON of a custom open_clip CLIP config (embed_dim, vision_cfg, text_cfg), instead of --model",
+    "pretrained": "the backbone's weights: an open_clip checkpoint file, OpenAI's CLIP file (ViT-B-32.pt), an "
+                  "open_clip pretrained tag of --model (needs network), or 'none' for random init",
+    "model_config": "a custom open_clip model config instead of --model: a JSON file laid out as open_clip's "
+                    "model_configs/*.json (embed_dim, vision_cfg, text_cfg), or that JSON itself",
     "reduction_dim": "adapter bottleneck width r",
     "shared_dim": "up-projection channels shared between the vision and text towers (the last d_s)",
     "activation": "adapter activation: quick_gelu or gelu",
@@ -67,18 +68,21 @@ HELP = {
 }
 
 
+REQUIRED = ("pretrained", "root")   # no default: `cma train` refuses to start without them
+
+
 def _add_config_flags(parser):
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        text = f"{HELP[f.name]} (default: {_default_text(f)})"
+        text = f"{HELP[f.name]} ({_default_text(f)})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif f.name == "betas":
             parser.add_argument(flag, type=float, nargs=2, default=None, metavar=("B1", "B2"), help=text)
         elif f.name == "model_config":
-            parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=text)
+            parser.add_argument(flag, default=None, metavar="FILE_OR_JSON", help=text)
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
             parser.add_argument(flag, type=base, default=None, help=text)
@@ -87,7 +91,9 @@ def _add_config_flags(parser):
 
 def _default_text(field):
     """A setting's default for --help: the paper's value per dataset where it depends on --dataset."""
-    return _recipe_text(field.name) if field.name in PAPER_RECIPES["msrvtt"] else repr(field.default)
+    if field.name in PAPER_RECIPES["msrvtt"]:
+        return f"default: {_recipe_text(field.name)}"
+    return "required" if field.name in REQUIRED else f"default: {field.default!r}"
 
 
 def _recipe_text(name):
@@ -124,7 +130,10 @@ def _read_config_file(path):
         name = key.replace("-", "_")
         if name not in hints:
             raise ValueError(f"--config {path}: unknown setting {key!r}; known: {', '.join(sorted(hints))}")
-        out[name] = _typed(value, hints[name], f"--config {path}: {key}")
+        if name == "model_config" and isinstance(value, str):   # a file or JSON text: TrainConfig reads it
+            out[name] = value
+        else:
+            out[name] = _typed(value, hints[name], f"--config {path}: {key}")
     return out
 
 
@@ -412,7 +421,8 @@ def main(argv=None):
         if args.command == "bench":
             return cmd_bench(args, rest)
         return {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "demo": cmd_demo}[args.command](args)
-    except (ValueError, OSError) as e:   # user errors (settings, files, disk): one clear line, no traceback
+    except (ValueError, OSError, FloatingPointError) as e:   # user errors (settings, files, disk, a diverging
+        # --lr): one clear line, no traceback
         print(f"cma {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:   # SIGINT / SIGTERM in training: checkpointed after a whole step

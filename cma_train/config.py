@@ -3,6 +3,7 @@ check) and the paper's per-dataset recipe. Imports nothing heavy, so `cma --help
 validate() imports torch and open_clip when it runs."""
 import difflib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -25,12 +26,32 @@ def paper_recipe(dataset):
     return PAPER_RECIPES.get(dataset, PAPER_RECIPES["msrvtt"])
 
 
+def read_model_config(value: str) -> dict:
+    """--model-config's value, a JSON file (the layout of open_clip's model_configs/*.json) or the JSON
+    text itself, as a dict. ValueError where it is neither, or not a JSON object."""
+    where, text = "--model-config", value
+    if os.path.isfile(value):
+        where = f"--model-config {value}"
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        if where == "--model-config":
+            raise ValueError(f"--model-config {value[:80]!r}: neither a file nor JSON ({e.msg})") from None
+        raise ValueError(f"{where}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a JSON object with embed_dim, vision_cfg and text_cfg")
+    return config
+
+
 @dataclass
 class TrainConfig:
     # model
     model: str = "ViT-B-32"
     pretrained: str = ""          # open_clip checkpoint file or pretrained tag; "none" = random init (on purpose)
-    model_config: Optional[dict] = None   # custom open_clip config (embed_dim, vision_cfg, text_cfg) instead of `model`
+    model_config: Optional[dict] = None   # custom open_clip config (embed_dim, vision_cfg, text_cfg) instead of
+    # `model`; a JSON file or JSON text is read into the dict (read_model_config)
     reduction_dim: Optional[int] = None   # None here and below: the dataset's value (PAPER_RECIPES)
     shared_dim: Optional[int] = None
     activation: str = "quick_gelu"
@@ -73,6 +94,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if isinstance(self.model_config, str):
+            self.model_config = read_model_config(self.model_config)
         for name, value in paper_recipe(self.dataset).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -84,14 +107,16 @@ class TrainConfig:
         from cma_model.retrieval import COMPILE_MODES
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        inf = float("inf")
         ranges = {   # setting -> (holds, what it must be); NaN fails every comparison
             "epochs": (self.epochs >= 1, ">= 1"), "batch_size": (self.batch_size >= 1, ">= 1"),
             "max_frames": (self.max_frames >= 1, ">= 1"), "micro_batch": (self.micro_batch >= 0, ">= 0"),
             "eval_every": (self.eval_every >= 0, ">= 0"), "save_every": (self.save_every >= 0, ">= 0"),
             "max_steps": (self.max_steps >= 0, ">= 0"), "workers": (self.workers >= 0, ">= 0"),
-            "lr": (self.lr > 0, "> 0"), "sample_fps": (self.sample_fps > 0, "> 0"),
-            "temperature": (self.temperature > 0, "> 0"), "eps": (self.eps > 0, "> 0"),
-            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "lr": (0 < self.lr < inf, "> 0 and finite"), "eps": (0 < self.eps < inf, "> 0 and finite"),
+            "sample_fps": (0 < self.sample_fps < inf, "> 0 and finite"),
+            "temperature": (0 < self.temperature < inf, "> 0 and finite"),
+            "weight_decay": (0 <= self.weight_decay < inf, ">= 0 and finite"),
             "grad_clip": (self.grad_clip > 0, "> 0 (inf: no clipping)"),
             "warmup": (0 <= self.warmup < 1, "a fraction in [0, 1)"),
             "betas": (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
@@ -102,6 +127,8 @@ class TrainConfig:
         if self.micro_batch and self.dropout > 0:
             raise ValueError("--micro-batch runs every forward twice, which would draw new dropout masks: "
                              "use it with --dropout 0")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise ValueError(f"--out {self.out} is a file: --out names the run's folder")
         if self.eval_every and not self.eval_split:
             raise ValueError("--eval-every needs --eval-split (the split to evaluate on, e.g. test)")
         if self.eval_split and self.dataset == "jsonl" and os.path.isfile(self.root):   # one file is one split
@@ -138,6 +165,12 @@ class TrainConfig:
             raise ValueError(f"--model {self.model!r} is not an open_clip architecture"
                              + (f"; did you mean {', '.join(close)}?" if close else "")
                              + " (open_clip.list_models() lists them; --model-config takes a custom one)")
+        text_cfg = self.model_config.get("text_cfg") if self.model_config is not None else None
+        hf = [k for k in ("hf_tokenizer_name", "hf_model_name") if isinstance(text_cfg, dict) and text_cfg.get(k)]
+        if hf:   # the captions of a --model-config model go through CLIP's tokenizer
+            raise ValueError(f"--model-config: a text tower with {hf[0]} {text_cfg[hf[0]]!r} is not supported (cma "
+                             f"tokenizes a custom model's captions with CLIP's tokenizer); use --model with a name "
+                             f"open_clip knows")
         if self.pretrained == "none" or os.path.isfile(self.pretrained):
             return
         tags = open_clip.list_pretrained_tags_by_model(arch) if self.model_config is None else []

@@ -87,6 +87,23 @@ def _config_says_quick_gelu(cfg):
     return arch not in open_clip.list_models() or open_clip.get_model_config(arch).get("quick_gelu", False)
 
 
+class ModelConfigError(ValueError):
+    """A --model-config open_clip cannot build."""
+
+
+def model_from_config(config: dict, quick_gelu=False):
+    """open_clip CLIP (CustomTextCLIP where the config says custom_text) of a model config dict laid out
+    as open_clip's model_configs/*.json, random weights; quick_gelu=True forces QuickGELU. ValueError
+    naming --model-config (ModelConfigError) where open_clip cannot build it."""
+    config = {**config, **({"quick_gelu": True} if quick_gelu else {})}
+    model_class = open_clip.CustomTextCLIP if config.pop("custom_text", False) else open_clip.CLIP
+    try:
+        return model_class(**config)
+    except Exception as e:   # TypeError for an unknown key, and whatever a config open_clip cannot build raises
+        raise ModelConfigError(f"--model-config: open_clip cannot build a model from it "
+                               f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+
+
 def build_model(cfg: TrainConfig, device):
     """open_clip model (pretrained or random) with adapters; returns (model, tokenizer, image_size).
     Weights trained with QuickGELU (OpenAI's) make the model run QuickGELU, whatever its config says
@@ -97,7 +114,7 @@ def build_model(cfg: TrainConfig, device):
         openai_jit = openai_jit_state_dict(pretrained) if pretrained and os.path.isfile(pretrained) else None
         quick_gelu = _trained_with_quick_gelu(cfg, pretrained, openai_jit)
         if cfg.model_config is not None:
-            model = open_clip.model.CLIP(**{**cfg.model_config, **({"quick_gelu": True} if quick_gelu else {})})
+            model = model_from_config(cfg.model_config, quick_gelu)
         else:
             model = open_clip.create_model(cfg.model, pretrained=pretrained if openai_jit is None else None,
                                            force_quick_gelu=quick_gelu)
@@ -106,7 +123,7 @@ def build_model(cfg: TrainConfig, device):
         elif pretrained and cfg.model_config is not None:
             open_clip.load_checkpoint(model, pretrained)
     except Exception as e:
-        if not pretrained:
+        if not pretrained or isinstance(e, ModelConfigError):
             raise
         reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         if os.path.isfile(pretrained):   # another architecture's weights, or not a checkpoint at all

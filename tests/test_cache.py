@@ -59,10 +59,14 @@ def test_cache_settings_must_match(tmp_path, videos):
         prepare_cache(ids[:1], paths[:1], str(tmp_path), size=64, progress=False)
     with pytest.raises(FileNotFoundError, match="run `cma prepare` first"):
         FrameCache(str(tmp_path / "nothing"))
-    for setting in ({"size": 0}, {"workers": 0}, {"shard_size": 0}, {"max_frames": 0}, {"sample_fps": float("nan")}):
-        with pytest.raises(ValueError, match=f"{next(iter(setting))} must be > 0"):
+    for setting in ({"size": 0}, {"workers": 0}, {"shard_size": 0}, {"max_frames": 0}, {"sample_fps": float("nan")},
+                    {"sample_fps": float("inf")}, {"timeout": float("inf")}):
+        with pytest.raises(ValueError, match=f"{next(iter(setting))} must be > 0 and finite"):
             prepare_cache(ids[:1], paths[:1], str(tmp_path / "bad"), progress=False, **setting)
     assert not (tmp_path / "bad").exists()   # nothing written that would pin the bad setting
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="a_file is a file: the cache is a folder"):
+        prepare_cache(ids[:1], paths[:1], str(tmp_path / "a_file"), progress=False)
 
 
 def test_a_video_without_answer_in_time_is_skipped_not_hung(tmp_path, videos):

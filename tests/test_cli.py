@@ -545,6 +545,46 @@ def test_an_output_folder_that_cannot_be_made_is_an_error_not_a_traceback(video_
     assert err.startswith("cma train: error: [Errno 20] Not a directory") and not built   # before the model
 
 
+def test_model_config_is_a_file_or_json_and_what_open_clip_cannot_build_is_one_line(video_set, tmp_path, capsys):
+    """--model-config takes a JSON file laid out as open_clip's model_configs/*.json, the JSON itself,
+    or (in --config) a file name; each gives the same settings. A config that is neither, or that
+    open_clip cannot build, is one line naming the flag."""
+    from cma_train.cli import build_parser, config_from_args
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY_TRAIN_CLIP, indent=1))
+    (tmp_path / "c.yaml").write_text(f"model_config: {path}\n")
+    parser = build_parser()
+    for argv in (["--model-config", str(path)], ["--model-config", json.dumps(TINY_TRAIN_CLIP)],
+                 ["--config", str(tmp_path / "c.yaml")]):
+        assert config_from_args(parser.parse_args(["train", *argv])).model_config == TINY_TRAIN_CLIP
+    (tmp_path / "bad.json").write_text('{"embed_dim": 32,\n "vision_cfg": {}, x}')
+    hf = json.dumps({**TINY_TRAIN_CLIP, "text_cfg": {"hf_tokenizer_name": "bert-base-uncased"}})
+    for config, message in [
+        ('{"foo": 1}', "--model-config: open_clip cannot build a model from it (TypeError: "),
+        (json.dumps({**TINY_TRAIN_CLIP, "vision_cfg": {"widht": 64}}),
+         "--model-config: open_clip cannot build a model from it (TypeError: CLIPVisionCfg"),
+        ("[1, 2]", "--model-config: expected a JSON object with embed_dim, vision_cfg and text_cfg"),
+        ("tiny.jsn", "--model-config 'tiny.jsn': neither a file nor JSON"),
+        (str(tmp_path / "bad.json"), f"--model-config {tmp_path / 'bad.json'}:2: invalid JSON"),
+        (hf, "--model-config: a text tower with hf_tokenizer_name 'bert-base-uncased' is not supported"),
+    ]:
+        assert main(["train", "--model-config", config, "--pretrained", "none", "--dataset", "jsonl", "--root",
+                     video_set[0], "--workers", "0", "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"cma train: error: {message}") and "Traceback" not in err, err
+
+
+def test_a_diverging_run_is_one_line_saying_to_lower_the_lr(video_set, tmp_path, monkeypatch, capsys):
+    import cma_train.train as train_module
+    jsonl, _ = video_set
+    real_loss = train_module._global_loss
+    monkeypatch.setattr(train_module, "_global_loss", lambda *args: real_loss(*args) * float("nan"))
+    assert main(["train", *TINY, "--dataset", "jsonl", "--root", jsonl, "--batch-size", "4",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cma train: error: loss became nan at step 1; lower --lr") and "Traceback" not in err
+
+
 def test_unknown_config_key_and_bad_flag_value(tmp_path, capsys):
     bad = tmp_path / "c.yaml"
     bad.write_text("batch_size: 8\nlearning_rate: 0.1\n")

@@ -9,7 +9,11 @@ from cma_train.config import TrainConfig
 
 @pytest.mark.parametrize("setting,value,message", [
     ("grad_clip", 0.0, r"grad_clip must be > 0 \(inf: no clipping\), got 0.0"),   # 0 would zero every gradient
-    ("temperature", -1.0, "temperature must be > 0"), ("sample_fps", float("nan"), "sample_fps must be > 0, got nan"),
+    ("temperature", -1.0, "temperature must be > 0"), ("sample_fps", float("nan"), "sample_fps must be > 0 and finite, "
+                                                                                   "got nan"),
+    ("lr", float("inf"), "lr must be > 0 and finite, got inf"),   # inf passed a bare > 0 and trained to NaN
+    ("temperature", float("inf"), "temperature must be > 0 and finite"),
+    ("weight_decay", float("inf"), "weight_decay must be >= 0 and finite"),
     ("workers", -1, "workers must be >= 0"), ("weight_decay", -0.1, "weight_decay must be >= 0"),
     ("eps", 0.0, "eps must be > 0"), ("betas", (0.9, 1.0), r"betas must be two values in \[0, 1\)"),
     ("save_every", -1, "save_every must be >= 0"), ("max_steps", -2, "max_steps must be >= 0"),
@@ -35,6 +39,9 @@ def test_config_errors(tmp_path):
         TrainConfig(pretrained="none", eval_every=-1, eval_split="test").validate()
     with pytest.raises(ValueError, match="micro_batch must be >= 0"):
         TrainConfig(pretrained="none", micro_batch=-1).validate()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="a_file is a file: --out names the run's folder"):
+        TrainConfig(pretrained="none", out=str(tmp_path / "a_file")).validate()
     if importlib.util.find_spec("tensorboard") is None:   # refused before anything runs, not after the model
         with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package"):
             TrainConfig(pretrained="none", tensorboard=True).validate()

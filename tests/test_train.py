@@ -353,6 +353,31 @@ def test_recipe_values_the_model_cannot_take_name_their_flag():
     assert model.transformer.resblocks[0].adapter_mlp.shared.weight.shape == (16, 16)   # [d_s, r]
 
 
+@pytest.mark.parametrize("extra", [{}, {"custom_text": True}, {"quick_gelu": True}])
+def test_a_model_config_builds_the_model_open_clips_factory_builds(tmp_path, extra):
+    """model_from_config(config) against open_clip.create_model of the same config registered as a
+    file (open_clip's own reading of its model_configs layout): same class and parameters, and with
+    the factory's weights loaded, the same embeddings (fp32, 1e-6). custom_text gives a CustomTextCLIP."""
+    import open_clip
+    from cma_train.train import model_from_config
+    config = {**TINY_TRAIN_CLIP, **extra}
+    (tmp_path / "cma-test-tiny.json").write_text(json.dumps(config))
+    open_clip.add_model_config(str(tmp_path / "cma-test-tiny.json"))
+    want = open_clip.create_model("cma-test-tiny").eval()
+    got = model_from_config(config).eval()
+    assert type(got) is type(want) and type(got).__name__ == ("CustomTextCLIP" if extra.get("custom_text") else "CLIP")
+    assert {k: v.shape for k, v in got.state_dict().items()} == {k: v.shape for k, v in want.state_dict().items()}
+    got.load_state_dict(want.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 32, 32, generator=gen)
+    tokens = torch.randint(1, 1000, (2, TINY_TRAIN_CLIP["text_cfg"]["context_length"]), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(got.encode_image(images), want.encode_image(images), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.encode_text(tokens), want.encode_text(tokens), rtol=1e-6, atol=1e-6)
+    forced = model_from_config(config, quick_gelu=True)   # also where the config names quick_gelu itself
+    assert type(forced.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+
+
 def test_openais_own_clip_file_loads_and_runs_quick_gelu(tmp_path, capsys):
     """OpenAI's ViT-B-32.pt (a TorchScript archive, trained with QuickGELU) into a model whose config
     says GELU: the weights load and the model runs QuickGELU, so with its adapters' up-projections
