@@ -58,7 +58,7 @@ def _find_video(video_dir, video_id):
 def _read_json(path):
     if not os.path.isfile(path):
         raise AnnotationError(f"{path}: no such annotation file")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -68,7 +68,7 @@ def _read_json(path):
 def _read_csv(path, columns):
     if not os.path.isfile(path):
         raise AnnotationError(f"{path}: no such annotation file")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
@@ -84,7 +84,7 @@ def _read_csv(path, columns):
 def _read_list(path):
     if not os.path.isfile(path):
         raise AnnotationError(f"{path}: no such annotation file")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -191,7 +191,7 @@ def load_jsonl(path, split=None, video_dir=None):
         raise AnnotationError(f"{path}: no such annotation file")
     base = video_dir or os.path.dirname(os.path.abspath(path))
     ann, index, ids = Annotations(), {}, {}   # index: path -> row; ids: video id -> the path as written
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -231,7 +231,11 @@ def load_annotations(dataset, root, split="test", video_dir=None):
     """Annotations of `dataset` (one of LOADERS) at `root` (for jsonl: the .jsonl file)."""
     if dataset not in LOADERS:
         raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(LOADERS)}")
-    ann = LOADERS[dataset](root, split=split, video_dir=video_dir)
+    try:
+        ann = LOADERS[dataset](root, split=split, video_dir=video_dir)
+    except UnicodeDecodeError as e:   # annotation files are read as UTF-8
+        raise AnnotationError(f"{dataset} {split} annotations at {root}: not UTF-8 text (byte {e.start}: "
+                              f"{e.reason}); convert the file, e.g. iconv -f latin1 -t utf-8") from None
     if not ann.captions:   # an empty list or split file: nothing to train on or to rank
         raise AnnotationError(f"{dataset} {split} at {root}: no captions (empty split)")
     return ann

@@ -73,6 +73,11 @@ def adapters_file(model, cfg):
             "scoring": scoring_of(cfg), "pretrained": cfg.pretrained}
 
 
+def _architecture(model, model_config):
+    """The backbone's architecture as a note names it: --model NAME, or a --model-config."""
+    return f"--model {model}" if model_config is None else "a --model-config"
+
+
 def _same_weights(a, b):
     """The same --pretrained: the same tag or path, or two paths of one file."""
     return a == b or (os.path.isfile(a) and os.path.isfile(b) and os.path.samefile(a, b))
@@ -146,6 +151,12 @@ def read_adapters(path, cfg, given=()):
                              f"{key}={trained!r}; leave the flag out")
         setattr(cfg, key, trained)
     unlike = []
+    if "model" in run and given & set(BACKBONE):   # --model and --model-config are one choice: the architecture
+        trained = (run.pop("model"), run.pop("model_config", None))
+        if trained[1] is not None and cfg.model_config is not None and trained[1] != cfg.model_config:
+            unlike.append("--model-config (another config than the adapters were trained with)")
+        elif _architecture(*trained) != _architecture(cfg.model, cfg.model_config):
+            unlike.append(f"{_architecture(cfg.model, cfg.model_config)} (trained with {_architecture(*trained)})")
     for key, trained in run.items():
         if key not in given:
             setattr(cfg, key, trained)

@@ -140,6 +140,21 @@ def test_malformed_files_name_file_and_place(tmp_path, dataset, files, split, me
         load_annotations(dataset, root, split)
 
 
+@pytest.mark.parametrize("dataset,name,split", [("jsonl", "d.jsonl", None),
+                                                ("msrvtt", "MSRVTT_JSFUSION_test.csv", "test")])
+def test_annotations_are_utf8_and_other_encodings_are_named(tmp_path, dataset, name, split):
+    caption = "un café à Zürich"
+    row = json.dumps({"video": "a.mp4", "caption": caption}, ensure_ascii=False) if dataset == "jsonl" \
+        else f"video_id,sentence\nvideo1,{caption}"
+    root = tmp_path / "d.jsonl" if dataset == "jsonl" else tmp_path
+    (tmp_path / name).write_bytes((row + "\n").encode("utf-8"))
+    assert load_annotations(dataset, root, split).captions == [caption]
+    (tmp_path / name).write_bytes((row + "\n").encode("latin-1"))
+    with pytest.raises(AnnotationError, match=rf"{dataset} {split} annotations at .*: not UTF-8 text \(byte \d+: "
+                                              r"invalid continuation byte\); convert the file"):
+        load_annotations(dataset, root, split)
+
+
 def test_unknown_dataset_and_split(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'kinetics'"):
         load_annotations("kinetics", tmp_path)
