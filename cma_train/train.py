@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 import zipfile
@@ -235,6 +236,27 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
     return loss.detach()
 
 
+def step_within_memory(forward, logit_scale, batch, cfg, device, to_input, world):
+    """train_step; where one process runs out of GPU memory, the same step again with half the
+    videos per pass (cfg.micro_batch, down to 1), said in a note: gradient caching gives the same
+    gradients, so the run is the one it would have been. Under DDP (the ranks would have to agree)
+    and with dropout (a second forward draws new masks) the error stands."""
+    while True:
+        try:
+            return train_step(forward, logit_scale, batch, cfg, device, to_input)
+        except torch.OutOfMemoryError:
+            per_pass = cfg.micro_batch or len(batch["tokens"])
+            if world > 1 or cfg.dropout > 0 or per_pass <= 1:
+                raise
+        # here, past the except block, the failed step's tensors are free (its traceback held them)
+        forward.zero_grad(set_to_none=True)   # what the failed step's backward had added
+        torch.cuda.empty_cache()
+        cfg.micro_batch = per_pass // 2   # the checkpoint keeps it: a resumed run starts there
+        tqdm.write(f"note: out of GPU memory with {per_pass} videos per pass; retrying the step with --micro-batch "
+                   f"{cfg.micro_batch} (the same gradients, one more forward pass per step; pass it to start there)",
+                   file=sys.stderr)
+
+
 def _own_grads(module):
     """Give each parameter's .grad storage of its own. Autograd keeps a parameter's first gradient
     as it arrives, without a copy; under CUDA graphs (--compile reduce-overhead or max-autotune)
@@ -419,7 +441,7 @@ def train(cfg: TrainConfig):
                     raise ValueError(f"every video of a batch was unreadable at step {step}: "
                                      f"{batch['skipped'][:3]}")
                 optimizer.zero_grad(set_to_none=True)
-                loss = train_step(forward, model.logit_scale, batch, cfg, device, frames.to_model_input)
+                loss = step_within_memory(forward, model.logit_scale, batch, cfg, device, frames.to_model_input, world)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()

@@ -613,6 +613,71 @@ def test_uneven_micro_batches_under_compile_are_pointed_out(compile_mode, micro,
     assert uneven_chunks_recompile(cfg, local) is expected
 
 
+def test_out_of_gpu_memory_retries_the_step_with_half_the_videos_per_pass(video_set, tmp_path, monkeypatch, capsys):
+    """A process that runs out of memory halves its videos per pass (--micro-batch) and redoes the
+    step, dropping what the failed attempt left in .grad (here random gradients): the run is, loss
+    for loss, the one started with the --micro-batch that fits, and its checkpoint keeps that."""
+    import cma_train.train as train_module
+    jsonl, cache = video_set
+    real_step = train_module.train_step
+
+    def two_videos_fit(forward, logit_scale, batch, cfg, *args):
+        if (cfg.micro_batch or len(batch["tokens"])) > 2:
+            for p in forward.parameters():
+                if p.requires_grad:
+                    p.grad = torch.randn_like(p)   # a backward that ran part way
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real_step(forward, logit_scale, batch, cfg, *args)
+
+    monkeypatch.setattr(train_module, "train_step", two_videos_fit)
+    kw = dict(batch_size=8, epochs=3)   # 3 steps
+    auto = train(tiny_config(jsonl, cache, tmp_path / "auto", **kw))["losses"]
+    err = capsys.readouterr().err
+    assert "note: out of GPU memory with 8 videos per pass; retrying the step with --micro-batch 4" in err
+    assert "note: out of GPU memory with 4 videos per pass; retrying the step with --micro-batch 2" in err
+    assert load_checkpoint(str(tmp_path / "auto" / "checkpoint_latest.pt"))["config"]["micro_batch"] == 2
+    monkeypatch.undo()
+    assert auto == train(tiny_config(jsonl, cache, tmp_path / "fixed", micro_batch=2, **kw))["losses"]
+    monkeypatch.setattr(train_module, "train_step", two_videos_fit)
+    with pytest.raises(torch.OutOfMemoryError):   # dropout: a second forward would draw new masks
+        train(tiny_config(jsonl, cache, tmp_path / "dropout", dropout=0.1, **kw))
+
+
+@gpu_check
+@requires_cuda
+def test_a_real_out_of_memory_on_the_gpu_is_survived_by_smaller_passes(tmp_path):
+    """The same, with the GPU's own out-of-memory error: this process may allocate only about halfway
+    between what a step with 2 videos per pass and one with all 16 at once need (each measured
+    first), so the whole batch cannot fit; the run halves its passes until one fits and trains on,
+    like a run started at that --micro-batch (bf16 noise: 5e-2 relative)."""
+    config = {**TINY_TRAIN_CLIP, "vision_cfg": {**TINY_TRAIN_CLIP["vision_cfg"], "image_size": 224, "patch_size": 16,
+                                                 "width": 256, "layers": 4, "head_width": 64}}
+    jsonl, cache = write_frame_cache_set(tmp_path / "data", num_videos=16, size=224)
+    kw = dict(model_config=config, batch_size=16, epochs=2, lr=3e-3, device="cuda")
+
+    def peak(out, **more):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        losses = train(tiny_config(jsonl, cache, tmp_path / out, **kw, **more))["losses"]
+        return torch.cuda.max_memory_allocated(), losses
+    whole, _ = peak("whole")
+    two, _ = peak("two", micro_batch=2)
+    assert whole > 2 * two, (whole, two)   # the activations dominate: a limit between them is clear
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + (whole + two) / 2) / total)
+    try:
+        auto = train(tiny_config(jsonl, cache, tmp_path / "auto", **kw))["losses"]
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    fits = load_checkpoint(str(tmp_path / "auto" / "checkpoint_latest.pt"))["config"]["micro_batch"]
+    assert 2 <= fits < 16
+    _, fixed = peak("fixed", micro_batch=fits)
+    assert len(auto) == len(fixed) == 2
+    for step, (a, b) in enumerate(zip(fixed, auto)):
+        assert abs(a - b) <= 5e-2 * abs(a), (step, a, b)
+
+
 def test_micro_batch_trains_like_the_whole_batch(video_set, tmp_path):
     """--micro-batch 3 on batches of 8 (chunks 3, 3, 2): the losses of whole batches within 1e-5
     relative over 4 fp32 steps."""
