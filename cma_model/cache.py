@@ -7,10 +7,12 @@ an interrupted `cma prepare` resumes at the first incomplete shard. Training rea
 memory map, so an epoch costs no decoding; normalising a cached frame is a table lookup.
 """
 import collections
+import contextlib
 import glob
 import json
 import multiprocessing as mp
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -32,17 +34,27 @@ def _decode_one(path, max_frames, size, sample_fps):
         return None, str(e)
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
+    """write(tmp), then rename tmp to path: a crash mid-write leaves the previous file intact. A
+    write that fails (a full disk: OSError from Python, RuntimeError from torch.save) removes its
+    partial file and raises OSError naming path and the space left there."""
     tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise OSError(f"{path}: could not be written ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                      f"{free / 2**20:,.0f} MiB free there") from None
 
 
 def _atomic_write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _write_shard(out_dir, index, ids, results, max_frames, size):
@@ -60,7 +72,7 @@ def _write_shard(out_dir, index, ids, results, max_frames, size):
     def save_npy(tmp):
         with open(tmp, "wb") as f:
             np.save(f, frames)
-    _atomic_write(stem + ".npy", save_npy)
+    atomic_write(stem + ".npy", save_npy)
 
     _atomic_write_json(stem + ".json", {"videos": ids, "masks": masks, "skipped": skipped})
     return skipped

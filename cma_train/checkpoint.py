@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from cma_model import adapter_state_dict
+from cma_model.cache import atomic_write
 
 CHECKPOINT_FORMAT = "cma-train-v1"
 # Kept with a run's adapters, so that `cma eval --adapters` rebuilds the backbone they were trained
@@ -44,10 +45,9 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, payload):
-    """torch.save, write-then-rename: a crash mid-save leaves the previous file intact."""
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """torch.save, write-then-rename: a crash mid-save leaves the previous file intact, and a full
+    disk an OSError naming the file (cma_model.cache.atomic_write)."""
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def scoring_of(cfg):

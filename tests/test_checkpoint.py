@@ -2,6 +2,7 @@
 run's settings (written and read back), and metrics.jsonl trimmed back to a checkpoint."""
 import json
 import os
+import re
 import random
 
 import numpy as np
@@ -70,6 +71,24 @@ def test_drop_records_after_keeps_what_the_checkpoint_holds(tmp_path, step, eval
     drop_records_after(str(log), step, evaluated_step)
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [f"eval {r['step']}" if "eval_split" in r else r["step"] for r in records] == kept
+
+
+def test_a_write_that_fails_keeps_the_previous_file_and_says_why(tmp_path, monkeypatch):
+    """A full disk: torch.save fails part way (with a RuntimeError, as it does on a full disk). The
+    partial file goes, the previous checkpoint stays loadable, and the error names the file."""
+    path = str(tmp_path / "checkpoint_latest.pt")
+    save_checkpoint(path, {"step": 1})
+
+    def full_disk(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"^{re.escape(path)}: could not be written \(RuntimeError: \[enforce fail.*"
+                                      rf"unexpected pos 576 vs 534\); [\d,]+ MiB free there$"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert not os.path.exists(path + ".tmp") and torch.load(path)["step"] == 1
 
 
 def test_read_adapters_takes_the_run_settings_unless_given(tmp_path, capsys):
