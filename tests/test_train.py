@@ -650,9 +650,9 @@ def test_a_real_out_of_memory_on_the_gpu_is_survived_by_smaller_passes(tmp_path)
     between what a step with 2 videos per pass and one with all 16 at once need (each measured
     first), so the whole batch cannot fit; the run halves its passes until one fits and trains on,
     like a run started at that --micro-batch (bf16 noise: 5e-2 relative)."""
-    config = {**TINY_TRAIN_CLIP, "vision_cfg": {**TINY_TRAIN_CLIP["vision_cfg"], "image_size": 224, "patch_size": 16,
-                                                 "width": 256, "layers": 4, "head_width": 64}}
-    jsonl, cache = write_frame_cache_set(tmp_path / "data", num_videos=16, size=224)
+    # the tiny model's widths (kernels already compiled for them), on 128-pixel frames: 257 tokens each
+    config = {**TINY_TRAIN_CLIP, "vision_cfg": {**TINY_TRAIN_CLIP["vision_cfg"], "image_size": 128}}
+    jsonl, cache = write_frame_cache_set(tmp_path / "data", num_videos=16, size=128)
     kw = dict(model_config=config, batch_size=16, epochs=2, lr=3e-3, device="cuda")
 
     def peak(out, **more):
