@@ -255,7 +255,8 @@ def cmd_eval(args):
     from cma_model.datasets import load_annotations
     from cma_train.checkpoint import read_adapters, results_record
     from cma_train.evaluate import format_results, save_results
-    from cma_train.train import _device, _distributed, build_model, check_video_sources
+    from cma_train.backbone import build_model
+    from cma_train.train import _device, _distributed, check_video_sources
     cfg = config_from_args(args)
     state = read_adapters(args.adapters, cfg, _given_settings(args)) if args.adapters else None
     cfg.validate()

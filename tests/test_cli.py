@@ -503,8 +503,8 @@ def test_pretrained_tag_that_cannot_be_fetched_is_an_error_not_a_traceback(video
 
 
 def test_eval_of_a_split_without_video_files_fails_before_the_model(tmp_path, monkeypatch, capsys):
-    import cma_train.train as train_module
-    monkeypatch.setattr(train_module, "build_model", lambda *args: pytest.fail("built the model"))
+    import cma_train.backbone as backbone
+    monkeypatch.setattr(backbone, "build_model", lambda *args: pytest.fail("built the model"))
     (tmp_path / "test.jsonl").write_text('{"video": "videos/nope.mp4", "caption": "a cat"}\n')
     assert main(["eval", *TINY, "--dataset", "jsonl", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err

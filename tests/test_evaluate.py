@@ -11,7 +11,7 @@ from cma_model.data import VideoFrames
 from cma_model.datasets import load_annotations
 from cma_train.evaluate import evaluate
 from cma_train.config import TrainConfig
-from cma_train.train import build_model
+from cma_train.backbone import build_model
 
 
 @pytest.mark.parametrize("tower", ["visual", "transformer"])

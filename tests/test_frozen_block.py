@@ -247,7 +247,7 @@ def test_store_frozen_linears_refuses_a_model_without_adapters():
 def test_cma_train_model_on_cuda_keeps_frozen_linears_in_bf16():
     from conftest import TINY_TRAIN_CLIP
     from cma_train.config import TrainConfig
-    from cma_train.train import build_model
+    from cma_train.backbone import build_model
     cfg = TrainConfig(model_config=TINY_TRAIN_CLIP, pretrained="none", max_words=12)
     model, _, _ = build_model(cfg, torch.device("cuda"))
     block = model.visual.transformer.resblocks[0]

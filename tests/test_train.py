@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cache_set, write_openai_style_clip
+from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cache_set
 
-from cma_model import adapter_modules
 from cma_model.datasets import load_annotations
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import RetrievalForward, encode_text
 from cma_train.signals import TrainingStopped
 from cma_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cma_train.config import TrainConfig
-from cma_train.train import build_model, train, train_step
+from cma_train.backbone import build_model
+from cma_train.train import train, train_step
 
 
 def tiny_config(jsonl, cache, out, **kw):
@@ -336,86 +336,6 @@ def test_training_on_cuda_takes_the_fast_path(tmp_path, monkeypatch):
     for step, (a, b) in enumerate(zip(reference["losses"], fused["losses"])):
         assert abs(a - b) <= 5e-2 * abs(a), (step, a, b)
     assert fused["eval"]["num_videos"] == 8 and [r["step"] for r in _evals(tmp_path / "fused")] == [2, 4, 6]
-
-
-def test_recipe_values_the_model_cannot_take_name_their_flag():
-    cfg = TrainConfig(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", dataset="activitynet")
-    with pytest.raises(ValueError, match=r"--shared-dim 512 is wider than this model's narrower tower \(\d+\): set "
-                                         r"--shared-dim \(unset, it is the paper's value for --dataset activitynet\)"):
-        build_model(cfg, torch.device("cpu"))
-    cfg.shared_dim = 16
-    context = TINY_TRAIN_CLIP["text_cfg"]["context_length"]
-    with pytest.raises(ValueError, match=rf"--max-words 64 does not fit this model's text context of {context} tokens: "
-                                         rf"set --max-words in \[2, {context}\] \(unset, it is the paper's value"):
-        build_model(cfg, torch.device("cpu"))   # ActivityNet's 64 words
-    cfg.max_words = context
-    model, _, _ = build_model(cfg, torch.device("cpu"))
-    assert model.transformer.resblocks[0].adapter_mlp.shared.weight.shape == (16, 16)   # [d_s, r]
-
-
-@pytest.mark.parametrize("extra", [{}, {"custom_text": True}, {"quick_gelu": True}])
-def test_a_model_config_builds_the_model_open_clips_factory_builds(tmp_path, extra):
-    """model_from_config(config) against open_clip.create_model of the same config registered as a
-    file (open_clip's own reading of its model_configs layout): same class and parameters, and with
-    the factory's weights loaded, the same embeddings (fp32, 1e-6). custom_text gives a CustomTextCLIP."""
-    import open_clip
-    from cma_train.train import model_from_config
-    config = {**TINY_TRAIN_CLIP, **extra}
-    (tmp_path / "cma-test-tiny.json").write_text(json.dumps(config))
-    open_clip.add_model_config(str(tmp_path / "cma-test-tiny.json"))
-    want = open_clip.create_model("cma-test-tiny").eval()
-    got = model_from_config(config).eval()
-    assert type(got) is type(want) and type(got).__name__ == ("CustomTextCLIP" if extra.get("custom_text") else "CLIP")
-    assert {k: v.shape for k, v in got.state_dict().items()} == {k: v.shape for k, v in want.state_dict().items()}
-    got.load_state_dict(want.state_dict())
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(2, 3, 32, 32, generator=gen)
-    tokens = torch.randint(1, 1000, (2, TINY_TRAIN_CLIP["text_cfg"]["context_length"]), generator=gen)
-    with torch.no_grad():
-        torch.testing.assert_close(got.encode_image(images), want.encode_image(images), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(got.encode_text(tokens), want.encode_text(tokens), rtol=1e-6, atol=1e-6)
-    forced = model_from_config(config, quick_gelu=True)   # also where the config names quick_gelu itself
-    assert type(forced.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
-
-
-def test_openais_own_clip_file_loads_and_runs_quick_gelu(tmp_path, capsys):
-    """OpenAI's ViT-B-32.pt (a TorchScript archive, trained with QuickGELU) into a model whose config
-    says GELU: the weights load and the model runs QuickGELU, so with its adapters' up-projections
-    zeroed it embeds exactly as the QuickGELU open_clip model the file was made from (fp32, 1e-5)."""
-    gelu_config = {**TINY_TRAIN_CLIP, "quick_gelu": False}
-    source = write_openai_style_clip(tmp_path / "ViT-tiny.pt", gelu_config)
-    cfg = TrainConfig(model="tiny", model_config=gelu_config, pretrained=str(tmp_path / "ViT-tiny.pt"), max_words=12)
-    model, tokenizer, size = build_model(cfg, torch.device("cpu"))
-    assert f"note: --pretrained {tmp_path / 'ViT-tiny.pt'} was trained with QuickGELU" in capsys.readouterr().out
-    with torch.no_grad():
-        for m in adapter_modules(model):
-            for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
-                p.zero_()
-    model.eval()
-    images = torch.randn(3, 3, size, size)
-    tokens = tokenizer(["a red circle", "a dog runs"], context_length=model.context_length)
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), source.encode_image(images), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model.encode_text(tokens), source.encode_text(tokens), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("model_name, tag, quick_gelu, note", [
-    ("ViT-B-32", "openai", True, True),              # OpenAI's weights, open_clip's GELU config: QuickGELU
-    ("ViT-B-32-quickgelu", "openai", True, False),   # the config says so already
-    ("ViT-B-32", "laion2b_s34b_b79k", False, False),
-])
-def test_a_quick_gelu_tag_builds_its_model_with_quick_gelu(monkeypatch, capsys, model_name, tag, quick_gelu, note):
-    import open_clip
-    asked = {}
-
-    def create_model(name, pretrained=None, force_quick_gelu=False):   # no download: a tiny stand-in
-        asked.update(name=name, pretrained=pretrained, force_quick_gelu=force_quick_gelu)
-        return open_clip.model.CLIP(**TINY_TRAIN_CLIP)
-    monkeypatch.setattr(open_clip, "create_model", create_model)
-    build_model(TrainConfig(model=model_name, pretrained=tag, max_words=12), torch.device("cpu"))
-    assert asked == {"name": model_name, "pretrained": tag, "force_quick_gelu": quick_gelu}
-    assert ("was trained with QuickGELU (OpenAI's CLIP): --model ViT-B-32 runs with QuickGELU too"
-            in capsys.readouterr().out) == note
 
 
 # ------------------------------------------------------------------------------------------ DDP
