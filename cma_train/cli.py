@@ -423,8 +423,8 @@ def main(argv=None):
         if args.command == "bench":
             return cmd_bench(args, rest)
         return {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "demo": cmd_demo}[args.command](args)
-    except (ValueError, OSError, FloatingPointError) as e:   # user errors (settings, files, disk, a diverging
-        # --lr): one clear line, no traceback
+    # user errors (settings, files, a full disk, an --lr that diverges): one clear line, no traceback
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"cma {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:   # SIGINT / SIGTERM in training: checkpointed after a whole step

@@ -109,7 +109,8 @@ class TrainConfig:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         inf = float("inf")
         ranges = {   # setting -> (holds, what it must be); NaN fails every comparison
-            "epochs": (self.epochs >= 1, ">= 1"), "batch_size": (self.batch_size >= 1, ">= 1"),
+            "epochs": (self.epochs >= 1, ">= 1"),
+            "batch_size": (self.batch_size >= 2, ">= 2 (InfoNCE contrasts each caption with the batch's other videos)"),
             "max_frames": (self.max_frames >= 1, ">= 1"), "micro_batch": (self.micro_batch >= 0, ">= 0"),
             "eval_every": (self.eval_every >= 0, ">= 0"), "save_every": (self.save_every >= 0, ">= 0"),
             "max_steps": (self.max_steps >= 0, ">= 0"), "workers": (self.workers >= 0, ">= 0"),
