@@ -113,6 +113,16 @@ def build_model(cfg: TrainConfig, device):
                                                            dropout=cfg.dropout), backend=cfg.backend)
     if device.type == "cuda" and cfg.backend != "reference":   # bf16 autocast on CUDA: bit-identical, leaner
         store_frozen_linears(model)
-    tokenizer = open_clip.get_tokenizer("ViT-B-32" if cfg.model_config is not None else cfg.model)
+    return model, tokenizer_for(cfg), image_size(model)
+
+
+def tokenizer_for(cfg: TrainConfig):
+    """The tokenizer of the run's model: open_clip's for --model; CLIP's for a --model-config (one
+    naming a Hugging Face tokenizer is refused by TrainConfig.validate)."""
+    return open_clip.get_tokenizer("ViT-B-32" if cfg.model_config is not None else cfg.model)
+
+
+def image_size(model) -> int:
+    """The side of the square frames the model's vision tower takes."""
     size = model.visual.image_size
-    return model, tokenizer, size[0] if isinstance(size, (tuple, list)) else size
+    return size[0] if isinstance(size, (tuple, list)) else size

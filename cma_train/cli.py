@@ -233,18 +233,15 @@ def cmd_train(args):
 
 def _evaluate(model, cfg, ann, device, cache=None):
     """Metrics of `model` on `ann`, frames from `cache` (a FrameCache; opened from cfg.cache if None)."""
-    import open_clip
     from cma_model.cache import FrameCache
     from cma_model.data import VideoFrames
+    from cma_train.backbone import image_size, tokenizer_for
     from cma_train.evaluate import evaluate
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
     if cache is None and cfg.cache:
         cache = FrameCache(cfg.cache)
-    frames = VideoFrames(cache, cfg.max_frames, size, cfg.sample_fps,
+    frames = VideoFrames(cache, cfg.max_frames, image_size(model), cfg.sample_fps,
                          raw=True)   # uint8 through the loader, normalised on the device
-    tokenizer = open_clip.get_tokenizer("ViT-B-32" if cfg.model_config else cfg.model)
-    return evaluate(model, tokenizer, ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
+    return evaluate(model, tokenizer_for(cfg), ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
                     workers=cfg.workers, device=device, progress=cfg.progress)
 
 
