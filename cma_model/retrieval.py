@@ -62,7 +62,7 @@ def encode_text(model, tokens):
 
 class RetrievalForward(torch.nn.Module):
     """forward(frames, mask, tokens) -> (frame embeddings [B, T, E], text embeddings [B, E]) of an
-    open_clip model: one forward for both towers, so DistributedDataParallel can wrap it."""
+    open_clip model: both towers in one module, the one a training step runs."""
 
     def __init__(self, model):
         super().__init__()

@@ -212,9 +212,8 @@ def cmd_train(args):
         result = train(cfg)
     except torch.OutOfMemoryError as e:   # a setting to change, not a bug: say which ones
         raise ValueError(f"out of GPU memory ({str(e).splitlines()[0]}); lower --batch-size, or keep it and add "
-                         f"--micro-batch N (the same gradients for one more forward pass per step; one process "
-                         f"halves it by itself down to 1, processes under torchrun need it given), or add "
-                         f"--recompute-mlp") from None
+                         f"--micro-batch N (the same gradients for one more forward pass per step; cma train "
+                         f"halves it by itself down to 1, except with --dropout), or add --recompute-mlp") from None
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     if cfg.eval_split:

@@ -3,8 +3,11 @@
 Single process or `torchrun --nproc_per_node N -m cma_train.cli train ...` (NCCL on GPU, gloo on
 CPU; multi-node with torchrun's --nnodes/--node_rank/--rdzv_endpoint). Every rank all-gathers the
 features, computes the loss of the whole global batch, and back-propagates through its own part;
-the loss is multiplied by the world size before backward so that DDP's gradient averaging yields
-exactly the gradient of the global-batch loss (the same as one process on the same batch).
+one all-reduce then sums the adapter gradients over the ranks, which gives exactly the gradient of
+the global-batch loss (the same as one process on the same batch). The all-reduce follows the
+backward instead of overlapping it (DistributedDataParallel's buckets): the adapters' gradients are
+a few MB, and a step whose collectives all lie outside forward and backward lets the ranks agree
+to redo it with half the videos per pass when one of them runs out of GPU memory.
 
 Resume is exact: each epoch's order is a permutation seeded by (seed, epoch), a resumed run skips
 the steps already taken, and optimizer, scheduler, step and RNG states come back from the
@@ -87,65 +90,103 @@ def _device(cfg, rank):
 
 
 def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
-    """Loss of the global batch (features gathered across ranks), back-propagated; returns the loss.
-    forward: a RetrievalForward (or its DistributedDataParallel wrapper); to_input(frames, device):
-    the loader's frames -> model input on the device (VideoFrames.to_model_input: raw uint8 frames
-    are normalised there); default: moved as they are.
+    """Loss of the global batch (features gathered across ranks), back-propagated, the adapter
+    gradients summed over ranks; returns the loss. forward: a RetrievalForward; to_input(frames,
+    device): the loader's frames -> model input on the device (VideoFrames.to_model_input: raw
+    uint8 frames are normalised there); default: moved as they are.
 
     cfg.micro_batch < the local batch: the same loss and gradients with the activations of only
     micro_batch videos alive at a time (gradient caching): embed the whole batch in chunks without
     autograd, take the loss and its gradient with respect to the embeddings, then run each chunk
-    again with autograd and back-propagate that gradient. One more forward pass per step."""
+    again with autograd and back-propagate that gradient. One more forward pass per step.
+
+    Out of GPU memory on any rank: torch.OutOfMemoryError on every rank, after the same phase."""
     to_input = to_input or (lambda frames, device: frames.to(device))
     mask, tokens = batch["mask"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     world = dist.get_world_size() if dist.is_initialized() else 1
     chunk = cfg.micro_batch or len(tokens)
     if chunk >= len(tokens):
-        with autocast:
+        with _every_rank_fits(device, world), autocast:
             frame_feats, text_feats = forward(to_input(batch["frames"], device), mask, tokens)
         loss = _global_loss(frame_feats.float(), text_feats.float(), mask, logit_scale, cfg)
-        (loss * world).backward()   # DDP averages over ranks: x world gives the global-batch gradient
+        with _every_rank_fits(device, world):
+            loss.backward()
+        _sum_grads_over_ranks(forward, world)
         return loss.detach()
     frames = batch["frames"].to(device, non_blocking=True)   # as loaded (uint8): normalised a chunk at a time
     chunks = list(zip(frames.split(chunk), mask.split(chunk), tokens.split(chunk)))
-    with torch.no_grad(), autocast:
+    with _every_rank_fits(device, world), torch.no_grad(), autocast:
         feats = [forward(to_input(f, device), m, t) for f, m, t in chunks]
     frame_feats = torch.cat([f for f, _ in feats]).float().requires_grad_()   # [B_local, T, E]
     text_feats = torch.cat([t for _, t in feats]).float().requires_grad_()    # [B_local, E]
     loss = _global_loss(frame_feats, text_feats, mask, logit_scale, cfg)
-    (loss * world).backward()   # gradients of the embeddings only
-    grads = zip(frame_feats.grad.split(chunk), text_feats.grad.split(chunk))
-    for i, ((f, m, t), (frame_grad, text_grad)) in enumerate(zip(chunks, grads)):
-        last = i == len(chunks) - 1   # DDP reduces the summed gradients once, after the last chunk
-        with forward.no_sync() if hasattr(forward, "no_sync") and not last else contextlib.nullcontext():
+    with _every_rank_fits(device, world):
+        loss.backward()   # gradients of the embeddings only
+        grads = zip(frame_feats.grad.split(chunk), text_feats.grad.split(chunk))
+        for i, ((f, m, t), (frame_grad, text_grad)) in enumerate(zip(chunks, grads)):
             with autocast:
                 chunk_frame_feats, chunk_text_feats = forward(to_input(f, device), m, t)
             torch.autograd.backward([chunk_frame_feats.float(), chunk_text_feats.float()], [frame_grad, text_grad])
-        if i == 0:
-            _own_grads(forward)
+            if i == 0:
+                _own_grads(forward)
+    _sum_grads_over_ranks(forward, world)
     return loss.detach()
 
 
+@contextlib.contextmanager
+def _every_rank_fits(device, world):
+    """Run a phase of the step that holds no collective. Under torch.distributed the ranks then
+    agree whether each had the memory for it: where one ran out, every rank raises
+    torch.OutOfMemoryError, so that all redo the step together (step_within_memory) instead of
+    the others waiting for that rank in the step's next collective."""
+    if world == 1:
+        yield
+        return
+    ran_out = torch.zeros((), dtype=torch.int32, device=device)   # allocated before the phase's memory
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        ran_out.fill_(1)
+        dist.all_reduce(ran_out, op=dist.ReduceOp.MAX)   # tell the others, then raise this rank's own error
+        raise
+    dist.all_reduce(ran_out, op=dist.ReduceOp.MAX)
+    if ran_out.item():
+        raise torch.OutOfMemoryError("another process ran out of GPU memory in this step")
+
+
+def _sum_grads_over_ranks(module, world):
+    """Sum the trainable parameters' gradients over the ranks, all of them in one all-reduce."""
+    if world == 1:
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    for p, summed in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = summed.view_as(p)
+
+
 def step_within_memory(forward, logit_scale, batch, cfg, device, to_input, world):
-    """train_step; where one process runs out of GPU memory, the same step again with half the
-    videos per pass (cfg.micro_batch, down to 1), said in a note: gradient caching gives the same
-    gradients, so the run is the one it would have been. Under DDP (the ranks would have to agree)
-    and with dropout (a second forward draws new masks) the error stands."""
+    """train_step; where a process runs out of GPU memory, the same step again with half the
+    videos per pass (cfg.micro_batch, down to 1) on every rank, said in a note: gradient caching
+    gives the same gradients, so the run is the one it would have been. With dropout (a second
+    forward draws new masks) the error stands."""
     while True:
         try:
             return train_step(forward, logit_scale, batch, cfg, device, to_input)
         except torch.OutOfMemoryError:
             per_pass = cfg.micro_batch or len(batch["tokens"])
-            if world > 1 or cfg.dropout > 0 or per_pass <= 1:
+            if cfg.dropout > 0 or per_pass <= 1:
                 raise
         # here, past the except block, the failed step's tensors are free (its traceback held them)
         forward.zero_grad(set_to_none=True)   # what the failed step's backward had added
         torch.cuda.empty_cache()
         cfg.micro_batch = per_pass // 2   # the checkpoint keeps it: a resumed run starts there
-        tqdm.write(f"note: out of GPU memory with {per_pass} videos per pass; retrying the step with --micro-batch "
-                   f"{cfg.micro_batch} (the same gradients, one more forward pass per step; pass it to start there)",
-                   file=sys.stderr)
+        if world == 1 or dist.get_rank() == 0:
+            who = "" if world == 1 else " in one of the processes"
+            tqdm.write(f"note: out of GPU memory{who} with {per_pass} videos per pass; retrying the step with "
+                       f"--micro-batch {cfg.micro_batch} (the same gradients, one more forward pass per step; pass "
+                       f"it to start there)", file=sys.stderr)
 
 
 def _own_grads(module):
@@ -230,9 +271,10 @@ def train(cfg: TrainConfig):
               f"last, smaller chunk of each step makes torch.compile compile the towers once more")
 
     forward = RetrievalForward(model)
-    if world > 1:
-        device_ids = [device.index] if device.type == "cuda" else None
-        forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
+    if world > 1:   # every rank starts from rank 0's adapters (the same seed gives them anyway)
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, 0)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                   fused=device.type == "cuda")   # one kernel for all adapter tensors
     schedule = cosine_with_warmup(total_steps, cfg.warmup)

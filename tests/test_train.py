@@ -3,6 +3,7 @@ equivalence (gloo, 2 processes)."""
 import json
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -371,20 +372,22 @@ def _ddp_worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     model, cfg = _model()
-    forward = torch.nn.parallel.DistributedDataParallel(RetrievalForward(model))
+    forward = RetrievalForward(model)
     local = GLOBAL // WORLD
     batch = {k: v[rank * local:(rank + 1) * local] for k, v in _batch().items()}
     loss = train_step(forward, model.logit_scale, batch, cfg, torch.device("cpu"))
     grads = _grads(model)
     model.zero_grad(set_to_none=True)
-    cfg.micro_batch = 2   # chunks of 2 + 1 on each rank, DDP reducing after the last one
+    cfg.micro_batch = 2   # chunks of 2 + 1 on each rank, the gradients summed over ranks after the last one
     micro_loss = train_step(forward, model.logit_scale, batch, cfg, torch.device("cpu"))
     torch.save({"loss": loss, "grads": grads, "micro_loss": micro_loss, "micro_grads": _grads(model)},
                os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_ddp_matches_one_process_on_the_global_batch(tmp_path):
+def test_two_processes_give_the_gradients_of_one_process_on_the_global_batch(tmp_path):
+    """train_step on 2 gloo ranks with 3 of the 6 videos each, whole and in micro-batches: on every
+    rank the loss and the adapter gradients of one process on all 6 (fp32, 1e-4)."""
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     model, cfg = _model()
     loss = train_step(RetrievalForward(model), model.logit_scale, _batch(), cfg, torch.device("cpu"))
@@ -561,6 +564,64 @@ def test_out_of_gpu_memory_retries_the_step_with_half_the_videos_per_pass(video_
     monkeypatch.setattr(train_module, "train_step", two_videos_fit)
     with pytest.raises(torch.OutOfMemoryError):   # dropout: a second forward would draw new masks
         train(tiny_config(jsonl, cache, tmp_path / "dropout", dropout=0.1, **kw))
+
+
+def _out_of_memory_worker(rank, port, jsonl, cache, out, result_dir):
+    """Rank 1 alone runs out of memory with more than 2 videos per pass: in its forward in the
+    first run, in its backward (after part of its adapter gradients came) in the second."""
+    import io
+    from datetime import timedelta
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))   # ranks out of step fail, not hang
+    torch.set_num_threads(1)
+    real_forward = RetrievalForward.forward
+
+    def out_of_memory(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    results = {}
+    for phase in ("forward", "backward"):
+        def forward(self, frames, mask, tokens):
+            too_many = rank == 1 and len(tokens) > 2
+            if too_many and phase == "forward":
+                out_of_memory()
+            frame_feats, text_feats = real_forward(self, frames, mask, tokens)
+            if too_many and text_feats.requires_grad:
+                text_feats.register_hook(out_of_memory)
+            return frame_feats, text_feats
+        RetrievalForward.forward = forward
+        sys.stderr, stderr = io.StringIO(), sys.stderr
+        try:
+            losses = train(tiny_config(jsonl, cache, os.path.join(out, phase), epochs=3, lr=3e-3))["losses"]
+        finally:
+            sys.stderr, said = stderr, sys.stderr.getvalue()
+        micro = load_checkpoint(os.path.join(out, phase, "checkpoint_latest.pt"))["config"]["micro_batch"]
+        results[phase] = (losses, said, micro)
+    torch.save(results, os.path.join(result_dir, f"oom{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_out_of_memory_on_one_rank_makes_every_rank_retry_with_half_the_videos(video_set, tmp_path):
+    """2 gloo ranks, 4 videos each per step; rank 1 runs out of memory above 2 videos per pass,
+    in its forward or in its backward. Both ranks redo the step with --micro-batch 2 (rank 0 says
+    so, once) and the run is, loss for loss, one process's at --micro-batch 2 (fp32, 1e-5)."""
+    import socket
+    jsonl, cache = video_set
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_out_of_memory_worker, args=(port, jsonl, cache, str(tmp_path / "ddp"), str(tmp_path)), nprocs=WORLD,
+             join=True)
+    want = train(tiny_config(jsonl, cache, tmp_path / "one", epochs=3, lr=3e-3, micro_batch=2))["losses"]
+    assert len(want) == 3 and want[-1] != want[0]
+    note = "note: out of GPU memory in one of the processes with 4 videos per pass; retrying the step with " \
+           "--micro-batch 2"
+    for rank in range(WORLD):
+        for phase, (losses, said, micro) in torch.load(tmp_path / f"oom{rank}.pt").items():
+            assert losses == pytest.approx(want, rel=1e-5), (rank, phase)
+            assert micro == 2, (rank, phase)
+            assert said.count(note) == (1 if rank == 0 else 0), (rank, phase, said)
 
 
 @gpu_check
