@@ -11,7 +11,7 @@ import torch
 from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters
 from cma_model.adapter import tower_blocks
 from cma_model.frozen_block import store_frozen_linears
-from cma_train.config import TrainConfig
+from cma_train.config import TrainConfig, architecture
 
 OPENAI_JIT_METADATA = ("input_resolution", "context_length", "vocab_size")   # in the state dict, not weights
 
@@ -72,7 +72,7 @@ def build_model(cfg: TrainConfig, device):
     Weights trained with QuickGELU (OpenAI's) make the model run QuickGELU, whatever its config says
     (open_clip's ViT-B-32 says GELU; its ViT-B-32-quickgelu is the same model with QuickGELU)."""
     pretrained = None if cfg.pretrained == "none" else cfg.pretrained
-    arch = "the --model-config model" if cfg.model_config is not None else f"--model {cfg.model}"
+    arch = architecture(cfg.model, cfg.model_config)
     try:
         openai_jit = openai_jit_state_dict(pretrained) if pretrained and os.path.isfile(pretrained) else None
         quick_gelu = _trained_with_quick_gelu(cfg, pretrained, openai_jit)

@@ -12,6 +12,7 @@ import torch
 
 from cma_model import adapter_state_dict
 from cma_model.cache import atomic_write
+from cma_train.config import architecture
 
 CHECKPOINT_FORMAT = "cma-train-v1"
 # Kept with a run's adapters, so that `cma eval --adapters` rebuilds the backbone they were trained
@@ -73,11 +74,6 @@ def adapters_file(model, cfg):
             "scoring": scoring_of(cfg), "pretrained": cfg.pretrained}
 
 
-def _architecture(model, model_config):
-    """The backbone's architecture as a note names it: --model NAME, or a --model-config."""
-    return f"--model {model}" if model_config is None else "a --model-config"
-
-
 def _same_weights(a, b):
     """The same --pretrained: the same tag or path, or two paths of one file."""
     return a == b or (os.path.isfile(a) and os.path.isfile(b) and os.path.samefile(a, b))
@@ -137,10 +133,9 @@ def read_adapters(path, cfg, given=()):
     except Exception as e:   # not a torch file, truncated, or pickled objects weights_only refuses
         raise ValueError(f"--adapters {path}: cannot be read ({type(e).__name__})") from None
     run = {}   # older adapter files lack the backbone and scoring: the flags' values stand
-    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        checkpoint = load_checkpoint(path)
-        state, run = checkpoint["adapters"], {k: checkpoint["config"][k] for k in BACKBONE + SCORING}
-        state = {**state, "pretrained": checkpoint["config"].get("pretrained")}
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:   # a training checkpoint
+        run = {k: state["config"][k] for k in BACKBONE + SCORING}
+        state = {**state["adapters"], "pretrained": state["config"].get("pretrained")}
     if not (isinstance(state, dict) and isinstance(state.get("config"), dict)):
         raise ValueError(f"--adapters {path}: not a cma adapter file or training checkpoint")
     run = run or {**state.get("backbone", {}), **state.get("scoring", {})}
@@ -155,8 +150,8 @@ def read_adapters(path, cfg, given=()):
         trained = (run.pop("model"), run.pop("model_config", None))
         if trained[1] is not None and cfg.model_config is not None and trained[1] != cfg.model_config:
             unlike.append("--model-config (another config than the adapters were trained with)")
-        elif _architecture(*trained) != _architecture(cfg.model, cfg.model_config):
-            unlike.append(f"{_architecture(cfg.model, cfg.model_config)} (trained with {_architecture(*trained)})")
+        elif architecture(*trained) != architecture(cfg.model, cfg.model_config):
+            unlike.append(f"{architecture(cfg.model, cfg.model_config)} (trained with {architecture(*trained)})")
     for key, trained in run.items():
         if key not in given:
             setattr(cfg, key, trained)

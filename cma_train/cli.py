@@ -278,7 +278,11 @@ def cmd_eval(args):
             for m in adapter_modules(model):
                 for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
                     p.zero_()
-    res = {**_evaluate(model, cfg, ann, device, cache), **results_record(cfg, args.eval_on, args.adapters)}
+    try:
+        res = {**_evaluate(model, cfg, ann, device, cache), **results_record(cfg, args.eval_on, args.adapters)}
+    except torch.OutOfMemoryError as e:   # evaluate() halves its videos per pass down to one first
+        raise ValueError(f"out of GPU memory while evaluating ({str(e).splitlines()[0]}), with videos already "
+                         f"encoded in smaller passes; lower --max-frames, or use a GPU with more memory") from None
     if rank != 0:
         return 0
     print(format_results(res, f"{cfg.dataset} {args.eval_on}"))

@@ -26,6 +26,11 @@ def paper_recipe(dataset):
     return PAPER_RECIPES.get(dataset, PAPER_RECIPES["msrvtt"])
 
 
+def architecture(model: str, model_config) -> str:
+    """The backbone's architecture as messages name it: --model NAME, or the --model-config model."""
+    return f"--model {model}" if model_config is None else "the --model-config model"
+
+
 def read_model_config(value: str) -> dict:
     """--model-config's value, a JSON file (the layout of open_clip's model_configs/*.json) or the JSON
     text itself, as a dict. ValueError where it is neither, or not a JSON object."""

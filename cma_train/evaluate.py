@@ -7,9 +7,13 @@ Under torch.distributed (torchrun, and inside `cma train` on several GPUs) every
 contiguous share of the captions and of the videos; the embeddings are summed across ranks into
 full tables (each row is non-zero on one rank only, so the sum is exact), and every rank computes
 the same metrics.
+
+Where the GPU runs out of memory, videos are encoded in passes of half as many (down to one), said
+in a note: the same embeddings (up to float rounding), in more passes.
 """
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -65,7 +69,7 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
     feats = torch.zeros(n_videos, frames.max_frames, dim, device=device)
     masks = torch.zeros(n_videos, frames.max_frames, dtype=torch.uint8, device=device)
     readable = torch.zeros(n_videos, dtype=torch.uint8, device=device)
-    skipped = {}
+    skipped, per_pass = {}, batch_size   # per_pass: videos per encoder pass, halved where memory runs out
     for batch in tqdm(batches(loader), total=len(loader), desc="eval videos", unit="batch",
                       disable=not progress or rank != 0):
         for v, reason in zip(batch["skipped_videos"], batch["skipped"]):
@@ -73,8 +77,22 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
         if "frames" not in batch:
             continue
         index, mask = batch["video"].to(device), batch["mask"].to(device)
-        with autocast:
-            feats[index] = encode_frames(model, frames.to_model_input(batch["frames"], device), mask).float()
+        while True:
+            try:
+                for start in range(0, len(index), per_pass):
+                    part = slice(start, start + per_pass)
+                    with autocast:
+                        part_input = frames.to_model_input(batch["frames"][part], device)
+                        feats[index[part]] = encode_frames(model, part_input, mask[part]).float()
+                break
+            except torch.OutOfMemoryError:
+                per_pass = min(per_pass, len(index))
+                if per_pass == 1:
+                    raise
+            per_pass //= 2   # here, past the except block, the failed pass's memory is free
+            torch.cuda.empty_cache()
+            tqdm.write(f"note: out of GPU memory while evaluating; encoding {per_pass} video(s) per pass",
+                       file=sys.stderr)
         masks[index], readable[index] = mask.to(torch.uint8), 1
     _sum_over_ranks(text, feats, masks, readable)
     if world > 1:

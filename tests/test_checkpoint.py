@@ -110,7 +110,7 @@ def test_read_adapters_takes_the_run_settings_unless_given(tmp_path, capsys):
     cfg = TrainConfig(model="ViT-B-16")
     read_adapters(str(tmp_path / "c.pt"), cfg, given={"model"})
     assert (cfg.model, cfg.model_config) == ("ViT-B-16", None)
-    assert "note: evaluating with --model ViT-B-16 (trained with a --model-config)" in capsys.readouterr().err
+    assert "note: evaluating with --model ViT-B-16 (trained with the --model-config model)" in capsys.readouterr().err
     cfg = TrainConfig(model_config={**custom, "embed_dim": 16})
     read_adapters(str(tmp_path / "c.pt"), cfg, given={"model_config"})
     assert cfg.model_config["embed_dim"] == 16
@@ -121,7 +121,7 @@ def test_read_adapters_takes_the_run_settings_unless_given(tmp_path, capsys):
     cfg = TrainConfig(model_config=custom)
     read_adapters(str(tmp_path / "a.pt"), cfg, given={"model_config"})
     assert cfg.model_config == custom
-    assert "note: evaluating with a --model-config (trained with --model ViT-B-16)" in capsys.readouterr().err
+    assert "note: evaluating with the --model-config model (trained with --model ViT-B-16)" in capsys.readouterr().err
     torch.save({"weights": torch.zeros(2)}, tmp_path / "b.pt")
     with pytest.raises(ValueError, match="not a cma adapter file or training checkpoint"):
         read_adapters(str(tmp_path / "b.pt"), TrainConfig())

@@ -208,6 +208,21 @@ def test_resume_takes_the_runs_own_settings(video_set, tmp_path, capsys):
     assert "holds no training run to continue" in capsys.readouterr().err
 
 
+def test_out_of_gpu_memory_in_eval_is_one_line(video_set, tmp_path, monkeypatch, capsys):
+    """What evaluate() cannot fit even in smaller passes ends `cma eval` with one line."""
+    import cma_train.cli as cli
+    jsonl, cache = video_set
+
+    def oom(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+    monkeypatch.setattr(cli, "_evaluate", oom)
+    assert main(["eval", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache,
+                 "--results", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "out of GPU memory while evaluating (CUDA out of memory. Tried to allocate 2.00 GiB.)" in err
+    assert "--max-frames" in err and "Traceback" not in err
+
+
 def test_eval_without_adapters_is_the_backbone_alone(video_set, tmp_path, monkeypatch):
     """`cma eval` without --adapters scores plain open_clip (zero-shot): the model it evaluates
     embeds images and captions as the adapter-free backbone does (fp32, 1e-5), and its metrics

@@ -1,5 +1,5 @@
-"""cma_train.evaluate: what it refuses to score (its metrics are checked against a hand-built model
-in test_train.py and test_cli.py)."""
+"""cma_train.evaluate: what it refuses to score, and running out of memory (its metrics are checked
+against a hand-built model in test_train.py and test_cli.py)."""
 import open_clip
 import pytest
 import torch
@@ -26,3 +26,34 @@ def test_non_finite_embeddings_are_an_error_not_a_perfect_score(video_set, tower
     with pytest.raises(ValueError, match="non-finite embeddings for"):
         evaluate(model, open_clip.get_tokenizer("ViT-B-32"), load_annotations("jsonl", jsonl),
                  VideoFrames(FrameCache(cache), 12, size), "meanP", max_words=12, workers=0, progress=False)
+
+
+def test_out_of_gpu_memory_encodes_fewer_videos_per_pass(video_set, monkeypatch, capsys):
+    """Encoding more than 2 videos at once runs out of memory (simulated): evaluate() halves its
+    videos per pass (8 -> 4 -> 2), says so once per halving, and scores every video as a run with
+    room for all 8 (fp32: the same metrics)."""
+    import cma_train.evaluate as evaluate_module
+    jsonl, cache = video_set
+    cfg = TrainConfig(model_config=TINY_TRAIN_CLIP, pretrained="none", max_words=12)
+    torch.manual_seed(0)
+    model, _, size = build_model(cfg, torch.device("cpu"))
+    args = (model, open_clip.get_tokenizer("ViT-B-32"), load_annotations("jsonl", jsonl),
+            VideoFrames(FrameCache(cache), 12, size), "softmax")
+    kw = dict(max_words=12, batch_size=8, workers=0, progress=False)
+    want = evaluate(*args, **kw)
+    real_encode, passes = evaluate_module.encode_frames, []
+
+    def two_videos_fit(model, frames, mask):
+        passes.append(len(frames))
+        if len(frames) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real_encode(model, frames, mask)
+    monkeypatch.setattr(evaluate_module, "encode_frames", two_videos_fit)
+    got = evaluate(*args, **kw)
+    assert passes == [8, 4, 2, 2, 2, 2]
+    assert got["t2v"] == pytest.approx(want["t2v"]) and got["v2t"] == pytest.approx(want["v2t"])
+    assert got["num_videos"] == want["num_videos"] == 8
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("note:")] == [
+        "note: out of GPU memory while evaluating; encoding 4 video(s) per pass",
+        "note: out of GPU memory while evaluating; encoding 2 video(s) per pass"]
