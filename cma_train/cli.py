@@ -44,7 +44,8 @@ HELP = {
     "epochs": "training epochs",
     "batch_size": "global batch (all processes together); negatives come from the whole global batch",
     "micro_batch": "videos per forward/backward pass on each process (0: its whole share): a global batch "
-                   "larger than GPU memory holds, with the same gradients, for one more forward pass per step",
+                   "larger than GPU memory holds, with the same gradients, for one more forward pass per step "
+                   "(halved by itself where GPU memory runs out)",
     "lr": "peak learning rate (AdamW, cosine schedule with warm-up)",
     "weight_decay": "weight decay on adapter weights (biases get none)",
     "warmup": "fraction of the steps spent warming up the learning rate",
@@ -206,10 +207,12 @@ def cmd_train(args):
     import torch
     from cma_train.checkpoint import results_record
     from cma_train.evaluate import format_results, save_results
-    from cma_train.train import train
+    from cma_train.train import OutOfMemoryElsewhere, train
     cfg = config_from_args(args)
     try:
         result = train(cfg)
+    except OutOfMemoryElsewhere:   # torchrun: the process that ran out says so, once
+        return 2
     except torch.OutOfMemoryError as e:   # a setting to change, not a bug: say which ones
         raise ValueError(f"out of GPU memory ({str(e).splitlines()[0]}); lower --batch-size, or keep it and add "
                          f"--micro-batch N (the same gradients for one more forward pass per step; cma train "

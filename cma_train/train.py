@@ -134,6 +134,11 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
     return loss.detach()
 
 
+class OutOfMemoryElsewhere(torch.OutOfMemoryError):
+    """Raised on the ranks that had the memory for a phase of the step where another ran out (that
+    rank raises its own error, which says what failed)."""
+
+
 @contextlib.contextmanager
 def _every_rank_fits(device, world):
     """Run a phase of the step that holds no collective. Under torch.distributed the ranks then
@@ -152,7 +157,7 @@ def _every_rank_fits(device, world):
         raise
     dist.all_reduce(ran_out, op=dist.ReduceOp.MAX)
     if ran_out.item():
-        raise torch.OutOfMemoryError("another process ran out of GPU memory in this step")
+        raise OutOfMemoryElsewhere("another process ran out of GPU memory in this step")
 
 
 def _sum_grads_over_ranks(module, world):

@@ -208,6 +208,16 @@ def test_resume_takes_the_runs_own_settings(video_set, tmp_path, capsys):
     assert "holds no training run to continue" in capsys.readouterr().err
 
 
+def test_a_process_that_had_the_memory_leaves_the_message_to_the_one_that_ran_out(monkeypatch, capsys):
+    import cma_train.train as train_module
+
+    def oom(cfg):
+        raise train_module.OutOfMemoryElsewhere("another process ran out of GPU memory in this step")
+    monkeypatch.setattr(train_module, "train", oom)
+    assert main(["train", *TINY, "--dataset", "jsonl", "--root", "x.jsonl"]) == 2
+    assert capsys.readouterr().err == ""
+
+
 def test_out_of_gpu_memory_in_eval_is_one_line(video_set, tmp_path, monkeypatch, capsys):
     """What evaluate() cannot fit even in smaller passes ends `cma eval` with one line."""
     import cma_train.cli as cli

@@ -568,7 +568,8 @@ def test_out_of_gpu_memory_retries_the_step_with_half_the_videos_per_pass(video_
 
 def _out_of_memory_worker(rank, port, jsonl, cache, out, result_dir):
     """Rank 1 alone runs out of memory with more than 2 videos per pass: in its forward in the
-    first run, in its backward (after part of its adapter gradients came) in the second."""
+    first run, in its backward (after part of its adapter gradients came) in the second, and in
+    its forward with dropout (no retry) in the third."""
     import io
     from datetime import timedelta
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -581,10 +582,10 @@ def _out_of_memory_worker(rank, port, jsonl, cache, out, result_dir):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
 
     results = {}
-    for phase in ("forward", "backward"):
+    for phase in ("forward", "backward", "dropout"):
         def forward(self, frames, mask, tokens):
             too_many = rank == 1 and len(tokens) > 2
-            if too_many and phase == "forward":
+            if too_many and phase != "backward":
                 out_of_memory()
             frame_feats, text_feats = real_forward(self, frames, mask, tokens)
             if too_many and text_feats.requires_grad:
@@ -593,6 +594,12 @@ def _out_of_memory_worker(rank, port, jsonl, cache, out, result_dir):
         RetrievalForward.forward = forward
         sys.stderr, stderr = io.StringIO(), sys.stderr
         try:
+            if phase == "dropout":
+                try:
+                    train(tiny_config(jsonl, cache, os.path.join(out, phase), epochs=3, lr=3e-3, dropout=0.1))
+                except torch.OutOfMemoryError as e:   # both ranks stop, none waits: each says how
+                    results[phase] = type(e).__name__
+                continue
             losses = train(tiny_config(jsonl, cache, os.path.join(out, phase), epochs=3, lr=3e-3))["losses"]
         finally:
             sys.stderr, said = stderr, sys.stderr.getvalue()
@@ -605,7 +612,8 @@ def _out_of_memory_worker(rank, port, jsonl, cache, out, result_dir):
 def test_out_of_memory_on_one_rank_makes_every_rank_retry_with_half_the_videos(video_set, tmp_path):
     """2 gloo ranks, 4 videos each per step; rank 1 runs out of memory above 2 videos per pass,
     in its forward or in its backward. Both ranks redo the step with --micro-batch 2 (rank 0 says
-    so, once) and the run is, loss for loss, one process's at --micro-batch 2 (fp32, 1e-5)."""
+    so, once) and the run is, loss for loss, one process's at --micro-batch 2 (fp32, 1e-5). With
+    dropout (no retry) both stop: rank 1 with its own error, rank 0 with OutOfMemoryElsewhere."""
     import socket
     jsonl, cache = video_set
     with socket.socket() as s:
@@ -618,7 +626,9 @@ def test_out_of_memory_on_one_rank_makes_every_rank_retry_with_half_the_videos(v
     note = "note: out of GPU memory in one of the processes with 4 videos per pass; retrying the step with " \
            "--micro-batch 2"
     for rank in range(WORLD):
-        for phase, (losses, said, micro) in torch.load(tmp_path / f"oom{rank}.pt").items():
+        results = torch.load(tmp_path / f"oom{rank}.pt")
+        assert results.pop("dropout") == ("OutOfMemoryElsewhere" if rank == 0 else "OutOfMemoryError"), rank
+        for phase, (losses, said, micro) in results.items():
             assert losses == pytest.approx(want, rel=1e-5), (rank, phase)
             assert micro == 2, (rank, phase)
             assert said.count(note) == (1 if rank == 0 else 0), (rank, phase, said)
