@@ -22,8 +22,10 @@ setup(
     python_requires=">=3.10",
     packages=["cma_kernels", "cma_model", "cma_train", "cma_benchmarks"],
     package_dir={"cma_benchmarks": "benchmarks"},
-    install_requires=["torch>=2.6", "torchvision", "triton", "open_clip_torch>=2.24", "decord", "av", "numpy", "tqdm",
-                      "matplotlib", "pyyaml"],
+    # decord has wheels for x86-64 only: elsewhere (ARM: Grace Hopper) cma installs without it and
+    # trains from a frame cache; reading videos then says how to get decord
+    install_requires=["torch>=2.6", "torchvision", "triton", "open_clip_torch>=2.24", "av", "numpy", "tqdm",
+                      "matplotlib", "pyyaml", "decord; platform_machine == 'x86_64' or platform_machine == 'AMD64'"],
     extras_require={"test": ["pytest", "pytest-xdist"]},   # -n 2: the suite on both cores
     entry_points={"console_scripts": ["cma=cma_train.cli:main"]},
     ext_modules=ext_modules,

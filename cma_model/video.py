@@ -35,8 +35,21 @@ def pick_uniform(candidates, max_frames: int):
     return np.asarray(candidates)[np.linspace(0, len(candidates) - 1, max_frames).astype(np.int64)]
 
 
+def require_decord():
+    """decord, or ValueError saying how to get it (PyPI has decord wheels for x86-64 only, so an
+    ARM machine such as a Grace Hopper node installs cma without it: a frame cache made elsewhere
+    trains and evaluates there; reading videos does not)."""
+    try:
+        import decord
+    except ImportError:
+        raise ValueError("reading videos needs decord, which is not installed: `pip install decord` (wheels for "
+                         "x86-64 only; elsewhere build it from source, github.com/dmlc/decord), or make the frame "
+                         "cache with `cma prepare` on a machine that has it and train from that (--cache)") from None
+    return decord
+
+
 def _open(path):
-    import decord
+    decord = require_decord()
     if not os.path.isfile(path):
         raise VideoError(f"{path}: no such file")
     if os.path.getsize(path) == 0:

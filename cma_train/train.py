@@ -38,6 +38,7 @@ from cma_model.data import (LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, 
 from cma_model.datasets import load_annotations
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import RetrievalForward, compile_towers, gather_with_grad
+from cma_model.video import require_decord
 from cma_train.backbone import build_model
 from cma_train.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, adapters_file, drop_records_after,
                                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
@@ -222,7 +223,8 @@ def _global_loss(frame_feats, text_feats, mask, logit_scale, cfg):
 def check_video_sources(cache, ann, what, say=True):
     """Every video of `what` (a split's Annotations) comes from the FrameCache `cache` (or None) or
     from its file. Refuses a split none of whose videos outside the cache has a file (a wrong --root
-    or --video-dir: every batch would be unreadable); with `say`, notes how many the cache lacks."""
+    or --video-dir: every batch would be unreadable), and files to decode without decord; with
+    `say`, notes how many the cache lacks."""
     uncached = [i for i, v in enumerate(ann.video_ids) if cache is None or not cache.covers(v)]
     if not uncached:
         return
@@ -230,6 +232,7 @@ def check_video_sources(cache, ann, what, say=True):
         lacks = " that the frame cache lacks" if cache is not None else ""
         raise ValueError(f"none of the {len(uncached)} videos of {what}{lacks} is a file, e.g. "
                          f"{ann.video_paths[uncached[0]]}: check --root and --video-dir (default ROOT/videos)")
+    require_decord()
     if cache is not None and say:
         print(f"note: {len(uncached)} of the {len(ann.video_ids)} videos of {what} are not in the frame cache "
               f"{cache.out_dir} (e.g. {ann.video_ids[uncached[0]]!r}): they are decoded from their video files "

@@ -75,6 +75,14 @@ def test_a_video_without_answer_in_time_is_skipped_not_hung(tmp_path, videos):
     assert set(skipped) == {"a", "b"} and all("no answer within" in r for r in skipped.values())
 
 
+def test_without_decord_prepare_says_how_to_get_it_and_makes_no_folder(tmp_path, videos, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "decord", None)   # `import decord` raises ImportError
+    with pytest.raises(ValueError, match="reading videos needs decord, which is not installed"):
+        prepare_cache(*videos, str(tmp_path / "cache"), size=32, workers=1, progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_cached_frames_are_views_that_never_write_the_file(tmp_path):
     """FrameCache hands out copy-on-write views of the shard (no copy per read): writing to one
     changes neither the file nor what a fresh reader sees."""

@@ -131,6 +131,20 @@ def test_a_split_without_video_files_is_refused_unless_the_cache_holds_it(video_
     assert len(result["losses"]) == 1 and result["eval"]["num_videos"] == 8
 
 
+def test_without_decord_a_frame_cache_still_trains_and_evaluates(video_set, tmp_path, monkeypatch):
+    """Without decord (PyPI has no ARM wheel: cma installs without it there) a run whose videos are
+    all in the frame cache trains and evaluates; one that would decode video files is refused,
+    saying how to get decord, before the model is built."""
+    import cma_train.train as train_module
+    jsonl, cache = video_set
+    monkeypatch.setitem(sys.modules, "decord", None)   # `import decord` raises ImportError
+    result = train(tiny_config(jsonl, cache, tmp_path / "cached", batch_size=4, max_steps=1, eval_split="test"))
+    assert len(result["losses"]) == 1 and result["eval"]["num_videos"] == 8 and not result["eval"]["skipped"]
+    monkeypatch.setattr(train_module, "build_model", lambda *args: pytest.fail("built the model"))
+    with pytest.raises(ValueError, match=r"reading videos needs decord, which is not installed: `pip install decord`"):
+        train(tiny_config(jsonl, None, tmp_path / "decoding", batch_size=4, max_steps=1))
+
+
 @pytest.mark.parametrize("setting, value, message", [
     ("batch_size", 4, "batch_size=8, this run has batch_size=4"),
     ("temperature", 2.0, "temperature=5.0, this run has temperature=2.0"),   # another loss

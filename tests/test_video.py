@@ -66,3 +66,11 @@ def test_truncated_file_keeps_what_decodes_or_fails_clearly(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="max_frames"):
         sample_frames(str(tmp_path / "v.mp4"), max_frames=0)
+
+
+def test_without_decord_reading_says_how_to_get_it(tmp_path, monkeypatch):
+    import sys
+    path = write_video(tmp_path / "a.mp4", 20, fps=10)
+    monkeypatch.setitem(sys.modules, "decord", None)   # `import decord` raises ImportError
+    with pytest.raises(ValueError, match="reading videos needs decord, which is not installed"):
+        sample_frames(path)
