@@ -144,8 +144,8 @@ class OutOfMemoryElsewhere(torch.OutOfMemoryError):
 def _every_rank_fits(device, world):
     """Run a phase of the step that holds no collective. Under torch.distributed the ranks then
     agree whether each had the memory for it: where one ran out, every rank raises
-    torch.OutOfMemoryError, so that all redo the step together (step_within_memory) instead of
-    the others waiting for that rank in the step's next collective."""
+    torch.OutOfMemoryError (its own, or OutOfMemoryElsewhere), so that all redo the step together
+    (step_within_memory) instead of the others waiting for that rank in the step's next collective."""
     if world == 1:
         yield
         return
