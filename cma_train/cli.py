@@ -428,7 +428,9 @@ def main(argv=None):
         return {"train": cmd_train, "eval": cmd_eval, "prepare": cmd_prepare, "demo": cmd_demo}[args.command](args)
     # user errors (settings, files, a full disk, an --lr that diverges): one clear line, no traceback
     except (ValueError, OSError, FloatingPointError) as e:
-        print(f"cma {args.command}: error: {e}", file=sys.stderr)
+        # a non-finite loss is the global batch's: under torchrun every rank stops at that step, rank 0 says it
+        if not isinstance(e, FloatingPointError) or int(os.environ.get("RANK", 0)) == 0:
+            print(f"cma {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:   # SIGINT / SIGTERM in training: checkpointed after a whole step
         if int(os.environ.get("RANK", 0)) == 0:

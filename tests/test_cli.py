@@ -218,6 +218,20 @@ def test_a_process_that_had_the_memory_leaves_the_message_to_the_one_that_ran_ou
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_diverged_run_is_said_once_under_torchrun(monkeypatch, capsys, rank):
+    """Every rank computes the global batch's loss and stops at the same non-finite step: rank 0 says it."""
+    import cma_train.train as train_module
+
+    def diverge(cfg):
+        raise FloatingPointError("loss became nan at step 3; lower --lr")
+    monkeypatch.setattr(train_module, "train", diverge)
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train", *TINY, "--dataset", "jsonl", "--root", "x.jsonl"]) == 2
+    said = capsys.readouterr().err
+    assert said == ("cma train: error: loss became nan at step 3; lower --lr\n" if rank == "0" else ""), said
+
+
 def test_out_of_gpu_memory_in_eval_is_one_line(video_set, tmp_path, monkeypatch, capsys):
     """What evaluate() cannot fit even in smaller passes ends `cma eval` with one line."""
     import cma_train.cli as cli
