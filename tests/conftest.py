@@ -15,6 +15,19 @@ from cma_benchmarks.bench_train_step import SMOKE_CLIP  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+def _decord_imports():
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+DECORD = _decord_imports()   # PyPI has decord wheels for x86-64 only: an ARM machine may lack it
+DECORD_MISSING = "reads videos with decord, which is not installed here"
+requires_decord = pytest.mark.skipif(not DECORD, reason=DECORD_MISSING)
 gpu_check = pytest.mark.gpu_check   # benchmarks/gpu_check.sh runs these (`-m gpu_check`) on a GPU
 
 
@@ -145,6 +158,8 @@ def write_video_set(folder, combos, seed=0):
 @pytest.fixture(scope="session")
 def video_set(tmp_path_factory):
     """8 distinct clips, their JSONL and a prepared 32-pixel frame cache: (jsonl path, cache dir)."""
+    if not DECORD:
+        pytest.skip(DECORD_MISSING)
     from cma_model.cache import prepare_cache
     from cma_model.datasets import load_annotations
     folder = tmp_path_factory.mktemp("videoset")

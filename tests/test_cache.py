@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import write_frame_cache_set, write_video
+from conftest import requires_decord, write_frame_cache_set, write_video
 
 from cma_kernels.preprocess import preprocess_frames
 from cma_model.cache import FrameCache, prepare_cache
@@ -20,6 +20,7 @@ def videos(tmp_path_factory):
     return ["a", "b", "broken", "c"], paths
 
 
+@requires_decord
 def test_cache_round_trip_equals_direct_decoding(tmp_path, videos):
     ids, paths = videos
     skipped = prepare_cache(ids, paths, str(tmp_path), max_frames=12, size=32, workers=2, shard_size=3, progress=False)
@@ -38,6 +39,7 @@ def test_cache_round_trip_equals_direct_decoding(tmp_path, videos):
         assert np.array_equal(frames[mask], want) and not frames[~mask].any()
 
 
+@requires_decord
 def test_resume_redoes_only_unfinished_shards(tmp_path, videos):
     ids, paths = videos
     prepare_cache(ids, paths, str(tmp_path), size=32, shard_size=2, progress=False)
@@ -52,6 +54,7 @@ def test_resume_redoes_only_unfinished_shards(tmp_path, videos):
     assert FrameCache(str(tmp_path))["c"][1].sum() == 12
 
 
+@requires_decord
 def test_cache_settings_must_match(tmp_path, videos):
     ids, paths = videos
     prepare_cache(ids[:1], paths[:1], str(tmp_path), size=32, progress=False)
@@ -69,6 +72,7 @@ def test_cache_settings_must_match(tmp_path, videos):
         prepare_cache(ids[:1], paths[:1], str(tmp_path / "a_file"), progress=False)
 
 
+@requires_decord
 def test_a_video_without_answer_in_time_is_skipped_not_hung(tmp_path, videos):
     ids, paths = videos
     skipped = prepare_cache(ids[:2], paths[:2], str(tmp_path), size=32, workers=1, timeout=0.001, progress=False)

@@ -8,7 +8,7 @@ import sys
 import open_clip
 import pytest
 import torch
-from conftest import TINY_TRAIN_CLIP, write_openai_style_clip
+from conftest import TINY_TRAIN_CLIP, requires_decord, write_openai_style_clip
 
 from cma_train.cli import main
 
@@ -125,6 +125,7 @@ def test_eval_results_into_a_folder_and_a_bad_path_before_evaluating(video_set, 
                           f"the folder {tmp_path / 'file'}") and not evaluated
 
 
+@requires_decord
 def test_prepare_caches_several_splits_in_one_folder(tmp_path, capsys):
     """`--split train,test`: one cache for training and evaluation, each video once."""
     from conftest import write_video
@@ -316,6 +317,7 @@ def test_torchrun_train_then_eval_on_two_processes(video_set, tmp_path):
         assert two[direction] == pytest.approx(one[direction]) and trained[direction] == pytest.approx(one[direction])
 
 
+@requires_decord
 def test_bench_runs_on_cpu(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -709,6 +711,7 @@ def test_console_script_is_installed():
     assert out.returncode == 0 and "train" in out.stdout and "demo" in out.stdout
 
 
+@requires_decord
 def test_demo_quick_smoke(tmp_path, capsys):
     """The embedded demo end to end with few steps (the full run is README command one)."""
     code = main(["demo", "--out", str(tmp_path), "--quick", "--workers", "1"])

@@ -4,7 +4,7 @@ import os
 import open_clip
 import pytest
 import torch
-from conftest import write_video
+from conftest import requires_decord, write_video
 
 from cma_model.cache import FrameCache, prepare_cache
 from cma_model.data import CaptionVideoDataset, VideoFrames, batches, collate, ignore_stop_signals, tokenize
@@ -34,6 +34,7 @@ def test_tokenize_truncates_and_pads_to_max_words():
         tokenize(tok, ["x"], max_words=100)
 
 
+@requires_decord
 def test_items_from_files_and_cache_agree_and_bad_videos_are_skipped(annotations, tmp_path):
     tok = open_clip.get_tokenizer("ViT-B-32")
     prepare_cache(annotations.video_ids, annotations.video_paths, str(tmp_path), size=32, progress=False)
@@ -51,6 +52,7 @@ def test_items_from_files_and_cache_agree_and_bad_videos_are_skipped(annotations
     assert batch_files["frames"][0, 5:].abs().sum() == 0 and batch_files["frames"][0, :5].abs().sum() > 0
 
 
+@requires_decord
 @pytest.mark.parametrize("raw", [False, True])
 def test_videos_the_cache_does_not_cover_are_decoded_from_their_files(annotations, tmp_path, raw):
     """A cache made for some videos (the training split) still serves others (an evaluation split):
@@ -68,6 +70,7 @@ def test_videos_the_cache_does_not_cover_are_decoded_from_their_files(annotation
         cached("bad", paths[1])
 
 
+@requires_decord
 def test_raw_frames_normalised_on_the_device_are_the_normalised_frames(annotations, tmp_path):
     """raw=True ships uint8 [T, S, S, 3] (from files and from the cache alike); to_model_input
     normalises them to exactly the float frames of raw=False in every unpadded slot."""
@@ -84,6 +87,7 @@ def test_raw_frames_normalised_on_the_device_are_the_normalised_frames(annotatio
     assert normal.to_model_input(want, torch.device("cpu")) is want   # float frames pass through
 
 
+@requires_decord
 def test_loader_with_workers(annotations):
     tok = open_clip.get_tokenizer("ViT-B-32")
     ds = CaptionVideoDataset(annotations, tok, VideoFrames(size=32))
@@ -93,6 +97,7 @@ def test_loader_with_workers(annotations):
     assert sum(len(b.get("caption_index", [])) for b in batches) == 3
 
 
+@requires_decord
 def test_a_cache_made_with_other_settings_is_refused(annotations, tmp_path):
     prepare_cache(annotations.video_ids, annotations.video_paths, str(tmp_path), size=32, progress=False)
     with pytest.raises(ValueError, match="was made with .*'max_frames': 12.*needs .*'max_frames': 4"):

@@ -4,6 +4,8 @@ import os
 import re
 import shlex
 
+from conftest import requires_decord
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,6 +22,7 @@ def test_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
     assert os.path.getsize(tmp_path / "adapters.pt") < 2.2e6
 
 
+@requires_decord
 def test_search_example_runs_as_written_and_scores_as_open_clip_does(tmp_path, monkeypatch, capsys):
     """The second Python block (search with the quick start's adapters.pt) against open_clip's own
     encode_image / encode_text (full 77-token context) and the softmax pooling written out, fp32."""

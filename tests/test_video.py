@@ -1,7 +1,7 @@
 """cma_model.video: paper sampling on real mp4 files, masks, and unreadable files."""
 import numpy as np
 import pytest
-from conftest import frame_index, write_video
+from conftest import frame_index, requires_decord, write_video
 
 from cma_model.video import VideoError, candidate_indices, pick_uniform, sample_frames
 
@@ -14,6 +14,7 @@ def expected_indices(num_frames, fps, max_frames=12, sample_fps=1.0):
     return [cands[int(j)] for j in np.linspace(0, len(cands) - 1, max_frames)]
 
 
+@requires_decord
 @pytest.mark.parametrize("num_frames,fps", [(200, 10), (45, 10), (121, 6), (5, 25), (150, 30)])
 def test_sampled_frames_are_the_right_ones(tmp_path, num_frames, fps):
     path = write_video(tmp_path / "v.mp4", num_frames, fps)
@@ -32,6 +33,7 @@ def test_candidate_rule_helpers():
     assert pick_uniform(list(range(30)), 12).tolist() == np.linspace(0, 29, 12).astype(int).tolist()
 
 
+@requires_decord
 def test_other_max_frames_and_fps(tmp_path):
     path = write_video(tmp_path / "v.mp4", 100, fps=10)
     frames, mask = sample_frames(path, max_frames=4, sample_fps=2.0)
@@ -39,6 +41,7 @@ def test_other_max_frames_and_fps(tmp_path):
     assert mask.all() and [frame_index(f) for f in frames] == want
 
 
+@requires_decord
 def test_missing_empty_and_corrupt_files_name_the_file(tmp_path):
     with pytest.raises(VideoError, match="nope.mp4: no such file"):
         sample_frames(str(tmp_path / "nope.mp4"))
@@ -50,6 +53,7 @@ def test_missing_empty_and_corrupt_files_name_the_file(tmp_path):
         sample_frames(str(tmp_path / "junk.mp4"))
 
 
+@requires_decord
 def test_truncated_file_keeps_what_decodes_or_fails_clearly(tmp_path):
     path = write_video(tmp_path / "v.mp4", 200, fps=10)
     data = open(path, "rb").read()
