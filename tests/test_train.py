@@ -580,16 +580,31 @@ def test_out_of_gpu_memory_retries_the_step_with_half_the_videos_per_pass(video_
         train(tiny_config(jsonl, cache, tmp_path / "dropout", dropout=0.1, **kw))
 
 
+def _as_torchrun_rank(rank, port):
+    """The environment torchrun gives a rank (train() opens the gloo group from it)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+
+
+def _spawn_ranks(worker, jsonl, cache, tmp_path):
+    """worker(rank, port, jsonl, cache, out, result_dir) in WORLD processes, rendezvous on a free
+    local port; out = tmp_path / "ddp", result_dir = tmp_path."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, jsonl, cache, str(tmp_path / "ddp"), str(tmp_path)), nprocs=WORLD, join=True)
+
+
 def _out_of_memory_worker(rank, port, jsonl, cache, out, result_dir):
     """Rank 1 alone runs out of memory with more than 2 videos per pass: in its forward in the
     first run, in its backward (after part of its adapter gradients came) in the second, and in
     its forward with dropout (no retry) in the third."""
     import io
     from datetime import timedelta
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
+    _as_torchrun_rank(rank, port)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))   # ranks out of step fail, not hang
-    torch.set_num_threads(1)
     real_forward = RetrievalForward.forward
 
     def out_of_memory(*_):
@@ -628,13 +643,8 @@ def test_out_of_memory_on_one_rank_makes_every_rank_retry_with_half_the_videos(v
     in its forward or in its backward. Both ranks redo the step with --micro-batch 2 (rank 0 says
     so, once) and the run is, loss for loss, one process's at --micro-batch 2 (fp32, 1e-5). With
     dropout (no retry) both stop: rank 1 with its own error, rank 0 with OutOfMemoryElsewhere."""
-    import socket
     jsonl, cache = video_set
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_out_of_memory_worker, args=(port, jsonl, cache, str(tmp_path / "ddp"), str(tmp_path)), nprocs=WORLD,
-             join=True)
+    _spawn_ranks(_out_of_memory_worker, jsonl, cache, tmp_path)
     want = train(tiny_config(jsonl, cache, tmp_path / "one", epochs=3, lr=3e-3, micro_batch=2))["losses"]
     assert len(want) == 3 and want[-1] != want[0]
     note = "note: out of GPU memory in one of the processes with 4 videos per pass; retrying the step with " \
@@ -715,9 +725,7 @@ def test_compiled_towers_train_like_eager(video_set, tmp_path):
 
 
 def _train_worker(rank, port, jsonl, cache, out, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+    _as_torchrun_rank(rank, port)
     result = train(tiny_config(jsonl, cache, out, batch_size=4, epochs=2, max_steps=3, lr=3e-3, eval_split="test"))
     torch.save({"losses": result["losses"], "eval": result["eval"]}, os.path.join(result_dir, f"result{rank}.pt"))
     dist.destroy_process_group()
@@ -727,12 +735,8 @@ def test_two_process_training_run_matches_one_process(video_set, tmp_path):
     """train() under 2 gloo ranks (as torchrun starts it) gives the losses of one process on the
     same global batches, and the evaluation after training, each rank encoding its half of the
     captions and videos, its metrics; only rank 0 writes the run folder."""
-    import socket
     jsonl, cache = video_set
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_train_worker, args=(port, jsonl, cache, str(tmp_path / "ddp"), str(tmp_path)), nprocs=WORLD, join=True)
+    _spawn_ranks(_train_worker, jsonl, cache, tmp_path)
     single = train(tiny_config(jsonl, cache, tmp_path / "one", batch_size=4, epochs=2, max_steps=3, lr=3e-3,
                                eval_split="test"))
     for rank in range(WORLD):
@@ -747,9 +751,7 @@ def test_two_process_training_run_matches_one_process(video_set, tmp_path):
 def _stopping_worker(rank, port, jsonl, cache, out, result_dir):
     """Rank 1 alone gets SIGTERM during step 2; both ranks must stop after that same step."""
     import cma_train.train as train_module
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+    _as_torchrun_rank(rank, port)
     calls = []
 
     def step(*args, **kwargs):
@@ -768,13 +770,8 @@ def _stopping_worker(rank, port, jsonl, cache, out, result_dir):
 
 
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(video_set, tmp_path):
-    import socket
     jsonl, cache = video_set
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_stopping_worker, args=(port, jsonl, cache, str(tmp_path / "ddp"), str(tmp_path)), nprocs=WORLD,
-             join=True)
+    _spawn_ranks(_stopping_worker, jsonl, cache, tmp_path)
     for rank in range(WORLD):
         assert torch.load(tmp_path / f"stopped{rank}.pt") == (signal.SIGTERM, 2), rank
     assert load_checkpoint(str(tmp_path / "ddp" / "checkpoint_latest.pt"))["step"] == 2
