@@ -67,6 +67,7 @@ class RetrievalForward(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.embed_dim = model.visual.output_dim   # E
 
     def forward(self, frames, mask, tokens):
         return encode_frames(self.model, frames, mask), encode_text(self.model, tokens)

@@ -207,17 +207,22 @@ def cmd_train(args):
     import torch
     from cma_train.checkpoint import results_record
     from cma_train.evaluate import format_results, save_results
-    from cma_train.train import OutOfMemoryElsewhere, train
+    from cma_train.train import NoReadableVideos, OutOfMemoryElsewhere, train
     cfg = config_from_args(args)
+    rank = int(os.environ.get("RANK", 0))
     try:
         result = train(cfg)
     except OutOfMemoryElsewhere:   # torchrun: the process that ran out says so, once
         return 2
+    except NoReadableVideos:   # every rank stops at the same step: rank 0 says why
+        if rank != 0:
+            return 2
+        raise
     except torch.OutOfMemoryError as e:   # a setting to change, not a bug: say which ones
         raise ValueError(f"out of GPU memory ({str(e).splitlines()[0]}); lower --batch-size, or keep it and add "
                          f"--micro-batch N (the same gradients for one more forward pass per step; cma train "
                          f"halves it by itself down to 1, except with --dropout), or add --recompute-mlp") from None
-    if int(os.environ.get("RANK", 0)) != 0:
+    if rank != 0:
         return 0
     if cfg.eval_split:
         print(format_results(result["eval"], f"{cfg.dataset} {cfg.eval_split}, final adapters"))
@@ -227,9 +232,9 @@ def cmd_train(args):
         if cfg.eval_every:
             print(f"best t2v R@1 {best['t2v']['R1']:.1f} at epoch {best['epoch']:g} (step {best['step']}): "
                   f"{os.path.join(cfg.out, 'adapters_best.pt')}")
-    losses = result["losses"]
+    last = f", last loss {result['losses'][-1]:.4f}" if result["losses"] else ""
     print(f"wrote {os.path.join(cfg.out, 'adapters.pt')} (for `cma eval --adapters`): " +
-          (f"{len(losses)} step(s) in this run, last loss {losses[-1]:.4f}" if losses else "no step was left to run"))
+          (f"{result['steps']} step(s) in this run{last}" if result["steps"] else "no step was left to run"))
     return 0
 
 

@@ -49,6 +49,7 @@ from cma_train.signals import StopSignals, TrainingStopped
 RESUME_MUST_MATCH = ("model", "model_config", "dataset", "split", "reduction_dim", "shared_dim", "activation",
                      "dropout", "batch_size", "seed", "max_frames", "max_words", "sample_fps", "pooling", "temperature",
                      "epochs", "warmup")   # the loss, the data and the learning-rate schedule of the run
+EMPTY_BATCHES_STOP = 5   # global batches in a row without a readable video that stop a run
 
 
 def param_groups(model, weight_decay):
@@ -101,11 +102,15 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
     autograd, take the loss and its gradient with respect to the embeddings, then run each chunk
     again with autograd and back-propagate that gradient. One more forward pass per step.
 
-    Out of GPU memory on any rank: torch.OutOfMemoryError on every rank, after the same phase."""
+    Out of GPU memory on any rank: torch.OutOfMemoryError on every rank, after the same phase.
+    A batch without "frames" (none of its videos could be read): this rank takes part with no
+    videos; returns None, and back-propagates nothing, where no rank had one."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if "frames" not in batch:
+        return _step_without_videos(forward, logit_scale, cfg, device, world)
     to_input = to_input or (lambda frames, device: frames.to(device))
     mask, tokens = batch["mask"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    world = dist.get_world_size() if dist.is_initialized() else 1
     chunk = cfg.micro_batch or len(tokens)
     if chunk >= len(tokens):
         with _every_rank_fits(device, world), autocast:
@@ -131,6 +136,25 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
             torch.autograd.backward([chunk_frame_feats.float(), chunk_text_feats.float()], [frame_grad, text_grad])
             if i == 0:
                 _own_grads(forward)
+    _sum_grads_over_ranks(forward, world)
+    return loss.detach()
+
+
+def _step_without_videos(forward, logit_scale, cfg, device, world):
+    """train_step of a rank none of whose videos could be read: it joins the step's collectives
+    with an empty share, so the other ranks get the loss and gradients of the global batch without
+    it, and the run goes on (a rank that stopped would stop them all, and a resumed run would stop
+    at the same batch again). None where no rank had a video."""
+    with _every_rank_fits(device, world):
+        pass   # a forward of no videos
+    frame_feats = torch.zeros(0, cfg.max_frames, forward.embed_dim, device=device, requires_grad=True)
+    text_feats = torch.zeros(0, forward.embed_dim, device=device, requires_grad=True)
+    mask = torch.zeros(0, cfg.max_frames, dtype=torch.bool, device=device)
+    loss = _global_loss(frame_feats, text_feats, mask, logit_scale, cfg)
+    if loss is None:
+        return None
+    with _every_rank_fits(device, world):
+        loss.backward()   # reaches no parameter: the gradient sum gets zeros from this rank
     _sum_grads_over_ranks(forward, world)
     return loss.detach()
 
@@ -181,7 +205,7 @@ def step_within_memory(forward, logit_scale, batch, cfg, device, to_input, world
         try:
             return train_step(forward, logit_scale, batch, cfg, device, to_input)
         except torch.OutOfMemoryError:
-            per_pass = cfg.micro_batch or len(batch["tokens"])
+            per_pass = cfg.micro_batch or cfg.batch_size // world   # the same on every rank
             if cfg.dropout > 0 or per_pass <= 1:
                 raise
         # here, past the except block, the failed step's tensors are free (its traceback held them)
@@ -214,9 +238,12 @@ def uneven_chunks_recompile(cfg, local_batch):
 
 def _global_loss(frame_feats, text_feats, mask, logit_scale, cfg):
     """InfoNCE over the global batch: this rank's features [B_local, T, E], [B_local, E] and frame
-    mask [B_local, T] gathered from every rank, autograd through this rank's part."""
+    mask [B_local, T] gathered from every rank, autograd through this rank's part. None where the
+    global batch is empty (no rank had a readable video)."""
     frame_feats, text_feats = gather_with_grad(frame_feats), gather_with_grad(text_feats)
     mask_all = gather_with_grad(mask.to(torch.uint8)).bool()
+    if len(text_feats) == 0:
+        return None
     return infonce(similarity(text_feats, frame_feats, mask_all, cfg.pooling, cfg.temperature), logit_scale)
 
 
@@ -240,7 +267,8 @@ def check_video_sources(cache, ann, what, say=True):
 
 
 def train(cfg: TrainConfig):
-    """Run training as configured; returns {"losses": [...], "skipped": {...}, "checkpoint": path}."""
+    """Run training as configured; returns {"losses": [one per step that had a readable video],
+    "steps": steps run, "skipped": {...}, "checkpoint": path, "model", "eval", "best"}."""
     cfg.validate()
     rank, world = _distributed()
     if cfg.batch_size % world:
@@ -311,8 +339,13 @@ def train(cfg: TrainConfig):
 
     written = None   # (step, evaluated_step) of the last checkpoint written: the state it holds
 
-    def checkpoint():
+    def checkpoint():   # every rank calls it at the same step
         nonlocal written
+        if world > 1:   # the unreadable videos of every rank, not only rank 0's, go into the checkpoint
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, skipped)
+            for other in per_rank:
+                skipped.update(other)
         if rank == 0 and written != (step, evaluated_step):   # a stop right after a save writes nothing new
             written = (step, evaluated_step)
             save_checkpoint(latest, {"format": CHECKPOINT_FORMAT, "adapters": adapter_state_dict(model),
@@ -352,7 +385,7 @@ def train(cfg: TrainConfig):
         drop_records_after(log_path, step, evaluated_step)
     log = open(log_path, "a" if cfg.resume else "w") if rank == 0 else None
     writer = _tensorboard(cfg) if rank == 0 else None
-    losses = []
+    losses, unread_in_a_row, rate, first_step = [], 0, 0.0, step
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     if rank == 0:
         todo = f"steps {step + 1}-{last_step} of {total_steps}" if step < last_step else "no step left to run"
@@ -370,6 +403,7 @@ def train(cfg: TrainConfig):
             epoch, in_epoch = divmod(step, steps_per_epoch)
             order = epoch_order(len(dataset), cfg.seed, epoch)[: steps_per_epoch * cfg.batch_size]
             mine = order[rank::world][in_epoch * local_batch:]
+            epoch_losses = []   # this epoch's, in this run
             loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=mine,
                                                  num_workers=cfg.workers, collate_fn=collate, persistent_workers=False,
                                                  timeout=LOADER_TIMEOUT_S if cfg.workers else 0,
@@ -378,29 +412,36 @@ def train(cfg: TrainConfig):
                 t0 = time.perf_counter()
                 for reason in batch["skipped"]:
                     skipped[reason.split(":")[0]] = reason
-                if "frames" not in batch:
-                    raise ValueError(f"every video of a batch was unreadable at step {step}: "
-                                     f"{batch['skipped'][:3]}")
                 optimizer.zero_grad(set_to_none=True)
                 loss = step_within_memory(forward, model.logit_scale, batch, cfg, device, frames.to_model_input, world)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                optimizer.step()   # no gradients (no video of the global batch was readable): no update
                 scheduler.step()
                 step += 1
-                losses.append(loss.item())
-                if not math.isfinite(losses[-1]):
-                    hint = " (--resume then continues from the last checkpoint)" if os.path.isfile(latest) else ""
-                    raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr{hint}")
-                rate = cfg.batch_size / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                vid_s=f"{rate:.1f}")
+                if loss is None:   # the step still counts: the schedule, and a resumed run, stay the same
+                    unread_in_a_row += 1
+                    if unread_in_a_row == EMPTY_BATCHES_STOP:   # the run stops: what it learnt stays
+                        checkpoint()
+                    _no_readable_video(step, unread_in_a_row, batch["skipped"], say=rank == 0)
+                    record = {"no_readable_video": True}
+                else:
+                    unread_in_a_row = 0
+                    losses.append(loss.item())
+                    epoch_losses.append(losses[-1])
+                    if not math.isfinite(losses[-1]):
+                        hint = " (--resume then continues from the last checkpoint)" if os.path.isfile(latest) else ""
+                        raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr{hint}")
+                    rate = cfg.batch_size / (time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                    vid_s=f"{rate:.1f}")
+                    record = {"loss": losses[-1], "videos_per_s": rate}
+                    if writer:
+                        writer.add_scalar("train/loss", losses[-1], step)
                 bar.update(1)
                 if log:
-                    log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "loss": losses[-1],
-                                          "lr": scheduler.get_last_lr()[0], "videos_per_s": rate}) + "\n")
+                    log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch,
+                                          "lr": scheduler.get_last_lr()[0], **record}) + "\n")
                     log.flush()
-                if writer:
-                    writer.add_scalar("train/loss", losses[-1], step)
                 save_due = cfg.save_every and step % cfg.save_every == 0
                 if save_due or step % steps_per_epoch == 0 or step == last_step:
                     checkpoint()
@@ -413,9 +454,9 @@ def train(cfg: TrainConfig):
                     raise TrainingStopped(signum, step, latest)
                 if step == last_step or step % steps_per_epoch == 0:
                     if say_epochs:
-                        done = losses[-(step - epoch * steps_per_epoch - in_epoch):]   # this epoch's, in this run
-                        print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}/{last_step}, mean loss "
-                              f"{sum(done) / len(done):.4f}, {rate:.1f} videos/s", flush=True)
+                        mean = f"mean loss {sum(epoch_losses) / len(epoch_losses):.4f}" if epoch_losses else "no loss"
+                        print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}/{last_step}, {mean}, {rate:.1f} videos/s",
+                              flush=True)
                     break
     bar.close()
     if rank == 0:
@@ -430,8 +471,28 @@ def train(cfg: TrainConfig):
         log.close()
     if writer:
         writer.close()
-    return {"losses": losses, "skipped": skipped, "checkpoint": latest, "model": model, "eval": last_eval,
-            "best": best}
+    return {"losses": losses, "steps": step - first_step, "skipped": skipped, "checkpoint": latest, "model": model,
+            "eval": last_eval, "best": best}
+
+
+class NoReadableVideos(ValueError):
+    """No video of EMPTY_BATCHES_STOP global batches in a row could be read; every rank raises it
+    at the same step (`cma train` prints it from rank 0)."""
+
+
+def _no_readable_video(step, in_a_row, reasons, say):
+    """After a step whose global batch had no readable video (reasons: this rank's messages naming
+    the files): a note where `say`; NoReadableVideos at the EMPTY_BATCHES_STOP-th such step in a row,
+    which means broken files or a decoder that cannot read them, not bad luck."""
+    example = f" (e.g. {reasons[0]})" if reasons else ""
+    if in_a_row >= EMPTY_BATCHES_STOP:
+        raise NoReadableVideos(f"no video could be read in {in_a_row} batches in a row (steps {step - in_a_row + 1}"
+                               f"-{step}){example}: check the video files and that decord reads them (`cma prepare` "
+                               f"lists the videos it cannot read); the checkpoint is written, `--resume` continues "
+                               f"after step {step}")
+    if say:
+        tqdm.write(f"note: step {step}: no video of its batch could be read{example}; the step updates nothing",
+                   file=sys.stderr)
 
 
 def _plain(cfg):

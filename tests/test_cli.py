@@ -220,17 +220,23 @@ def test_a_process_that_had_the_memory_leaves_the_message_to_the_one_that_ran_ou
 
 
 @pytest.mark.parametrize("rank", ["0", "1"])
-def test_a_diverged_run_is_said_once_under_torchrun(monkeypatch, capsys, rank):
-    """Every rank computes the global batch's loss and stops at the same non-finite step: rank 0 says it."""
+@pytest.mark.parametrize("error, message", [
+    ("FloatingPointError", "loss became nan at step 3; lower --lr"),
+    ("NoReadableVideos", "no video could be read in 5 batches in a row (steps 1-5)")])
+def test_a_stop_of_every_rank_is_said_once_under_torchrun(monkeypatch, capsys, rank, error, message):
+    """A non-finite loss (every rank computes the global batch's) or global batches without a
+    readable video stop every rank at the same step: rank 0 says it."""
+    import builtins
+
     import cma_train.train as train_module
 
-    def diverge(cfg):
-        raise FloatingPointError("loss became nan at step 3; lower --lr")
-    monkeypatch.setattr(train_module, "train", diverge)
+    def stop(cfg):
+        raise (getattr(train_module, error, None) or getattr(builtins, error))(message)
+    monkeypatch.setattr(train_module, "train", stop)
     monkeypatch.setenv("RANK", rank)
     assert main(["train", *TINY, "--dataset", "jsonl", "--root", "x.jsonl"]) == 2
     said = capsys.readouterr().err
-    assert said == ("cma train: error: loss became nan at step 3; lower --lr\n" if rank == "0" else ""), said
+    assert said == (f"cma train: error: {message}\n" if rank == "0" else ""), said
 
 
 def test_out_of_gpu_memory_in_eval_is_one_line(video_set, tmp_path, monkeypatch, capsys):

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cache_set
 
+from cma_model.data import CaptionVideoDataset
 from cma_model.datasets import load_annotations
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import RetrievalForward, encode_text
@@ -18,7 +19,7 @@ from cma_train.signals import TrainingStopped
 from cma_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cma_train.config import TrainConfig
 from cma_train.backbone import build_model
-from cma_train.train import train, train_step
+from cma_train.train import NoReadableVideos, epoch_order, train, train_step
 
 
 def tiny_config(jsonl, cache, out, **kw):
@@ -330,6 +331,76 @@ def test_unreadable_videos_are_skipped_named_and_left_out_of_the_evaluation(vide
         clip.write_bytes(b"not a video")
     with pytest.raises(ValueError, match="no video of the evaluation split could be read, e.g. .*clip"):
         _evaluate(result["model"], cfg, test_ann, torch.device("cpu"))
+
+
+def _unreadable(captions):
+    """A CaptionVideoDataset.__getitem__ for which the videos of these caption indices cannot be
+    read: their items come back as a broken file's do (loader workers=0: in this process)."""
+    read = CaptionVideoDataset.__getitem__
+
+    def getitem(self, i):
+        if i in captions:
+            return {"skipped": f"{self.ann.video_paths[self.ann.caption_video[i]]}: cannot open video (simulated)"}
+        return read(self, i)
+    return getitem
+
+
+def test_a_batch_without_a_readable_video_is_a_step_without_an_update(tmp_path, monkeypatch, capsys):
+    """Batches of 4 of 8 clips, the second batch's 4 unreadable: step 2 counts (logged as such, with
+    a note) and leaves every adapter weight as step 1 left it, bit for bit. Five such batches in a
+    row (every video unreadable: a broken dataset or decoder) stop the run, naming a file, with a
+    checkpoint."""
+    jsonl, cache = write_frame_cache_set(tmp_path / "data")
+    monkeypatch.setattr(CaptionVideoDataset, "__getitem__", _unreadable(set(epoch_order(8, 42, 0)[4:8])))
+    result = train(tiny_config(jsonl, cache, tmp_path / "two", batch_size=4, epochs=1))
+    assert result["steps"] == 2 and len(result["losses"]) == 1
+    assert "note: step 2: no video of its batch could be read (e.g. " in capsys.readouterr().err
+    logged = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [(r["step"], "loss" in r, r.get("no_readable_video")) for r in logged] == [(1, True, None), (2, False, True)]
+    one = train(tiny_config(jsonl, cache, tmp_path / "one", batch_size=4, epochs=1, max_steps=1))
+    assert one["losses"] == result["losses"]
+    after_one, after_two = (torch.load(tmp_path / run / "adapters.pt")["state_dict"] for run in ("one", "two"))
+    assert all(torch.equal(after_one[k], after_two[k]) for k in after_one)
+    monkeypatch.setattr(CaptionVideoDataset, "__getitem__", _unreadable(set(range(8))))
+    with pytest.raises(NoReadableVideos, match=r"in 5 batches in a row \(steps 1-5\) \(e\.g\. .*clip\d\.mp4: cannot"):
+        train(tiny_config(jsonl, cache, tmp_path / "none", batch_size=4, epochs=3))
+    assert load_checkpoint(str(tmp_path / "none" / "checkpoint_latest.pt"))["step"] == 5   # --resume goes on from there
+
+
+def _unreadable_of_16():
+    """Of 16 clips in batches of 8 over 2 ranks: rank 1's share of step 2 and all of step 3."""
+    return set(epoch_order(16, 42, 0)[1::2][4:8]) | set(epoch_order(16, 42, 1)[:8])
+
+
+def _unreadable_worker(rank, port, jsonl, cache, out, result_dir):
+    from datetime import timedelta
+    _as_torchrun_rank(rank, port)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))   # a rank left waiting fails, not hangs
+    CaptionVideoDataset.__getitem__ = _unreadable(_unreadable_of_16())
+    result = train(tiny_config(jsonl, cache, out, batch_size=8, epochs=2, lr=3e-3))
+    torch.save({"losses": result["losses"], "steps": result["steps"]}, os.path.join(result_dir, f"unread{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_rank_without_a_readable_video_takes_part_with_none(tmp_path, monkeypatch):
+    """2 gloo ranks, 16 clips, 4 per rank per step, 11 unreadable: rank 0 has no readable video at
+    step 1, rank 1 none at step 2, neither at step 3. Both ranks train on (no rank waits for
+    another) with the losses of one process on the same global batches (fp32, 1e-5), step 3
+    updating nothing; rank 0's checkpoint names the unreadable videos of both ranks."""
+    jsonl, cache = write_frame_cache_set(tmp_path / "data", num_videos=16)
+    unreadable = _unreadable_of_16()
+    assert set(epoch_order(16, 42, 0)[0::2][:4]) <= unreadable   # rank 0's share of step 1
+    _spawn_ranks(_unreadable_worker, jsonl, cache, tmp_path)
+    monkeypatch.setattr(CaptionVideoDataset, "__getitem__", _unreadable(unreadable))
+    single = train(tiny_config(jsonl, cache, tmp_path / "one", batch_size=8, epochs=2, lr=3e-3))
+    assert single["steps"] == 4 and len(single["losses"]) == 3 and single["losses"][-1] != single["losses"][0]
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"unread{rank}.pt")
+        assert got["steps"] == 4 and got["losses"] == pytest.approx(single["losses"], rel=1e-5), rank
+    logged = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    assert [r["step"] for r in logged if r.get("no_readable_video")] == [3]
+    named = load_checkpoint(str(tmp_path / "ddp" / "checkpoint_latest.pt"))["skipped"]
+    assert len(named) == len(unreadable) and named.keys() == single["skipped"].keys()
 
 
 @gpu_check
