@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -23,8 +24,19 @@ from cma_kernels.preprocess import preprocess_frames
 from .video import VideoError, require_decord, sample_frames
 
 
-def _decode_one(path, max_frames, size, sample_fps):
-    """Worker: (frames uint8 [max_frames, size, size, 3], mask) or (None, reason)."""
+_begun = None   # in a `prepare_cache` worker: the queue on which it says which video it begins
+
+
+def _start_worker(begun):
+    global _begun
+    _begun = begun
+
+
+def _decode_one(v, path, max_frames, size, sample_fps):
+    """Worker: (frames uint8 [max_frames, size, size, 3], mask) or (None, reason). Says first that
+    it begins video v, so that a decoder crash (this process gone, no answer) is told from a slow
+    video at once."""
+    _begun.put((v, os.getpid()))
     try:
         frames, mask = sample_frames(path, max_frames, sample_fps)
         out = np.zeros((max_frames, size, size, 3), dtype=np.uint8)
@@ -81,7 +93,8 @@ def _write_shard(out_dir, index, ids, results, max_frames, size):
 def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, sample_fps=1.0, workers=2,
                   shard_size=64, timeout=300.0, progress=True):
     """Decode + resize every video into shards under out_dir; resumable. Returns {video id: reason}
-    for every skipped video (unreadable, or no answer within `timeout` seconds: a hung decoder)."""
+    for every skipped video (unreadable, a decoder that crashed, or no answer within `timeout`
+    seconds: a hung decoder)."""
     for name, value in (("max_frames", max_frames), ("size", size), ("workers", workers), ("shard_size", shard_size),
                         ("sample_fps", sample_fps), ("timeout", timeout)):
         if not 0 < value < float("inf"):   # before the folder is made: a bad setting leaves no cache behind
@@ -109,11 +122,15 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
             with open(os.path.join(out_dir, f"shard_{s:05d}.json")) as f:
                 skipped.update(json.load(f)["skipped"])
     queue = collections.deque(v for s in todo for v in shards[s])
-    args = lambda v: (video_paths[v], max_frames, size, sample_fps)  # noqa: E731
+    args = lambda v: (v, video_paths[v], max_frames, size, sample_fps)  # noqa: E731
     ctx = mp.get_context("spawn")
-    pool = ctx.Pool(workers)
+
+    def new_pool():   # and a new queue: a worker terminated while it wrote would leave the old one locked
+        begun = ctx.SimpleQueue()
+        return ctx.Pool(workers, initializer=_start_worker, initargs=(begun,)), begun
+    pool, begun = new_pool()
     in_flight = collections.deque()
-    done = {}
+    done, worker_of = {}, {}   # worker_of: video -> pid of the process decoding it
     bar = tqdm(total=len(video_ids), initial=len(video_ids) - len(queue), desc="prepare", unit="video",
                disable=not progress)
     try:
@@ -122,12 +139,22 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
                 v = queue.popleft()
                 in_flight.append((v, pool.apply_async(_decode_one, args(v))))
             v, result = in_flight.popleft()
-            try:
-                done[v] = result.get(timeout=timeout)
-            except mp.TimeoutError:   # a decoder that hangs (decord can): restart the workers
+            deadline, crashed = time.monotonic() + timeout, False
+            while not result.ready() and not crashed and time.monotonic() < deadline:
+                result.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+                while not begun.empty():
+                    u, pid = begun.get()
+                    worker_of[u] = pid
+                crashed = not result.ready() and worker_of.get(v) not in (None, *(p.pid for p in mp.active_children()))
+            if result.ready():
+                done[v] = result.get()
+            elif crashed:   # its process died (a segmentation fault in the decoder): the pool has replaced it
+                done[v] = (None, f"{video_paths[v]}: the decoder crashed (its process died)")
+            else:   # a decoder that hangs (decord can): restart the workers
                 done[v] = (None, f"{video_paths[v]}: no answer within {timeout:.0f} s (decoder hang)")
                 pool.terminate()
-                pool = ctx.Pool(workers)
+                pool, begun = new_pool()
+                worker_of.clear()
                 in_flight = collections.deque((u, pool.apply_async(_decode_one, args(u))) for u, _ in in_flight)
             bar.update(1)
             for s in list(todo):

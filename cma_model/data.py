@@ -106,14 +106,19 @@ LOADER_TIMEOUT_S = 600   # a loader worker silent this long is hung (decord can 
 
 def batches(loader):
     """The batches of `loader` (a DataLoader with timeout=LOADER_TIMEOUT_S). A worker silent that
-    long ends it with a ValueError saying what to do, instead of PyTorch's bare RuntimeError."""
+    long, or one that died (a decoder's segmentation fault), ends it with a ValueError saying what
+    to do, instead of PyTorch's bare RuntimeError."""
     try:
         yield from loader
     except RuntimeError as e:
-        if "DataLoader timed out" not in str(e):
+        if "DataLoader timed out" in str(e):
+            what = f"no batch from the data-loading workers in {loader.timeout:g} s: a video decoder that hangs?"
+        elif "exited unexpectedly" in str(e):
+            what = (f"a data-loading worker died ({e}): a video decoder that crashed on a broken file, or the "
+                    f"machine out of memory?")
+        else:
             raise
-        raise ValueError(f"no batch from the data-loading workers in {loader.timeout:g} s: a video decoder that "
-                         f"hangs? `cma prepare` caches the frames and skips such videos (then pass --cache); a "
+        raise ValueError(f"{what} `cma prepare` caches the frames and skips such videos (then pass --cache); a "
                          f"training run continues from its last checkpoint with --resume") from None
 
 

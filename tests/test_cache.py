@@ -79,6 +79,39 @@ def test_a_video_without_answer_in_time_is_skipped_not_hung(tmp_path, videos):
     assert set(skipped) == {"a", "b"} and all("no answer within" in r for r in skipped.values())
 
 
+# loaded at start-up by the processes prepare_cache spawns (PYTHONPATH): decoding b.mp4 kills the
+# process, as decord's segmentation faults on some files do
+CRASH_ON_B = """
+import os, signal
+import cma_model.cache
+decode = cma_model.cache.sample_frames
+def sample_frames(path, *args):
+    if path.endswith("b.mp4"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return decode(path, *args)
+cma_model.cache.sample_frames = sample_frames
+"""
+
+
+@requires_decord
+def test_a_decoder_that_crashes_costs_its_video_not_the_timeout(tmp_path, videos, monkeypatch):
+    """The worker decoding b.mp4 dies: that video is skipped as crashed as soon as the process is
+    gone, not after `timeout` (120 s; a crash cost that much per video before), and the other
+    workers' videos are cached."""
+    import time
+    ids, paths = videos
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(CRASH_ON_B)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")]))
+    start = time.monotonic()
+    skipped = prepare_cache(ids, paths, str(tmp_path / "cache"), size=32, workers=2, timeout=120, progress=False)
+    assert time.monotonic() - start < 60
+    assert set(skipped) == {"b", "broken"}, skipped
+    assert skipped["b"] == f"{paths[1]}: the decoder crashed (its process died)"
+    cache = FrameCache(str(tmp_path / "cache"))
+    assert "a" in cache and "c" in cache and "b" not in cache
+
+
 def test_without_decord_prepare_says_how_to_get_it_and_makes_no_folder(tmp_path, videos, monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "decord", None)   # `import decord` raises ImportError
