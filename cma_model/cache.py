@@ -32,6 +32,15 @@ def _start_worker(begun):
     _begun = begun
 
 
+def _died(v, begun, worker_of):
+    """Whether the process that began video v is gone (reads the `begun` queue into worker_of:
+    video -> pid)."""
+    while not begun.empty():
+        u, pid = begun.get()
+        worker_of[u] = pid
+    return worker_of.get(v) not in (None, *(p.pid for p in mp.active_children()))
+
+
 def _decode_one(v, path, max_frames, size, sample_fps):
     """Worker: (frames uint8 [max_frames, size, size, 3], mask) or (None, reason). Says first that
     it begins video v, so that a decoder crash (this process gone, no answer) is told from a slow
@@ -142,10 +151,9 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
             deadline, crashed = time.monotonic() + timeout, False
             while not result.ready() and not crashed and time.monotonic() < deadline:
                 result.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-                while not begun.empty():
-                    u, pid = begun.get()
-                    worker_of[u] = pid
-                crashed = not result.ready() and worker_of.get(v) not in (None, *(p.pid for p in mp.active_children()))
+                if not result.ready() and _died(v, begun, worker_of):
+                    result.wait(1.0)   # an answer sent just before the process died still comes
+                    crashed = not result.ready()
             if result.ready():
                 done[v] = result.get()
             elif crashed:   # its process died (a segmentation fault in the decoder): the pool has replaced it
