@@ -83,6 +83,8 @@ def gather_with_grad(x):
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size)
     sizes = [int(s) for s in sizes]
+    if max(sizes) == 0:   # every rank's share is empty: no collective of empty tensors (gloo's could abort)
+        return x
     padded = x.new_zeros(max(sizes), *x.shape[1:])
     padded[: x.shape[0]] = x.detach()
     parts = [torch.empty_like(padded) for _ in range(world)]
