@@ -104,22 +104,33 @@ class VideoDataset(torch.utils.data.Dataset):
 LOADER_TIMEOUT_S = 600   # a loader worker silent this long is hung (decord can hang on a broken file)
 
 
+def loader_error(error, timeout=LOADER_TIMEOUT_S):
+    """The ValueError saying what to do for a DataLoader's RuntimeError `error` where a worker was
+    silent for `timeout` seconds (a hung decoder) or died (a decoder's segmentation fault; PyTorch
+    raises that one wherever the main process is, through its SIGCHLD handler, often mid-step);
+    None for any other error."""
+    if "DataLoader timed out" in str(error):
+        what = f"no batch from the data-loading workers in {timeout:g} s: a video decoder that hangs?"
+    elif str(error).startswith("DataLoader worker (pid"):   # "... exited unexpectedly", "... is killed by signal"
+        what = (f"a data-loading worker died ({str(error).rstrip('.')}): a video decoder that crashed on a broken "
+                f"file, or the machine out of memory?")
+    else:
+        return None
+    return ValueError(f"{what} `cma prepare` caches the frames and skips such videos (then pass --cache); a "
+                      f"training run continues from its last checkpoint with --resume")
+
+
 def batches(loader):
     """The batches of `loader` (a DataLoader with timeout=LOADER_TIMEOUT_S). A worker silent that
-    long, or one that died (a decoder's segmentation fault), ends it with a ValueError saying what
-    to do, instead of PyTorch's bare RuntimeError."""
+    long, or one that died, ends it with loader_error's ValueError saying what to do, instead of
+    PyTorch's bare RuntimeError."""
     try:
         yield from loader
     except RuntimeError as e:
-        if "DataLoader timed out" in str(e):
-            what = f"no batch from the data-loading workers in {loader.timeout:g} s: a video decoder that hangs?"
-        elif "exited unexpectedly" in str(e):
-            what = (f"a data-loading worker died ({e}): a video decoder that crashed on a broken file, or the "
-                    f"machine out of memory?")
-        else:
+        error = loader_error(e, loader.timeout)
+        if error is None:
             raise
-        raise ValueError(f"{what} `cma prepare` caches the frames and skips such videos (then pass --cache); a "
-                         f"training run continues from its last checkpoint with --resume") from None
+        raise error from None
 
 
 def ignore_stop_signals(worker_id=None):

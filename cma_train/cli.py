@@ -437,6 +437,12 @@ def main(argv=None):
         if not isinstance(e, FloatingPointError) or int(os.environ.get("RANK", 0)) == 0:
             print(f"cma {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:   # a data-loading worker that died, noticed during a step (batches() did not see it)
+        from cma_model.data import loader_error
+        if loader_error(e) is None:
+            raise
+        print(f"cma {args.command}: error: {loader_error(e)}", file=sys.stderr)
+        return 2
     except TrainingStopped as stopped:   # SIGINT / SIGTERM in training: checkpointed after a whole step
         if int(os.environ.get("RANK", 0)) == 0:
             hint = "continue with the same command and --resume" if args.command == "train" else "run it again"

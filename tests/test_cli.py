@@ -8,7 +8,7 @@ import sys
 import open_clip
 import pytest
 import torch
-from conftest import TINY_TRAIN_CLIP, requires_decord, write_openai_style_clip
+from conftest import TINY_TRAIN_CLIP, requires_decord, write_frame_cache_set, write_openai_style_clip
 
 from cma_train.cli import main
 
@@ -296,6 +296,29 @@ def test_out_of_gpu_memory_in_train_says_what_to_turn_down(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.)" in err
     assert "--micro-batch N" in err and "Traceback" not in err
+
+
+def test_a_loader_worker_that_dies_is_one_line_wherever_it_is_noticed(tmp_path, monkeypatch, capsys):
+    """The worker loading one of the videos dies (a decoder's segmentation fault). PyTorch raises
+    that in the main process wherever it is, waiting for a batch or mid-step (both happen, at
+    random): either way `cma train` ends with one line saying what to do, exit 2."""
+    import signal
+
+    from cma_model.data import CaptionVideoDataset
+    jsonl, cache = write_frame_cache_set(tmp_path / "data")
+    read = CaptionVideoDataset.__getitem__
+
+    def getitem(self, i):
+        if i == 5 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return read(self, i)
+    monkeypatch.setattr(CaptionVideoDataset, "__getitem__", getitem)
+    args = ["train", *TINY, "--dataset", "jsonl", "--root", os.path.dirname(jsonl), "--cache", cache,
+            "--batch-size", "2", "--epochs", "1", "--workers", "1", "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cma train: error: a data-loading worker died (DataLoader worker (pid" in err, err[-2000:]
+    assert "`cma prepare` caches the frames" in err and "Traceback" not in err
 
 
 def test_torchrun_train_then_eval_on_two_processes(video_set, tmp_path):

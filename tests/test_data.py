@@ -152,8 +152,7 @@ class _CrashesAtTwo(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("dataset, message", [
     (_HangsAtTwo, r"no batch from the data-loading workers in 2 s: a video decoder that hangs\?"),
-    (_CrashesAtTwo, r"a data-loading worker died \(DataLoader worker \(pid\(s\) \d+\) exited unexpectedly\): a "
-                    r"video decoder that crashed")])
+    (_CrashesAtTwo, r"a data-loading worker died \(DataLoader worker \(pid.*\): a video decoder that crashed")])
 def test_a_hung_or_dead_loader_worker_ends_with_what_to_do(dataset, message):
     loader = torch.utils.data.DataLoader(dataset(), batch_size=2, num_workers=1, timeout=2)
     got = []
