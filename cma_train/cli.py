@@ -439,9 +439,10 @@ def main(argv=None):
         return 2
     except RuntimeError as e:   # a data-loading worker that died, noticed during a step (batches() did not see it)
         from cma_model.data import loader_error
-        if loader_error(e) is None:
+        said = loader_error(e)
+        if said is None:
             raise
-        print(f"cma {args.command}: error: {loader_error(e)}", file=sys.stderr)
+        print(f"cma {args.command}: error: {said}", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:   # SIGINT / SIGTERM in training: checkpointed after a whole step
         if int(os.environ.get("RANK", 0)) == 0:
