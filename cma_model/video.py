@@ -45,7 +45,17 @@ def require_decord():
         raise ValueError("reading videos needs decord, which is not installed: `pip install decord` (wheels for "
                          "x86-64 only; elsewhere build it from source, github.com/dmlc/decord), or make the frame "
                          "cache with `cma prepare` on a machine that has it and train from that (--cache)") from None
+    global _ffmpeg_quiet
+    if not _ffmpeg_quiet:   # once, so that a caller may turn the messages back on
+        # ffmpeg's own messages ("moov atom not found", h264 "error while decoding MB"), a line each
+        # per broken file or frame, from every loader worker: a video that cannot be read raises
+        # VideoError naming it instead, and frames that do not decode are dropped (see above)
+        decord.logging.set_level(decord.logging.QUIET)
+        _ffmpeg_quiet = True
     return decord
+
+
+_ffmpeg_quiet = False
 
 
 def _open(path):

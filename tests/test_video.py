@@ -54,6 +54,19 @@ def test_missing_empty_and_corrupt_files_name_the_file(tmp_path):
 
 
 @requires_decord
+def test_ffmpeg_says_nothing_of_a_broken_file_the_error_names(tmp_path, capfd):
+    """ffmpeg's own lines ("[mov,mp4,... @ 0x...] moov atom not found"), one per broken file or
+    frame from every loader worker, are silenced: the VideoError names the file instead."""
+    mp4_header = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"   # ffmpeg reads it as mp4: no moov box
+    junk = np.random.default_rng().integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    (tmp_path / "junk.mp4").write_bytes(mp4_header + junk)
+    with pytest.raises(VideoError, match="junk.mp4"):
+        sample_frames(str(tmp_path / "junk.mp4"))
+    ffmpeg_lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[") and " @ 0x" in line]
+    assert ffmpeg_lines == []
+
+
+@requires_decord
 def test_truncated_file_keeps_what_decodes_or_fails_clearly(tmp_path):
     path = write_video(tmp_path / "v.mp4", 200, fps=10)
     data = open(path, "rb").read()
