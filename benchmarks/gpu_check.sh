@@ -26,7 +26,8 @@ echo "== CUDA tests"
 # quick whole-path tests first, the compile-heavy kernel grid last; --durations sizes the next run
 tests_log="${OUT:-${TMPDIR:-/tmp}}/gpu_tests.log"
 timeout 170 python -m pytest -v -p no:cacheprovider --maxfail=5 --durations=12 -m gpu_check -k "not cuda_graphs" \
-    tests/test_train.py tests/test_frozen_block.py tests/test_quick_gelu.py tests/test_adapter_op.py \
+    tests/test_train.py tests/test_step.py tests/test_frozen_block.py tests/test_quick_gelu.py \
+    tests/test_adapter_op.py \
     > "$tests_log" 2>&1
 echo "pytest exit $? (124: cut off at its time limit): $(grep -c " PASSED" "$tests_log") passed," \
     "$(grep -cE " (FAILED|ERROR)" "$tests_log") failed, $(grep -oE "[0-9]+ selected" "$tests_log" | head -1);" \
@@ -48,7 +49,7 @@ pack
 left=$((555 - SECONDS))
 if [ "$left" -gt 130 ]; then
     echo "== --micro-batch under CUDA graphs: test (${left} s left)"
-    graphs_log=$(timeout 100 python -m pytest -v -p no:cacheprovider -m gpu_check -k cuda_graphs tests/test_train.py 2>&1)
+    graphs_log=$(timeout 100 python -m pytest -v -p no:cacheprovider -m gpu_check -k cuda_graphs tests/test_step.py 2>&1)
     echo "pytest exit $? (124: cut off): $(grep -E " (PASSED|FAILED|ERROR|SKIPPED)" <<< "$graphs_log" | tail -1)"
     grep -E "^E " <<< "$graphs_log" | head -5
     echo "$graphs_log" >> "$tests_log"

@@ -207,7 +207,8 @@ def cmd_train(args):
     import torch
     from cma_train.checkpoint import results_record
     from cma_train.evaluate import format_results, save_results
-    from cma_train.train import NoReadableVideos, OutOfMemoryElsewhere, train
+    from cma_train.step import OutOfMemoryElsewhere
+    from cma_train.train import NoReadableVideos, train
     cfg = config_from_args(args)
     rank = int(os.environ.get("RANK", 0))
     try:

@@ -154,16 +154,16 @@ def test_prepare_caches_several_splits_in_one_folder(tmp_path, capsys):
 def test_ctrl_c_in_train_checkpoints_and_says_how_to_resume(video_set, tmp_path, monkeypatch, capsys):
     import signal
 
-    import cma_train.train as train_module
+    import cma_train.step as step_module
     jsonl, cache = video_set
-    real_step, calls = train_module.train_step, []
+    real_step, calls = step_module.train_step, []
 
     def step(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(*args, **kwargs)
-    monkeypatch.setattr(train_module, "train_step", step)
+    monkeypatch.setattr(step_module, "train_step", step)
     out = str(tmp_path / "run")
     argv = ["train", *TINY, "--dataset", "jsonl", "--root", jsonl, "--cache", cache, "--out", out,
             "--batch-size", "2", "--epochs", "1", "--workers", "0"]
@@ -210,10 +210,11 @@ def test_resume_takes_the_runs_own_settings(video_set, tmp_path, capsys):
 
 
 def test_a_process_that_had_the_memory_leaves_the_message_to_the_one_that_ran_out(monkeypatch, capsys):
+    import cma_train.step as step_module
     import cma_train.train as train_module
 
     def oom(cfg):
-        raise train_module.OutOfMemoryElsewhere("another process ran out of GPU memory in this step")
+        raise step_module.OutOfMemoryElsewhere("another process ran out of GPU memory in this step")
     monkeypatch.setattr(train_module, "train", oom)
     assert main(["train", *TINY, "--dataset", "jsonl", "--root", "x.jsonl"]) == 2
     assert capsys.readouterr().err == ""
@@ -645,10 +646,10 @@ def test_model_config_is_a_file_or_json_and_what_open_clip_cannot_build_is_one_l
 
 
 def test_a_diverging_run_is_one_line_saying_to_lower_the_lr(video_set, tmp_path, monkeypatch, capsys):
-    import cma_train.train as train_module
+    import cma_train.step as step_module
     jsonl, _ = video_set
-    real_loss = train_module._global_loss
-    monkeypatch.setattr(train_module, "_global_loss", lambda *args: real_loss(*args) * float("nan"))
+    real_loss = step_module._global_loss
+    monkeypatch.setattr(step_module, "_global_loss", lambda *args: real_loss(*args) * float("nan"))
     assert main(["train", *TINY, "--dataset", "jsonl", "--root", jsonl, "--batch-size", "4",
                  "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""cma_train.train: learning, exact resume, checkpoints, evaluation during training, and DDP
-equivalence (gloo, 2 processes)."""
+"""cma_train.train: learning, exact resume, checkpoints, evaluation during training, unreadable
+videos, out-of-memory retries, and torchrun runs (gloo, 2 processes) against one process."""
 import json
 import os
 import signal
@@ -13,13 +13,15 @@ from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cach
 
 from cma_model.data import CaptionVideoDataset
 from cma_model.datasets import load_annotations
-from cma_model.losses import infonce, similarity
-from cma_model.retrieval import RetrievalForward, encode_text
+from cma_model.retrieval import RetrievalForward
 from cma_train.signals import TrainingStopped
 from cma_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cma_train.config import TrainConfig
 from cma_train.backbone import build_model
-from cma_train.train import NoReadableVideos, epoch_order, train, train_step
+from cma_train.step import train_step
+from cma_train.train import NoReadableVideos, epoch_order, train
+
+WORLD = 2   # processes of the torchrun tests
 
 
 def tiny_config(jsonl, cache, out, **kw):
@@ -68,10 +70,10 @@ def test_a_crashed_run_is_neither_overwritten_nor_logged_twice(video_set, tmp_pa
     """A crash after step 3 (checkpoint at step 2, a torn line at the end of metrics.jsonl): a new
     run into the same folder is refused before it writes anything; --resume redoes step 3 and logs
     every step once."""
-    import cma_train.train as train_module
+    import cma_train.step as step_module
     jsonl, cache = video_set
     kw = dict(batch_size=4, epochs=3, max_steps=4, save_every=2)
-    real_step, calls = train_module.train_step, []
+    real_step, calls = step_module.train_step, []
 
     def crashing_step(*args, **kwargs):
         calls.append(1)
@@ -79,7 +81,7 @@ def test_a_crashed_run_is_neither_overwritten_nor_logged_twice(video_set, tmp_pa
             raise RuntimeError("simulated crash")
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_step", crashing_step)
+    monkeypatch.setattr(step_module, "train_step", crashing_step)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny_config(jsonl, cache, tmp_path, **kw))
     monkeypatch.undo()
@@ -178,16 +180,16 @@ def test_a_diverged_run_resumes_on_new_optimizer_settings(video_set, tmp_path, m
     """A non-finite loss stops the run before the bad step is checkpointed; --resume with a lower
     --lr (and other AdamW settings) continues from the last checkpoint on the new settings: the
     learning rates and optimizer settings of a run started with them."""
-    import cma_train.train as train_module
+    import cma_train.step as step_module
     jsonl, cache = video_set
     kw = dict(batch_size=4, epochs=3, max_steps=4, save_every=1)
-    real_loss, calls = train_module._global_loss, []
+    real_loss, calls = step_module._global_loss, []
 
     def diverging_loss(*args):
         calls.append(1)
         return real_loss(*args) * (float("nan") if len(calls) == 3 else 1.0)
 
-    monkeypatch.setattr(train_module, "_global_loss", diverging_loss)
+    monkeypatch.setattr(step_module, "_global_loss", diverging_loss)
     with pytest.raises(FloatingPointError, match=r"nan at step 3; lower --lr \(--resume then continues"):
         train(tiny_config(jsonl, cache, tmp_path / "cut", **kw))
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint_latest.pt"))["step"] == 2
@@ -261,7 +263,7 @@ def test_a_run_stopped_during_an_evaluation_evaluates_first_on_resume(video_set,
 
 def _signal_at_step(monkeypatch, at, *signums):
     """Make the trainer's train_step send this process the given signals during step `at` (1-based)."""
-    import cma_train.train as train_module
+    import cma_train.step as step_module
     calls = []
 
     def step_then_signal(*args, **kwargs):
@@ -270,7 +272,7 @@ def _signal_at_step(monkeypatch, at, *signums):
             for signum in signums:
                 os.kill(os.getpid(), signum)
         return train_step(*args, **kwargs)
-    monkeypatch.setattr(train_module, "train_step", step_then_signal)
+    monkeypatch.setattr(step_module, "train_step", step_then_signal)
 
 
 @pytest.mark.parametrize("name, at", [("SIGINT", 3), ("SIGTERM", 4)])
@@ -372,6 +374,22 @@ def _unreadable_of_16():
     return set(epoch_order(16, 42, 0)[1::2][4:8]) | set(epoch_order(16, 42, 1)[:8])
 
 
+def test_under_torchrun_a_hung_loader_is_reported_before_the_collectives_time_out(monkeypatch):
+    """A rank whose loader hangs says so after LOADER_TIMEOUT_S while the others wait in the step's
+    collectives: the process group's timeout must be longer (NCCL's default, 10 minutes, is not)."""
+    from cma_model.data import LOADER_TIMEOUT_S
+    from cma_train.train import _distributed
+    opened = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(opened))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: opened.update(kw, backend=backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    assert _distributed() == (1, 4)
+    assert opened["timeout"].total_seconds() >= LOADER_TIMEOUT_S + 60
+
+
 def _unreadable_worker(rank, port, jsonl, cache, out, result_dir):
     from datetime import timedelta
     _as_torchrun_rank(rank, port)
@@ -424,162 +442,6 @@ def test_training_on_cuda_takes_the_fast_path(tmp_path, monkeypatch):
     assert fused["eval"]["num_videos"] == 8 and [r["step"] for r in _evals(tmp_path / "fused")] == [2, 4, 6]
 
 
-# ------------------------------------------------------------------------------------------ DDP
-
-GLOBAL, WORLD = 6, 2
-
-
-def _batch():
-    g = torch.Generator().manual_seed(7)
-    mask = torch.ones(GLOBAL, 4, dtype=torch.bool)
-    mask[1, 2:] = False
-    mask[4, 1:] = False
-    return {"frames": torch.randn(GLOBAL, 4, 3, 32, 32, generator=g), "mask": mask,
-            "tokens": torch.randint(1, 49000, (GLOBAL, 16), generator=g)}
-
-
-def _model(device="cpu"):
-    cfg = TrainConfig(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", pooling="softmax", max_words=12)
-    torch.manual_seed(0)
-    model, _, _ = build_model(cfg, torch.device(device))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    return model, cfg
-
-
-def _grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _ddp_worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    model, cfg = _model()
-    forward = RetrievalForward(model)
-    local = GLOBAL // WORLD
-    batch = {k: v[rank * local:(rank + 1) * local] for k, v in _batch().items()}
-    loss = train_step(forward, model.logit_scale, batch, cfg, torch.device("cpu"))
-    grads = _grads(model)
-    model.zero_grad(set_to_none=True)
-    cfg.micro_batch = 2   # chunks of 2 + 1 on each rank, the gradients summed over ranks after the last one
-    micro_loss = train_step(forward, model.logit_scale, batch, cfg, torch.device("cpu"))
-    torch.save({"loss": loss, "grads": grads, "micro_loss": micro_loss, "micro_grads": _grads(model)},
-               os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def test_two_processes_give_the_gradients_of_one_process_on_the_global_batch(tmp_path):
-    """train_step on 2 gloo ranks with 3 of the 6 videos each, whole and in micro-batches: on every
-    rank the loss and the adapter gradients of one process on all 6 (fp32, 1e-4)."""
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    model, cfg = _model()
-    loss = train_step(RetrievalForward(model), model.logit_scale, _batch(), cfg, torch.device("cpu"))
-    single = _grads(model)
-    # and the loss really is the global-batch loss, written out independently
-    with torch.no_grad():
-        b = _batch()
-        frames = torch.zeros(GLOBAL, 4, 32)
-        frames[b["mask"]] = model.encode_image(b["frames"][b["mask"]])
-        direct = infonce(similarity(encode_text(model, b["tokens"]), frames, b["mask"], "softmax"), model.logit_scale)
-    assert loss.item() == pytest.approx(direct.item(), rel=1e-5)
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
-        assert got["grads"].keys() == single.keys() == got["micro_grads"].keys()
-        assert got["micro_loss"].item() == pytest.approx(loss.item(), rel=1e-5)
-        for n in single:
-            torch.testing.assert_close(got["grads"][n], single[n], rtol=1e-4, atol=1e-6, msg=n)
-            torch.testing.assert_close(got["micro_grads"][n], single[n], rtol=1e-4, atol=1e-6, msg=n)
-
-
-class _PeakSaved:
-    """Peak bytes of activations autograd keeps alive at once (saved-tensor hooks; a kept tensor is
-    released when its graph is freed). Tensors that share storage with the model's parameters (the
-    frozen weights, saved for backward as they are or as transposed views) do not count."""
-
-    def __init__(self, model):
-        self.weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.live = self.peak = 0
-
-    def __enter__(self):
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-
-    def _pack(self, tensor):
-        tracker = self
-        weight = tensor.untyped_storage().data_ptr() in self.weights
-        size = 0 if weight else tensor.numel() * tensor.element_size()
-
-        class Held:
-            def __init__(self):
-                self.tensor = tensor
-                tracker.live += size
-                tracker.peak = max(tracker.peak, tracker.live)
-
-            def __del__(self):
-                tracker.live -= size
-        return Held()
-
-
-@pytest.mark.parametrize("micro_batch", [1, 2, 4])
-def test_micro_batches_give_the_whole_batch_loss_and_gradients(micro_batch):
-    """Gradient caching: chunks of 1, 2 or 4 of the 6 videos (4 leaves an uneven last chunk) give
-    the whole batch's loss and adapter gradients (fp32, 1e-5), while autograd keeps the
-    activations of one chunk at a time."""
-    model, cfg = _model()
-    with _PeakSaved(model) as whole:
-        loss = train_step(RetrievalForward(model), model.logit_scale, _batch(), cfg, torch.device("cpu"))
-    want = _grads(model)
-    model.zero_grad(set_to_none=True)
-    cfg.micro_batch = micro_batch
-    with _PeakSaved(model) as chunked:
-        got_loss = train_step(RetrievalForward(model), model.logit_scale, _batch(), cfg, torch.device("cpu"))
-    assert got_loss.item() == pytest.approx(loss.item(), rel=1e-6)
-    got = _grads(model)
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7, msg=n)
-    assert chunked.peak < (micro_batch / GLOBAL + 0.15) * whole.peak, (chunked.peak, whole.peak)
-
-
-@gpu_check
-@requires_cuda
-def test_micro_batches_under_cuda_graphs_give_the_whole_batch_gradients():
-    """--micro-batch 2 (3 chunks) with --compile reduce-overhead: on the step that replays the
-    recorded CUDA graphs (the third: warm-up, recording, replay), the adapter gradients are those
-    of the eager whole batch within 0.15 of each gradient's norm. Autograd keeps the first chunk's
-    gradients in the graphs' output buffers unless the trainer copies them out; the next replay
-    would then overwrite them: an error, or sums off by 0.7 of the norm or more (this model and
-    batch on the CPU, chunk 0's gradients replaced by chunk 1's), where bf16 autocast against fp32
-    differs by at most 0.04 (CPU). Compiling takes a while:
-    gpu_check.sh runs this (`-k cuda_graphs`) in its compiled section, after the quick tests."""
-    from torch._dynamo.utils import counters
-    from cma_model.retrieval import compile_towers
-    device = torch.device("cuda")
-    batch = {k: v.to(device) for k, v in _batch().items()}
-    eager, cfg = _model(device)
-    train_step(RetrievalForward(eager), eager.logit_scale, batch, cfg, device)
-    want = _grads(eager)
-    model, cfg = _model(device)
-    compile_towers(model, "reduce-overhead")
-    cfg.micro_batch = 2
-    counters.clear()
-    for _ in range(3):
-        model.zero_grad(set_to_none=True)
-        train_step(RetrievalForward(model), model.logit_scale, batch, cfg, device)
-    assert counters["inductor"]["cudagraph_skips"] == 0, "the towers did not run as CUDA graphs"
-    got = _grads(model)
-    assert got.keys() == want.keys()
-    for n in want:
-        err = ((got[n] - want[n]).norm() / want[n].norm()).item()
-        assert err <= 0.15, (n, err)
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU fp32 check; the GPU comparison runs in bench_train_step.py")
 def test_fused_training_matches_reference_over_50_steps(video_set, tmp_path):
     """The fast path (fused adapters, here through the Triton interpreter) against the reference
@@ -612,22 +474,13 @@ def test_mlp_recompute_trains_like_keeping_activations(video_set, tmp_path, monk
         assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
 
 
-@pytest.mark.parametrize("compile_mode,micro,local,expected", [
-    ("default", 3, 8, True), ("default", 4, 8, False), ("", 3, 8, False), ("default", 0, 8, False),
-    ("reduce-overhead", 16, 8, False)])
-def test_uneven_micro_batches_under_compile_are_pointed_out(compile_mode, micro, local, expected):
-    from cma_train.train import uneven_chunks_recompile
-    cfg = TrainConfig(pretrained="none", compile=compile_mode, micro_batch=micro)
-    assert uneven_chunks_recompile(cfg, local) is expected
-
-
 def test_out_of_gpu_memory_retries_the_step_with_half_the_videos_per_pass(video_set, tmp_path, monkeypatch, capsys):
     """A process that runs out of memory halves its videos per pass (--micro-batch) and redoes the
     step, dropping what the failed attempt left in .grad (here random gradients): the run is, loss
     for loss, the one started with the --micro-batch that fits, and its checkpoint keeps that."""
-    import cma_train.train as train_module
+    import cma_train.step as step_module
     jsonl, cache = video_set
-    real_step = train_module.train_step
+    real_step = step_module.train_step
 
     def two_videos_fit(forward, logit_scale, batch, cfg, *args):
         if (cfg.micro_batch or len(batch["tokens"])) > 2:
@@ -637,7 +490,7 @@ def test_out_of_gpu_memory_retries_the_step_with_half_the_videos_per_pass(video_
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
         return real_step(forward, logit_scale, batch, cfg, *args)
 
-    monkeypatch.setattr(train_module, "train_step", two_videos_fit)
+    monkeypatch.setattr(step_module, "train_step", two_videos_fit)
     kw = dict(batch_size=8, epochs=3)   # 3 steps
     auto = train(tiny_config(jsonl, cache, tmp_path / "auto", **kw))["losses"]
     err = capsys.readouterr().err
@@ -646,7 +499,7 @@ def test_out_of_gpu_memory_retries_the_step_with_half_the_videos_per_pass(video_
     assert load_checkpoint(str(tmp_path / "auto" / "checkpoint_latest.pt"))["config"]["micro_batch"] == 2
     monkeypatch.undo()
     assert auto == train(tiny_config(jsonl, cache, tmp_path / "fixed", micro_batch=2, **kw))["losses"]
-    monkeypatch.setattr(train_module, "train_step", two_videos_fit)
+    monkeypatch.setattr(step_module, "train_step", two_videos_fit)
     with pytest.raises(torch.OutOfMemoryError):   # dropout: a second forward would draw new masks
         train(tiny_config(jsonl, cache, tmp_path / "dropout", dropout=0.1, **kw))
 
@@ -821,7 +674,7 @@ def test_two_process_training_run_matches_one_process(video_set, tmp_path):
 
 def _stopping_worker(rank, port, jsonl, cache, out, result_dir):
     """Rank 1 alone gets SIGTERM during step 2; both ranks must stop after that same step."""
-    import cma_train.train as train_module
+    import cma_train.step as step_module
     _as_torchrun_rank(rank, port)
     calls = []
 
@@ -830,7 +683,7 @@ def _stopping_worker(rank, port, jsonl, cache, out, result_dir):
         if rank == 1 and len(calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return train_step(*args, **kwargs)
-    train_module.train_step = step
+    step_module.train_step = step
     try:
         train(tiny_config(jsonl, cache, out, batch_size=4, epochs=2, max_steps=4, lr=3e-3))
         stopped = None
