@@ -3,7 +3,11 @@
 A video that cannot be read is never fed to the model as zeros or NaN: its item comes back as
 None, `collate` drops it and lists it under "skipped", and the trainer counts and reports them.
 """
+import contextlib
+import os
 import signal
+import sys
+import threading
 
 import torch
 
@@ -26,10 +30,15 @@ class VideoFrames:
     raw=True (uint8 [T, S, S, 3] resized and cropped, mask), left for the GPU to normalise
     (`normalize_frames`), so a loader ships a quarter of the bytes. Padded slots hold zeros (raw:
     zero pixels). From `cache` (a FrameCache) for the videos it covers, else decoded from the file
-    (a cache made for the training split still serves an evaluation on another split)."""
+    (a cache made for the training split still serves an evaluation on another split).
+
+    hang_exit_s: a decode that has not returned after this many seconds ends the process (exit 2,
+    naming the file), where it runs in the calling process (a loader without workers): nothing in
+    the process can interrupt a decoder stuck in C. In a DataLoader worker the loader's timeout
+    watches instead. None: no watch."""
 
     def __init__(self, cache=None, max_frames=12, size=224, sample_fps=1.0, mean=CLIP_MEAN, std=CLIP_STD,
-                 raw=False):
+                 raw=False, hang_exit_s=None):
         if cache is not None:
             made = {k: cache.meta[k] for k in ("max_frames", "size", "sample_fps")}
             wanted = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps}
@@ -37,7 +46,7 @@ class VideoFrames:
                 raise ValueError(f"the frame cache {cache.out_dir} was made with {made}, this run needs {wanted}; "
                                  f"run `cma prepare` with those settings into another folder")
         self.cache, self.max_frames, self.size, self.sample_fps = cache, max_frames, size, sample_fps
-        self.mean, self.std, self.raw = mean, std, raw
+        self.mean, self.std, self.raw, self.hang_exit_s = mean, std, raw, hang_exit_s
 
     def __call__(self, video_id, path):
         if self.cache is not None and self.cache.covers(video_id):
@@ -45,7 +54,8 @@ class VideoFrames:
             if self.raw:   # the cache holds exactly the resized, cropped uint8 frames
                 return torch.from_numpy(frames), torch.from_numpy(mask)
         else:
-            frames, mask = sample_frames(path, self.max_frames, self.sample_fps)
+            with _exit_if_hung(path, self.hang_exit_s):
+                frames, mask = sample_frames(path, self.max_frames, self.sample_fps)
         dtype = torch.uint8 if self.raw else torch.float32
         if mask.all():   # the common case: no masked gather and scatter
             return self._preprocess(frames, dtype), torch.from_numpy(mask)
@@ -102,6 +112,30 @@ class VideoDataset(torch.utils.data.Dataset):
 
 
 LOADER_TIMEOUT_S = 600   # a loader worker silent this long is hung (decord can hang on a broken file)
+WHAT_TO_DO = ("`cma prepare` caches the frames and skips such videos (then pass --cache); a training run continues "
+              "from its last checkpoint with --resume")
+
+
+@contextlib.contextmanager
+def _exit_if_hung(path, seconds):
+    """VideoFrames.hang_exit_s: end the process, saying why, if the block has not finished reading
+    `path` in `seconds`; no watch where seconds is None or in a DataLoader worker."""
+    if seconds is None or torch.utils.data.get_worker_info() is not None:
+        yield
+        return
+    timer = threading.Timer(seconds, _hung, (path, seconds))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _hung(path, seconds):
+    print(f"error: {path}: no frames after {seconds:g} s, its video decoder hangs. {WHAT_TO_DO}", file=sys.stderr,
+          flush=True)
+    os._exit(2)   # the main thread is stuck in the decoder: no exception can reach it
 
 
 def loader_error(error, timeout=LOADER_TIMEOUT_S):
@@ -116,8 +150,7 @@ def loader_error(error, timeout=LOADER_TIMEOUT_S):
                 f"file, or the machine out of memory?")
     else:
         return None
-    return ValueError(f"{what} `cma prepare` caches the frames and skips such videos (then pass --cache); a "
-                      f"training run continues from its last checkpoint with --resume")
+    return ValueError(f"{what} {WHAT_TO_DO}")
 
 
 def batches(loader):

@@ -8,8 +8,9 @@ decord traps handled here: the reported frame count can be too high (reading tho
 hang), so indices are clamped to the frames decord can seek to, and a batch read that fails is
 retried frame by frame, dropping the frames that do not decode; the reader is dropped after each
 video (decord's memory grows on long videos otherwise). Unreadable, empty or truncated files
-raise VideoError naming the file. A read that hangs anyway can only be stopped from outside the
-process: the training loader sets a worker timeout and `cma prepare` a per-video timeout.
+raise VideoError naming the file. A read that hangs anyway cannot be interrupted: the training
+loader's workers have a timeout, `cma prepare` a per-video one, and a read in the calling process
+can end that process (`data.VideoFrames`' hang_exit_s).
 """
 import os
 

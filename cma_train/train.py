@@ -140,7 +140,8 @@ def train(cfg: TrainConfig):
     if cfg.compile:
         compile_towers(model, cfg.compile)
     frames = VideoFrames(cache, cfg.max_frames, image_size, cfg.sample_fps,
-                         raw=True)   # uint8 through the loader, normalised on the device
+                         raw=True,   # uint8 through the loader, normalised on the device
+                         hang_exit_s=LOADER_TIMEOUT_S)   # --workers 0: a hung decoder ends the run, said
     dataset = CaptionVideoDataset(ann, tokenizer, frames, cfg.max_words, model.context_length)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:

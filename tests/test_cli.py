@@ -322,6 +322,38 @@ def test_a_loader_worker_that_dies_is_one_line_wherever_it_is_noticed(tmp_path, 
     assert "`cma prepare` caches the frames" in err and "Traceback" not in err
 
 
+HANG_ON_CLIP3 = """
+import time
+import cma_model.data
+cma_model.data.LOADER_TIMEOUT_S = 3   # before cma_train imports it
+decode = cma_model.data.sample_frames
+def sample_frames(path, *args):
+    if path.endswith("clip3.mp4"):
+        time.sleep(3600)   # a decoder stuck in C code: nothing in the process interrupts it
+    return decode(path, *args)
+cma_model.data.sample_frames = sample_frames
+"""
+
+
+def test_a_decoder_that_hangs_without_loader_workers_ends_the_run_saying_so(video_set, tmp_path):
+    """--workers 0 reads videos in the training process itself, where no loader timeout watches:
+    a decoder that hangs (here on clip3.mp4, the loader's timeout cut to 3 s) ends `cma train`
+    with exit 2 and a line naming the file and saying what to do, not a hang."""
+    import time
+    jsonl, _ = video_set   # decoded from the files: no --cache
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(HANG_ON_CLIP3)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "cma_train.cli", "train", *TINY, "--dataset", "jsonl", "--root",
+                           os.path.dirname(jsonl), "--max-frames", "2", "--batch-size", "4", "--epochs", "1",
+                           "--workers", "0", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert time.monotonic() - start < 120
+    assert "clip3.mp4: no frames after 3 s, its video decoder hangs. `cma prepare` caches the frames" in done.stderr
+
+
 def test_torchrun_train_then_eval_on_two_processes(video_set, tmp_path):
     """`torchrun --nproc_per_node 2 -m cma_train.cli train/eval` (gloo on the CPU) as a user runs
     it: both exit 0, rank 0 alone writes the results, and `cma eval` spread over the two ranks
