@@ -36,6 +36,9 @@ def pick_uniform(candidates, max_frames: int):
     return np.asarray(candidates)[np.linspace(0, len(candidates) - 1, max_frames).astype(np.int64)]
 
 
+_ffmpeg_quiet = False   # require_decord silences ffmpeg's messages once
+
+
 def require_decord():
     """decord, or ValueError saying how to get it (PyPI has decord wheels for x86-64 only, so an
     ARM machine such as a Grace Hopper node installs cma without it: a frame cache made elsewhere
@@ -54,9 +57,6 @@ def require_decord():
         decord.logging.set_level(decord.logging.QUIET)
         _ffmpeg_quiet = True
     return decord
-
-
-_ffmpeg_quiet = False
 
 
 def _open(path):
