@@ -231,7 +231,7 @@ def train(cfg: TrainConfig):
         drop_records_after(log_path, step, evaluated_step)
     log = open(log_path, "a" if cfg.resume else "w") if rank == 0 else None
     writer = _tensorboard(cfg) if rank == 0 else None
-    losses, unread_in_a_row, rate, first_step = [], 0, 0.0, step
+    losses, unread_in_a_row, first_step = [], 0, step
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     if rank == 0:
         todo = f"steps {step + 1}-{last_step} of {total_steps}" if step < last_step else "no step left to run"
@@ -249,13 +249,14 @@ def train(cfg: TrainConfig):
             epoch, in_epoch = divmod(step, steps_per_epoch)
             order = epoch_order(len(dataset), cfg.seed, epoch)[: steps_per_epoch * cfg.batch_size]
             mine = order[rank::world][in_epoch * local_batch:]
-            epoch_losses = []   # this epoch's, in this run
+            epoch_losses, epoch_times = [], []   # this epoch's, in this run; (step, of it waiting for data) seconds
             loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=mine,
                                                  num_workers=cfg.workers, collate_fn=collate, persistent_workers=False,
                                                  timeout=LOADER_TIMEOUT_S if cfg.workers else 0,
                                                  pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+            ready = time.perf_counter()   # from here to the batch's arrival: waiting for data
             for batch in batches(loader):
-                t0 = time.perf_counter()
+                wait = time.perf_counter() - ready
                 for reason in batch["skipped"]:
                     skipped[reason.split(":")[0]] = reason
                 optimizer.zero_grad(set_to_none=True)
@@ -264,6 +265,8 @@ def train(cfg: TrainConfig):
                 optimizer.step()   # no gradients (no video of the global batch was readable): no update
                 scheduler.step()
                 step += 1
+                took = time.perf_counter() - ready   # the step, its wait for data included (loss.item(): synced)
+                epoch_times.append((took, wait))
                 if loss is None:   # the step still counts: the schedule, and a resumed run, stay the same
                     unread_in_a_row += 1
                     if unread_in_a_row == EMPTY_BATCHES_STOP:   # the run stops: what it learnt stays
@@ -277,10 +280,9 @@ def train(cfg: TrainConfig):
                     if not math.isfinite(losses[-1]):
                         hint = " (--resume then continues from the last checkpoint)" if os.path.isfile(latest) else ""
                         raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr{hint}")
-                    rate = cfg.batch_size / (time.perf_counter() - t0)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                    vid_s=f"{rate:.1f}")
-                    record = {"loss": losses[-1], "videos_per_s": rate}
+                                    vid_s=f"{cfg.batch_size / took:.1f}", data_wait=f"{wait / took:.0%}")
+                    record = {"loss": losses[-1], "videos_per_s": cfg.batch_size / took, "data_wait_s": wait}
                     if writer:
                         writer.add_scalar("train/loss", losses[-1], step)
                 bar.update(1)
@@ -301,9 +303,12 @@ def train(cfg: TrainConfig):
                 if step == last_step or step % steps_per_epoch == 0:
                     if say_epochs:
                         mean = f"mean loss {sum(epoch_losses) / len(epoch_losses):.4f}" if epoch_losses else "no loss"
-                        print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}/{last_step}, {mean}, {rate:.1f} videos/s",
-                              flush=True)
+                        seconds, waited = map(sum, zip(*epoch_times))
+                        print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}/{last_step}, {mean}, "
+                              f"{cfg.batch_size * len(epoch_times) / seconds:.1f} videos/s ({waited / seconds:.0%} of "
+                              f"the time waiting for data)", flush=True)
                     break
+                ready = time.perf_counter()   # checkpoints and evaluations are not the next step's wait
     bar.close()
     if rank == 0:
         save_checkpoint(os.path.join(cfg.out, "adapters.pt"), adapters_file(model, cfg))

@@ -335,6 +335,30 @@ def test_unreadable_videos_are_skipped_named_and_left_out_of_the_evaluation(vide
         _evaluate(result["model"], cfg, test_ann, torch.device("cpu"))
 
 
+def test_the_time_spent_waiting_for_data_is_measured_and_said(tmp_path, monkeypatch, capsys):
+    """Loading that takes 0.2 s a video (4 per step, in this process) is logged as each step's
+    data_wait_s and counted in its videos/s; the epoch line's videos/s and share of the time spent
+    waiting for data are those of the logged steps (to its rounding)."""
+    import re
+    import time
+    jsonl, cache = write_frame_cache_set(tmp_path / "data")
+    read = CaptionVideoDataset.__getitem__
+    monkeypatch.setattr(CaptionVideoDataset, "__getitem__", lambda self, i: time.sleep(0.2) or read(self, i))
+    train(tiny_config(jsonl, cache, tmp_path / "run", batch_size=4, epochs=1))
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(records) == 2
+    for r in records:
+        assert r["data_wait_s"] >= 0.8, r
+        assert r["videos_per_s"] <= 4 / r["data_wait_s"], r   # the wait is part of the step's time
+    seconds = sum(4 / r["videos_per_s"] for r in records)
+    waited = sum(r["data_wait_s"] for r in records)
+    said = re.search(r"epoch 1/1: step 2/2, mean loss [0-9.]+, ([0-9.]+) videos/s \(([0-9]+)% of the time waiting "
+                     r"for data\)", capsys.readouterr().out)
+    assert said, "no epoch line"
+    assert float(said[1]) == pytest.approx(8 / seconds, abs=0.051)
+    assert abs(int(said[2]) - 100 * waited / seconds) <= 0.51
+
+
 def _unreadable(captions):
     """A CaptionVideoDataset.__getitem__ for which the videos of these caption indices cannot be
     read: their items come back as a broken file's do (loader workers=0: in this process)."""
