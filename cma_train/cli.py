@@ -429,6 +429,14 @@ def main(argv=None):
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    code = _run(args, rest)
+    if code == 0:
+        _close_process_group()
+    return code
+
+
+def _run(args, rest):
+    """The command's exit code; one line on stderr, no traceback, for the errors a user can act on."""
     try:
         if args.command == "bench":
             return cmd_bench(args, rest)
@@ -450,16 +458,18 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             hint = "continue with the same command and --resume" if args.command == "train" else "run it again"
             print(f"cma {args.command}: {stopped}\n{hint}", file=sys.stderr)
+        _close_process_group()   # every rank stopped after the same step: they leave the group together
         return 128 + stopped.signum
     except KeyboardInterrupt:   # a second Ctrl-C in training, or one in eval / prepare / demo
         print(f"\ncma {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
-    finally:
-        _close_process_group()
 
 
 def _close_process_group():
-    """torchrun runs: leave the process group the trainer opened (torch warns at exit otherwise)."""
+    """torchrun runs: leave the process group the trainer opened (torch warns at exit otherwise).
+    Only after a command that finished, or that a signal stopped cleanly (every rank then stops after
+    the same step): destroying an NCCL group while other ranks still wait in a collective for this one
+    (its loader hung, its disk is full) can block for good, so a rank that fails alone exits without."""
     dist = sys.modules.get("torch.distributed")   # not imported: no group to leave (and no torch to load)
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -240,6 +240,31 @@ def test_a_stop_of_every_rank_is_said_once_under_torchrun(monkeypatch, capsys, r
     assert said == (f"cma train: error: {message}\n" if rank == "0" else ""), said
 
 
+@pytest.mark.parametrize("outcome, leaves", [("finished", True), ("stopped by a signal", True),
+                                             ("failed on this rank", False)])
+def test_a_rank_leaves_the_process_group_only_where_every_rank_stops_with_it(monkeypatch, outcome, leaves):
+    """Under torchrun a rank destroys its process group after a command that finished or that a
+    signal stopped (every rank after the same step), not after an error of its own: NCCL's destroy
+    can block for good while the other ranks wait for this one in a collective."""
+    import signal
+
+    import cma_train.cli as cli
+    from cma_train.signals import TrainingStopped
+    left = []
+    monkeypatch.setattr(cli, "_close_process_group", lambda: left.append(1))
+
+    def run(args):
+        if outcome == "stopped by a signal":
+            raise TrainingStopped(signal.SIGTERM, 3, "checkpoint_latest.pt")
+        if outcome == "failed on this rank":
+            raise ValueError("no batch from the data-loading workers in 600 s")
+        return 0
+    monkeypatch.setattr(cli, "cmd_eval", run)
+    code = main(["eval", *TINY, "--dataset", "jsonl", "--root", "x.jsonl"])
+    assert code == {"finished": 0, "stopped by a signal": 128 + signal.SIGTERM, "failed on this rank": 2}[outcome]
+    assert left == ([1] if leaves else [])
+
+
 def test_out_of_gpu_memory_in_eval_is_one_line(video_set, tmp_path, monkeypatch, capsys):
     """What evaluate() cannot fit even in smaller passes ends `cma eval` with one line."""
     import cma_train.cli as cli
@@ -335,9 +360,11 @@ cma_model.data.sample_frames = sample_frames
 """
 
 
-def test_a_decoder_that_hangs_without_loader_workers_ends_the_run_saying_so(video_set, tmp_path):
-    """--workers 0 reads videos in the training process itself, where no loader timeout watches:
-    a decoder that hangs (here on clip3.mp4, the loader's timeout cut to 3 s) ends `cma train`
+@pytest.mark.parametrize("command", [["train", "--batch-size", "4", "--epochs", "1", "--out", "run"],
+                                     ["eval", "--results", "results.json"]])
+def test_a_decoder_that_hangs_without_loader_workers_ends_the_run_saying_so(video_set, tmp_path, command):
+    """--workers 0 reads videos in the process itself, where no loader timeout watches: a decoder
+    that hangs (here on clip3.mp4, the loader's timeout cut to 3 s) ends `cma train` or `cma eval`
     with exit 2 and a line naming the file and saying what to do, not a hang."""
     import time
     jsonl, _ = video_set   # decoded from the files: no --cache
@@ -345,10 +372,9 @@ def test_a_decoder_that_hangs_without_loader_workers_ends_the_run_saying_so(vide
     (tmp_path / "hook" / "sitecustomize.py").write_text(HANG_ON_CLIP3)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])}
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "cma_train.cli", "train", *TINY, "--dataset", "jsonl", "--root",
-                           os.path.dirname(jsonl), "--max-frames", "2", "--batch-size", "4", "--epochs", "1",
-                           "--workers", "0", "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "cma_train.cli", *command, *TINY, "--dataset", "jsonl", "--root",
+                           os.path.dirname(jsonl), "--max-frames", "2", "--workers", "0"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert time.monotonic() - start < 120
     assert "clip3.mp4: no frames after 3 s, its video decoder hangs. `cma prepare` caches the frames" in done.stderr
