@@ -133,8 +133,8 @@ def _exit_if_hung(path, seconds):
 
 
 def _hung(path, seconds):
-    print(f"error: {path}: no frames after {seconds:g} s, its video decoder hangs. {WHAT_TO_DO}", file=sys.stderr,
-          flush=True)
+    print(f"\nerror: {path}: no frames after {seconds:g} s, its video decoder hangs. {WHAT_TO_DO}",   # past a bar
+          file=sys.stderr, flush=True)
     os._exit(2)   # the main thread is stuck in the decoder: no exception can reach it
 
 

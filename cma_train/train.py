@@ -284,7 +284,8 @@ def train(cfg: TrainConfig):
                                     vid_s=f"{cfg.batch_size / took:.1f}", data_wait=f"{wait / took:.0%}")
                     record = {"loss": losses[-1], "videos_per_s": cfg.batch_size / took, "data_wait_s": wait}
                     if writer:
-                        writer.add_scalar("train/loss", losses[-1], step)
+                        for name, value in record.items():
+                            writer.add_scalar(f"train/{name}", value, step)
                 bar.update(1)
                 if log:
                     log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch,

@@ -359,6 +359,21 @@ def test_the_time_spent_waiting_for_data_is_measured_and_said(tmp_path, monkeypa
     assert abs(int(said[2]) - 100 * waited / seconds) <= 0.51
 
 
+def test_tensorboard_gets_what_metrics_jsonl_logs(tmp_path):
+    """--tensorboard: each step's loss, videos/s and wait for data, as metrics.jsonl has them (float32
+    in the event file). Runs where tensorboard is installed (not a test dependency)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    jsonl, cache = write_frame_cache_set(tmp_path / "data")
+    train(tiny_config(jsonl, cache, tmp_path / "run", batch_size=4, epochs=1, tensorboard=True))
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    for name in ("loss", "videos_per_s", "data_wait_s"):
+        logged = [(e.step, e.value) for e in events.Scalars(f"train/{name}")]
+        assert logged == [(r["step"], pytest.approx(r[name], rel=1e-6, abs=1e-7)) for r in records], name
+
+
 def _unreadable(captions):
     """A CaptionVideoDataset.__getitem__ for which the videos of these caption indices cannot be
     read: their items come back as a broken file's do (loader workers=0: in this process)."""
