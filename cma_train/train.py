@@ -280,9 +280,9 @@ def train(cfg: TrainConfig):
                     if not math.isfinite(losses[-1]):
                         hint = " (--resume then continues from the last checkpoint)" if os.path.isfile(latest) else ""
                         raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr{hint}")
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                    vid_s=f"{cfg.batch_size / took:.1f}", data_wait=f"{wait / took:.0%}")
                     record = {"loss": losses[-1], "videos_per_s": cfg.batch_size / took, "data_wait_s": wait}
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                    vid_s=f"{record['videos_per_s']:.1f}", data_wait=f"{wait / took:.0%}")
                     if writer:
                         for name, value in record.items():
                             writer.add_scalar(f"train/{name}", value, step)
