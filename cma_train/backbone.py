@@ -1,6 +1,7 @@
 """The backbone a run trains: an open_clip model by name (--model) or by config (--model-config), its
 weights (--pretrained: an open_clip checkpoint file or tag, or OpenAI's own TorchScript CLIP file)
-with the activation they were trained with, and the cross-modal adapters on it."""
+with the activation they were trained with, the cross-modal adapters on it, and the dtype its towers
+run in (--precision)."""
 import os
 import warnings
 import zipfile
@@ -14,6 +15,24 @@ from cma_model.frozen_block import store_frozen_linears
 from cma_train.config import TrainConfig, architecture
 
 OPENAI_JIT_METADATA = ("input_resolution", "context_length", "vocab_size")   # in the state dict, not weights
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """The dtype the towers run in under autocast for --precision (config.PRECISIONS) on `device`;
+    None for fp32 (no autocast). auto: bf16 on a GPU with native bf16 (compute capability 8.0+:
+    A100, H100, RTX 30xx and later), fp16 on an older one (V100, T4: the trainer scales the loss),
+    fp32 on the CPU. ValueError for bf16 on a GPU without bf16 tensor cores."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+    if precision == "bf16" and not native_bf16:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"--precision bf16: the {torch.cuda.get_device_name(device)} (compute capability "
+                         f"{major}.{minor}) has no bf16, which needs 8.0 or newer; use --precision fp16 (auto picks "
+                         f"it)")
+    if precision == "auto":
+        precision = "bf16" if native_bf16 else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def openai_jit_state_dict(path):
@@ -111,8 +130,9 @@ def build_model(cfg: TrainConfig, device):
                          f"{model.context_length} tokens: set --max-words in [2, {model.context_length}] {unset}")
     add_cross_modal_adapters(model, CrossModalAdapterConfig(cfg.reduction_dim, cfg.shared_dim, cfg.activation,
                                                            dropout=cfg.dropout), backend=cfg.backend)
-    if device.type == "cuda" and cfg.backend != "reference":   # bf16 autocast on CUDA: bit-identical, leaner
-        store_frozen_linears(model)
+    dtype = autocast_dtype(cfg.precision, device)
+    if dtype is not None and cfg.backend != "reference":   # the dtype autocast casts them to: bit-identical, leaner
+        store_frozen_linears(model, dtype)
     return model, tokenizer_for(cfg), image_size(model)
 
 

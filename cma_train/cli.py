@@ -64,6 +64,8 @@ HELP = {
                   "the adapters with the best t2v R@1 as adapters_best.pt (0: after training only)",
     "tensorboard": "also log to OUT/tensorboard (needs the tensorboard package)",
     "device": "auto, cpu or cuda",
+    "precision": "dtype the towers run in: auto (bf16 on GPUs of compute capability 8.0+, fp16 with loss scaling "
+                 "on older ones such as V100 and T4, fp32 on CPU), bf16, fp16 or fp32",
     "max_steps": "stop after N steps in total (0: run all epochs)",
     "progress": "show progress bars",
 }
@@ -251,7 +253,7 @@ def _evaluate(model, cfg, ann, device, cache=None):
                          raw=True,   # uint8 through the loader, normalised on the device
                          hang_exit_s=LOADER_TIMEOUT_S)   # --workers 0: a hung decoder ends the run, said
     return evaluate(model, tokenizer_for(cfg), ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
-                    workers=cfg.workers, device=device, progress=cfg.progress)
+                    workers=cfg.workers, device=device, progress=cfg.progress, precision=cfg.precision)
 
 
 def cmd_eval(args):

@@ -21,6 +21,11 @@ PAPER_RECIPES = {
 }
 
 
+# auto: bf16 on a GPU with native bf16 (compute capability 8.0+), fp16 with loss scaling on older
+# GPUs (V100, T4), fp32 on the CPU.
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
 def paper_recipe(dataset):
     """{setting: value} of the paper's recipe for `dataset` (MSR-VTT's for jsonl and unknown names)."""
     return PAPER_RECIPES.get(dataset, PAPER_RECIPES["msrvtt"])
@@ -95,6 +100,7 @@ class TrainConfig:
     eval_every: int = 0           # also evaluate every N epochs during training (0: after training only)
     tensorboard: bool = False
     device: str = "auto"
+    precision: str = "auto"       # autocast dtype of the towers (PRECISIONS; cma_train.backbone.autocast_dtype)
     max_steps: int = 0            # stop after this many steps in total (0: all epochs); for smoke tests
     progress: bool = True
 
@@ -148,6 +154,8 @@ class TrainConfig:
                              "(it keeps open_clip's own block as the reference); use --backend auto or triton")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was given but no CUDA device is available; use --device cpu or auto")
         if self.backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

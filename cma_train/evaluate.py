@@ -23,6 +23,7 @@ from cma_model.data import LOADER_TIMEOUT_S, VideoDataset, batches, collate, ign
 from cma_model.losses import similarity
 from cma_model.metrics import multi_caption_metrics
 from cma_model.retrieval import encode_frames, encode_text
+from cma_train.backbone import autocast_dtype
 
 
 def _rank_world():
@@ -44,15 +45,17 @@ def _sum_over_ranks(*tensors):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, max_words=32, batch_size=32,
-             workers=2, device=None, progress=True):
-    """Metrics of `model` on annotations `ann` with frames from a VideoFrames. Returns
-    {"t2v": {...}, "v2t": {...}, "num_videos", "num_captions", "skipped": {video id: reason}},
-    the same on every rank when torch.distributed is initialised (call it on all ranks then)."""
+             workers=2, device=None, progress=True, precision="auto"):
+    """Metrics of `model` on annotations `ann` with frames from a VideoFrames, the towers under
+    autocast to `precision` (backbone.autocast_dtype). Returns {"t2v": {...}, "v2t": {...},
+    "num_videos", "num_captions", "skipped": {video id: reason}}, the same on every rank when
+    torch.distributed is initialised (call it on all ranks then)."""
     device = device or next(model.parameters()).device
     rank, world = _rank_world()
     was_training = model.training
     model.eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    dtype = autocast_dtype(precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     n_videos, n_captions, dim = len(ann.video_ids), len(ann.captions), model.visual.output_dim
     tokens = tokenize(tokenizer, ann.captions, max_words, model.context_length)
     text = torch.zeros(n_captions, dim, device=device)

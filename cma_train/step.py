@@ -20,13 +20,16 @@ from tqdm import tqdm
 
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import gather_with_grad
+from cma_train.backbone import autocast_dtype
 
 
-def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
+def train_step(forward, logit_scale, batch, cfg, device, to_input=None, scaler=None):
     """Loss of the global batch (features gathered across ranks), back-propagated, the adapter
     gradients summed over ranks; returns the loss. forward: a RetrievalForward; to_input(frames,
     device): the loader's frames -> model input on the device (VideoFrames.to_model_input: raw
-    uint8 frames are normalised there); default: moved as they are.
+    uint8 frames are normalised there); default: moved as they are. The towers run under autocast
+    to cfg.precision's dtype; scaler: a torch.amp.GradScaler (--precision fp16) that scales the
+    loss before backward (the gradients stay scaled: the caller unscales them).
 
     cfg.micro_batch < the local batch: the same loss and gradients with the activations of only
     micro_batch videos alive at a time (gradient caching): embed the whole batch in chunks without
@@ -37,18 +40,20 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
     A batch without "frames" (none of its videos could be read): this rank takes part with no
     videos; returns None, and back-propagates nothing, where no rank had one."""
     world = dist.get_world_size() if dist.is_initialized() else 1
+    scale = scaler.scale if scaler is not None else (lambda loss: loss)
     if "frames" not in batch:
         return _step_without_videos(forward, logit_scale, cfg, device, world)
     to_input = to_input or (lambda frames, device: frames.to(device))
     mask, tokens = batch["mask"].to(device, non_blocking=True), batch["tokens"].to(device, non_blocking=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    dtype = autocast_dtype(cfg.precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     chunk = cfg.micro_batch or len(tokens)
     if chunk >= len(tokens):
         with _every_rank_fits(device, world), autocast:
             frame_feats, text_feats = forward(to_input(batch["frames"], device), mask, tokens)
         loss = _global_loss(frame_feats.float(), text_feats.float(), mask, logit_scale, cfg)
         with _every_rank_fits(device, world):
-            loss.backward()
+            scale(loss).backward()
         _sum_grads_over_ranks(forward, world)
         return loss.detach()
     frames = batch["frames"].to(device, non_blocking=True)   # as loaded (uint8): normalised a chunk at a time
@@ -59,7 +64,7 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None):
     text_feats = torch.cat([t for _, t in feats]).float().requires_grad_()    # [B_local, E]
     loss = _global_loss(frame_feats, text_feats, mask, logit_scale, cfg)
     with _every_rank_fits(device, world):
-        loss.backward()   # gradients of the embeddings only
+        scale(loss).backward()   # gradients of the embeddings only
         grads = zip(frame_feats.grad.split(chunk), text_feats.grad.split(chunk))
         for i, ((f, m, t), (frame_grad, text_grad)) in enumerate(zip(chunks, grads)):
             with autocast:
@@ -127,14 +132,14 @@ def _sum_grads_over_ranks(module, world):
         p.grad = summed.view_as(p)
 
 
-def step_within_memory(forward, logit_scale, batch, cfg, device, to_input, world):
+def step_within_memory(forward, logit_scale, batch, cfg, device, to_input, world, scaler=None):
     """train_step; where a process runs out of GPU memory, the same step again with half the
     videos per pass (cfg.micro_batch, down to 1) on every rank, said in a note: gradient caching
     gives the same gradients, so the run is the one it would have been. With dropout (a second
     forward draws new masks) the error stands."""
     while True:
         try:
-            return train_step(forward, logit_scale, batch, cfg, device, to_input)
+            return train_step(forward, logit_scale, batch, cfg, device, to_input, scaler)
         except torch.OutOfMemoryError:
             per_pass = cfg.micro_batch or cfg.batch_size // world   # the same on every rank
             if cfg.dropout > 0 or per_pass <= 1:

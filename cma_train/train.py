@@ -21,6 +21,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from cma_model.data import (LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, 
 from cma_model.datasets import load_annotations
 from cma_model.retrieval import RetrievalForward, compile_towers
 from cma_model.video import require_decord
-from cma_train.backbone import build_model
+from cma_train.backbone import autocast_dtype, build_model
 from cma_train.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, adapters_file, drop_records_after,
                                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from cma_train.config import TrainConfig
@@ -50,6 +51,11 @@ EMPTY_BATCHES_STOP = 5   # global batches in a row without a readable video that
 # step's collectives meanwhile and must not time out first: NCCL's default timeout (10 minutes, the
 # loader's too) would kill every rank with its watchdog's trace instead of that message.
 PROCESS_GROUP_TIMEOUT_S = LOADER_TIMEOUT_S + 300
+# --precision fp16: the loss scale starts at torch's default and halves at each step whose gradients
+# overflow (that step updates nothing); this many such steps in a row stop the run, which would
+# otherwise go on learning nothing
+FP16_INIT_SCALE = 2.0 ** 16
+FP16_OVERFLOWS_STOP = 20
 
 
 def param_groups(model, weight_decay):
@@ -119,6 +125,7 @@ def train(cfg: TrainConfig):
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
     device = _device(cfg, rank)
+    dtype = autocast_dtype(cfg.precision, device)   # bf16 on a GPU without it fails here, not after the model
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -159,6 +166,9 @@ def train(cfg: TrainConfig):
                 dist.broadcast(p.data, 0)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                   fused=device.type == "cuda")   # one kernel for all adapter tensors
+    # fp16 gradients would underflow: the loss is scaled up before backward, the gradients unscaled before
+    # clipping (disabled, the scaler passes everything through)
+    scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE, enabled=dtype == torch.float16)
     schedule = cosine_with_warmup(total_steps, cfg.warmup)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step, skipped = 0, {}
@@ -181,6 +191,8 @@ def train(cfg: TrainConfig):
                          weight_decay=fresh["weight_decay"])
         scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
         best, evaluated_step = ckpt.get("best"), ckpt.get("evaluated_step", -1)
+        if scaler.is_enabled() and ckpt.get("scaler"):   # a run that was fp16 before: its loss scale goes on
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
 
     written = None   # (step, evaluated_step) of the last checkpoint written: the state it holds
@@ -197,14 +209,15 @@ def train(cfg: TrainConfig):
             save_checkpoint(latest, {"format": CHECKPOINT_FORMAT, "adapters": adapter_state_dict(model),
                                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                      "step": step, "config": _plain(cfg), "rng": rng_state(), "skipped": skipped,
-                                     "best": best, "evaluated_step": evaluated_step})
+                                     "best": best, "evaluated_step": evaluated_step,
+                                     "scaler": scaler.state_dict() if scaler.is_enabled() else None})
 
     def run_eval():
         """Evaluate on eval_split (every rank takes part), log it, keep the best adapters, checkpoint."""
         nonlocal best, evaluated_step
         bar.clear()
         res = evaluate(model, tokenizer, eval_ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
-                       workers=cfg.workers, device=device, progress=cfg.progress)
+                       workers=cfg.workers, device=device, progress=cfg.progress, precision=cfg.precision)
         evaluated_step = step
         if best is None or res["t2v"]["R1"] > best["t2v"]["R1"]:
             best = {"step": step, "epoch": step / steps_per_epoch, "t2v": res["t2v"], "v2t": res["v2t"]}
@@ -231,7 +244,7 @@ def train(cfg: TrainConfig):
         drop_records_after(log_path, step, evaluated_step)
     log = open(log_path, "a" if cfg.resume else "w") if rank == 0 else None
     writer = _tensorboard(cfg) if rank == 0 else None
-    losses, unread_in_a_row, first_step = [], 0, step
+    losses, unread_in_a_row, overflows_in_a_row, first_step = [], 0, 0, step
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     if rank == 0:
         todo = f"steps {step + 1}-{last_step} of {total_steps}" if step < last_step else "no step left to run"
@@ -260,10 +273,18 @@ def train(cfg: TrainConfig):
                 for reason in batch["skipped"]:
                     skipped[reason.split(":")[0]] = reason
                 optimizer.zero_grad(set_to_none=True)
-                loss = step_within_memory(forward, model.logit_scale, batch, cfg, device, frames.to_model_input, world)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()   # no gradients (no video of the global batch was readable): no update
-                scheduler.step()
+                loss = step_within_memory(forward, model.logit_scale, batch, cfg, device, frames.to_model_input, world,
+                                          scaler)
+                if loss is not None:   # else no gradients (no video of the global batch was readable): no update
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    scale = scaler.get_scale()
+                    scaler.step(optimizer)   # skipped where the fp16 gradients overflowed
+                    scaler.update()
+                with warnings.catch_warnings():   # a first step without an update (skipped by the fp16 loss
+                    if step == first_step:        # scaler, or no readable video) is not a misuse
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    scheduler.step()
                 step += 1
                 took = time.perf_counter() - ready   # the step, its wait for data included (loss.item(): synced)
                 epoch_times.append((took, wait))
@@ -279,8 +300,19 @@ def train(cfg: TrainConfig):
                     epoch_losses.append(losses[-1])
                     if not math.isfinite(losses[-1]):
                         hint = " (--resume then continues from the last checkpoint)" if os.path.isfile(latest) else ""
-                        raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr{hint}")
+                        fp16 = ", or train with --precision fp32 (fp16 ends at 65504)" if scaler.is_enabled() else ""
+                        raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr{fp16}{hint}")
                     record = {"loss": losses[-1], "videos_per_s": cfg.batch_size / took, "data_wait_s": wait}
+                    if scaler.is_enabled():
+                        record["loss_scale"] = scale
+                        overflows_in_a_row = overflows_in_a_row + 1 if scaler.get_scale() < scale else 0
+                        if overflows_in_a_row == FP16_OVERFLOWS_STOP:
+                            checkpoint()   # for the resume in another precision
+                            raise FloatingPointError(
+                                f"the fp16 gradients overflowed in {overflows_in_a_row} steps in a row (steps "
+                                f"{step - overflows_in_a_row + 1}-{step}; loss scale now {scaler.get_scale():g}), "
+                                f"which updated nothing: train with --precision fp32, or bf16 on a GPU that has it "
+                                f"(`--resume --precision fp32` continues from the last checkpoint)")
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                     vid_s=f"{record['videos_per_s']:.1f}", data_wait=f"{wait / took:.0%}")
                     if writer:

@@ -1,6 +1,6 @@
 """cma_train.backbone: the model a run trains, by name or config, with its weights (open_clip's, or
-OpenAI's own TorchScript file) and the activation they were trained with, and the bounds the model
-sets on the recipe."""
+OpenAI's own TorchScript file) and the activation they were trained with, the bounds the model
+sets on the recipe, and the dtype --precision runs the towers in."""
 import json
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_TRAIN_CLIP, write_openai_style_clip
 
 from cma_model import adapter_modules
-from cma_train.backbone import build_model, model_from_config
+from cma_train.backbone import autocast_dtype, build_model, model_from_config
 from cma_train.config import TrainConfig
 
 
@@ -25,6 +25,39 @@ def test_recipe_values_the_model_cannot_take_name_their_flag():
     cfg.max_words = context
     model, _, _ = build_model(cfg, torch.device("cpu"))
     assert model.transformer.resblocks[0].adapter_mlp.shared.weight.shape == (16, 16)   # [d_s, r]
+
+
+# (GPU compute capability, --precision) -> the autocast dtype, None = fp32 without autocast
+PRECISION_ON_GPU = [((9, 0), "auto", torch.bfloat16), ((8, 0), "auto", torch.bfloat16), ((7, 5), "auto", torch.float16),
+                    ((7, 0), "auto", torch.float16), ((7, 5), "fp16", torch.float16), ((9, 0), "fp16", torch.float16),
+                    ((9, 0), "fp32", None), ((7, 0), "fp32", None), ((8, 6), "bf16", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("capability, precision, dtype", PRECISION_ON_GPU)
+def test_precision_picks_bf16_where_the_gpu_has_it_and_fp16_before(monkeypatch, capability, precision, dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert autocast_dtype(precision, torch.device("cuda", 0)) == dtype
+
+
+def test_precision_bf16_on_a_gpu_without_it_is_refused_naming_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match=r"--precision bf16: the Tesla T4 \(compute capability 7\.5\) has no bf16, "
+                                         r"which needs 8\.0 or newer; use --precision fp16"):
+        autocast_dtype("bf16", torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("precision, dtype", [("auto", None), ("fp32", None), ("bf16", torch.bfloat16),
+                                              ("fp16", torch.float16)])
+def test_precision_on_the_cpu_is_fp32_unless_asked_and_stores_frozen_linears_in_it(precision, dtype):
+    """auto is fp32 on the CPU; asked for, 16 bits run there too, and the model's frozen linears are
+    stored in that dtype (the one autocast casts them to), the norms and adapters not."""
+    assert autocast_dtype(precision, torch.device("cpu")) == dtype
+    cfg = TrainConfig(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", max_words=12, precision=precision)
+    model, _, _ = build_model(cfg, torch.device("cpu"))
+    block = model.visual.transformer.resblocks[0]
+    assert block.mlp.c_fc.weight.dtype == block.attn.in_proj_weight.dtype == (dtype or torch.float32)
+    assert block.ln_1.weight.dtype == block.adapter_mlp.w_down.dtype == torch.float32
 
 
 @pytest.mark.parametrize("extra", [{}, {"custom_text": True}, {"quick_gelu": True}])

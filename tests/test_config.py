@@ -38,6 +38,8 @@ def test_config_errors(tmp_path):
         TrainConfig(pretrained="none", eval_every=1).validate()
     with pytest.raises(ValueError, match="eval_every must be >= 0"):
         TrainConfig(pretrained="none", eval_every=-1, eval_split="test").validate()
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp16, fp32, got 'half'"):
+        TrainConfig(pretrained="none", precision="half").validate()
     with pytest.raises(ValueError, match="micro_batch must be >= 0"):
         TrainConfig(pretrained="none", micro_batch=-1).validate()
     (tmp_path / "a_file").write_text("")

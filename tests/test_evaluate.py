@@ -57,3 +57,29 @@ def test_out_of_gpu_memory_encodes_fewer_videos_per_pass(video_set, monkeypatch,
     assert [line for line in err.splitlines() if line.startswith("note:")] == [
         "note: out of GPU memory while evaluating; encoding 4 video(s) per pass",
         "note: out of GPU memory while evaluating; encoding 2 video(s) per pass"]
+
+
+@pytest.mark.parametrize("precision, dtype", [("auto", torch.float32), ("fp16", torch.float16),
+                                              ("bf16", torch.bfloat16)])
+def test_precision_sets_the_dtype_both_towers_encode_in(video_set, monkeypatch, precision, dtype):
+    """evaluate(precision=...) encodes captions and videos under autocast to that dtype (auto on
+    the CPU: fp32), and scores all 8 videos with finite similarities either way."""
+    import cma_train.evaluate as evaluate_module
+    jsonl, cache = video_set
+    cfg = TrainConfig(model_config=TINY_TRAIN_CLIP, pretrained="none", max_words=12)
+    model, _, size = build_model(cfg, torch.device("cpu"))
+    seen = []
+
+    def recording(encode):
+        def encode_and_record(*args):
+            out = encode(*args)
+            seen.append(out.dtype)
+            return out
+        return encode_and_record
+    for name in ("encode_frames", "encode_text"):
+        monkeypatch.setattr(evaluate_module, name, recording(getattr(evaluate_module, name)))
+    result = evaluate(model, open_clip.get_tokenizer("ViT-B-32"), load_annotations("jsonl", jsonl),
+                      VideoFrames(FrameCache(cache), 12, size), "softmax", max_words=12, workers=0, progress=False,
+                      precision=precision)
+    assert set(seen) == {dtype} and len(seen) >= 2
+    assert result["num_videos"] == 8 and 0 <= result["t2v"]["R1"] <= 100

@@ -66,6 +66,51 @@ def test_resume_reproduces_the_uninterrupted_run(video_set, tmp_path):
     assert ckpt["step"] == 5 and ckpt["config"]["batch_size"] == 4
 
 
+def test_fp16_trains_like_fp32_and_resumes_exactly(video_set, tmp_path):
+    """--precision fp16 (autocast to fp16 and a loss scale; here on the CPU, as on a V100 or T4): the
+    losses of fp32 within fp16 noise (1e-2 relative), the loss scale logged per step, and a run cut
+    after 3 steps and resumed gives the uninterrupted run's losses."""
+    jsonl, cache = video_set
+    kw = dict(batch_size=4, epochs=3, max_steps=5)
+    fp32 = train(tiny_config(jsonl, cache, tmp_path / "fp32", **kw))["losses"]
+    fp16 = train(tiny_config(jsonl, cache, tmp_path / "full", precision="fp16", **kw))["losses"]
+    first = train(tiny_config(jsonl, cache, tmp_path / "cut", precision="fp16", **dict(kw, max_steps=3)))["losses"]
+    rest = train(tiny_config(jsonl, cache, tmp_path / "cut", precision="fp16", resume=True, **kw))["losses"]
+    assert fp16 == pytest.approx(fp32, rel=1e-2) and fp16 != pytest.approx(fp32, rel=1e-6)   # fp16 did run
+    assert first + rest == pytest.approx(fp16, rel=1e-6, abs=1e-7)
+    logged = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [r["loss_scale"] for r in logged] == [2.0 ** 16] * 5
+    assert "loss_scale" not in json.loads(open(tmp_path / "fp32" / "metrics.jsonl").readline())
+
+
+def test_fp16_overflows_lower_the_loss_scale_across_a_resume_and_stop_a_run_that_learns_nothing(video_set, tmp_path,
+                                                                                                  monkeypatch):
+    """A loss scale of 2^60 makes every fp16 gradient overflow: each step updates nothing and halves
+    the scale, the checkpoint keeps the scale reached and a resumed run goes on from it, and
+    FP16_OVERFLOWS_STOP such steps in a row stop the run with a checkpoint and what to do: resume
+    in fp32."""
+    import cma_train.train as train_module
+    jsonl, cache = video_set
+    monkeypatch.setattr(train_module, "FP16_INIT_SCALE", 2.0 ** 60)
+    monkeypatch.setattr(train_module, "FP16_OVERFLOWS_STOP", 4)
+    kw = dict(batch_size=4, epochs=3, precision="fp16")
+    before = train(tiny_config(jsonl, cache, tmp_path / "cut", max_steps=2, **kw))["model"]
+    before = {k: v.clone() for k, v in before.state_dict().items() if "adapter" in k}
+    assert load_checkpoint(str(tmp_path / "cut" / "checkpoint_latest.pt"))["scaler"]["scale"] == 2.0 ** 58
+    after = train(tiny_config(jsonl, cache, tmp_path / "cut", max_steps=3, resume=True, **kw))["model"].state_dict()
+    logged = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert [r["loss_scale"] for r in logged] == [2.0 ** 60, 2.0 ** 59, 2.0 ** 58]
+    assert before and all(torch.equal(v, after[k]) for k, v in before.items())   # step 3 updated nothing either
+    with pytest.raises(FloatingPointError, match=r"the fp16 gradients overflowed in 4 steps in a row \(steps 1-4; loss "
+                                                 r"scale now 7\.2\d*e\+16\), which updated nothing: train with "
+                                                 r"--precision fp32"):
+        train(tiny_config(jsonl, cache, tmp_path / "stop", **kw))
+    assert load_checkpoint(str(tmp_path / "stop" / "checkpoint_latest.pt"))["step"] == 4   # `--resume` goes on from it
+    kw["precision"] = "fp32"
+    resumed = train(tiny_config(jsonl, cache, tmp_path / "stop", resume=True, max_steps=5, **kw))
+    assert resumed["steps"] == 1 and len(resumed["losses"]) == 1
+
+
 def test_a_crashed_run_is_neither_overwritten_nor_logged_twice(video_set, tmp_path, monkeypatch):
     """A crash after step 3 (checkpoint at step 2, a torn line at the end of metrics.jsonl): a new
     run into the same folder is refused before it writes anything; --resume redoes step 3 and logs
@@ -460,17 +505,19 @@ def test_a_rank_without_a_readable_video_takes_part_with_none(tmp_path, monkeypa
     assert len(named) == len(unreadable) and named.keys() == single["skipped"].keys()
 
 
-@gpu_check
 @requires_cuda
-def test_training_on_cuda_takes_the_fast_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", [pytest.param("auto", marks=gpu_check), "fp16"])
+def test_training_on_cuda_takes_the_fast_path(tmp_path, monkeypatch, precision):
     """`cma train` on the GPU as users get it (fused adapters, lean frozen blocks with bf16 frozen
     linears, bf16 autocast, fused AdamW, evaluation on the device) against --backend reference on
-    the same data: the fused kernels ran, and the losses agree within bf16 noise (5e-2 relative)."""
+    the same data: the fused kernels ran, and the losses agree within bf16 noise (5e-2 relative).
+    Also with fp16 and its loss scale, as on a V100 or T4 (compiles the kernels for fp16: not in the
+    quick GPU check)."""
     import cma_kernels.adapter_op as adapter_op
     jsonl, cache = write_frame_cache_set(tmp_path / "data")
     calls, forward = [], adapter_op.adapter_forward
     monkeypatch.setattr(adapter_op, "adapter_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    kw = dict(batch_size=4, epochs=3, lr=3e-3, eval_split="test", eval_every=1, device="cuda")
+    kw = dict(batch_size=4, epochs=3, lr=3e-3, eval_split="test", eval_every=1, device="cuda", precision=precision)
     fused = train(tiny_config(jsonl, cache, tmp_path / "fused", **kw))
     fused_calls = len(calls)
     reference = train(tiny_config(jsonl, cache, tmp_path / "reference", backend="reference", **kw))
