@@ -98,6 +98,15 @@ def _device(cfg, rank):
     return torch.device("cuda", local)
 
 
+def unused_gpus_note(device, world):
+    """The note for a run in one process on one of several visible GPUs (None for any other run)."""
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if world > 1 or count < 2:
+        return None
+    return (f"note: {count} GPUs are visible and this run uses one ({device}): `torchrun --nproc_per_node {count} "
+            f"-m cma_train.cli train ...` trains on all of them (CUDA_VISIBLE_DEVICES picks which)")
+
+
 def check_video_sources(cache, ann, what, say=True):
     """Every video of `what` (a split's Annotations) comes from the FrameCache `cache` (or None) or
     from its file. Refuses a split none of whose videos outside the cache has a file (a wrong --root
@@ -126,6 +135,8 @@ def train(cfg: TrainConfig):
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
     device = _device(cfg, rank)
     dtype = autocast_dtype(cfg.precision, device)   # bf16 on a GPU without it fails here, not after the model
+    if note := unused_gpus_note(device, world):
+        print(note, file=sys.stderr)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

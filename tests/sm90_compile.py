@@ -1,6 +1,9 @@
 """Compile the fused adapter and quick_gelu kernels for sm_90 (H100/H200) on a machine without a GPU,
 and report what each needs: registers and local memory per thread (spills), shared memory, and
-how many of its global loads and stores are 128 bits wide.
+how many of its global loads and stores are 128 bits wide. Then compile the adapter kernels for
+the GPUs with less shared memory per block (sm_86 for A100, A10, RTX 30xx, L4, RTX 40xx; sm_75
+for T4) and check that each fits there: one that does not fails at its first launch on such a GPU (Triton's
+OutOfResources), and Triton's shared-memory use differs from one architecture to the next.
 
 Triton lowers to PTX and runs its bundled ptxas without a device, which catches what the CPU
 interpreter lets through (tl.dot shape rules, dtype mixes, shared-memory overflow). The kernels are
@@ -33,7 +36,11 @@ from triton.compiler import ASTSource
 import cma_kernels.adapter_op as op
 import cma_kernels.quick_gelu as qg
 
-SM90_SHARED_BYTES = 227 * 1024
+# Shared memory per block (the opt-in maximum) of each architecture the kernels must launch on.
+# A100 (sm_80, 163 KB) gets the code of sm_86 with more memory: what fits sm_86 fits it.
+SHARED_BYTES = {90: 227 * 1024,   # H100, H200; B200 (sm_100) the same
+                86: 99 * 1024,    # A10, A40, RTX 30xx; sm_89 (L4, L40S, RTX 40xx) the same
+                75: 64 * 1024}    # T4: fp16 and fp32 (cma_train picks fp16 there, no bf16)
 MAX_STACK_BYTES = 32   # a value or two; the configurations this replaced spilled 344 to 3944 bytes
 MIN_WIDE_SHARE = 0.85  # 16-bit, r >= 4: 0.92 to 0.98 with the configurations of November 2026
 DIVISIBLE_BY_16 = {"N", "D", "DS", "stride_h", "stride_res", "stride_dy", "stride_part", "n"}
@@ -66,28 +73,32 @@ def wide_share(accesses):
     return sum(n for op, n in accesses.items() if op.endswith(".128")) / max(1, sum(accesses.values()))
 
 
-def compile_sm90(kernel, pointers, ints, constexprs, num_warps, num_stages=3):
-    """Compile one kernel for sm_90 as a launch would specialise it; returns (registers, stack
-    bytes, shared bytes, global accesses), refusing more shared memory than sm_90 has or spills over
-    MAX_STACK_BYTES."""
+def compile_sm90(kernel, pointers, ints, constexprs, num_warps, num_stages=3, arch=90):
+    """Compile one kernel for sm_90 (or sm_`arch`) as a launch would specialise it; returns
+    (registers, stack bytes, shared bytes, global accesses), refusing more shared memory than the
+    architecture has, or, on sm_90, spills over MAX_STACK_BYTES. Other architectures: shared bytes
+    only (None for the rest)."""
     aligned = {a for a in kernel.arg_names if a in pointers or a in DIVISIBLE_BY_16 & set(ints)}
     attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=kernel, signature=signature(kernel, pointers, ints), constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
+    if compiled.metadata.shared > SHARED_BYTES[arch]:
+        raise RuntimeError(f"{kernel.__name__} {constexprs} needs {compiled.metadata.shared} bytes of shared memory, "
+                           f"sm_{arch} has {SHARED_BYTES[arch]}")
+    if arch != 90:
+        return None, None, compiled.metadata.shared, None
     registers, stack, accesses = resources(compiled.asm["cubin"])
-    if compiled.metadata.shared > SM90_SHARED_BYTES:
-        raise RuntimeError(f"{kernel.__name__} needs {compiled.metadata.shared} bytes of shared memory")
     if stack > MAX_STACK_BYTES:
         raise RuntimeError(f"{kernel.__name__} {constexprs} spills: {stack} bytes of stack per thread")
     return registers, stack, compiled.metadata.shared, accesses
 
 
-def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32"):
+def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32", arch=90):
     """Compile forward and backward, each with its launch configuration (op.launch_configs), for one
-    (activation dtype, r, activation, dh or not); returns [(registers, stack, shared, accesses)] per
-    kernel, refusing a 16-bit pair at r >= 4 whose share of 128-bit global accesses is under
-    MIN_WIDE_SHARE."""
+    (activation dtype, r, activation, dh or not) for sm_`arch`; returns [(registers, stack, shared,
+    accesses)] per kernel, refusing (on sm_90) a 16-bit pair at r >= 4 whose share of 128-bit
+    global accesses is under MIN_WIDE_SHARE."""
     r_pad = max(16, triton.next_power_of_2(r))
     precision = "ieee" if dtype == "fp32" else "tf32"
     fwd_cfg, bwd_cfg = op.launch_configs(DTYPES[dtype], r)
@@ -103,9 +114,11 @@ def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32"):
            {"N", "D", "DS", "stride_part", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
            dict(R=r, R_PAD=r_pad, ACT=act, NEED_DH=need_dh, DOT_PRECISION=precision,
                 BLOCK_N=bwd_cfg["BLOCK_N"], BLOCK_D=bwd_cfg["BLOCK_D"]), bwd_cfg)
-    out = [compile_sm90(kernel, pointers, ints, constexprs, cfg["num_warps"], cfg["num_stages"])
+    out = [compile_sm90(kernel, pointers, ints, constexprs, cfg["num_warps"], cfg["num_stages"], arch)
            for kernel, pointers, ints, constexprs, cfg in (fwd, bwd)]
     for (kernel, *_), (*_, accesses) in zip((fwd, bwd), out):
+        if arch != 90:
+            break
         if dtype != "fp32" and r >= 4 and wide_share(accesses) < MIN_WIDE_SHARE:
             raise RuntimeError(f"{kernel.__name__} {dtype} r={r}: only {wide_share(accesses):.0%} of its global "
                                f"memory instructions are 128-bit: {dict(accesses)}")
@@ -134,6 +147,15 @@ def main(argv):
         compile_quick_gelu(dtype)
     print("quick_gelu bf16/fp16/fp32 compiled")
     print("all compiled for sm_90")
+    # shared memory grows with r within each launch configuration (op._CONFIGS): r = 32 and 64 are
+    # the largest of each; fp16 needs what bf16 needs. --all compiles every r and dtype.
+    most = collections.defaultdict(int)   # arch -> the most shared memory a kernel needs
+    for arch in (86, 75):
+        dtypes = ["bf16" if arch >= 80 else "fp16", "fp32"] + (["fp16"] if "--all" in argv and arch >= 80 else [])
+        for dtype, r in itertools.product(dtypes, [1, 4, 8, 16, 32, 64] if "--all" in argv else [32, 64]):
+            most[arch] = max(most[arch], *(shared for _, _, shared, _ in compile_pair(dtype, r, 0, True, arch=arch)))
+    print("shared memory fits: " + ", ".join(f"sm_{arch} needs at most {n} of {SHARED_BYTES[arch]} bytes"
+                                             for arch, n in most.items()))
 
 
 if __name__ == "__main__":

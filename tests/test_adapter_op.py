@@ -293,7 +293,8 @@ def test_eager_function_and_registered_op_agree():
 
 
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """Triton's real compiler (to sm_90 cubin, bundled ptxas), in a process without the interpreter."""
+    """Triton's real compiler (to sm_90 cubin, bundled ptxas), in a process without the interpreter;
+    the adapter kernels also fit the shared memory of sm_86/89 and T4 (sm_75)."""
     import os
     import subprocess
     import sys
@@ -302,3 +303,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     out = subprocess.run([sys.executable, os.path.join(here, "sm90_compile.py")], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0 and "all compiled for sm_90" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "shared memory fits: sm_86 needs at most" in out.stdout and "sm_75 needs at most" in out.stdout

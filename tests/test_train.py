@@ -19,7 +19,7 @@ from cma_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoi
 from cma_train.config import TrainConfig
 from cma_train.backbone import build_model
 from cma_train.step import train_step
-from cma_train.train import NoReadableVideos, epoch_order, train
+from cma_train.train import NoReadableVideos, epoch_order, train, unused_gpus_note
 
 WORLD = 2   # processes of the torchrun tests
 
@@ -64,6 +64,19 @@ def test_resume_reproduces_the_uninterrupted_run(video_set, tmp_path):
     assert first + rest == pytest.approx(full, rel=1e-6, abs=1e-7)   # mid-epoch (2 steps per epoch) and across epochs
     ckpt = load_checkpoint(str(tmp_path / "cut" / "checkpoint_latest.pt"))
     assert ckpt["step"] == 5 and ckpt["config"]["batch_size"] == 4
+
+
+@pytest.mark.parametrize("gpus, device, world, noted", [(4, "cuda:1", 1, True), (2, "cuda:0", 1, True),
+                                                         (4, "cuda:0", 4, False), (1, "cuda:0", 1, False),
+                                                         (4, "cpu", 1, False)])
+def test_one_process_on_one_of_several_gpus_is_told_of_torchrun(monkeypatch, gpus, device, world, noted):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    note = unused_gpus_note(torch.device(device), world)
+    if noted:
+        assert note == (f"note: {gpus} GPUs are visible and this run uses one ({device}): `torchrun --nproc_per_node "
+                        f"{gpus} -m cma_train.cli train ...` trains on all of them (CUDA_VISIBLE_DEVICES picks which)")
+    else:
+        assert note is None
 
 
 def test_fp16_trains_like_fp32_and_resumes_exactly(video_set, tmp_path):
