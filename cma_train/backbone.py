@@ -20,7 +20,7 @@ OPENAI_JIT_METADATA = ("input_resolution", "context_length", "vocab_size")   # i
 def autocast_dtype(precision: str, device: torch.device):
     """The dtype the towers run in under autocast for --precision (config.PRECISIONS) on `device`;
     None for fp32 (no autocast). auto: bf16 on a GPU with native bf16 (compute capability 8.0+:
-    A100, H100, RTX 30xx and later), fp16 on an older one (V100, T4: the trainer scales the loss),
+    A100, H100, RTX 30xx and later), fp16 on an older one (T4, V100: the trainer scales the loss),
     fp32 on the CPU. ValueError for bf16 on a GPU without bf16 tensor cores."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None

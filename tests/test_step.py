@@ -174,3 +174,22 @@ def test_micro_batches_under_cuda_graphs_give_the_whole_batch_gradients():
 def test_uneven_micro_batches_under_compile_are_pointed_out(compile_mode, micro, local, expected):
     cfg = TrainConfig(pretrained="none", compile=compile_mode, micro_batch=micro)
     assert uneven_chunks_recompile(cfg, local) is expected
+
+
+@pytest.mark.parametrize("micro_batch", [0, 2])
+def test_fp16_steps_scale_the_loss_and_unscaled_give_the_fp32_gradients(micro_batch):
+    """--precision fp16 with a GradScaler, whole and in micro-batches: the adapter gradients come
+    back multiplied by the loss scale (2^10), and divided by it they are fp32's within fp16 noise
+    (2e-2 of each gradient's norm); the loss is fp32's within 1e-2."""
+    model, cfg = _model()
+    loss = train_step(RetrievalForward(model), model.logit_scale, _batch(), cfg, torch.device("cpu"))
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    cfg.precision, cfg.micro_batch = "fp16", micro_batch
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    got_loss = train_step(RetrievalForward(model), model.logit_scale, _batch(), cfg, torch.device("cpu"), scaler=scaler)
+    assert got_loss.item() == pytest.approx(loss.item(), rel=1e-2) and got_loss.item() != loss.item()
+    got = _grads(model)
+    for n in want:
+        error = (got[n] / 2.0 ** 10 - want[n]).norm() / want[n].norm()
+        assert error < 2e-2, (n, error.item())
