@@ -262,7 +262,8 @@ def train(cfg: TrainConfig):
         print(f"training {count_trainable_parameters(model):,} adapter parameters (r={cfg.reduction_dim}, "
               f"d_s={cfg.shared_dim}) on {len(dataset)} captions of {len(ann.video_ids)} videos ({cfg.dataset} "
               f"{cfg.split}; {cfg.max_frames} frames, {cfg.max_words} words): {steps_per_epoch} steps per epoch, "
-              f"{todo}, global batch {cfg.batch_size} over {world} process(es) on {device.type}; writing to {cfg.out}")
+              f"{todo}, global batch {cfg.batch_size} over {world} process(es) on {_device_name(device)} in "
+              f"{_PRECISION_NAMES[dtype]}; writing to {cfg.out}")
     bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=rank != 0 or not cfg.progress)
     say_epochs = rank == 0 and not cfg.progress   # without the bar, a line per epoch
     model.train()
@@ -292,9 +293,9 @@ def train(cfg: TrainConfig):
                     scale = scaler.get_scale()
                     scaler.step(optimizer)   # skipped where the fp16 gradients overflowed
                     scaler.update()
-                with warnings.catch_warnings():   # a first step without an update (skipped by the fp16 loss
-                    if step == first_step:        # scaler, or no readable video) is not a misuse
-                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                if step == first_step:
+                    _first_scheduler_step(scheduler)
+                else:
                     scheduler.step()
                 step += 1
                 took = time.perf_counter() - ready   # the step, its wait for data included (loss.item(): synced)
@@ -388,6 +389,22 @@ def _no_readable_video(step, in_a_row, reasons, say):
     if say:
         tqdm.write(f"note: step {step}: no video of its batch could be read{example}; the step updates nothing",
                    file=sys.stderr)
+
+
+def _first_scheduler_step(scheduler):
+    """scheduler.step() without PyTorch's warning that the optimizer took no step before it: a first
+    step without an update (skipped by the fp16 loss scaler, or no readable video) is not a misuse.
+    Only for the first step: entering catch_warnings resets the once-per-place warning registry."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        scheduler.step()
+
+
+_PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with loss scaling"}
+
+
+def _device_name(device):
+    return "cpu" if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
 
 
 def _plain(cfg):

@@ -79,14 +79,16 @@ def test_one_process_on_one_of_several_gpus_is_told_of_torchrun(monkeypatch, gpu
         assert note is None
 
 
-def test_fp16_trains_like_fp32_and_resumes_exactly(video_set, tmp_path):
+def test_fp16_trains_like_fp32_and_resumes_exactly(video_set, tmp_path, capsys):
     """--precision fp16 (autocast to fp16 and a loss scale; here on the CPU, as on a V100 or T4): the
     losses of fp32 within fp16 noise (1e-2 relative), the loss scale logged per step, and a run cut
     after 3 steps and resumed gives the uninterrupted run's losses."""
     jsonl, cache = video_set
     kw = dict(batch_size=4, epochs=3, max_steps=5)
     fp32 = train(tiny_config(jsonl, cache, tmp_path / "fp32", **kw))["losses"]
+    assert "over 1 process(es) on cpu in fp32; writing to" in capsys.readouterr().out
     fp16 = train(tiny_config(jsonl, cache, tmp_path / "full", precision="fp16", **kw))["losses"]
+    assert "over 1 process(es) on cpu in fp16 with loss scaling; writing to" in capsys.readouterr().out
     first = train(tiny_config(jsonl, cache, tmp_path / "cut", precision="fp16", **dict(kw, max_steps=3)))["losses"]
     rest = train(tiny_config(jsonl, cache, tmp_path / "cut", precision="fp16", resume=True, **kw))["losses"]
     assert fp16 == pytest.approx(fp32, rel=1e-2) and fp16 != pytest.approx(fp32, rel=1e-6)   # fp16 did run
@@ -97,7 +99,7 @@ def test_fp16_trains_like_fp32_and_resumes_exactly(video_set, tmp_path):
 
 
 def test_fp16_overflows_lower_the_loss_scale_across_a_resume_and_stop_a_run_that_learns_nothing(video_set, tmp_path,
-                                                                                                  monkeypatch):
+                                                                                                  monkeypatch, recwarn):
     """A loss scale of 2^60 makes every fp16 gradient overflow: each step updates nothing and halves
     the scale, the checkpoint keeps the scale reached and a resumed run goes on from it, and
     FP16_OVERFLOWS_STOP such steps in a row stop the run with a checkpoint and what to do: resume
@@ -114,6 +116,7 @@ def test_fp16_overflows_lower_the_loss_scale_across_a_resume_and_stop_a_run_that
     logged = [json.loads(line) for line in open(tmp_path / "cut" / "metrics.jsonl")]
     assert [r["loss_scale"] for r in logged] == [2.0 ** 60, 2.0 ** 59, 2.0 ** 58]
     assert before and all(torch.equal(v, after[k]) for k, v in before.items())   # step 3 updated nothing either
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]   # no optimizer step: on purpose
     with pytest.raises(FloatingPointError, match=r"the fp16 gradients overflowed in 4 steps in a row \(steps 1-4; loss "
                                                  r"scale now 7\.2\d*e\+16\), which updated nothing: train with "
                                                  r"--precision fp32"):
