@@ -256,6 +256,7 @@ def train(cfg: TrainConfig):
     log = open(log_path, "a" if cfg.resume else "w") if rank == 0 else None
     writer = _tensorboard(cfg) if rank == 0 else None
     losses, unread_in_a_row, overflows_in_a_row, first_step = [], 0, 0, step
+    scale = scaler.get_scale()   # the loss scale of the next step (1.0 without fp16); one read per step below
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     if rank == 0:
         todo = f"steps {step + 1}-{last_step} of {total_steps}" if step < last_step else "no step left to run"
@@ -290,7 +291,6 @@ def train(cfg: TrainConfig):
                 if loss is not None:   # else no gradients (no video of the global batch was readable): no update
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    scale = scaler.get_scale()
                     scaler.step(optimizer)   # skipped where the fp16 gradients overflowed
                     scaler.update()
                 if step == first_step:
@@ -316,13 +316,13 @@ def train(cfg: TrainConfig):
                         raise FloatingPointError(f"loss became {losses[-1]} at step {step}; lower --lr{fp16}{hint}")
                     record = {"loss": losses[-1], "videos_per_s": cfg.batch_size / took, "data_wait_s": wait}
                     if scaler.is_enabled():
-                        record["loss_scale"] = scale
-                        overflows_in_a_row = overflows_in_a_row + 1 if scaler.get_scale() < scale else 0
+                        record["loss_scale"], scale = scale, scaler.get_scale()   # this step's, the next one's
+                        overflows_in_a_row = overflows_in_a_row + 1 if scale < record["loss_scale"] else 0
                         if overflows_in_a_row == FP16_OVERFLOWS_STOP:
                             checkpoint()   # for the resume in another precision
                             raise FloatingPointError(
                                 f"the fp16 gradients overflowed in {overflows_in_a_row} steps in a row (steps "
-                                f"{step - overflows_in_a_row + 1}-{step}; loss scale now {scaler.get_scale():g}), "
+                                f"{step - overflows_in_a_row + 1}-{step}; loss scale now {scale:g}), "
                                 f"which updated nothing: train with --precision fp32, or bf16 on a GPU that has it "
                                 f"(`--resume --precision fp32` continues from the last checkpoint)")
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
