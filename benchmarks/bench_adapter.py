@@ -1,7 +1,7 @@
 """Adapter op throughput: fused Triton vs eager reference vs torch.compile(reference) vs the
 memory floor (bytes that must move / measured device copy bandwidth).
 
-    python benchmarks/bench_adapter.py [--out benchmarks/results] [--quick] [--budget-s S]
+    python benchmarks/bench_adapter.py [--out benchmarks/results] [--quick] [--budget-s S] [--dtypes ...]
 
 Forward is `residual + adapter(h)`; fwd+bwd adds the gradients of h, the residual and all six
 weights. Floor bytes: forward reads x and h and writes out; backward reads dy and h and writes dh.
@@ -11,6 +11,8 @@ interpreter, TRITON_INTERPRET=1): no meaningful numbers, but the script is known
 --budget-s starts no new shape once the time is up (each shape compiles torch.compile's graphs
 afresh, seconds per shape on a GPU); the shapes run targets first, and a run cut short still
 prints its table, writes its plot and lists the shapes it skipped.
+--dtypes: bf16 and fp32 by default, fp16 and fp32 on a GPU without bf16 (compute capability below
+8.0: T4, V100), as `cma train --precision auto` picks; fp32 alone on the CPU.
 """
 import argparse
 import os
@@ -25,11 +27,12 @@ except ImportError:   # run from a checkout that is not pip-installed
     from common import (bar_chart, copy_bandwidth_gbps, fresh_compile, print_table, run_info, slug, time_ms,
                         write_results)
 from cma_kernels import MAX_RANK, adapter_reference, fused_adapter
+from cma_train.backbone import autocast_dtype
 
 GPU_SHAPES = [(N, D) for D in (768, 512) for N in (19200, 153600, 1048576)]   # the targets' shapes first
 CPU_SHAPES = [(4096, 512), (4096, 768)]
 SMOKE_SHAPES = [(64, 64)]
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def make_inputs(N, D, r, ds, dtype, device, seed=0):
@@ -89,6 +92,8 @@ def main(argv=None, prog=None):
                    "(the first always runs; the rest are listed as skipped)")
     p.add_argument("--smoke", action="store_true", help="the GPU code path on the CPU, tiny shapes (needs "
                    "TRITON_INTERPRET=1): exercises the script only")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, help="(default: bf16 fp32 on a GPU of compute capability "
+                   "8.0+, fp16 fp32 below; fp32 on the CPU and with --smoke)")
     args = p.parse_args(argv)
     if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
@@ -96,6 +101,15 @@ def main(argv=None, prog=None):
         p.error(f"--r must be in [1, {MAX_RANK}] (the fused kernel's range), got {args.r}")
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.dtypes is None:
+        dtypes = [autocast_dtype("auto", device), torch.float32] if device.type == "cuda" else [torch.float32]
+    else:
+        dtypes = [DTYPES[name] for name in dict.fromkeys(args.dtypes)]
+    if torch.bfloat16 in dtypes and args.smoke:
+        p.error("--dtypes bf16 --smoke: Triton's interpreter computes bf16 tl.dot wrongly; smoke-test fp32 or fp16")
+    if torch.bfloat16 in dtypes and device.type == "cuda" and autocast_dtype("auto", device) != torch.bfloat16:
+        p.error(f"--dtypes bf16: the {torch.cuda.get_device_name(device)} has no bf16 (compute capability "
+                f"8.0+ has it); benchmark fp16 instead (the default here)")
     info = {**run_info(device), "smoke": args.smoke}
     bandwidth = copy_bandwidth_gbps(device)
     info["copy_GBps"] = bandwidth
@@ -103,10 +117,9 @@ def main(argv=None, prog=None):
         variants = {"fused": fused_adapter, "eager": adapter_reference}
         compile_backend = "aot_eager" if args.smoke else "inductor"   # smoke: no inductor build, same path
         shapes = SMOKE_SHAPES if args.smoke else [(N, 768) for N in (19200, 153600)] if args.quick else GPU_SHAPES
-        dtypes = [torch.float32] if args.smoke else list(DTYPES.values())
     else:
         print("No CUDA device: timing the eager reference on CPU only; the fused and torch.compile numbers need CUDA.")
-        variants, shapes, dtypes = {"eager": adapter_reference}, CPU_SHAPES, [torch.float32]
+        variants, shapes = {"eager": adapter_reference}, CPU_SHAPES
         compile_backend = None
     narrowest = min(D for _, D in shapes)
     if not 0 <= args.ds <= narrowest:

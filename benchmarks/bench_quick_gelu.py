@@ -4,10 +4,10 @@ torch.compile of it vs the memory floor (bytes that must move / measured device 
     python benchmarks/bench_quick_gelu.py [--out benchmarks/results]
 
 Shapes: the [tokens, 4 x width] hidden activation of ViT-B/32 and ViT-B/16 at 32 videos x 12
-frames (19200 and 75648 tokens, width 768), bf16. Floor bytes: forward reads z and writes y;
-backward reads z and dy and writes dz. Needs CUDA; --smoke runs the fused path on the CPU in
-Triton's interpreter and the compiled one through aot_eager (tiny shape, TRITON_INTERPRET=1): no
-meaningful numbers.
+frames (19200 and 75648 tokens, width 768), bf16 (fp16 on a GPU without bf16). Floor bytes:
+forward reads z and writes y; backward reads z and dy and writes dz. Needs CUDA; --smoke runs the
+fused path on the CPU in Triton's interpreter and the compiled one through aot_eager (tiny shape,
+TRITON_INTERPRET=1): no meaningful numbers.
 """
 import argparse
 import os
@@ -21,6 +21,7 @@ try:
 except ImportError:   # run from a checkout that is not pip-installed
     from common import copy_bandwidth_gbps, fresh_compile, print_table, run_info, slug, time_ms, write_results
 from cma_kernels import fused_quick_gelu
+from cma_train.backbone import autocast_dtype
 
 GPU_SHAPES = [(19200, 3072), (75648, 3072)]
 SMOKE_SHAPES = [(64, 256)]
@@ -63,7 +64,7 @@ def main(argv=None, prog=None):
     compile_backend = "aot_eager" if args.smoke else "inductor"   # smoke: no inductor build, same path
     info = {**run_info(device), "smoke": args.smoke, "copy_GBps": copy_bandwidth_gbps(device)}
     shapes = SMOKE_SHAPES if args.smoke else GPU_SHAPES
-    dtype = torch.float32 if args.smoke else torch.bfloat16
+    dtype = torch.float32 if args.smoke else autocast_dtype("auto", device)   # bf16; fp16 without it (T4)
     rows = [bench_shape(N, width, dtype, device, variants, info["copy_GBps"], compile_backend) for N, width in shapes]
     names = [*variants, "compile"] if compile_backend else list(variants)
     times = [f"{v}_{k}_ms" for k in ("fwd", "fwdbwd") for v in [*names, "floor"]]

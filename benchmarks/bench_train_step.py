@@ -3,7 +3,8 @@ adapters vs fused adapters (what `cma train` uses), plus image-encode inference.
 
     python benchmarks/bench_train_step.py [--out benchmarks/results] [--archs ViT-B-32 ViT-B-16]
 
-Batch: 32 videos x 12 frames + 32 captions x 77 tokens (REFERENCE.md's baselines), bf16 autocast,
+Batch: 32 videos x 12 frames + 32 captions x 77 tokens (REFERENCE.md's baselines), bf16 autocast
+(--precision fp16 scales the loss; auto picks it on a GPU without bf16, as `cma train` does),
 AdamW (fused on CUDA, as in `cma train`), random weights. `cma train` encodes captions at their
 --max-words (32) positions, not 77 (cma_model.retrieval.encode_text, exact for CLIP's causal text
 tower); `--words 32` measures that, for every variant alike.
@@ -11,7 +12,7 @@ The floor freezes everything and adds no adapters, but back-propagates through e
 inputs: what any adapter method must pay (stock open_clip blocks, as are full fine-tuning's and the
 reference adapters'). floor_lean is the same with cma's lean frozen blocks, so fused_adapters over
 floor_lean is the adapters' own cost. fused_adapters is what `cma train` runs by default (fused
-adapters, lean frozen blocks: cma_model.frozen_block, frozen linears stored in bf16);
+adapters, lean frozen blocks: cma_model.frozen_block, frozen linears stored in the autocast dtype);
 fused_recompute adds `--recompute-mlp`.
 
 Per variant: median step time over the timed steps, peak memory, the activations autograd keeps
@@ -23,7 +24,7 @@ CUDA graphs). Results are written after every variant ("complete": false until t
 cut short keeps what it measured. Then the time to bring one batch of frames to the device, which
 the variants leave out: fp32 from pageable memory vs uint8 from pinned memory normalised there
 (what `cma train` does). Last, 50 steps with reference and with fused adapters from the same
-start on the same batches: the two loss curves must agree within bf16 noise.
+start on the same batches: the two loss curves must agree within bf16 (fp16) noise.
 
 --compile MODE [MODE ...] adds, per mode, fused adapters on towers compiled with torch.compile
 (`cma train --compile MODE`): fused_compile-MODE, and fused_recompute_compile-MODE (`--compile MODE
@@ -36,9 +37,9 @@ CPU included (bf16 autocast there too; CPU autocast keeps LayerNorm in bf16 wher
 in fp32, so the stock variants keep about 2 [tokens, width] activations per block more on a GPU).
 --videos sets the batch.
 
---smoke runs every code path on the CPU with a tiny model and a tiny batch, under bf16 autocast
-as on the GPU (no meaningful numbers; the tests use it so that a GPU run never meets a broken
-script).
+--smoke runs every code path on the CPU with a tiny model and a tiny batch, under bf16 (or
+--precision fp16) autocast as on the GPU (no meaningful numbers; the tests use it so that a GPU
+run never meets a broken script).
 """
 import argparse
 import copy
@@ -59,7 +60,9 @@ from cma_kernels import normalize_frames
 from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, CUDA_GRAPH_MODES, compile_towers, encode_text
+from cma_train.backbone import autocast_dtype
 
+PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute")
 SMOKE_CLIP = {"embed_dim": 32, "quick_gelu": True,
               "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
@@ -75,6 +78,7 @@ class Setup:
     image_size: int = 224
     curve_steps: int = 50
     cpu_autocast: bool = False
+    dtype: torch.dtype = torch.bfloat16   # of autocast; fp16 scales the loss
 
     def batch(self, seed=0):
         g = torch.Generator().manual_seed(seed)
@@ -86,7 +90,7 @@ class Setup:
         return self.device.type == "cuda" or self.cpu_autocast
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocasts())
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocasts())
 
     def sync(self):
         if self.device.type == "cuda":
@@ -123,13 +127,13 @@ def frozen_floor(model):
     return model, None, True
 
 
-def make_variant(base, name, autocast=False):
+def make_variant(base, name, autocast_dtype=None):
     """(model, optimizer or None, images need grad) for one variant, on a copy of base. Lean variants
-    (all but full, floor and ref_adapters) store their frozen linears in bf16 under autocast, as
-    `cma train` does on CUDA."""
+    (all but full, floor and ref_adapters) store their frozen linears in autocast_dtype (None: no
+    autocast, they stay), as `cma train` does on CUDA."""
     model, optimizer, images_need_grad = _variant(copy.deepcopy(base), name)
-    if autocast and name not in ("full", "floor", "ref_adapters"):
-        store_frozen_linears(model)
+    if autocast_dtype is not None and name not in ("full", "floor", "ref_adapters"):
+        store_frozen_linears(model, autocast_dtype)
     return model, optimizer, images_need_grad
 
 
@@ -160,9 +164,12 @@ def compiled_variants(variants, modes):
 
 
 def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
-    """(step, forward): one optimizer step, and the forward alone returning the loss."""
+    """(step, forward): one optimizer step, and the forward alone returning the loss. Under fp16
+    autocast the step scales the loss and unscales the gradients (torch.amp.GradScaler), as `cma
+    train` does."""
     videos = tokens.shape[0]
     mask = torch.ones(videos, setup.frames, dtype=torch.bool, device=frames.device)
+    scaler = torch.amp.GradScaler(setup.device.type, enabled=setup.autocasts() and setup.dtype == torch.float16)
 
     def forward():
         x = frames.detach().requires_grad_() if images_need_grad else frames   # a fresh leaf: frames stays as it is
@@ -173,9 +180,10 @@ def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
 
     def step():
         loss = forward()
-        loss.backward()
+        scaler.scale(loss).backward()
         if optimizer is not None:
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         return loss
     return step, forward
@@ -239,7 +247,7 @@ def loss_curves(base, frames, tokens, setup):
     ref, _, _ = make_variant(base, "ref_adapters")
     fused = set_adapter_backend(copy.deepcopy(ref), "auto")
     if setup.autocasts():
-        store_frozen_linears(fused)
+        store_frozen_linears(fused, setup.dtype)
     curves = []
     for model in (ref, fused):
         opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -297,7 +305,7 @@ def kept_activations(args, setup):
     for arch in args.archs:
         base = make_model(arch, setup)
         for name in args.variants:
-            model, optimizer, need_grad = make_variant(base, name, setup.autocasts())
+            model, optimizer, need_grad = make_variant(base, name, setup.dtype if setup.autocasts() else None)
             _, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             _, saved = saved_activation_bytes(forward, model.parameters())
             rows.append({"arch": arch, "variant": name, "videos": setup.videos, "saved_GiB": saved / 2 ** 30,
@@ -308,8 +316,10 @@ def kept_activations(args, setup):
             if full and r["arch"] == arch:
                 r["saved_vs_full"] = r["saved_GiB"] / full["saved_GiB"]
     print_table(rows, ["arch", "variant", "videos", "saved_GiB", "saved_MiB_per_video", "saved_vs_full"])
-    info = {**run_info(setup.device), "autocast": "bf16", "words": setup.words, "smoke": args.smoke}
+    info = {**run_info(setup.device), "autocast": PRECISION_NAMES[setup.dtype], "words": setup.words,
+            "smoke": args.smoke}
     stem = f"train_memory_{'-'.join(args.archs)}_{setup.videos}videos"   # archs = ["smoke"] with --smoke
+    stem += "_fp16" if setup.dtype == torch.float16 else ""
     path = write_results(args.out, f"{stem}_{slug(info['device'])}_{info['date']}", info, rows)
     plot(rows, path + ".png", PANELS[2:])
     print(f"wrote {path}.json, .csv, .png")
@@ -332,6 +342,9 @@ def main(argv=None, prog=None):
     p.add_argument("--videos", type=int, default=32, help="videos per batch, 12 frames each (default 32)")
     p.add_argument("--words", type=int, default=77,
                    help="tokens per caption (default 77, the full context; cma train uses 32)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16"), default="auto",
+                   help="autocast dtype (default auto: bf16, or fp16 with loss scaling on a GPU of compute "
+                   "capability below 8.0)")
     p.add_argument("--smoke", action="store_true", help="tiny model and batch on the CPU: exercises the script only")
     args = p.parse_args(argv)
     if args.videos < 1 or args.steps < 1:
@@ -343,7 +356,7 @@ def main(argv=None, prog=None):
         p.error(f"--archs {' '.join(unknown)}: not an open_clip architecture (open_clip.list_models() lists them)")
     if args.smoke:
         setup = Setup(torch.device("cpu"), videos=4, frames=2, words=min(args.words, 16), image_size=32, curve_steps=3,
-                      cpu_autocast=True)   # bf16 autocast, as on the GPU: the same code paths
+                      cpu_autocast=True)   # autocast, as on the GPU: the same code paths
         args.archs, args.steps = ["smoke"], 2
     elif args.memory_only:
         setup = Setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), videos=args.videos,
@@ -354,11 +367,18 @@ def main(argv=None, prog=None):
         print("The end-to-end training-step benchmark needs CUDA: no GPU here, nothing timed "
               "(--smoke tries the script).")
         return None
+    try:   # the CPU (--smoke, --memory-only) autocasts to bf16 as the GPUs that have it do
+        setup.dtype = autocast_dtype("bf16" if args.precision == "auto" and setup.device.type == "cpu"
+                                     else args.precision, setup.device)
+    except ValueError as e:   # bf16 on a GPU without it
+        p.error(str(e))
     if args.memory_only:
         setup.cpu_autocast = True
         return kept_activations(args, setup)
-    info = {**run_info(setup.device), "compile_modes": args.compile, "words": setup.words, "smoke": args.smoke}
+    info = {**run_info(setup.device), "autocast": PRECISION_NAMES[setup.dtype], "compile_modes": args.compile,
+            "words": setup.words, "smoke": args.smoke}
     stem = "train_step" + "".join(f"_compile-{mode}" for mode in args.compile) + ("_smoke" if args.smoke else "")
+    stem += "_fp16" if setup.dtype == torch.float16 else ""   # targets.py reads the bf16 runs
     stem += f"_words{setup.words}" if setup.words != 77 and not args.smoke else ""
     stem = f"{stem}_{slug(info['device'])}_{info['date']}"
     frames, tokens = setup.batch()
@@ -366,7 +386,7 @@ def main(argv=None, prog=None):
     for arch in args.archs:
         base = make_model(arch, setup)
         for name in args.variants + compiled_variants(args.variants, args.compile):
-            model, optimizer, need_grad = make_variant(base, name, setup.autocasts())
+            model, optimizer, need_grad = make_variant(base, name, setup.dtype if setup.autocasts() else None)
             step, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             if setup.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()

@@ -4,7 +4,7 @@
 
 Reads the newest adapter_<device>_<date>.json (issue #3: fused adapter op) and the newest
 train_step[_compile-*]_<device>_<date>.json of each kind (issue #6: the training step; the
-77-token runs, as in REFERENCE.md's baselines) and prints every target with the measured value
+77-token bf16 runs, as in REFERENCE.md's baselines) and prints every target with the measured value
 and whether it is met. Each fused training variant gets its own rows, so the table also shows
 which configuration meets which target (what the defaults should be). Measures nothing itself;
 exit status 0 whether the targets are met or not, 1 when there are no results.
@@ -73,11 +73,11 @@ def step_checks(rows):
 
 def step_files(results, dev):
     """Newest train_step JSON per kind (plain, each compile-mode set) for device slug dev: the
-    77-token, non-smoke runs, plain first."""
+    77-token, bf16, non-smoke runs, plain first."""
     newest_per_kind = {}
     for path in sorted(glob.glob(os.path.join(results, f"train_step*_{dev}_*.json"))):
         kind = os.path.basename(path).split(f"_{dev}_")[0]
-        if "_smoke" not in kind and "_words" not in kind:
+        if not any(tag in kind for tag in ("_smoke", "_words", "_fp16")):
             newest_per_kind[kind] = path   # sorted: ISO dates, so the last one is the newest
     return [newest_per_kind[k] for k in sorted(newest_per_kind, key=lambda k: (k != "train_step", k))]
 

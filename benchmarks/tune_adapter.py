@@ -2,9 +2,9 @@
 
     python benchmarks/tune_adapter.py [--out benchmarks/results]
 
-Prints the forward's and the backward's medians per configuration (bf16, r=8, d_s=16) and writes
-them to tune_<device>_<date>.json. Copy a winner into FWD_CONFIG / BWD_CONFIG in
-cma_kernels/adapter_op.py only after it wins at every benchmarked shape.
+Prints the forward's and the backward's medians per configuration (bf16, or fp16 on a GPU without
+it; r=8, d_s=16) and writes them to tune_<device>_<date>.json. Copy a winner into FWD_CONFIG /
+BWD_CONFIG in cma_kernels/adapter_op.py only after it wins at every benchmarked shape.
 
 Order: the current configuration, then the candidates in BWD_FIRST (backward), then the rest of
 the space, nearest to the current configuration first. --budget-s stops sweeping when the time is
@@ -26,6 +26,7 @@ except ImportError:
     from bench_adapter import make_inputs
     from common import copy_bandwidth_gbps, run_info, slug, time_ms, write_results
 import cma_kernels.adapter_op as fa
+from cma_train.backbone import autocast_dtype
 
 FWD_SPACE = dict(BLOCK_N=[16, 32, 64, 128], BLOCK_D=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 3, 4])
 BWD_SPACE = dict(BLOCK_N=[32, 64, 128], BLOCK_D=[64, 128], num_warps=[4, 8], num_stages=[2, 3],
@@ -88,7 +89,8 @@ def main(argv=None):
             p.error("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
         device, dtype, args.N, args.D, limit = torch.device("cpu"), torch.float32, [64], 64, 2
     elif torch.cuda.is_available():
-        device, dtype, limit = torch.device("cuda"), torch.bfloat16, None
+        device, limit = torch.device("cuda"), None
+        dtype = autocast_dtype("auto", device)   # bf16; fp16 on a GPU without it (T4)
     else:
         print("Tuning the kernels' launch configurations needs CUDA (--smoke checks the script on the CPU).")
         return None

@@ -457,6 +457,7 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     results = json.loads(stem.with_suffix(".json").read_text())
     rows, variants = results["rows"], [r["variant"] for r in results["rows"]]
     assert results["complete"] and results["batch_to_device_ms"]["uint8_pinned_normalised"] > 0
+    assert results["autocast"] == "bf16"   # --precision auto on the CPU: as on the GPUs that have bf16
     assert results["words"] == (8 if extra else 16)   # the smoke model's context is 16
     assert variants == (["full", "fused_compile-default"] if extra else
                         ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute"])
@@ -466,6 +467,49 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     with open(stem.with_suffix(".csv")) as f:
         assert [r["variant"] for r in csv.DictReader(f)] == variants
     assert stem.with_suffix(".png").exists()
+
+
+def test_e2e_bench_in_fp16_scales_the_loss_and_keeps_its_results_apart(tmp_path, monkeypatch):
+    """--precision fp16 (what auto picks on a GPU without bf16): every step scales its loss, as `cma
+    train` does; the results go to their own file (targets.py reads the bf16 runs); the reference
+    and fused loss curves agree within fp16 noise (here both on the PyTorch path on the CPU)."""
+    scaled, scale = [], torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale",
+                        lambda self, loss: scaled.append(self.is_enabled()) or scale(self, loss))
+    assert main(["bench", "--e2e", "--smoke", "--precision", "fp16", "--variants", "full", "fused_adapters",
+                 "--out", str(tmp_path)]) == 0
+    results = json.loads(next(tmp_path.glob("train_step_smoke_fp16_*.json")).read_text())
+    assert results["autocast"] == "fp16" and results["complete"]
+    assert len(scaled) > 10 and all(scaled)
+    curves = results["loss_curves"]
+    assert all(math.isfinite(loss) for loss in curves["reference"] + curves["fused"])
+    assert 0 < curves["max_rel_diff"] < 1e-2
+
+
+@pytest.mark.parametrize("argv", [["bench", "--dtypes", "fp16", "bf16"], ["bench", "--e2e", "--precision", "bf16"]])
+def test_benchmarks_refuse_bf16_on_a_gpu_without_it(argv, monkeypatch, capsys):
+    """A T4 (compute capability 7.5) as the benchmarks see it: bf16 asked for is refused before
+    anything runs, naming the GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert "bf16: the Tesla T4" in err and "fp16" in err.rsplit("bf16", 1)[1]
+
+
+def test_adapter_bench_smoke_times_the_dtypes_asked_for(tmp_path, capsys):
+    """--dtypes fp16 fp32 on the kernels in the interpreter; bf16 there is refused (the interpreter's
+    bf16 tl.dot is wrong)."""
+    if torch.cuda.is_available():
+        pytest.skip("the smoke runs are for machines without a GPU")
+    assert main(["bench", "--smoke", "--dtypes", "fp16", "fp32", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("adapter_smoke_*.json")).read_text())["rows"]
+    assert [r["dtype"] for r in rows] == ["float16", "float32"] and rows[0]["fused_fwdbwd_ms"] > 0
+    with pytest.raises(SystemExit):
+        main(["bench", "--smoke", "--dtypes", "bf16"])
+    assert "interpreter computes bf16 tl.dot wrongly" in capsys.readouterr().err
 
 
 def test_e2e_bench_compiles_each_fused_variant_it_runs(monkeypatch):

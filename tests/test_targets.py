@@ -55,6 +55,7 @@ def test_targets_table_reads_the_newest_results(tmp_path, capsys, fast):
     write_results(tmp_path, f"adapter_smoke_{slug}_2026-03-01", _info("2026-03-01"), _adapter_rows(rng, not fast))
     write_results(tmp_path, f"train_step_{slug}_2026-02-01", _info("2026-02-01"), _step_rows(rng, 0.5 if fast else 0.9))
     write_results(tmp_path, f"train_step_words32_{slug}_2026-02-01", _info("2026-02-01"), _step_rows(rng, 0.1))
+    write_results(tmp_path, f"train_step_fp16_{slug}_2026-02-01", _info("2026-02-01"), _step_rows(rng, 0.1))
     compiled = [r for r in _step_rows(rng, 0.45) if r["arch"] == "ViT-B-32" and r["variant"] != "floor"]
     compiled.append(dict(compiled[-1], variant="fused_compile-default"))   # as gpu_check's compiled run
     write_results(tmp_path, f"train_step_compile-default_{slug}_2026-02-01", _info("2026-02-01"), compiled)
@@ -62,6 +63,7 @@ def test_targets_table_reads_the_newest_results(tmp_path, capsys, fast):
     assert targets.main(["--results", str(tmp_path), "--device", DEVICE]) == 0
     out = capsys.readouterr().out
     assert "adapter_nvidia-test-gpu_2026-02-01.json" in out and "smoke" not in out and "words32" not in out
+    assert "fp16" not in out   # the targets are bf16's
     capsys.readouterr()
     targets.main(["--results", str(tmp_path), "--device", DEVICE])
     table = _table(capsys.readouterr().out)
