@@ -244,16 +244,14 @@ def cmd_train(args):
 def _evaluate(model, cfg, ann, device, cache=None):
     """Metrics of `model` on `ann`, frames from `cache` (a FrameCache; opened from cfg.cache if None)."""
     from cma_model.cache import FrameCache
-    from cma_model.data import LOADER_TIMEOUT_S, VideoFrames
     from cma_train.backbone import image_size, tokenizer_for
     from cma_train.evaluate import evaluate
+    from cma_train.train import video_frames
     if cache is None and cfg.cache:
         cache = FrameCache(cfg.cache)
-    frames = VideoFrames(cache, cfg.max_frames, image_size(model), cfg.sample_fps,
-                         raw=True,   # uint8 through the loader, normalised on the device
-                         hang_exit_s=LOADER_TIMEOUT_S)   # --workers 0: a hung decoder ends the run, said
-    return evaluate(model, tokenizer_for(cfg), ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
-                    workers=cfg.workers, device=device, progress=cfg.progress, precision=cfg.precision)
+    return evaluate(model, tokenizer_for(cfg), ann, video_frames(cfg, cache, image_size(model)), cfg.pooling,
+                    cfg.temperature, cfg.max_words, workers=cfg.workers, device=device, progress=cfg.progress,
+                    precision=cfg.precision)
 
 
 def cmd_eval(args):

@@ -126,6 +126,13 @@ def check_video_sources(cache, ann, what, say=True):
               f"(`cma prepare --split train,test` caches several splits in one folder)")
 
 
+def video_frames(cfg, cache, image_size):
+    """The VideoFrames `cma train` and `cma eval` read: from the FrameCache `cache` (or None) or the
+    files, at cfg's frames and fps, as uint8 through the loader (normalised on the device)."""
+    return VideoFrames(cache, cfg.max_frames, image_size, cfg.sample_fps, raw=True,
+                       hang_exit_s=LOADER_TIMEOUT_S)   # --workers 0: a hung decoder ends the run, said
+
+
 def train(cfg: TrainConfig):
     """Run training as configured; returns {"losses": [one per step that had a readable video],
     "steps": steps run, "skipped": {...}, "checkpoint": path, "model", "eval", "best"}."""
@@ -157,9 +164,7 @@ def train(cfg: TrainConfig):
         set_mlp_recompute(model)
     if cfg.compile:
         compile_towers(model, cfg.compile)
-    frames = VideoFrames(cache, cfg.max_frames, image_size, cfg.sample_fps,
-                         raw=True,   # uint8 through the loader, normalised on the device
-                         hang_exit_s=LOADER_TIMEOUT_S)   # --workers 0: a hung decoder ends the run, said
+    frames = video_frames(cfg, cache, image_size)
     dataset = CaptionVideoDataset(ann, tokenizer, frames, cfg.max_words, model.context_length)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -276,6 +281,7 @@ def train(cfg: TrainConfig):
             order = epoch_order(len(dataset), cfg.seed, epoch)[: steps_per_epoch * cfg.batch_size]
             mine = order[rank::world][in_epoch * local_batch:]
             epoch_losses, epoch_times = [], []   # this epoch's, in this run; (step, of it waiting for data) seconds
+            # a loader per epoch, for its sampler; persistent workers would save only their start, once an epoch
             loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=mine,
                                                  num_workers=cfg.workers, collate_fn=collate, persistent_workers=False,
                                                  timeout=LOADER_TIMEOUT_S if cfg.workers else 0,
