@@ -101,13 +101,14 @@ def main(argv=None, prog=None):
         p.error(f"--r must be in [1, {MAX_RANK}] (the fused kernel's range), got {args.r}")
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    half = autocast_dtype("auto", device) if device.type == "cuda" else None   # bf16; fp16 on a GPU without it
     if args.dtypes is None:
-        dtypes = [autocast_dtype("auto", device), torch.float32] if device.type == "cuda" else [torch.float32]
+        dtypes = [half, torch.float32] if half else [torch.float32]
     else:
         dtypes = [DTYPES[name] for name in dict.fromkeys(args.dtypes)]
     if torch.bfloat16 in dtypes and args.smoke:
         p.error("--dtypes bf16 --smoke: Triton's interpreter computes bf16 tl.dot wrongly; smoke-test fp32 or fp16")
-    if torch.bfloat16 in dtypes and device.type == "cuda" and autocast_dtype("auto", device) != torch.bfloat16:
+    if torch.bfloat16 in dtypes and half == torch.float16:
         p.error(f"--dtypes bf16: the {torch.cuda.get_device_name(device)} has no bf16 (compute capability "
                 f"8.0+ has it); benchmark fp16 instead (the default here)")
     info = {**run_info(device), "smoke": args.smoke}
