@@ -8,7 +8,9 @@ Layouts (`root` holds the annotation files, `video_dir` the videos):
 - msrvtt: MSRVTT_data.json (`sentences`: video_id, caption), MSRVTT_train.9k.csv or
   MSRVTT_train.7k.csv (column video_id), MSRVTT_JSFUSION_test.csv (video_id, sentence); videoN.mp4.
 - msvd: {train,val,test}_list.txt (a video id per line), raw-captions.pkl ({id: [[tokens]]}); id.avi.
-- didemo: {train,val,test}_data.json ([{"video": file, "description": text}, ...]); paragraph per video.
+- didemo: {train,val,test}_data.json ([{"video": file, "description": text}, ...]), {split}_list.txt
+  optional filter (file names, as CLIP4Clip's); paragraph per video; the file named by "video", as
+  CLIP4Clip opens it, else the id with an extension of VIDEO_EXTENSIONS (a re-encoded copy).
 - activitynet: {train,val_1}.json ({id: {"sentences": [...]}}), {train,val}_ids.json optional
   filter; paragraph per video; id.mp4.
 - vatex: {train,test}_list.txt and ref_captions.json ({id: [captions]}); id.mp4.
@@ -144,16 +146,29 @@ def load_msvd(root, split="test", video_dir=None):
 
 
 def load_didemo(root, split="test", video_dir=None):
+    """Paragraph-to-video retrieval on {split}_data.json: a video's descriptions joined, in order."""
     video_dir = video_dir or os.path.join(root, "videos")
     path = os.path.join(root, f"{split}_data.json")
-    paragraphs = {}
+    list_path = os.path.join(root, f"{split}_list.txt")
+    listed = set(_read_list(list_path)) if os.path.isfile(list_path) else None
+    paragraphs, files = {}, {}   # video id -> its sentences, its file name as written
     for i, item in enumerate(_read_json(path)):
         video = _key(item, "video", path, f"entry {i}")
-        paragraphs.setdefault(os.path.splitext(video)[0], []).extend(
+        if not isinstance(video, str):
+            raise AnnotationError(f"{path}: entry {i}: expected a video file name, got {str(video)[:80]}")
+        vid = os.path.splitext(video)[0]
+        if listed is not None and video not in listed and vid not in listed:
+            continue
+        files.setdefault(vid, video)
+        paragraphs.setdefault(vid, []).extend(
             _texts(_key(item, "description", path, f"entry {i}"), path, f"entry {i}"))
+    if listed is not None and not paragraphs:
+        raise AnnotationError(f"{list_path}: names none of the videos of {path}")
     ann = Annotations()
     for vid, sentences in paragraphs.items():
-        ann.add(vid, _find_video(video_dir, vid), [" ".join(s.strip() for s in sentences)])
+        as_named = os.path.join(video_dir, files[vid])
+        ann.add(vid, as_named if os.path.isfile(as_named) else _find_video(video_dir, vid),
+                [" ".join(s.strip() for s in sentences)])
     return ann
 
 

@@ -53,6 +53,27 @@ def test_didemo_paragraphs(tmp_path):
     assert ann.video_ids == ["v1", "v2"] and ann.captions == ["a man walks he sits", "rain"]
 
 
+
+def test_didemo_opens_the_file_named_and_keeps_the_listed_videos(tmp_path):
+    """CLIP4Clip opens DiDeMo's "video" name as written (any extension) and keeps only the videos of
+    {split}_list.txt; a re-encoded copy under the id with a known extension is found too."""
+    items = [{"video": "a.m4v", "description": "one"}, {"video": "b.mov", "description": "two"},
+             {"video": "c.3gp", "description": "three"}]
+    write(tmp_path / "test_data.json", json.dumps(items))
+    (tmp_path / "videos").mkdir()
+    for name in ("a.m4v", "b.mp4", "b.3gp"):
+        (tmp_path / "videos" / name).write_bytes(b"x")
+    ann = load_annotations("didemo", tmp_path, "test")
+    assert ann.video_ids == ["a", "b", "c"]
+    assert [p.split("/")[-2:] for p in ann.video_paths] == [["videos", "a.m4v"], ["videos", "b.mp4"],
+                                                            ["videos", "c.mp4"]]   # c: missing, named when read
+    write(tmp_path / "test_list.txt", "c.3gp\na\n")   # CLIP4Clip's lists name files; an id does too
+    listed = load_annotations("didemo", tmp_path, "test")
+    assert listed.video_ids == ["a", "c"] and listed.captions == ["one", "three"]
+    write(tmp_path / "test_list.txt", "z.mp4\n")
+    with pytest.raises(AnnotationError, match="test_list.txt: names none of the videos of .*test_data.json"):
+        load_annotations("didemo", tmp_path, "test")
+
 def test_activitynet_paragraphs(tmp_path):
     write(tmp_path / "val_1.json", json.dumps({"v_a": {"duration": 3, "sentences": ["One.", " Two."]},
                                                "v_b": {"sentences": ["Three."]}}))
@@ -126,6 +147,8 @@ def test_jsonl_video_ids_are_paths_so_equal_base_names_stay_two_videos(tmp_path)
      r"MSRVTT_data.json:3: invalid JSON"),
     ("vatex", {"ref_captions.json": '{"a": ["x"]}', "test_list.txt": "a\nb\n"}, "test", "missing key 'b'"),
     ("didemo", {"test_data.json": '[{"video": "v.mp4"}]'}, "test", "entry 0: missing key 'description'"),
+    ("didemo", {"test_data.json": '[{"video": ["v.mp4"], "description": "x"}]'}, "test",
+     "entry 0: expected a video file name, got"),
     ("didemo", {"test_data.json": '[{"video": "v.mp4", "description": 3}]'}, "test",
      "entry 0: expected a caption string or a list of them, got 3"),
     ("activitynet", {"val_1.json": '{"v_a": {"sentences": [["nested"]]}}'}, "test", "v_a: expected a caption string"),

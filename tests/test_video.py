@@ -42,6 +42,19 @@ def test_other_max_frames_and_fps(tmp_path):
 
 
 @requires_decord
+def test_frames_are_read_one_by_one_never_with_get_batch(tmp_path, monkeypatch):
+    """decord's get_batch hangs for good, holding the GIL, on some files whose frames vr[i] reads
+    (dmlc/decord#375): sample_frames never calls it."""
+    import decord
+    batch_reads = []
+    monkeypatch.setattr(decord.VideoReader, "get_batch", lambda self, indices: batch_reads.append(indices))
+    path = write_video(tmp_path / "v.mp4", 121, fps=6)
+    frames, mask = sample_frames(path)
+    assert batch_reads == []
+    assert [frame_index(f) for f in frames[mask]] == expected_indices(121, 6)
+
+
+@requires_decord
 def test_missing_empty_and_corrupt_files_name_the_file(tmp_path):
     with pytest.raises(VideoError, match="nope.mp4: no such file"):
         sample_frames(str(tmp_path / "nope.mp4"))
