@@ -5,6 +5,7 @@ None, `collate` drops it and lists it under "skipped", and the trainer counts an
 """
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -63,6 +64,10 @@ class VideoFrames:
         out = torch.zeros(shape, dtype=dtype)
         out[torch.from_numpy(mask)] = self._preprocess(frames[mask], dtype)
         return out, torch.from_numpy(mask)
+
+    def video_bytes(self):
+        """Bytes of one video's frames as this object returns them (uint8 raw, else fp32)."""
+        return self.max_frames * 3 * self.size ** 2 * (1 if self.raw else 4)
 
     def _preprocess(self, frames, dtype):
         return preprocess_frames(torch.from_numpy(frames), self.size, self.mean, self.std, dtype)
@@ -138,11 +143,45 @@ def _hung(path, seconds):
     os._exit(2)   # the main thread is stuck in the decoder: no exception can reach it
 
 
+SHARED_MEMORY = "/dev/shm"   # where a loader worker's batches go (torch's shm_open) until the main process frees them
+PREFETCH = 2   # DataLoader's default prefetch_factor: batches each worker makes ahead
+_said = set()   # shared-memory notes already printed in this process
+
+
+def loader_workers(workers, batch_bytes, say=True):
+    """The DataLoader workers (at most `workers`) whose batches of `batch_bytes` fit in SHARED_MEMORY.
+    A worker stacks each batch there, PREFETCH batches ahead, and it stays until the main process
+    is done with it: up to 2 * workers + 2 batches at a time, times the processes on this machine
+    (torchrun's LOCAL_WORLD_SIZE). A container's /dev/shm is 64 MiB unless raised, and PyTorch's
+    workers fail there ("unable to allocate shared memory", or a bus error) at the first batches:
+    fewer workers instead, 0 (batches made in this process) if even one does not fit, with a note
+    saying so where `say`."""
+    if workers == 0 or not os.path.isdir(SHARED_MEMORY) or batch_bytes <= 0:
+        return workers
+    share = shutil.disk_usage(SHARED_MEMORY).free // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    fit = max(0, min(workers, (share // batch_bytes - 2) // PREFETCH))
+    if fit < workers and say and (workers, fit, batch_bytes) not in _said:
+        _said.add((workers, fit, batch_bytes))
+        print(f"note: {SHARED_MEMORY} has {share / 2**20:,.0f} MiB free for this process and a batch takes "
+              f"{batch_bytes / 2**20:,.0f} MiB there ({PREFETCH * workers + 2} at a time with {workers} loader "
+              f"workers): {fit} worker(s) instead{' (batches made in this process)' if fit == 0 else ''}; raise "
+              f"it for more (a container: docker run --shm-size 8g)", file=sys.stderr)
+    return fit
+
+
 def loader_error(error, timeout=LOADER_TIMEOUT_S):
     """The ValueError saying what to do for a DataLoader's RuntimeError `error` where a worker was
-    silent for `timeout` seconds (a hung decoder) or died (a decoder's segmentation fault; PyTorch
-    raises that one wherever the main process is, through its SIGCHLD handler, often mid-step);
-    None for any other error."""
+    silent for `timeout` seconds (a hung decoder), died (a decoder's segmentation fault; PyTorch
+    raises that one wherever the main process is, through its SIGCHLD handler, often mid-step) or
+    ran out of shared memory; None for any other error."""
+    # a worker's "unable to allocate shared memory(shm) for file", or a bus error's "... is killed by
+    # signal: Bus error. It is possible that dataloader's workers are out of shared memory."
+    if "unable to allocate shared memory" in str(error) or "out of shared memory" in str(error):
+        size = shutil.disk_usage(SHARED_MEMORY).total / 2**20 if os.path.isdir(SHARED_MEMORY) else 0
+        return ValueError(f"the data-loading workers ran out of shared memory ({SHARED_MEMORY} holds {size:,.0f} "
+                          f"MiB): raise it (a container: docker run --shm-size 8g) or lower --workers (0: batches "
+                          f"made in the training process); a training run continues from its last checkpoint "
+                          f"with --resume")
     if "DataLoader timed out" in str(error):
         what = f"no batch from the data-loading workers in {timeout:g} s: a video decoder that hangs?"
     elif str(error).startswith("DataLoader worker (pid"):   # "... exited unexpectedly", "... is killed by signal"

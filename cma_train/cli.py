@@ -40,7 +40,7 @@ HELP = {
     "max_frames": "frames per video (sampled at --sample-fps, then uniformly)",
     "max_words": "caption tokens, start and end included",
     "sample_fps": "candidate frames per second before uniform sampling",
-    "workers": "data-loading processes",
+    "workers": "data-loading processes (fewer where /dev/shm cannot hold their batches, said in a note)",
     "epochs": "training epochs",
     "batch_size": "global batch (all processes together); negatives come from the whole global batch",
     "micro_batch": "videos per forward/backward pass on each process (0: its whole share): a global batch "

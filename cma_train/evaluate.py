@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cma_model.data import LOADER_TIMEOUT_S, VideoDataset, batches, collate, ignore_stop_signals, tokenize
+from cma_model.data import (LOADER_TIMEOUT_S, VideoDataset, batches, collate, ignore_stop_signals, loader_workers,
+                            tokenize)
 from cma_model.losses import similarity
 from cma_model.metrics import multi_caption_metrics
 from cma_model.retrieval import encode_frames, encode_text
@@ -65,6 +66,7 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
             text[start:start + len(t)] = encode_text(model, t.to(device)).float()
 
     videos = list(range(n_videos))[_share(n_videos, rank, world)]
+    workers = loader_workers(workers, min(batch_size, len(videos)) * frames.video_bytes(), say=rank == 0)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(VideoDataset(ann, frames), videos),
                                          batch_size=batch_size, num_workers=workers, collate_fn=collate,
                                          timeout=LOADER_TIMEOUT_S if workers else 0, pin_memory=device.type == "cuda",

@@ -1,14 +1,20 @@
 """cma_model.data: dataset items from files and from the cache agree; unreadable videos are skipped."""
+import collections
 import os
+import shutil
 import signal
+import subprocess
+import sys
 
 import open_clip
 import pytest
 import torch
 from conftest import requires_decord, write_video
 
+from cma_model import data
 from cma_model.cache import FrameCache, prepare_cache
-from cma_model.data import CaptionVideoDataset, VideoFrames, batches, collate, ignore_stop_signals, tokenize
+from cma_model.data import (CaptionVideoDataset, VideoFrames, batches, collate, ignore_stop_signals, loader_workers,
+                            tokenize)
 from cma_model.datasets import Annotations
 
 
@@ -160,3 +166,59 @@ def test_a_hung_or_dead_loader_worker_ends_with_what_to_do(dataset, message):
         for batch in batches(loader):
             got.append(batch.tolist())
     assert got in ([[0, 1]], [] if dataset is _CrashesAtTwo else None)   # a death can be noticed before batch 0
+
+
+Usage = collections.namedtuple("Usage", "total used free")
+
+
+@pytest.mark.parametrize("free_mib, local_processes, fit", [(1024, 1, 4), (64, 1, 2), (35, 1, 0), (64, 2, 0),
+                                                            (100, 2, 1)])
+def test_loader_workers_fit_shared_memory(monkeypatch, capsys, free_mib, local_processes, fit):
+    """(2 * workers + 2) batches of 10 MiB per process must fit /dev/shm's free space, shared by the
+    processes on the machine; fewer workers where they do not, said once."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(2 * free_mib << 20, 0, free_mib << 20))
+    monkeypatch.setattr(data, "_said", set())
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_processes))
+    assert loader_workers(4, 10 << 20) == fit
+    said = capsys.readouterr().err
+    if fit == 4:
+        assert said == ""
+    else:
+        assert f"a batch takes 10 MiB there (10 at a time with 4 loader workers): {fit} worker(s) instead" in said
+        loader_workers(4, 10 << 20)
+        assert capsys.readouterr().err == ""   # once per process
+    assert loader_workers(0, 10 << 20) == 0
+
+
+_SMALL_SHM = "mount -t tmpfs -o size=16m tmpfs /dev/shm"
+_LOADS_TOO_MUCH = """
+import torch
+from cma_model.data import batches, loader_workers
+class Items(torch.utils.data.Dataset):   # 7 MiB items: a batch of 2 takes 14 MiB of the 16
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        return torch.full((7, 2**20), i, dtype=torch.uint8)
+print("workers that fit:", loader_workers(2, 14 << 20, say=False))
+loader = torch.utils.data.DataLoader(Items(), batch_size=2, num_workers=2, timeout=60)
+try:
+    for batch in batches(loader):
+        pass
+except ValueError as e:
+    print("error:", e)
+"""
+
+
+def test_a_loader_out_of_shared_memory_is_foreseen_and_else_said(tmp_path):
+    """In a mount namespace with a 16 MiB /dev/shm (a container's is 64 MiB): loader_workers says no
+    worker fits, and a loader that has workers anyway fails with PyTorch's shared-memory error,
+    which batches() turns into what to do. Needs root and util-linux's unshare (skips elsewhere)."""
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", _SMALL_SHM], capture_output=True).returncode:
+        pytest.skip("no private mount namespace here (needs root and unshare)")
+    run = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                          f'{_SMALL_SHM} && exec "{sys.executable}" -c "$0"', _LOADS_TOO_MUCH],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.stdout.splitlines()[0] == "workers that fit: 0", run.stderr
+    assert run.stdout.splitlines()[1].startswith("error: the data-loading workers ran out of shared memory "
+                                                 "(/dev/shm holds 16 MiB): raise it"), run.stdout + run.stderr

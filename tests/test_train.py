@@ -420,6 +420,27 @@ def test_the_time_spent_waiting_for_data_is_measured_and_said(tmp_path, monkeypa
     assert abs(int(said[2]) - 100 * waited / seconds) <= 0.51
 
 
+
+def test_loader_workers_that_shared_memory_cannot_hold_are_left_out_saying_so(tmp_path, monkeypatch, capsys):
+    """With 256 KiB free in /dev/shm (a container's is 64 MiB), `--workers 2` trains and evaluates
+    with the batches made in the training process, and says so, where PyTorch's workers would fail
+    at their first batch."""
+    import collections
+    import shutil
+
+    from cma_model import data
+    jsonl, cache = write_frame_cache_set(tmp_path / "data")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("Usage", "total used free")(
+        1 << 20, 768 << 10, 256 << 10))
+    monkeypatch.setattr(data, "_said", set())
+    workers, make_loader = [], torch.utils.data.DataLoader.__init__
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__",
+                        lambda self, *a, **kw: workers.append(kw["num_workers"]) or make_loader(self, *a, **kw))
+    result = train(tiny_config(jsonl, cache, tmp_path / "run", batch_size=4, epochs=1, workers=2, eval_split="test"))
+    assert workers == [0, 0] and len(result["losses"]) == 2   # the epoch's loader, the evaluation's
+    said = capsys.readouterr().err
+    assert said.count("(6 at a time with 2 loader workers): 0 worker(s) instead (batches made in this process)") == 2
+
 def test_tensorboard_gets_what_metrics_jsonl_logs(tmp_path):
     """--tensorboard: each step's loss, videos/s and wait for data, as metrics.jsonl has them (float32
     in the event file). Runs where tensorboard is installed (not a test dependency)."""
