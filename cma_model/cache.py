@@ -110,7 +110,8 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
             raise ValueError(f"{name} must be > 0 and finite, got {value}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} is a file: the cache is a folder")
-    require_decord()
+    if any(os.path.isfile(p) for p in video_paths):   # folders of frame images need no decord
+        require_decord()
     os.makedirs(out_dir, exist_ok=True)
     meta = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps, "shard_size": shard_size,
             "num_videos": len(video_ids)}

@@ -4,7 +4,8 @@ Every loader returns an `Annotations`: video ids and paths, captions, and which 
 belongs to. Paragraph datasets (ActivityNet, DiDeMo) join a video's sentences into one caption.
 Malformed files raise AnnotationError naming the file and the line or key at fault.
 
-Layouts (`root` holds the annotation files, `video_dir` the videos):
+Layouts (`root` holds the annotation files, `video_dir` the videos: files, or folders of frame
+images named by the video id, as the official code's images/fps_1/):
 - msrvtt: MSRVTT_data.json (`sentences`: video_id, caption), MSRVTT_train.9k.csv or
   MSRVTT_train.7k.csv (column video_id), MSRVTT_JSFUSION_test.csv (video_id, sentence); videoN.mp4.
 - msvd: {train,val,test}_list.txt (a video id per line), raw-captions.pkl ({id: [[tokens]]}); id.avi.
@@ -50,10 +51,15 @@ class Annotations:
 
 
 def _find_video(video_dir, video_id):
+    """The file of video_id (the id as is, or with an extension of VIDEO_EXTENSIONS), else a folder of
+    its frame images named by the id (video.sample_frames reads both)."""
     for ext in ("",) + VIDEO_EXTENSIONS:
         path = os.path.join(video_dir, video_id + ext)
         if os.path.isfile(path):
             return path
+    folder = os.path.join(video_dir, video_id)
+    if os.path.isdir(folder):
+        return folder
     return os.path.join(video_dir, video_id + ".mp4")   # missing videos are reported when read
 
 
@@ -167,7 +173,7 @@ def load_didemo(root, split="test", video_dir=None):
     ann = Annotations()
     for vid, sentences in paragraphs.items():
         as_named = os.path.join(video_dir, files[vid])
-        ann.add(vid, as_named if os.path.isfile(as_named) else _find_video(video_dir, vid),
+        ann.add(vid, as_named if os.path.exists(as_named) else _find_video(video_dir, vid),
                 [" ".join(s.strip() for s in sentences)])
     return ann
 

@@ -12,8 +12,13 @@ after each video (decord's memory grows on long videos otherwise). Unreadable, e
 files raise VideoError naming the file. A read that hangs anyway cannot be interrupted: the training
 loader's workers have a timeout, `cma prepare` a per-video one, and a read in the calling process
 can end that process (`data.VideoFrames`' hang_exit_s).
+
+A folder of frame images is a video too (the official code's `images/fps_1/<video id>/`: frames
+extracted beforehand at some rate): its images in name order, numbers by value, are the
+candidates, whatever sample_fps; max_frames of them are picked uniformly, as above. No decord.
 """
 import os
+import re
 
 import numpy as np
 
@@ -61,11 +66,11 @@ def require_decord():
 
 
 def _open(path):
-    decord = require_decord()
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):   # before decord: a missing file is a skipped video wherever it is missing
         raise VideoError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: empty file")
+    decord = require_decord()
     try:
         return decord.VideoReader(path, num_threads=1)
     except Exception as e:   # decord raises its own DECORDError / RuntimeError types
@@ -85,22 +90,54 @@ def _decode(vr, path, indices):
     return np.stack(frames)
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _name_order(name):
+    """Sort key: digit runs by value, so that frame_2.jpg comes before frame_10.jpg."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def _read_frame_folder(path, max_frames):
+    """max_frames of a frame folder's images, picked uniformly in name order: uint8 [n, H, W, 3]."""
+    from PIL import Image
+    names = sorted((n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)), key=_name_order)
+    if not names:
+        raise VideoError(f"{path}: a folder without frame images ({' '.join(IMAGE_EXTENSIONS)})")
+    frames = []
+    for i in pick_uniform(np.arange(len(names)), max_frames):
+        image = os.path.join(path, names[i])
+        try:
+            with Image.open(image) as im:
+                frames.append(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError) as e:   # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise VideoError(f"{image}: cannot read frame ({type(e).__name__}: {str(e)[:120]})") from None
+    sizes = sorted({f.shape[:2] for f in frames})
+    if len(sizes) > 1:
+        raise VideoError(f"{path}: frames of different sizes (height, width: {', '.join(map(str, sizes))})")
+    return np.stack(frames)
+
+
 def sample_frames(path, max_frames: int = 12, sample_fps: float = 1.0):
-    """Paper sampling of one video: (frames uint8 [max_frames, H, W, 3], mask bool [max_frames]).
-    Padded slots are zero with mask False. Raises VideoError naming the file if it cannot be read."""
+    """Paper sampling of one video, a file or a folder of frame images: (frames uint8 [max_frames,
+    H, W, 3], mask bool [max_frames]). Padded slots are zero with mask False. Raises VideoError
+    naming the file if it cannot be read."""
     if max_frames < 1 or sample_fps <= 0:
         raise ValueError(f"max_frames must be >= 1 and sample_fps > 0, got {max_frames}, {sample_fps}")
-    vr = _open(path)
-    try:
+    if os.path.isdir(path):
+        frames = _read_frame_folder(path, max_frames)
+    else:
+        vr = _open(path)
         try:
-            n, fps = len(vr), float(vr.get_avg_fps() or 0.0)
-        except Exception as e:
-            raise VideoError(f"{path}: cannot read stream info ({type(e).__name__})") from None
-        if n <= 0:
-            raise VideoError(f"{path}: no frames")
-        frames = _decode(vr, path, pick_uniform(candidate_indices(n, fps, sample_fps), max_frames))
-    finally:
-        del vr   # decord's memory grows on long videos unless the reader goes
+            try:
+                n, fps = len(vr), float(vr.get_avg_fps() or 0.0)
+            except Exception as e:
+                raise VideoError(f"{path}: cannot read stream info ({type(e).__name__})") from None
+            if n <= 0:
+                raise VideoError(f"{path}: no frames")
+            frames = _decode(vr, path, pick_uniform(candidate_indices(n, fps, sample_fps), max_frames))
+        finally:
+            del vr   # decord's memory grows on long videos unless the reader goes
     out = np.zeros((max_frames, *frames.shape[1:]), dtype=np.uint8)
     out[:len(frames)] = frames
     mask = np.zeros(max_frames, dtype=bool)

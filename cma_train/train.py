@@ -108,21 +108,22 @@ def unused_gpus_note(device, world):
 
 
 def check_video_sources(cache, ann, what, say=True):
-    """Every video of `what` (a split's Annotations) comes from the FrameCache `cache` (or None) or
-    from its file. Refuses a split none of whose videos outside the cache has a file (a wrong --root
-    or --video-dir: every batch would be unreadable), and files to decode without decord; with
-    `say`, notes how many the cache lacks."""
+    """Every video of `what` (a split's Annotations) comes from the FrameCache `cache` (or None), its
+    file or its folder of frame images. Refuses a split none of whose videos outside the cache is
+    there (a wrong --root or --video-dir: every batch would be unreadable), and files to decode
+    without decord; with `say`, notes how many the cache lacks."""
     uncached = [i for i, v in enumerate(ann.video_ids) if cache is None or not cache.covers(v)]
     if not uncached:
         return
-    if not any(os.path.isfile(ann.video_paths[i]) for i in uncached):   # stops at the first file found
+    if not any(os.path.exists(ann.video_paths[i]) for i in uncached):   # stops at the first one found
         lacks = " that the frame cache lacks" if cache is not None else ""
-        raise ValueError(f"none of the {len(uncached)} videos of {what}{lacks} is a file, e.g. "
-                         f"{ann.video_paths[uncached[0]]}: check --root and --video-dir (default ROOT/videos)")
-    require_decord()
+        raise ValueError(f"none of the {len(uncached)} videos of {what}{lacks} is a file or a folder of frames, "
+                         f"e.g. {ann.video_paths[uncached[0]]}: check --root and --video-dir (default ROOT/videos)")
+    if any(os.path.isfile(ann.video_paths[i]) for i in uncached):   # frame folders need no decord
+        require_decord()
     if cache is not None and say:
         print(f"note: {len(uncached)} of the {len(ann.video_ids)} videos of {what} are not in the frame cache "
-              f"{cache.out_dir} (e.g. {ann.video_ids[uncached[0]]!r}): they are decoded from their video files "
+              f"{cache.out_dir} (e.g. {ann.video_ids[uncached[0]]!r}): they are read from their video files "
               f"(`cma prepare --split train,test` caches several splits in one folder)")
 
 

@@ -74,20 +74,25 @@ def vit_b32():
 BARS = 8   # frame index encoded in BARS vertical black/white bars (robust to compression)
 
 
-def write_video(path, num_frames, fps=10, height=64, width=96, codec="mpeg4"):
-    """A real video file whose frame i shows the bits of i as vertical bars (white = 1)."""
-    import av
+def bar_frame(i, height=64, width=96):
+    """uint8 [height, width, 3]: the bits of i as vertical bars (white = 1); frame_index reads it."""
     import numpy as np
+    frame = np.zeros((height, width, 3), np.uint8)
+    for b in range(BARS):
+        if (i >> b) & 1:
+            frame[:, b * width // BARS:(b + 1) * width // BARS] = 255
+    return frame
+
+
+def write_video(path, num_frames, fps=10, height=64, width=96, codec="mpeg4"):
+    """A real video file whose frame i is bar_frame(i)."""
+    import av
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"qscale": "2"}
         for i in range(num_frames):
-            frame = np.zeros((height, width, 3), np.uint8)
-            for b in range(BARS):
-                if (i >> b) & 1:
-                    frame[:, b * width // BARS:(b + 1) * width // BARS] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(bar_frame(i, height, width), format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -681,7 +681,8 @@ def test_eval_of_a_split_without_video_files_fails_before_the_model(tmp_path, mo
     (tmp_path / "test.jsonl").write_text('{"video": "videos/nope.mp4", "caption": "a cat"}\n')
     assert main(["eval", *TINY, "--dataset", "jsonl", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert f"none of the 1 videos of split 'test' is a file, e.g. {tmp_path / 'videos' / 'nope.mp4'}" in err
+    assert (f"none of the 1 videos of split 'test' is a file or a folder of frames, e.g. "
+            f"{tmp_path / 'videos' / 'nope.mp4'}") in err
 
 
 def test_pretrained_file_of_another_architecture_is_an_error_not_a_traceback(video_set, tmp_path, capsys):

@@ -43,6 +43,8 @@ def test_msvd(tmp_path):
     ann = load_annotations("msvd", tmp_path, "test")
     assert ann.captions == ["a man runs", "someone runs", "a bird"] and ann.caption_video == [0, 0, 1]
     assert ann.video_paths[0].endswith("abc.avi")   # the real file's extension is found
+    (tmp_path / "videos" / "xyz").mkdir()   # a folder of its frame images (the official code's images/fps_1/)
+    assert load_annotations("msvd", tmp_path, "test").video_paths[1] == str(tmp_path / "videos" / "xyz")
 
 
 def test_didemo_paragraphs(tmp_path):

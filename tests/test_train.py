@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cache_set
+from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cache_set, write_splits
 
 from cma_model.data import CaptionVideoDataset
 from cma_model.datasets import load_annotations
@@ -186,8 +186,8 @@ def test_a_split_without_video_files_is_refused_unless_the_cache_holds_it(video_
         shutil.copy(os.path.join(os.path.dirname(jsonl), name), folder)
     build_model = train_module.build_model
     monkeypatch.setattr(train_module, "build_model", lambda *args: pytest.fail("built the model"))
-    with pytest.raises(ValueError, match=r"none of the 8 videos of split 'train' is a file, e.g. .*clip0.mp4: check "
-                                         r"--root and --video-dir"):
+    with pytest.raises(ValueError, match=r"none of the 8 videos of split 'train' is a file or a folder of frames, "
+                                         r"e.g. .*clip0.mp4: check --root and --video-dir"):
         train(tiny_config(str(folder / "train.jsonl"), None, tmp_path / "run", batch_size=4, max_steps=1))
     monkeypatch.setattr(train_module, "build_model", build_model)
     result = train(tiny_config(str(folder / "train.jsonl"), cache, tmp_path / "cached", batch_size=4, max_steps=1,
@@ -208,6 +208,39 @@ def test_without_decord_a_frame_cache_still_trains_and_evaluates(video_set, tmp_
     with pytest.raises(ValueError, match=r"reading videos needs decord, which is not installed: `pip install decord`"):
         train(tiny_config(jsonl, None, tmp_path / "decoding", batch_size=4, max_steps=1))
 
+
+
+def test_folders_of_frame_images_train_without_decord_as_their_frame_cache_does(tmp_path, monkeypatch):
+    """Videos given as folders of frame images (the official code's images/fps_1/<video id>/) train
+    and evaluate without decord, and `cma prepare`'s code caches them without it: the run from the
+    folders and the run from their cache take the same frames, so the same losses and metrics."""
+    import numpy as np
+    from PIL import Image
+
+    from cma_model.cache import prepare_cache
+    from cma_train.demo import FRAME, MOTION_WORDS, MOTIONS, render
+    rng, lines = np.random.default_rng(0), []
+    combos = [(c, s, m) for c, s in [("red", "circle"), ("blue", "square"), ("green", "triangle"),
+                                      ("yellow", "circle")] for m in ("left", "up")]
+    for i, (color, shape, motion) in enumerate(combos):
+        (tmp_path / f"clip{i}").mkdir()
+        (dx, dy) = MOTIONS[motion]
+        for t, shift in enumerate(np.linspace(0, FRAME * 0.36, 14)):   # 14 frames: 12 are picked
+            frame = render(color, shape, FRAME / 2 + dx * shift, FRAME / 2 + dy * shift, rng)
+            Image.fromarray(frame).save(tmp_path / f"clip{i}" / f"{t:05d}.jpg")
+        lines.append(json.dumps({"video": f"clip{i}", "caption": f"a {color} {shape} {MOTION_WORDS[motion]}"}))
+    write_splits(tmp_path, lines)
+    monkeypatch.setitem(sys.modules, "decord", None)   # `import decord` raises ImportError
+    ann = load_annotations("jsonl", str(tmp_path / "data.jsonl"))
+    skipped = prepare_cache(ann.video_ids, ann.video_paths, str(tmp_path / "cache"), size=32, workers=1,
+                            progress=False)
+    assert skipped == {}
+    runs = [train(tiny_config(str(tmp_path / "data.jsonl"), cache, tmp_path / name, batch_size=4, max_steps=3,
+                              eval_split="test"))
+            for name, cache in (("folders", None), ("cached", str(tmp_path / "cache")))]
+    assert runs[0]["losses"] == pytest.approx(runs[1]["losses"], rel=1e-6) and len(runs[0]["losses"]) == 3
+    assert runs[0]["eval"]["t2v"] == runs[1]["eval"]["t2v"] and runs[0]["eval"]["num_videos"] == 8
+    assert not runs[0]["eval"]["skipped"] and not runs[0]["skipped"]
 
 @pytest.mark.parametrize("setting, value, message", [
     ("batch_size", 4, "batch_size=8, this run has batch_size=4"),

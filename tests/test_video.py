@@ -1,7 +1,8 @@
-"""cma_model.video: paper sampling on real mp4 files, masks, and unreadable files."""
+"""cma_model.video: paper sampling on real mp4 files and folders of frame images, masks, and unreadable
+files."""
 import numpy as np
 import pytest
-from conftest import frame_index, requires_decord, write_video
+from conftest import bar_frame, frame_index, requires_decord, write_video
 
 from cma_model.video import VideoError, candidate_indices, pick_uniform, sample_frames
 
@@ -103,4 +104,46 @@ def test_without_decord_reading_says_how_to_get_it(tmp_path, monkeypatch):
     path = write_video(tmp_path / "a.mp4", 20, fps=10)
     monkeypatch.setitem(sys.modules, "decord", None)   # `import decord` raises ImportError
     with pytest.raises(ValueError, match="reading videos needs decord, which is not installed"):
+        sample_frames(path)
+
+
+def write_frame_folder(folder, num_frames, ext="png"):
+    """Frame i = bar_frame(i) as frame_{i}.{ext}, numbers unpadded (name order needs their value),
+    written in reverse, beside a file that is not an image."""
+    from PIL import Image
+    folder.mkdir()
+    for i in reversed(range(num_frames)):
+        Image.fromarray(bar_frame(i)).save(folder / f"frame_{i}.{ext}")
+    (folder / "info.txt").write_text("extracted at 1 fps")
+    return str(folder)
+
+
+@pytest.mark.parametrize("num_frames, ext", [(30, "png"), (30, "jpg"), (5, "jpg")])
+def test_a_folder_of_frame_images_is_a_video_read_without_decord(tmp_path, monkeypatch, num_frames, ext):
+    """The official code's images/fps_1/<video>/ layout: the images in name order (numbers by value)
+    are the candidates, max_frames of them picked uniformly, whatever sample_fps; no decord."""
+    import sys
+    monkeypatch.setitem(sys.modules, "decord", None)   # `import decord` raises ImportError
+    path = write_frame_folder(tmp_path / "video7", num_frames, ext)
+    frames, mask = sample_frames(path, sample_fps=0.25)
+    want = [int(j) for j in np.linspace(0, num_frames - 1, 12)] if num_frames > 12 else list(range(num_frames))
+    assert frames.shape == (12, 64, 96, 3) and frames.dtype == np.uint8
+    assert mask.tolist() == [True] * len(want) + [False] * (12 - len(want))
+    assert [frame_index(f) for f in frames[mask]] == want
+    assert not frames[~mask].any()
+
+
+def test_unreadable_frame_folders_name_the_folder_or_the_image(tmp_path):
+    from PIL import Image
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no frames here")
+    with pytest.raises(VideoError, match="empty: a folder without frame images"):
+        sample_frames(str(tmp_path / "empty"))
+    path = write_frame_folder(tmp_path / "broken", 3)
+    (tmp_path / "broken" / "frame_1.png").write_bytes(b"not a png")
+    with pytest.raises(VideoError, match=r"broken/frame_1.png: cannot read frame"):
+        sample_frames(path)
+    path = write_frame_folder(tmp_path / "sizes", 3)
+    Image.fromarray(bar_frame(2, height=32)).save(tmp_path / "sizes" / "frame_2.png")
+    with pytest.raises(VideoError, match=r"sizes: frames of different sizes \(height, width: \(32, 96\), \(64, 96\)\)"):
         sample_frames(path)
