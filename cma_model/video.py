@@ -1,4 +1,5 @@
-"""Video reading with decord, sampled as the paper does (REFERENCE.md section 5).
+"""Video reading (files with decord, folders of frame images with PIL), sampled as the paper does
+(REFERENCE.md section 5).
 
 Candidates at `sample_fps` (frame floor(k * fps / sample_fps) for k = 0, 1, ...), then
 `max_frames` of them picked uniformly (np.linspace(0, n - 1, max_frames) rounded down); a shorter
