@@ -117,8 +117,8 @@ class VideoDataset(torch.utils.data.Dataset):
 
 
 LOADER_TIMEOUT_S = 600   # a loader worker silent this long is hung (decord can hang on a broken file)
-WHAT_TO_DO = ("`cma prepare` caches the frames and skips such videos (then pass --cache); a training run continues "
-              "from its last checkpoint with --resume")
+RESUMES = "a training run continues from its last checkpoint with --resume"
+WHAT_TO_DO = f"`cma prepare` caches the frames and skips such videos (then pass --cache); {RESUMES}"
 
 
 @contextlib.contextmanager
@@ -169,6 +169,18 @@ def loader_workers(workers, batch_bytes, say=True):
     return fit
 
 
+def video_loader(dataset, frames, batch_size, workers, device, sampler=None, say=True):
+    """The DataLoader `cma train` and `cma eval` read: items of `dataset` (frames from the VideoFrames
+    `frames`) in batches of `batch_size` through `collate`, by the loader_workers(workers, ...) that
+    fit shared memory, with a timeout for a hung decoder and stop signals ignored in the workers;
+    pinned for a CUDA `device`. Iterate it with batches()."""
+    items = len(dataset) if sampler is None else len(sampler)
+    workers = loader_workers(workers, min(batch_size, items) * frames.video_bytes(), say)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                       collate_fn=collate, timeout=LOADER_TIMEOUT_S if workers else 0,
+                                       pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+
+
 def loader_error(error, timeout=LOADER_TIMEOUT_S):
     """The ValueError saying what to do for a DataLoader's RuntimeError `error` where a worker was
     silent for `timeout` seconds (a hung decoder), died (a decoder's segmentation fault; PyTorch
@@ -180,8 +192,7 @@ def loader_error(error, timeout=LOADER_TIMEOUT_S):
         size = shutil.disk_usage(SHARED_MEMORY).total / 2**20 if os.path.isdir(SHARED_MEMORY) else 0
         return ValueError(f"the data-loading workers ran out of shared memory ({SHARED_MEMORY} holds {size:,.0f} "
                           f"MiB): raise it (a container: docker run --shm-size 8g) or lower --workers (0: batches "
-                          f"made in the training process); a training run continues from its last checkpoint "
-                          f"with --resume")
+                          f"made in the training process); {RESUMES}")
     if "DataLoader timed out" in str(error):
         what = f"no batch from the data-loading workers in {timeout:g} s: a video decoder that hangs?"
     elif str(error).startswith("DataLoader worker (pid"):   # "... exited unexpectedly", "... is killed by signal"

@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cma_model.data import (LOADER_TIMEOUT_S, VideoDataset, batches, collate, ignore_stop_signals, loader_workers,
-                            tokenize)
+from cma_model.data import VideoDataset, batches, tokenize, video_loader
 from cma_model.losses import similarity
 from cma_model.metrics import multi_caption_metrics
 from cma_model.retrieval import encode_frames, encode_text
@@ -66,11 +65,8 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
             text[start:start + len(t)] = encode_text(model, t.to(device)).float()
 
     videos = list(range(n_videos))[_share(n_videos, rank, world)]
-    workers = loader_workers(workers, min(batch_size, len(videos)) * frames.video_bytes(), say=rank == 0)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(VideoDataset(ann, frames), videos),
-                                         batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                                         timeout=LOADER_TIMEOUT_S if workers else 0, pin_memory=device.type == "cuda",
-                                         worker_init_fn=ignore_stop_signals)
+    loader = video_loader(torch.utils.data.Subset(VideoDataset(ann, frames), videos), frames, batch_size, workers,
+                          device, say=rank == 0)
     feats = torch.zeros(n_videos, frames.max_frames, dim, device=device)
     masks = torch.zeros(n_videos, frames.max_frames, dtype=torch.uint8, device=device)
     readable = torch.zeros(n_videos, dtype=torch.uint8, device=device)

@@ -30,8 +30,7 @@ from tqdm import tqdm
 
 from cma_model import adapter_state_dict, count_trainable_parameters, load_adapter_state_dict, set_mlp_recompute
 from cma_model.cache import FrameCache
-from cma_model.data import (LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, collate,
-                            ignore_stop_signals, loader_workers)
+from cma_model.data import LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, video_loader
 from cma_model.datasets import load_annotations
 from cma_model.retrieval import RetrievalForward, compile_towers
 from cma_model.video import require_decord
@@ -172,7 +171,6 @@ def train(cfg: TrainConfig):
         raise ValueError(f"{len(dataset)} captions cannot fill one batch of {cfg.batch_size}; lower --batch-size")
     total_steps = steps_per_epoch * cfg.epochs
     local_batch = cfg.batch_size // world
-    workers = loader_workers(cfg.workers, local_batch * frames.video_bytes(), say=rank == 0)
     if rank == 0 and uneven_chunks_recompile(cfg, local_batch):
         print(f"note: --micro-batch {cfg.micro_batch} does not divide the {local_batch} videos per process: the "
               f"last, smaller chunk of each step makes torch.compile compile the towers once more")
@@ -284,10 +282,7 @@ def train(cfg: TrainConfig):
             mine = order[rank::world][in_epoch * local_batch:]
             epoch_losses, epoch_times = [], []   # this epoch's, in this run; (step, of it waiting for data) seconds
             # a loader per epoch, for its sampler; persistent workers would save only their start, once an epoch
-            loader = torch.utils.data.DataLoader(dataset, batch_size=local_batch, sampler=mine,
-                                                 num_workers=workers, collate_fn=collate, persistent_workers=False,
-                                                 timeout=LOADER_TIMEOUT_S if workers else 0,
-                                                 pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+            loader = video_loader(dataset, frames, local_batch, cfg.workers, device, sampler=mine, say=rank == 0)
             ready = time.perf_counter()   # from here to the batch's arrival: waiting for data
             for batch in batches(loader):
                 wait = time.perf_counter() - ready
