@@ -66,7 +66,7 @@ def _find_video(video_dir, video_id):
 def _read_json(path):
     if not os.path.isfile(path):
         raise AnnotationError(f"{path}: no such annotation file")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
@@ -76,7 +76,7 @@ def _read_json(path):
 def _read_csv(path, columns):
     if not os.path.isfile(path):
         raise AnnotationError(f"{path}: no such annotation file")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
@@ -92,7 +92,7 @@ def _read_csv(path, columns):
 def _read_list(path):
     if not os.path.isfile(path):
         raise AnnotationError(f"{path}: no such annotation file")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         return [line.strip() for line in f if line.strip()]
 
 
@@ -212,7 +212,7 @@ def load_jsonl(path, split=None, video_dir=None):
         raise AnnotationError(f"{path}: no such annotation file")
     base = video_dir or os.path.dirname(os.path.abspath(path))
     ann, index, ids = Annotations(), {}, {}   # index: path -> row; ids: video id -> the path as written
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

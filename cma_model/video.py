@@ -12,7 +12,8 @@ a truncated file keeps the frames before the first one that does not decode; the
 after each video (decord's memory grows on long videos otherwise). Unreadable, empty or truncated
 files raise VideoError naming the file. A read that hangs anyway cannot be interrupted: the training
 loader's workers have a timeout, `cma prepare` a per-video one, and a read in the calling process
-can end that process (`data.VideoFrames`' hang_exit_s).
+can end that process (`data.VideoFrames`' hang_exit_s). Frames come out as a player shows them:
+decord applies the container's display rotation (phones film portrait that way); tested.
 
 A folder of frame images is a video too (the official code's `images/fps_1/<video id>/`: frames
 extracted beforehand at some rate): its images in name order, numbers by value, are the

@@ -84,12 +84,15 @@ def bar_frame(i, height=64, width=96):
     return frame
 
 
-def write_video(path, num_frames, fps=10, height=64, width=96, codec="mpeg4"):
-    """A real video file whose frame i is bar_frame(i)."""
+def write_video(path, num_frames, fps=10, height=64, width=96, codec="mpeg4", rotation=0):
+    """A real video file whose frame i is bar_frame(i); rotation (degrees counter-clockwise, a
+    multiple of 90) goes into the container's display matrix, as a phone filming upright writes it."""
     import av
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if rotation:
+            stream.set_display_rotation(rotation)
         stream.options = {"qscale": "2"}
         for i in range(num_frames):
             for packet in stream.encode(av.VideoFrame.from_ndarray(bar_frame(i, height, width), format="rgb24")):
@@ -107,6 +110,18 @@ def frame_index(frame):
 
 
 TINY_TRAIN_CLIP = SMOKE_CLIP   # the e2e benchmark's smoke model: 32x32 images, the real tokenizer's vocabulary
+
+
+def fake_shared_memory(monkeypatch, total, free):
+    """/dev/shm as loader_workers sees it (shutil.disk_usage): `total` and `free` bytes; its
+    once-only notes are forgotten, so the test sees them said."""
+    import collections
+    import shutil
+
+    from cma_model import data
+    usage = collections.namedtuple("Usage", "total used free")(total, total - free, free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+    monkeypatch.setattr(data, "_said", set())
 
 
 def write_openai_style_clip(path, clip_config, seed=0):

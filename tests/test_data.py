@@ -1,5 +1,4 @@
 """cma_model.data: dataset items from files and from the cache agree; unreadable videos are skipped."""
-import collections
 import os
 import shutil
 import signal
@@ -9,9 +8,8 @@ import sys
 import open_clip
 import pytest
 import torch
-from conftest import requires_decord, write_video
+from conftest import fake_shared_memory, requires_decord, write_video
 
-from cma_model import data
 from cma_model.cache import FrameCache, prepare_cache
 from cma_model.data import (CaptionVideoDataset, VideoFrames, batches, collate, ignore_stop_signals, loader_workers,
                             tokenize)
@@ -168,16 +166,12 @@ def test_a_hung_or_dead_loader_worker_ends_with_what_to_do(dataset, message):
     assert got in ([[0, 1]], [] if dataset is _CrashesAtTwo else None)   # a death can be noticed before batch 0
 
 
-Usage = collections.namedtuple("Usage", "total used free")
-
-
 @pytest.mark.parametrize("free_mib, local_processes, fit", [(1024, 1, 4), (64, 1, 2), (35, 1, 0), (64, 2, 0),
                                                             (100, 2, 1)])
 def test_loader_workers_fit_shared_memory(monkeypatch, capsys, free_mib, local_processes, fit):
     """(2 * workers + 2) batches of 10 MiB per process must fit /dev/shm's free space, shared by the
     processes on the machine; fewer workers where they do not, said once."""
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(2 * free_mib << 20, 0, free_mib << 20))
-    monkeypatch.setattr(data, "_said", set())
+    fake_shared_memory(monkeypatch, 2 * free_mib << 20, free_mib << 20)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_processes))
     assert loader_workers(4, 10 << 20) == fit
     said = capsys.readouterr().err

@@ -174,6 +174,8 @@ def test_annotations_are_utf8_and_other_encodings_are_named(tmp_path, dataset, n
     root = tmp_path / "d.jsonl" if dataset == "jsonl" else tmp_path
     (tmp_path / name).write_bytes((row + "\n").encode("utf-8"))
     assert load_annotations(dataset, root, split).captions == [caption]
+    (tmp_path / name).write_bytes((row + "\n").encode("utf-8-sig"))   # with the BOM Excel and Notepad write
+    assert load_annotations(dataset, root, split).captions == [caption]
     (tmp_path / name).write_bytes((row + "\n").encode("latin-1"))
     with pytest.raises(AnnotationError, match=rf"{dataset} {split} annotations at .*: not UTF-8 text \(byte \d+: "
                                               r"invalid continuation byte\); convert the file"):

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda, write_frame_cache_set, write_splits
+from conftest import (TINY_TRAIN_CLIP, fake_shared_memory, gpu_check, requires_cuda, write_frame_cache_set,
+                      write_splits)
 
 from cma_model.data import CaptionVideoDataset
 from cma_model.datasets import load_annotations
@@ -458,14 +459,8 @@ def test_loader_workers_that_shared_memory_cannot_hold_are_left_out_saying_so(tm
     """With 256 KiB free in /dev/shm (a container's is 64 MiB), `--workers 2` trains and evaluates
     with the batches made in the training process, and says so, where PyTorch's workers would fail
     at their first batch."""
-    import collections
-    import shutil
-
-    from cma_model import data
     jsonl, cache = write_frame_cache_set(tmp_path / "data")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("Usage", "total used free")(
-        1 << 20, 768 << 10, 256 << 10))
-    monkeypatch.setattr(data, "_said", set())
+    fake_shared_memory(monkeypatch, 1 << 20, 256 << 10)
     workers, make_loader = [], torch.utils.data.DataLoader.__init__
     monkeypatch.setattr(torch.utils.data.DataLoader, "__init__",
                         lambda self, *a, **kw: workers.append(kw["num_workers"]) or make_loader(self, *a, **kw))

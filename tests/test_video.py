@@ -56,6 +56,27 @@ def test_frames_are_read_one_by_one_never_with_get_batch(tmp_path, monkeypatch):
 
 
 @requires_decord
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_a_video_with_a_display_rotation_is_read_upright(tmp_path, rotation):
+    """Phones film portrait as landscape frames plus a rotation in the container (DiDeMo's Flickr
+    videos, VATEX's YouTube ones): the frames come out as a player shows them. The reference is
+    PyAV: its stored frames turned by its own frame.rotation (counter-clockwise) with np.rot90."""
+    import av
+    path = write_video(tmp_path / "v.mp4", 45, fps=10, rotation=rotation)
+    with av.open(path) as container:
+        stored = [f for f in container.decode(video=0)]
+    turns = stored[0].rotation // 90
+    assert (turns - rotation // 90) % 4 == 0   # PyAV reads back what the file says (180 as -180)
+    want = expected_indices(45, 10)
+    upright = [np.rot90(stored[i].to_ndarray(format="rgb24"), turns) for i in want]
+    frames, mask = sample_frames(path)
+    assert mask.sum() == len(want) and frames.shape[1:] == upright[0].shape
+    for got, ref in zip(frames[mask], upright):   # two ffmpeg builds' YUV->RGB: within 3 levels on average
+        assert np.abs(got.astype(int) - ref.astype(int)).mean() < 3.0
+    assert [frame_index(np.rot90(f, -turns)) for f in frames[mask]] == want
+
+
+@requires_decord
 def test_missing_empty_and_corrupt_files_name_the_file(tmp_path):
     with pytest.raises(VideoError, match="nope.mp4: no such file"):
         sample_frames(str(tmp_path / "nope.mp4"))
