@@ -99,6 +99,27 @@ def _write_shard(out_dir, index, ids, results, max_frames, size):
     return skipped
 
 
+def cache_bytes(num_videos, max_frames=12, size=224):
+    """Bytes a frame cache of num_videos takes on disk: the uint8 frames, every slot stored, plus
+    at most 1 KiB per video for the shard headers and JSON (ids, masks, reasons for skips)."""
+    return num_videos * (max_frames * size * size * 3 + 1024)
+
+
+def _check_space(out_dir, num_videos, max_frames, size):
+    """ValueError, before anything is decoded, where the shards still to write cannot fit the free
+    space of out_dir's file system: an ActivityNet cache (64 frames) is about 190 GB, and a full
+    disk would stop `cma prepare` hours in. A file system that reports no size (some network
+    mounts) is not checked."""
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    usage, need = shutil.disk_usage(existing), cache_bytes(num_videos, max_frames, size)
+    if usage.total > 0 and need > usage.free:
+        raise ValueError(f"{out_dir}: the frame cache needs {need / 2**30:,.1f} GiB more ({num_videos} videos of "
+                         f"{max_frames} frames, {size} x {size} px), and {usage.free / 2**30:,.1f} GiB are free "
+                         f"there: free space or choose another --out")
+
+
 def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, sample_fps=1.0, workers=2,
                   shard_size=64, timeout=300.0, progress=True):
     """Decode + resize every video into shards under out_dir; resumable. Returns {video id: reason}
@@ -112,7 +133,6 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
         raise ValueError(f"{out_dir} is a file: the cache is a folder")
     if any(os.path.isfile(p) for p in video_paths):   # folders of frame images need no decord
         require_decord()
-    os.makedirs(out_dir, exist_ok=True)
     meta = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps, "shard_size": shard_size,
             "num_videos": len(video_ids)}
     meta_path = os.path.join(out_dir, "cache.json")
@@ -121,11 +141,12 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
             old = json.load(f)
         if old != meta:
             raise ValueError(f"{out_dir} holds a cache made with {old}, not {meta}; use another folder")
-    else:
-        _atomic_write_json(meta_path, meta)
-
     shards = [list(range(i, min(i + shard_size, len(video_ids)))) for i in range(0, len(video_ids), shard_size)]
     todo = [s for s in range(len(shards)) if not os.path.exists(os.path.join(out_dir, f"shard_{s:05d}.json"))]
+    _check_space(out_dir, sum(len(shards[s]) for s in todo), max_frames, size)
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.path.exists(meta_path):
+        _atomic_write_json(meta_path, meta)
     skipped = {}
     for s in range(len(shards)):
         if s not in todo:

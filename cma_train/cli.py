@@ -322,7 +322,7 @@ def _results_path(args, cfg):
 
 
 def cmd_prepare(args):
-    from cma_model.cache import prepare_cache
+    from cma_model.cache import cache_bytes, prepare_cache
     from cma_model.datasets import load_annotations
     videos = {}   # id -> path, over every split asked for (one cache can serve training and evaluation)
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
@@ -332,6 +332,9 @@ def cmd_prepare(args):
         ann = load_annotations(args.dataset, args.root, split, args.video_dir)
         videos.update((v, p) for v, p in zip(ann.video_ids, ann.video_paths) if v not in videos)
     max_frames = paper_recipe(args.dataset)["max_frames"] if args.max_frames is None else args.max_frames
+    size_gib = cache_bytes(len(videos), max_frames, args.size) / 2**30
+    print(f"prepare: {len(videos)} videos into {args.out}, {size_gib:,.1f} GiB when done ({max_frames} frames of "
+          f"{args.size} px per video)")
     skipped = prepare_cache(list(videos), list(videos.values()), args.out, max_frames, args.size,
                             args.sample_fps, args.workers, args.shard_size, args.timeout)
     print(f"cache {args.out}: {len(videos) - len(skipped)} videos ready, {len(skipped)} skipped ({max_frames} frames "

@@ -112,9 +112,10 @@ def frame_index(frame):
 TINY_TRAIN_CLIP = SMOKE_CLIP   # the e2e benchmark's smoke model: 32x32 images, the real tokenizer's vocabulary
 
 
-def fake_shared_memory(monkeypatch, total, free):
-    """/dev/shm as loader_workers sees it (shutil.disk_usage): `total` and `free` bytes; its
-    once-only notes are forgotten, so the test sees them said."""
+def fake_free_space(monkeypatch, total, free):
+    """Every file system as shutil.disk_usage reports it (/dev/shm for loader_workers, a cache's
+    folder for prepare_cache): `total` and `free` bytes. loader_workers' once-only notes are
+    forgotten, so the test sees them said."""
     import collections
     import shutil
 

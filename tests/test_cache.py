@@ -4,10 +4,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import requires_decord, write_frame_cache_set, write_video
+from conftest import fake_free_space, requires_decord, write_frame_cache_set, write_video
 
 from cma_kernels.preprocess import preprocess_frames
-from cma_model.cache import FrameCache, prepare_cache
+from cma_model.cache import FrameCache, cache_bytes, prepare_cache
 from cma_model.video import VideoError, sample_frames
 
 
@@ -52,6 +52,28 @@ def test_resume_redoes_only_unfinished_shards(tmp_path, videos):
     assert os.stat(first).st_mtime_ns == stamp        # shard 0 untouched
     assert (tmp_path / "shard_00001.json").exists() and list(skipped) == ["broken"]
     assert FrameCache(str(tmp_path))["c"][1].sum() == 12
+
+
+@requires_decord
+def test_a_cache_that_cannot_fit_the_disk_is_refused_before_decoding(tmp_path, videos, monkeypatch):
+    """cache_bytes bounds what the shards take on disk; prepare_cache refuses, before it makes the
+    folder or decodes a video, where the shards still to write exceed the free space."""
+    ids, paths = videos
+    frames_only = len(ids) * 12 * 32 * 32 * 3
+    prepare_cache(ids, paths, str(tmp_path / "made"), size=32, shard_size=2, progress=False)
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "made").iterdir())
+    assert frames_only < on_disk <= cache_bytes(len(ids), 12, 32)
+
+    fake_free_space(monkeypatch, 1 << 40, cache_bytes(len(ids), 12, 32) - 1)
+    with pytest.raises(ValueError, match=r"the frame cache needs 0\.0 GiB more \(4 videos of 12 frames, 32 x 32 px\), "
+                                         r"and 0\.0 GiB are free there: free space or choose another --out"):
+        prepare_cache(ids, paths, str(tmp_path / "new" / "cache"), size=32, shard_size=2, progress=False)
+    assert not (tmp_path / "new").exists()
+    os.remove(tmp_path / "made" / "shard_00001.json")   # resumed: only the shard still to write must fit
+    fake_free_space(monkeypatch, 1 << 40, cache_bytes(2, 12, 32))
+    assert list(prepare_cache(ids, paths, str(tmp_path / "made"), size=32, shard_size=2, progress=False)) == ["broken"]
+    fake_free_space(monkeypatch, 0, 0)   # a network mount that reports no size: not checked
+    prepare_cache(ids, paths, str(tmp_path / "unsized"), size=32, shard_size=2, progress=False)
 
 
 @requires_decord

@@ -126,9 +126,10 @@ def test_eval_results_into_a_folder_and_a_bad_path_before_evaluating(video_set, 
 
 
 @requires_decord
-def test_prepare_caches_several_splits_in_one_folder(tmp_path, capsys):
-    """`--split train,test`: one cache for training and evaluation, each video once."""
-    from conftest import write_video
+def test_prepare_caches_several_splits_in_one_folder(tmp_path, monkeypatch, capsys):
+    """`--split train,test`: one cache for training and evaluation, each video once. The size it
+    will take is said first, and one that the disk cannot hold is refused in one line."""
+    from conftest import fake_free_space, write_video
 
     from cma_model.cache import FrameCache
     root = tmp_path / "msrvtt"
@@ -144,11 +145,18 @@ def test_prepare_caches_several_splits_in_one_folder(tmp_path, capsys):
     cache = str(tmp_path / "cache")
     argv = ["prepare", "--dataset", "msrvtt", "--root", str(root), "--out", cache, "--size", "32", "--workers", "1"]
     assert main(argv + ["--split", "train, test"]) == 0   # spaces after the comma are fine
-    assert "3 videos ready, 0 skipped" in capsys.readouterr().out   # video1 is in both splits: cached once
+    out = capsys.readouterr().out
+    assert f"prepare: 3 videos into {cache}, 0.0 GiB when done (12 frames of 32 px per video)" in out
+    assert "3 videos ready, 0 skipped" in out   # video1 is in both splits: cached once
     frames = FrameCache(cache)
     assert all(frames.covers(f"video{i}") and f"video{i}" in frames for i in range(3))
     assert main(argv + ["--split", "train"]) == 2   # another set of videos: not into the same folder
     assert "holds a cache made with" in capsys.readouterr().err
+    fake_free_space(monkeypatch, 1 << 40, 1 << 10)
+    assert main([str(tmp_path / "full") if a == cache else a for a in argv] + ["--split", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "the frame cache needs 0.0 GiB more (2 videos of 12 frames, 32 x 32 px), and 0.0 GiB are free" in err
+    assert "Traceback" not in err and not (tmp_path / "full").exists()
 
 
 def test_ctrl_c_in_train_checkpoints_and_says_how_to_resume(video_set, tmp_path, monkeypatch, capsys):

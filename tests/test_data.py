@@ -8,7 +8,7 @@ import sys
 import open_clip
 import pytest
 import torch
-from conftest import fake_shared_memory, requires_decord, write_video
+from conftest import fake_free_space, requires_decord, write_video
 
 from cma_model.cache import FrameCache, prepare_cache
 from cma_model.data import (CaptionVideoDataset, VideoFrames, batches, collate, ignore_stop_signals, loader_workers,
@@ -171,7 +171,7 @@ def test_a_hung_or_dead_loader_worker_ends_with_what_to_do(dataset, message):
 def test_loader_workers_fit_shared_memory(monkeypatch, capsys, free_mib, local_processes, fit):
     """(2 * workers + 2) batches of 10 MiB per process must fit /dev/shm's free space, shared by the
     processes on the machine; fewer workers where they do not, said once."""
-    fake_shared_memory(monkeypatch, 2 * free_mib << 20, free_mib << 20)
+    fake_free_space(monkeypatch, 2 * free_mib << 20, free_mib << 20)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_processes))
     assert loader_workers(4, 10 << 20) == fit
     said = capsys.readouterr().err

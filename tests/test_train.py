@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import (TINY_TRAIN_CLIP, fake_shared_memory, gpu_check, requires_cuda, write_frame_cache_set,
+from conftest import (TINY_TRAIN_CLIP, fake_free_space, gpu_check, requires_cuda, write_frame_cache_set,
                       write_splits)
 
 from cma_model.data import CaptionVideoDataset
@@ -460,7 +460,7 @@ def test_loader_workers_that_shared_memory_cannot_hold_are_left_out_saying_so(tm
     with the batches made in the training process, and says so, where PyTorch's workers would fail
     at their first batch."""
     jsonl, cache = write_frame_cache_set(tmp_path / "data")
-    fake_shared_memory(monkeypatch, 1 << 20, 256 << 10)
+    fake_free_space(monkeypatch, 1 << 20, 256 << 10)
     workers, make_loader = [], torch.utils.data.DataLoader.__init__
     monkeypatch.setattr(torch.utils.data.DataLoader, "__init__",
                         lambda self, *a, **kw: workers.append(kw["num_workers"]) or make_loader(self, *a, **kw))
