@@ -5,7 +5,8 @@ belongs to. Paragraph datasets (ActivityNet, DiDeMo) join a video's sentences in
 Malformed files raise AnnotationError naming the file and the line or key at fault.
 
 Layouts (`root` holds the annotation files, `video_dir` the videos: files, or folders of frame
-images named by the video id, as the official code's images/fps_1/):
+images named by the video id, as the official code's images/fps_1/; files may also sit anywhere
+below video_dir, as CLIP4Clip finds them, see VideoFinder):
 - msrvtt: MSRVTT_data.json (`sentences`: video_id, caption), MSRVTT_train.9k.csv or
   MSRVTT_train.7k.csv (column video_id), MSRVTT_JSFUSION_test.csv (video_id, sentence); videoN.mp4.
 - msvd: {train,val,test}_list.txt (a video id per line), raw-captions.pkl ({id: [[tokens]]}); id.avi.
@@ -13,7 +14,7 @@ images named by the video id, as the official code's images/fps_1/):
   optional filter (file names, as CLIP4Clip's); paragraph per video; the file named by "video", as
   CLIP4Clip opens it, else the id with an extension of VIDEO_EXTENSIONS (a re-encoded copy).
 - activitynet: {train,val_1}.json ({id: {"sentences": [...]}}), {train,val}_ids.json optional
-  filter; paragraph per video; id.mp4.
+  filter; paragraph per video; id.mp4, or without the id's v_ as CLIP4Clip names them.
 - vatex: {train,test}_list.txt and ref_captions.json ({id: [captions]}); id.mp4.
 - jsonl: one {"video": path, "caption": text} per line, in one file or one {split}.jsonl per split
   in a folder; relative paths against the file's folder;
@@ -25,7 +26,9 @@ import os
 import pickle
 from dataclasses import dataclass, field
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+from .video import IMAGE_EXTENSIONS
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv")
 
 
 class AnnotationError(ValueError):
@@ -50,17 +53,49 @@ class Annotations:
         return len(self.captions)
 
 
-def _find_video(video_dir, video_id):
-    """The file of video_id (the id as is, or with an extension of VIDEO_EXTENSIONS), else a folder of
-    its frame images named by the id (video.sample_frames reads both)."""
-    for ext in ("",) + VIDEO_EXTENSIONS:
-        path = os.path.join(video_dir, video_id + ext)
-        if os.path.isfile(path):
-            return path
-    folder = os.path.join(video_dir, video_id)
-    if os.path.isdir(folder):
-        return folder
-    return os.path.join(video_dir, video_id + ".mp4")   # missing videos are reported when read
+class VideoFinder:
+    """video id -> its video under video_dir: a file named by the id, as is or with an extension of
+    VIDEO_EXTENSIONS, or a folder of its frame images, at the top of video_dir; else such a file
+    anywhere below it, as CLIP4Clip's loaders find videos (they walk the folder tree: ActivityNet's
+    downloads come in v1-2/train, v1-2/val, ...). The tree is walked once, at the first video not at
+    the top, and where names repeat the first in sorted order is taken. `names` after the id are
+    other names of the same video (ActivityNet's v_<id> is <id>.mp4 on CLIP4Clip's disks)."""
+
+    def __init__(self, video_dir):
+        self.video_dir, self._below = video_dir, None
+
+    def __call__(self, video_id, *names):
+        names = (video_id, *names)
+        for name in names:
+            for ext in ("",) + VIDEO_EXTENSIONS:
+                path = os.path.join(self.video_dir, name + ext)
+                if os.path.isfile(path):
+                    return path
+            if os.path.isdir(os.path.join(self.video_dir, name)):
+                return os.path.join(self.video_dir, name)
+        if self._below is None:
+            self._below = self._walk()
+        found = next((self._below[name] for name in names if name in self._below), None)
+        if found:
+            return found
+        named = os.path.splitext(video_id)[1].lower() in VIDEO_EXTENSIONS   # DiDeMo's ids are file names
+        return os.path.join(self.video_dir, video_id if named else video_id + ".mp4")   # reported when read
+
+    def _walk(self):
+        """{file name, and file name without a video extension: path} for every file below video_dir
+        but frame images (a tree of frame folders holds many)."""
+        below = {}
+        for folder, subfolders, files in os.walk(self.video_dir):
+            subfolders.sort()
+            for name in sorted(files):
+                stem, ext = os.path.splitext(name)
+                if ext.lower() in IMAGE_EXTENSIONS:
+                    continue
+                path = os.path.join(folder, name)
+                below.setdefault(name, path)
+                if ext.lower() in VIDEO_EXTENSIONS:
+                    below.setdefault(stem, path)
+        return below
 
 
 def _read_json(path):
@@ -117,11 +152,11 @@ def load_msrvtt(root, split="test", video_dir=None):
     if split not in ("train", "train7k", "test"):
         raise ValueError(f"msrvtt split must be train, train7k or test, got {split!r}")
     train_csv = "MSRVTT_train.7k.csv" if split == "train7k" else "MSRVTT_train.9k.csv"
-    video_dir = video_dir or os.path.join(root, "videos")
+    find = VideoFinder(video_dir or os.path.join(root, "videos"))
     ann = Annotations()
     if split == "test":
         for row in _read_csv(os.path.join(root, "MSRVTT_JSFUSION_test.csv"), ["video_id", "sentence"]):
-            ann.add(row["video_id"], _find_video(video_dir, row["video_id"]), [row["sentence"]])
+            ann.add(row["video_id"], find(row["video_id"]), [row["sentence"]])
         return ann
     ids = [row["video_id"] for row in _read_csv(os.path.join(root, train_csv), ["video_id"])]
     path = os.path.join(root, "MSRVTT_data.json")
@@ -133,12 +168,12 @@ def load_msrvtt(root, split="test", video_dir=None):
     for vid in ids:
         if vid not in by_video:
             raise AnnotationError(f"{path}: no sentences for video_id {vid!r} listed in {train_csv}")
-        ann.add(vid, _find_video(video_dir, vid), by_video[vid])
+        ann.add(vid, find(vid), by_video[vid])
     return ann
 
 
 def load_msvd(root, split="test", video_dir=None):
-    video_dir = video_dir or os.path.join(root, "videos")
+    find = VideoFinder(video_dir or os.path.join(root, "videos"))
     path = os.path.join(root, "raw-captions.pkl")
     if not os.path.isfile(path):
         raise AnnotationError(f"{path}: no such annotation file")
@@ -147,13 +182,13 @@ def load_msvd(root, split="test", video_dir=None):
     ann = Annotations()
     for vid in _read_list(os.path.join(root, f"{split}_list.txt")):
         tokens = _key(captions, vid, path, f"video listed in {split}_list.txt")
-        ann.add(vid, _find_video(video_dir, vid), [" ".join(t) if isinstance(t, list) else str(t) for t in tokens])
+        ann.add(vid, find(vid), [" ".join(t) if isinstance(t, list) else str(t) for t in tokens])
     return ann
 
 
 def load_didemo(root, split="test", video_dir=None):
     """Paragraph-to-video retrieval on {split}_data.json: a video's descriptions joined, in order."""
-    video_dir = video_dir or os.path.join(root, "videos")
+    find = VideoFinder(video_dir or os.path.join(root, "videos"))
     path = os.path.join(root, f"{split}_data.json")
     list_path = os.path.join(root, f"{split}_list.txt")
     listed = set(_read_list(list_path)) if os.path.isfile(list_path) else None
@@ -171,16 +206,14 @@ def load_didemo(root, split="test", video_dir=None):
     if listed is not None and not paragraphs:
         raise AnnotationError(f"{list_path}: names none of the videos of {path}")
     ann = Annotations()
-    for vid, sentences in paragraphs.items():
-        as_named = os.path.join(video_dir, files[vid])
-        ann.add(vid, as_named if os.path.exists(as_named) else _find_video(video_dir, vid),
-                [" ".join(s.strip() for s in sentences)])
+    for vid, sentences in paragraphs.items():   # the file as named, else a re-encoded copy: the id + an extension
+        ann.add(vid, find(files[vid], vid), [" ".join(s.strip() for s in sentences)])
     return ann
 
 
 def load_activitynet(root, split="test", video_dir=None):
     """Paragraph-to-video retrieval: "train" reads train.json, "test"/"val" reads val_1.json."""
-    video_dir = video_dir or os.path.join(root, "videos")
+    find = VideoFinder(video_dir or os.path.join(root, "videos"))
     path = os.path.join(root, "train.json" if split == "train" else "val_1.json")
     data = _read_json(path)
     ids_path = os.path.join(root, "train_ids.json" if split == "train" else "val_ids.json")
@@ -188,18 +221,19 @@ def load_activitynet(root, split="test", video_dir=None):
     ann = Annotations()
     for vid in ids:
         sentences = _texts(_key(_key(data, vid, path, "top level"), "sentences", path, vid), path, vid)
-        ann.add(vid, _find_video(video_dir, vid), [" ".join(s.strip() for s in sentences)])
+        youtube_id = vid[2:] if vid.startswith("v_") else vid   # CLIP4Clip's file names drop the v_
+        ann.add(vid, find(vid, youtube_id), [" ".join(s.strip() for s in sentences)])
     return ann
 
 
 def load_vatex(root, split="test", video_dir=None):
-    video_dir = video_dir or os.path.join(root, "videos")
+    find = VideoFinder(video_dir or os.path.join(root, "videos"))
     path = os.path.join(root, "ref_captions.json")
     captions = _read_json(path)
     ann = Annotations()
     for vid in _read_list(os.path.join(root, f"{split}_list.txt")):
         where = f"video in {split}_list.txt"
-        ann.add(vid, _find_video(video_dir, vid), _texts(_key(captions, vid, path, where), path, vid))
+        ann.add(vid, find(vid), _texts(_key(captions, vid, path, where), path, vid))
     return ann
 
 

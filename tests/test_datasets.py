@@ -1,5 +1,6 @@
 """cma_model.datasets: every supported layout on tiny fixture files, and malformed-file errors."""
 import json
+import os
 import pickle
 
 import pytest
@@ -68,13 +69,14 @@ def test_didemo_opens_the_file_named_and_keeps_the_listed_videos(tmp_path):
     ann = load_annotations("didemo", tmp_path, "test")
     assert ann.video_ids == ["a", "b", "c"]
     assert [p.split("/")[-2:] for p in ann.video_paths] == [["videos", "a.m4v"], ["videos", "b.mp4"],
-                                                            ["videos", "c.mp4"]]   # c: missing, named when read
+                                                            ["videos", "c.3gp"]]   # c: missing, named when read
     write(tmp_path / "test_list.txt", "c.3gp\na\n")   # CLIP4Clip's lists name files; an id does too
     listed = load_annotations("didemo", tmp_path, "test")
     assert listed.video_ids == ["a", "c"] and listed.captions == ["one", "three"]
     write(tmp_path / "test_list.txt", "z.mp4\n")
     with pytest.raises(AnnotationError, match="test_list.txt: names none of the videos of .*test_data.json"):
         load_annotations("didemo", tmp_path, "test")
+
 
 def test_activitynet_paragraphs(tmp_path):
     write(tmp_path / "val_1.json", json.dumps({"v_a": {"duration": 3, "sentences": ["One.", " Two."]},
@@ -83,6 +85,45 @@ def test_activitynet_paragraphs(tmp_path):
     assert ann.captions == ["One. Two.", "Three."]
     write(tmp_path / "val_ids.json", json.dumps(["v_b"]))
     assert load_annotations("activitynet", tmp_path, "test").video_ids == ["v_b"]
+
+
+def test_videos_below_the_video_folder_are_found_as_clip4clip_finds_them(tmp_path, monkeypatch):
+    """CLIP4Clip walks the video folder: ActivityNet's downloads come in subfolders, its files drop
+    the ids' v_, MSVD's and DiDeMo's may sit anywhere below. The folder is walked once per split,
+    and only where a video is not at its top."""
+    videos = tmp_path / "videos"
+    for name in ("v1-2/train/a.mp4", "v1-3/train_val/b.mkv", "v1-3/train_val/b.json", "v_c.mp4",
+                 "v1-2/val/e.mp4", "v1-3/train_val/e.mp4", "notes/f.txt"):
+        (videos / name).parent.mkdir(parents=True, exist_ok=True)
+        (videos / name).write_bytes(b"x")
+    ids = ["v_a", "v_b", "v_c", "v_d", "v_e", "v_f"]
+    write(tmp_path / "val_1.json", json.dumps({vid: {"sentences": [vid]} for vid in ids}))
+    walks, walk = [], os.walk
+    monkeypatch.setattr(os, "walk", lambda top, *a, **kw: walks.append(top) or walk(top, *a, **kw))
+    paths = load_annotations("activitynet", tmp_path, "test").video_paths
+    assert [os.path.relpath(p, videos) for p in paths] == [
+        "v1-2/train/a.mp4", "v1-3/train_val/b.mkv", "v_c.mp4",
+        "v_d.mp4",                 # missing: named as the id says, reported when read
+        "v1-2/val/e.mp4",          # in two folders: the first in sorted order
+        "v_f.mp4"]                 # f.txt is not a video
+    assert walks == [str(videos)]
+    write(tmp_path / "val_ids.json", json.dumps(["v_c"]))   # every video at the top: no walk
+    walks.clear()
+    assert load_annotations("activitynet", tmp_path, "test").video_paths == [str(videos / "v_c.mp4")]
+    assert walks == []
+
+    with open(tmp_path / "raw-captions.pkl", "wb") as f:
+        pickle.dump({"-4wsuPCjDBc_5_15": [["a", "dog"]]}, f)
+    write(tmp_path / "test_list.txt", "-4wsuPCjDBc_5_15\n")
+    (videos / "YouTubeClips").mkdir()
+    (videos / "YouTubeClips" / "-4wsuPCjDBc_5_15.avi").write_bytes(b"x")
+    assert load_annotations("msvd", tmp_path, "test").video_paths == [str(videos / "YouTubeClips" /
+                                                                          "-4wsuPCjDBc_5_15.avi")]
+    os.remove(tmp_path / "test_list.txt")   # MSVD's; DiDeMo's would keep only the videos it names
+    write(tmp_path / "test_data.json", json.dumps([{"video": "12@N00_3_x.m4v", "description": "rain"}]))
+    (videos / "didemo").mkdir()
+    (videos / "didemo" / "12@N00_3_x.m4v").write_bytes(b"x")
+    assert load_annotations("didemo", tmp_path, "test").video_paths == [str(videos / "didemo" / "12@N00_3_x.m4v")]
 
 
 def test_a_single_string_is_one_caption_not_its_characters(tmp_path):
