@@ -28,8 +28,11 @@ _begun = None   # in a `prepare_cache` worker: the queue on which it says which 
 
 
 def _start_worker(begun):
+    """Pool initializer: one thread per decoding process (the processes are the parallelism, as in
+    DataLoader workers; torch's default, a thread per core in each, oversubscribes the CPUs)."""
     global _begun
     _begun = begun
+    torch.set_num_threads(1)
 
 
 def _died(v, begun, worker_of):

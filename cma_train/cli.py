@@ -13,7 +13,7 @@ import sys
 import typing
 
 from cma_train.signals import TrainingStopped
-from cma_train.config import PAPER_RECIPES, TrainConfig, paper_recipe
+from cma_train.config import PAPER_RECIPES, TrainConfig, available_cpus, paper_recipe
 
 HELP = {
     "model": "open_clip architecture name (ViT-B-32, ViT-B-16, ViT-L-14, ...)",
@@ -406,7 +406,8 @@ def build_parser():
                    help=f"frames per video (default: as `cma train`, {_recipe_text('max_frames')})")
     p.add_argument("--size", type=int, default=224, help="frame side after resize and crop (default: 224)")
     p.add_argument("--sample-fps", type=float, default=1.0, help=HELP["sample_fps"] + " (default: 1.0)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="decoding processes")
+    p.add_argument("--workers", type=int, default=max(1, available_cpus() - 1),
+                   help="decoding processes (default: one fewer than the CPUs this process may use: %(default)s)")
     p.add_argument("--shard-size", type=int, default=64, help="videos per shard file (default: 64)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a video counts as hung (default: 300)")
     p = sub.add_parser("bench", add_help=False, allow_abbrev=False,   # --quick is the benchmarks' own flag

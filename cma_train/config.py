@@ -26,6 +26,24 @@ PAPER_RECIPES = {
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
+CPU_QUOTA = "/sys/fs/cgroup/cpu.max"   # cgroup v2: "<quota> <period>" microseconds, or "max <period>"
+
+
+def available_cpus():
+    """The CPUs this process may use: those its affinity allows (a SLURM allocation, taskset), capped
+    by its cgroup's CPU quota (docker --cpus, a Kubernetes limit), rounded up. os.cpu_count() is the
+    machine's: on a 128-core node with 8 allocated it would start 127 decoding processes."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open(CPU_QUOTA) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):   # no cgroup v2 file, or one that does not read as expected
+        pass
+    return cpus
+
+
 def paper_recipe(dataset):
     """{setting: value} of the paper's recipe for `dataset` (MSR-VTT's for jsonl and unknown names)."""
     return PAPER_RECIPES.get(dataset, PAPER_RECIPES["msrvtt"])
@@ -78,7 +96,7 @@ class TrainConfig:
     max_frames: Optional[int] = None
     max_words: Optional[int] = None
     sample_fps: float = 1.0
-    workers: int = min(4, os.cpu_count() or 1)   # more loader processes than cores only adds a DataLoader warning
+    workers: int = min(4, available_cpus())   # more loader processes than CPUs only adds a DataLoader warning
     # recipe (the paper's, REFERENCE.md section 2)
     epochs: Optional[int] = None
     batch_size: int = 128         # global, over all ranks

@@ -7,7 +7,7 @@ import torch
 from conftest import fake_free_space, requires_decord, write_frame_cache_set, write_video
 
 from cma_kernels.preprocess import preprocess_frames
-from cma_model.cache import FrameCache, cache_bytes, prepare_cache
+from cma_model.cache import FrameCache, _start_worker, cache_bytes, prepare_cache
 from cma_model.video import VideoError, sample_frames
 
 
@@ -74,6 +74,18 @@ def test_a_cache_that_cannot_fit_the_disk_is_refused_before_decoding(tmp_path, v
     assert list(prepare_cache(ids, paths, str(tmp_path / "made"), size=32, shard_size=2, progress=False)) == ["broken"]
     fake_free_space(monkeypatch, 0, 0)   # a network mount that reports no size: not checked
     prepare_cache(ids, paths, str(tmp_path / "unsized"), size=32, shard_size=2, progress=False)
+
+
+def test_decoding_processes_run_one_thread_each():
+    """prepare_cache's processes are its parallelism: each resizes with one thread, not one per core
+    (63 processes of 64 threads each on a 64-core machine)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _start_worker(None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 @requires_decord

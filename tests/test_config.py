@@ -1,5 +1,6 @@
 """cma_train.config: the settings' checks, and the paper's per-dataset recipe for what is left unset."""
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -80,3 +81,18 @@ def test_unset_settings_take_the_papers_values_for_the_dataset(dataset):
     given = TrainConfig(dataset=dataset, reduction_dim=4, shared_dim=0, max_frames=3, max_words=7, epochs=2)
     assert tuple(getattr(given, name) for name in RECIPE_SETTINGS) == (4, 0, 3, 7, 2)   # set on purpose: kept
     assert (cfg.lr, cfg.batch_size, cfg.warmup) == (1e-5, 128, 0.1)   # the rest of the recipe is shared
+
+
+@pytest.mark.parametrize("allowed, quota, cpus", [(range(8), None, 8), (range(8), "max 100000", 8),
+                                                 (range(8), "150000 100000", 2), (range(3), "800000 100000", 3),
+                                                 (range(8), "garbled", 8)])
+def test_available_cpus_are_the_allocated_ones_not_the_machines(tmp_path, monkeypatch, allowed, quota, cpus):
+    """A SLURM allocation or taskset (the affinity) and a container's CPU quota (cgroup v2 cpu.max,
+    rounded up) bound what `cma prepare` and the loaders start, not os.cpu_count()."""
+    from cma_train import config
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(allowed))
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(config, "CPU_QUOTA", str(tmp_path / "cpu.max"))
+    if quota is not None:
+        (tmp_path / "cpu.max").write_text(quota + "\n")
+    assert config.available_cpus() == cpus
