@@ -110,7 +110,7 @@ def cache_bytes(num_videos, max_frames=12, size=224):
 
 def _check_space(out_dir, num_videos, max_frames, size):
     """ValueError, before anything is decoded, where the shards still to write cannot fit the free
-    space of out_dir's file system: an ActivityNet cache (64 frames) is about 190 GB, and a full
+    space of out_dir's file system: an ActivityNet cache (64 frames) takes 134 GiB, and a full
     disk would stop `cma prepare` hours in. A file system that reports no size (some network
     mounts) is not checked."""
     existing = os.path.abspath(out_dir)

@@ -5,8 +5,8 @@ belongs to. Paragraph datasets (ActivityNet, DiDeMo) join a video's sentences in
 Malformed files raise AnnotationError naming the file and the line or key at fault.
 
 Layouts (`root` holds the annotation files, `video_dir` the videos: files, or folders of frame
-images named by the video id, as the official code's images/fps_1/; files may also sit anywhere
-below video_dir, as CLIP4Clip finds them, see VideoFinder):
+images named by the video id or file name, as the official code's images/fps_1/video0.mp4/; files
+may also sit anywhere below video_dir, as CLIP4Clip finds them, see VideoFinder):
 - msrvtt: MSRVTT_data.json (`sentences`: video_id, caption), MSRVTT_train.9k.csv or
   MSRVTT_train.7k.csv (column video_id), MSRVTT_JSFUSION_test.csv (video_id, sentence); videoN.mp4.
 - msvd: {train,val,test}_list.txt (a video id per line), raw-captions.pkl ({id: [[tokens]]}); id.avi.
@@ -55,7 +55,7 @@ class Annotations:
 
 class VideoFinder:
     """video id -> its video under video_dir: a file named by the id, as is or with an extension of
-    VIDEO_EXTENSIONS, or a folder of its frame images, at the top of video_dir; else such a file
+    VIDEO_EXTENSIONS, or a folder of its frame images named so, at the top of video_dir; else a file
     anywhere below it, as CLIP4Clip's loaders find videos (they walk the folder tree: ActivityNet's
     downloads come in v1-2/train, v1-2/val, ...). The tree is walked once, at the first video not at
     the top, and where names repeat the first in sorted order is taken. `names` after the id are
@@ -66,13 +66,11 @@ class VideoFinder:
 
     def __call__(self, video_id, *names):
         names = (video_id, *names)
-        for name in names:
-            for ext in ("",) + VIDEO_EXTENSIONS:
-                path = os.path.join(self.video_dir, name + ext)
-                if os.path.isfile(path):
-                    return path
-            if os.path.isdir(os.path.join(self.video_dir, name)):
-                return os.path.join(self.video_dir, name)
+        for name in names:   # a file first, then a folder: the official code's is named <id>.mp4
+            at_top = [os.path.join(self.video_dir, name + ext) for ext in ("",) + VIDEO_EXTENSIONS]
+            found = next((p for p in at_top if os.path.isfile(p)), None) or next(filter(os.path.isdir, at_top), None)
+            if found:
+                return found
         if self._below is None:
             self._below = self._walk()
         found = next((self._below[name] for name in names if name in self._below), None)

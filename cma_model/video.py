@@ -15,7 +15,7 @@ loader's workers have a timeout, `cma prepare` a per-video one, and a read in th
 can end that process (`data.VideoFrames`' hang_exit_s). Frames come out as a player shows them:
 decord applies the container's display rotation (phones film portrait that way); tested.
 
-A folder of frame images is a video too (the official code's `images/fps_1/<video id>/`: frames
+A folder of frame images is a video too (the official code's `images/fps_1/video0.mp4/`: frames
 extracted beforehand at some rate): its images in name order, numbers by value, are the
 candidates, whatever sample_fps; max_frames of them are picked uniformly, as above. No decord.
 """

@@ -35,6 +35,22 @@ def test_msrvtt_splits(msrvtt):
     assert test.video_ids == ["video2"] and test.captions == ["a red car"]
 
 
+def test_the_official_codes_frame_folders_are_named_as_the_video_files(msrvtt, monkeypatch):
+    """The official code (--dataset_type img) reads images/fps_1/video0.mp4/, a folder named as the
+    video file; a folder named by the id is found too, and a file of either name comes first. All
+    at the top: the tree of frame images is not walked."""
+    frames = msrvtt / "images" / "fps_1"
+    for folder in ("video0.mp4", "video1", "video2"):
+        (frames / folder).mkdir(parents=True)
+        (frames / folder / "00001.jpg").write_bytes(b"x")
+    (frames / "video2.mp4").write_bytes(b"x")
+    walks = []
+    monkeypatch.setattr(os, "walk", lambda top, *a, **kw: walks.append(top) or iter(()))
+    paths = [load_annotations("msrvtt", msrvtt, split, str(frames)).video_paths for split in ("train", "test")]
+    assert paths == [[str(frames / "video0.mp4"), str(frames / "video1")], [str(frames / "video2.mp4")]]
+    assert os.path.isdir(paths[0][0]) and os.path.isfile(paths[1][0]) and walks == []
+
+
 def test_msvd(tmp_path):
     with open(tmp_path / "raw-captions.pkl", "wb") as f:
         pickle.dump({"abc": [["a", "man", "runs"], ["someone", "runs"]], "xyz": [["a", "bird"]]}, f)

@@ -212,7 +212,7 @@ def test_without_decord_a_frame_cache_still_trains_and_evaluates(video_set, tmp_
 
 
 def test_folders_of_frame_images_train_without_decord_as_their_frame_cache_does(tmp_path, monkeypatch):
-    """Videos given as folders of frame images (the official code's images/fps_1/<video id>/) train
+    """Videos given as folders of frame images (the official code's images/fps_1/<video>/) train
     and evaluate without decord, and `cma prepare`'s code caches them without it: the run from the
     folders and the run from their cache take the same frames, so the same losses and metrics."""
     import numpy as np

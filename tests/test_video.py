@@ -139,13 +139,15 @@ def write_frame_folder(folder, num_frames, ext="png"):
     return str(folder)
 
 
-@pytest.mark.parametrize("num_frames, ext", [(30, "png"), (30, "jpg"), (5, "jpg")])
-def test_a_folder_of_frame_images_is_a_video_read_without_decord(tmp_path, monkeypatch, num_frames, ext):
-    """The official code's images/fps_1/<video>/ layout: the images in name order (numbers by value)
-    are the candidates, max_frames of them picked uniformly, whatever sample_fps; no decord."""
+@pytest.mark.parametrize("num_frames, ext, name", [(30, "png", "video7"), (30, "jpg", "video7.mp4"),
+                                                   (5, "jpg", "video7")])
+def test_a_folder_of_frame_images_is_a_video_read_without_decord(tmp_path, monkeypatch, num_frames, ext, name):
+    """The official code's images/fps_1/<video file name>/ layout (video7.mp4/; video7/ too): the
+    images in name order (numbers by value) are the candidates, max_frames of them picked
+    uniformly, whatever sample_fps; no decord."""
     import sys
     monkeypatch.setitem(sys.modules, "decord", None)   # `import decord` raises ImportError
-    path = write_frame_folder(tmp_path / "video7", num_frames, ext)
+    path = write_frame_folder(tmp_path / name, num_frames, ext)
     frames, mask = sample_frames(path, sample_fps=0.25)
     want = [int(j) for j in np.linspace(0, num_frames - 1, 12)] if num_frames > 12 else list(range(num_frames))
     assert frames.shape == (12, 64, 96, 3) and frames.dtype == np.uint8
