@@ -237,6 +237,21 @@ def add_cross_modal_adapters(model, config: CrossModalAdapterConfig = None, back
     return model
 
 
+def remove_cross_modal_adapters(model):
+    """Take the adapters out of an open_clip model (in place) and return it: its blocks are plain
+    open_clip blocks again and compute what they did before add_cross_modal_adapters, so that
+    adapters of another shape, another dataset's, can go in without building or loading the
+    backbone again. The backbone's parameters stay frozen. A model without adapters is returned
+    as it is."""
+    plain = {adapted: block_type for block_type, adapted in _ADAPTED.items()}
+    for block in [b for blocks in tower_blocks(model) for b in blocks if type(b) in plain]:
+        del block.adapter_attn, block.adapter_mlp
+        for flag in ("lean_layout", "recompute_mlp"):   # set per block by add_cross_modal_adapters, set_mlp_recompute
+            block.__dict__.pop(flag, None)
+        block.__class__ = plain[type(block)]
+    return model
+
+
 def adapter_modules(model):
     return [m for m in model.modules() if isinstance(m, CrossModalAdapter)]
 
@@ -303,8 +318,9 @@ def load_adapter_state_dict(model, state, backend="auto"):
     config = dataclasses.asdict(_adapter_config(model))
     for key, want in state["config"].items():
         if config.get(key) != want:
-            raise ValueError(f"adapter checkpoint has {key}={want!r}, "
-                             f"but this model's adapters have {key}={config.get(key)!r}")
+            raise ValueError(f"adapter checkpoint has {key}={want!r}, but this model's adapters have "
+                             f"{key}={config.get(key)!r} (cma_model.remove_cross_modal_adapters(model) first "
+                             f"replaces them)")
     params = dict(adapter_named_parameters(model))
     missing, unexpected = params.keys() - state["state_dict"].keys(), state["state_dict"].keys() - params.keys()
     if missing or unexpected:

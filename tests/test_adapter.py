@@ -7,7 +7,8 @@ import torch
 from conftest import clip_inputs, small_clip
 
 from cma_model import (CrossModalAdapter, CrossModalAdapterConfig, adapter_modules, adapter_state_dict,
-                       add_cross_modal_adapters, count_trainable_parameters, load_adapter_state_dict, pair_blocks)
+                       add_cross_modal_adapters, count_trainable_parameters, load_adapter_state_dict, pair_blocks,
+                       remove_cross_modal_adapters, set_mlp_recompute)
 
 PAPER_COUNTS = {(8, 16): 519_168, (8, 8): 520_896, (16, 16): 1_008_000, (16, 64): 988_416, (16, 512): 805_632}
 
@@ -122,6 +123,52 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert count_trainable_parameters(fresh) == count_trainable_parameters(model)
     fresh_vision = fresh.visual.transformer.resblocks[1].adapter_mlp.shared
     assert fresh_vision is fresh.transformer.resblocks[1].adapter_mlp.shared   # sharing survives loading
+
+
+def _randomize_adapters(model, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("custom_text", [False, True])
+def test_removed_adapters_leave_open_clip_as_it_was_and_adapters_of_another_shape_fit(backend, custom_text):
+    """One backbone, several datasets' adapters (the paper's point): removing a model's adapters gives
+    back open_clip's blocks, outputs and state dict exactly, the backbone's tensors not copied, and
+    adapters of another shape then load; without the removal, loading them names the way."""
+    plain = small_clip(custom_text=custom_text).requires_grad_(False)   # frozen: torch picks its kernels by that
+    images, texts = clip_inputs()
+    with torch.no_grad():
+        want = plain.encode_image(images), plain.encode_text(texts)
+    keys, block_types = plain.state_dict().keys(), [type(m) for m in plain.modules()]
+    backbone = {n: p.data_ptr() for n, p in plain.named_parameters()}
+    narrow = CrossModalAdapterConfig(reduction_dim=4, shared_dim=8)
+    wide = _randomize_adapters(add_cross_modal_adapters(small_clip(custom_text=custom_text),
+                                                        CrossModalAdapterConfig(reduction_dim=8, shared_dim=16)), 1)
+    model = _randomize_adapters(add_cross_modal_adapters(plain, narrow, backend=backend), 0)
+    set_mlp_recompute(model)
+    with torch.no_grad():
+        assert not torch.allclose(model.encode_image(images), want[0], atol=1e-3)   # the adapters did something
+    with pytest.raises(ValueError, match=r"remove_cross_modal_adapters\(model\) first replaces them"):
+        load_adapter_state_dict(model, adapter_state_dict(wide))
+
+    assert remove_cross_modal_adapters(model) is model
+    assert model.state_dict().keys() == keys and [type(m) for m in model.modules()] == block_types
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == backbone and not adapter_modules(model)
+    assert count_trainable_parameters(model) == 0   # the backbone stays frozen
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), want[0]) and torch.equal(model.encode_text(texts), want[1])
+    assert remove_cross_modal_adapters(model) is model   # nothing left to remove: as it is
+
+    load_adapter_state_dict(model, adapter_state_dict(wide), backend=backend)
+    assert not any(block.recompute_mlp for block in model.modules() if hasattr(block, "adapter_mlp"))   # new: defaults
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), wide.encode_image(images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.encode_text(texts), wide.encode_text(texts), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("other,message", [
