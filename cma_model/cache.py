@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from cma_kernels.preprocess import preprocess_frames
 
-from .video import VideoError, require_decord, sample_frames
+from .datasets import none_there
+from .video import NO_SUCH_FILE, VideoError, require_decord, sample_frames
 
 
 _begun = None   # in a `prepare_cache` worker: the queue on which it says which video it begins
@@ -123,6 +124,19 @@ def _check_space(out_dir, num_videos, max_frames, size):
                          f"there: free space or choose another --out")
 
 
+def _shard_done(out_dir, index, path_of):
+    """Whether shard `index` is written and none of the videos it skipped as missing has come since
+    (path_of: video id -> path): videos added to the folder later go into the cache when `cma
+    prepare` runs again, their shard decoded anew."""
+    shard = os.path.join(out_dir, f"shard_{index:05d}.json")
+    if not os.path.exists(shard):
+        return False
+    with open(shard) as f:
+        skipped = json.load(f)["skipped"]
+    return not any(reason.endswith(NO_SUCH_FILE) and os.path.exists(path_of.get(vid, ""))
+                   for vid, reason in skipped.items())
+
+
 def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, sample_fps=1.0, workers=2,
                   shard_size=64, timeout=300.0, progress=True):
     """Decode + resize every video into shards under out_dir; resumable. Returns {video id: reason}
@@ -134,6 +148,9 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
             raise ValueError(f"{name} must be > 0 and finite, got {value}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} is a file: the cache is a folder")
+    error = none_there(video_paths, "to cache")   # a wrong --video-dir: no cache of skipped videos, all zeros
+    if error:
+        raise error
     if any(os.path.isfile(p) for p in video_paths):   # folders of frame images need no decord
         require_decord()
     meta = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps, "shard_size": shard_size,
@@ -145,7 +162,8 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
         if old != meta:
             raise ValueError(f"{out_dir} holds a cache made with {old}, not {meta}; use another folder")
     shards = [list(range(i, min(i + shard_size, len(video_ids)))) for i in range(0, len(video_ids), shard_size)]
-    todo = [s for s in range(len(shards)) if not os.path.exists(os.path.join(out_dir, f"shard_{s:05d}.json"))]
+    path_of = dict(zip(video_ids, video_paths))
+    todo = [s for s in range(len(shards)) if not _shard_done(out_dir, s, path_of)]
     _check_space(out_dir, sum(len(shards[s]) for s in todo), max_frames, size)
     os.makedirs(out_dir, exist_ok=True)
     if not os.path.exists(meta_path):

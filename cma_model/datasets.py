@@ -6,7 +6,7 @@ Malformed files raise AnnotationError naming the file and the line or key at fau
 
 Layouts (`root` holds the annotation files, `video_dir` the videos: files, or folders of frame
 images named by the video id or file name, as the official code's images/fps_1/video0.mp4/; files
-may also sit anywhere below video_dir, as CLIP4Clip finds them, see VideoFinder):
+may also sit up to 3 folders below video_dir, as CLIP4Clip finds them, see VideoFinder):
 - msrvtt: MSRVTT_data.json (`sentences`: video_id, caption), MSRVTT_train.9k.csv or
   MSRVTT_train.7k.csv (column video_id), MSRVTT_JSFUSION_test.csv (video_id, sentence); videoN.mp4.
 - msvd: {train,val,test}_list.txt (a video id per line), raw-captions.pkl ({id: [[tokens]]}); id.avi.
@@ -53,13 +53,17 @@ class Annotations:
         return len(self.captions)
 
 
+WALK_DEPTH = 3   # CLIP4Clip's layouts nest videos up to 2 folders deep (ActivityNet's v1-2/train/)
+
+
 class VideoFinder:
     """video id -> its video under video_dir: a file named by the id, as is or with an extension of
     VIDEO_EXTENSIONS, or a folder of its frame images named so, at the top of video_dir; else a file
-    anywhere below it, as CLIP4Clip's loaders find videos (they walk the folder tree: ActivityNet's
-    downloads come in v1-2/train, v1-2/val, ...). The tree is walked once, at the first video not at
-    the top, and where names repeat the first in sorted order is taken. `names` after the id are
-    other names of the same video (ActivityNet's v_<id> is <id>.mp4 on CLIP4Clip's disks)."""
+    up to WALK_DEPTH folders below it, as CLIP4Clip's loaders find videos (they walk the tree:
+    ActivityNet's downloads come in v1-2/train, v1-2/val, ...). The tree is walked once, at the
+    first video not at the top, and where names repeat the first in sorted order is taken. `names`
+    after the id are other names of the same video (ActivityNet's v_<id> is <id>.mp4 on CLIP4Clip's
+    disks)."""
 
     def __init__(self, video_dir):
         self.video_dir, self._below = video_dir, None
@@ -80,11 +84,14 @@ class VideoFinder:
         return os.path.join(self.video_dir, video_id if named else video_id + ".mp4")   # reported when read
 
     def _walk(self):
-        """{file name, and file name without a video extension: path} for every file below video_dir
-        but frame images (a tree of frame folders holds many)."""
+        """{file name, and file name without a video extension: path} for every file up to WALK_DEPTH
+        folders below video_dir but frame images (a tree of frame folders holds many). The depth
+        bounds the walk of a mistaken --video-dir such as a home folder."""
         below = {}
         for folder, subfolders, files in os.walk(self.video_dir):
-            subfolders.sort()
+            below_top = os.path.relpath(folder, self.video_dir)
+            depth = 0 if below_top == os.curdir else below_top.count(os.sep) + 1
+            subfolders[:] = sorted(subfolders) if depth < WALK_DEPTH else []
             for name in sorted(files):
                 stem, ext = os.path.splitext(name)
                 if ext.lower() in IMAGE_EXTENSIONS:
@@ -94,6 +101,17 @@ class VideoFinder:
                 if ext.lower() in VIDEO_EXTENSIONS:
                     below.setdefault(stem, path)
         return below
+
+
+def none_there(paths, what):
+    """ValueError where none of the video `paths` (`what` they are, e.g. "of split 'train'") is a
+    file or a folder of frames, which a wrong --root or --video-dir gives; None where one is (the
+    search stops there)."""
+    if paths and not any(os.path.exists(p) for p in paths):
+        return ValueError(f"none of the {len(paths)} videos {what} is a file or a folder of frames, e.g. "
+                          f"{paths[0]}: check --root and --video-dir (default ROOT/videos; videos are looked for "
+                          f"up to {WALK_DEPTH} folders below it)")
+    return None
 
 
 def _read_json(path):

@@ -29,6 +29,9 @@ class VideoError(RuntimeError):
     """A video that cannot be read; the message names the file."""
 
 
+NO_SUCH_FILE = "no such file"   # the end of a missing video's VideoError message
+
+
 def candidate_indices(num_frames: int, fps: float, sample_fps: float = 1.0):
     """Frame indices at sample_fps: floor(k * fps / sample_fps) for k = 0, 1, ... below num_frames."""
     step = fps / sample_fps if fps > 0 else 1.0
@@ -69,7 +72,7 @@ def require_decord():
 
 def _open(path):
     if not os.path.isfile(path):   # before decord: a missing file is a skipped video wherever it is missing
-        raise VideoError(f"{path}: no such file")
+        raise VideoError(f"{path}: {NO_SUCH_FILE}")
     if os.path.getsize(path) == 0:
         raise VideoError(f"{path}: empty file")
     decord = require_decord()

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from cma_model import adapter_state_dict, count_trainable_parameters, load_adapter_state_dict, set_mlp_recompute
 from cma_model.cache import FrameCache
 from cma_model.data import LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, video_loader
-from cma_model.datasets import load_annotations
+from cma_model.datasets import load_annotations, none_there
 from cma_model.retrieval import RetrievalForward, compile_towers
 from cma_model.video import require_decord
 from cma_train.backbone import autocast_dtype, build_model
@@ -114,10 +114,10 @@ def check_video_sources(cache, ann, what, say=True):
     uncached = [i for i, v in enumerate(ann.video_ids) if cache is None or not cache.covers(v)]
     if not uncached:
         return
-    if not any(os.path.exists(ann.video_paths[i]) for i in uncached):   # stops at the first one found
-        lacks = " that the frame cache lacks" if cache is not None else ""
-        raise ValueError(f"none of the {len(uncached)} videos of {what}{lacks} is a file or a folder of frames, "
-                         f"e.g. {ann.video_paths[uncached[0]]}: check --root and --video-dir (default ROOT/videos)")
+    lacks = " that the frame cache lacks" if cache is not None else ""
+    error = none_there([ann.video_paths[i] for i in uncached], f"of {what}{lacks}")
+    if error:
+        raise error
     if any(os.path.isfile(ann.video_paths[i]) for i in uncached):   # frame folders need no decord
         require_decord()
     if cache is not None and say:

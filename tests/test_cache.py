@@ -1,5 +1,6 @@
 """cma_model.cache: shards round-trip to direct decoding, resume, skipped videos, timeouts."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -74,6 +75,44 @@ def test_a_cache_that_cannot_fit_the_disk_is_refused_before_decoding(tmp_path, v
     assert list(prepare_cache(ids, paths, str(tmp_path / "made"), size=32, shard_size=2, progress=False)) == ["broken"]
     fake_free_space(monkeypatch, 0, 0)   # a network mount that reports no size: not checked
     prepare_cache(ids, paths, str(tmp_path / "unsized"), size=32, shard_size=2, progress=False)
+
+
+def test_a_cache_of_videos_none_of_which_is_there_is_refused(tmp_path, videos):
+    """A wrong --video-dir would make a full-size cache of zeros in which every video is skipped, and
+    that cache would then keep skipping them once the folder is right (it covers them): refused,
+    no folder made. One video there is enough to go on (the others are skipped, named)."""
+    ids, paths = videos
+    missing = [str(tmp_path / "elsewhere" / f"{vid}.mp4") for vid in ids]
+    with pytest.raises(ValueError, match=r"none of the 4 videos to cache is a file or a folder of frames, e\.g\. "
+                                         r".*elsewhere/a.mp4: check --root and --video-dir"):
+        prepare_cache(ids, missing, str(tmp_path / "cache"), size=32, progress=False)
+    assert not (tmp_path / "cache").exists()
+    skipped = prepare_cache(ids, missing[:3] + paths[3:], str(tmp_path / "cache"), size=32, shard_size=2,
+                            progress=False)
+    assert sorted(skipped) == ["a", "b", "broken"] and "elsewhere/a.mp4: no such file" in skipped["a"]
+
+
+@requires_decord
+def test_videos_that_were_missing_go_in_when_prepare_runs_again(tmp_path, videos):
+    """A video skipped because its file was missing (ActivityNet lacks some) goes into the cache once
+    the file is there and `cma prepare` runs again: its shard is decoded anew, the others are left
+    alone, and a video skipped for another reason (unreadable) stays skipped."""
+    ids, paths = videos
+    later = tmp_path / "later" / "a.mp4"
+    cache = str(tmp_path / "cache")
+    assert sorted(prepare_cache(ids, [str(later)] + paths[1:], cache, size=32, shard_size=2, progress=False)) == \
+        ["a", "broken"]
+    stamp = os.stat(os.path.join(cache, "shard_00001.npy")).st_mtime_ns
+    later.parent.mkdir()
+    shutil.copy(paths[0], later)
+    assert list(prepare_cache(ids, [str(later)] + paths[1:], cache, size=32, shard_size=2, progress=False)) == \
+        ["broken"]
+    assert os.stat(os.path.join(cache, "shard_00001.npy")).st_mtime_ns == stamp   # "broken" is not retried
+    frames, mask = FrameCache(cache)["a"]
+    direct, direct_mask = sample_frames(paths[0])
+    assert np.array_equal(mask, direct_mask)
+    assert np.array_equal(frames[mask], preprocess_frames(torch.from_numpy(direct[direct_mask]), size=32,
+                                                          dtype=torch.uint8).numpy())
 
 
 def test_decoding_processes_run_one_thread_each():

@@ -109,20 +109,23 @@ def test_videos_below_the_video_folder_are_found_as_clip4clip_finds_them(tmp_pat
     and only where a video is not at its top."""
     videos = tmp_path / "videos"
     for name in ("v1-2/train/a.mp4", "v1-3/train_val/b.mkv", "v1-3/train_val/b.json", "v_c.mp4",
-                 "v1-2/val/e.mp4", "v1-3/train_val/e.mp4", "notes/f.txt"):
+                 "v1-2/val/e.mp4", "v1-3/train_val/e.mp4", "notes/f.txt", "x/y/z/g.mp4", "x/y/z/deeper/h.mp4"):
         (videos / name).parent.mkdir(parents=True, exist_ok=True)
         (videos / name).write_bytes(b"x")
-    ids = ["v_a", "v_b", "v_c", "v_d", "v_e", "v_f"]
+    ids = ["v_a", "v_b", "v_c", "v_d", "v_e", "v_f", "v_g", "v_h"]
     write(tmp_path / "val_1.json", json.dumps({vid: {"sentences": [vid]} for vid in ids}))
     walks, walk = [], os.walk
     monkeypatch.setattr(os, "walk", lambda top, *a, **kw: walks.append(top) or walk(top, *a, **kw))
-    paths = load_annotations("activitynet", tmp_path, "test").video_paths
-    assert [os.path.relpath(p, videos) for p in paths] == [
+    monkeypatch.chdir(tmp_path)   # --root given relative, as on a command line
+    paths = load_annotations("activitynet", ".", "test").video_paths
+    assert [os.path.relpath(p, "videos") for p in paths] == [
         "v1-2/train/a.mp4", "v1-3/train_val/b.mkv", "v_c.mp4",
         "v_d.mp4",                 # missing: named as the id says, reported when read
         "v1-2/val/e.mp4",          # in two folders: the first in sorted order
-        "v_f.mp4"]                 # f.txt is not a video
-    assert walks == [str(videos)]
+        "v_f.mp4",                 # f.txt is not a video
+        "x/y/z/g.mp4",             # 3 folders deep
+        "v_h.mp4"]                 # 4: not walked (a mistaken --video-dir, such as a home folder, stays quick)
+    assert walks == [os.path.join(".", "videos")]
     write(tmp_path / "val_ids.json", json.dumps(["v_c"]))   # every video at the top: no walk
     walks.clear()
     assert load_annotations("activitynet", tmp_path, "test").video_paths == [str(videos / "v_c.mp4")]

@@ -188,7 +188,8 @@ def test_a_split_without_video_files_is_refused_unless_the_cache_holds_it(video_
     build_model = train_module.build_model
     monkeypatch.setattr(train_module, "build_model", lambda *args: pytest.fail("built the model"))
     with pytest.raises(ValueError, match=r"none of the 8 videos of split 'train' is a file or a folder of frames, "
-                                         r"e.g. .*clip0.mp4: check --root and --video-dir"):
+                                         r"e.g. .*clip0.mp4: check --root and --video-dir \(default ROOT/videos; "
+                                         r"videos are looked for up to 3 folders below it\)"):
         train(tiny_config(str(folder / "train.jsonl"), None, tmp_path / "run", batch_size=4, max_steps=1))
     monkeypatch.setattr(train_module, "build_model", build_model)
     result = train(tiny_config(str(folder / "train.jsonl"), cache, tmp_path / "cached", batch_size=4, max_steps=1,
