@@ -139,9 +139,11 @@ def _shard_done(out_dir, index, path_of):
 
 def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, sample_fps=1.0, workers=2,
                   shard_size=64, timeout=300.0, progress=True):
-    """Decode + resize every video into shards under out_dir; resumable. Returns {video id: reason}
-    for every skipped video (unreadable, a decoder that crashed, or no answer within `timeout`
-    seconds: a hung decoder)."""
+    """Decode + resize every video into shards under out_dir; resumable, and run again it adds the
+    videos it skipped as missing whose files have come since. Returns {video id: reason} for every
+    skipped video (missing, unreadable, a decoder that crashed, or no answer within `timeout`
+    seconds: a hung decoder). ValueError before anything is decoded for a bad setting, a cache none
+    of whose videos is there, or one the free disk space cannot hold."""
     for name, value in (("max_frames", max_frames), ("size", size), ("workers", workers), ("shard_size", shard_size),
                         ("sample_fps", sample_fps), ("timeout", timeout)):
         if not 0 < value < float("inf"):   # before the folder is made: a bad setting leaves no cache behind
