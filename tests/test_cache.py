@@ -77,6 +77,7 @@ def test_a_cache_that_cannot_fit_the_disk_is_refused_before_decoding(tmp_path, v
     prepare_cache(ids, paths, str(tmp_path / "unsized"), size=32, shard_size=2, progress=False)
 
 
+@requires_decord
 def test_a_cache_of_videos_none_of_which_is_there_is_refused(tmp_path, videos):
     """A wrong --video-dir would make a full-size cache of zeros in which every video is skipped, and
     that cache would then keep skipping them once the folder is right (it covers them): refused,
