@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from cma_kernels.preprocess import preprocess_frames
 
-from .datasets import none_there
-from .video import NO_SUCH_FILE, VideoError, require_decord, sample_frames
+from .datasets import check_sources
+from .video import NO_SUCH_FILE, VideoError, sample_frames
 
 
 _begun = None   # in a `prepare_cache` worker: the queue on which it says which video it begins
@@ -124,17 +124,13 @@ def _check_space(out_dir, num_videos, max_frames, size):
                          f"there: free space or choose another --out")
 
 
-def _shard_done(out_dir, index, path_of):
-    """Whether shard `index` is written and none of the videos it skipped as missing has come since
-    (path_of: video id -> path): videos added to the folder later go into the cache when `cma
-    prepare` runs again, their shard decoded anew."""
+def _written_skips(out_dir, index):
+    """{video id: reason} of the videos written shard `index` skipped; None where it is not written."""
     shard = os.path.join(out_dir, f"shard_{index:05d}.json")
     if not os.path.exists(shard):
-        return False
+        return None
     with open(shard) as f:
-        skipped = json.load(f)["skipped"]
-    return not any(reason.endswith(NO_SUCH_FILE) and os.path.exists(path_of.get(vid, ""))
-                   for vid, reason in skipped.items())
+        return json.load(f)["skipped"]
 
 
 def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, sample_fps=1.0, workers=2,
@@ -150,11 +146,7 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
             raise ValueError(f"{name} must be > 0 and finite, got {value}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} is a file: the cache is a folder")
-    error = none_there(video_paths, "to cache")   # a wrong --video-dir: no cache of skipped videos, all zeros
-    if error:
-        raise error
-    if any(os.path.isfile(p) for p in video_paths):   # folders of frame images need no decord
-        require_decord()
+    check_sources(video_paths, "to cache")   # a wrong --video-dir: no cache of skipped videos, all zeros
     meta = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps, "shard_size": shard_size,
             "num_videos": len(video_ids)}
     meta_path = os.path.join(out_dir, "cache.json")
@@ -164,17 +156,17 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
         if old != meta:
             raise ValueError(f"{out_dir} holds a cache made with {old}, not {meta}; use another folder")
     shards = [list(range(i, min(i + shard_size, len(video_ids)))) for i in range(0, len(video_ids), shard_size)]
-    path_of = dict(zip(video_ids, video_paths))
-    todo = [s for s in range(len(shards)) if not _shard_done(out_dir, s, path_of)]
+    path_of, written = dict(zip(video_ids, video_paths)), [_written_skips(out_dir, s) for s in range(len(shards))]
+    # unwritten shards, and those with a video skipped as missing that has come since: decoded anew, so that
+    # videos added to the folder later go in when `cma prepare` runs again
+    todo = [s for s, skips in enumerate(written)
+            if skips is None or any(reason.endswith(NO_SUCH_FILE) and os.path.exists(path_of.get(vid, ""))
+                                    for vid, reason in skips.items())]
     _check_space(out_dir, sum(len(shards[s]) for s in todo), max_frames, size)
     os.makedirs(out_dir, exist_ok=True)
     if not os.path.exists(meta_path):
         _atomic_write_json(meta_path, meta)
-    skipped = {}
-    for s in range(len(shards)):
-        if s not in todo:
-            with open(os.path.join(out_dir, f"shard_{s:05d}.json")) as f:
-                skipped.update(json.load(f)["skipped"])
+    skipped = {vid: reason for s, skips in enumerate(written) if s not in todo for vid, reason in skips.items()}
     queue = collections.deque(v for s in todo for v in shards[s])
     args = lambda v: (v, video_paths[v], max_frames, size, sample_fps)  # noqa: E731
     ctx = mp.get_context("spawn")

@@ -26,7 +26,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 
-from .video import IMAGE_EXTENSIONS
+from .video import IMAGE_EXTENSIONS, require_decord
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".wmv", ".flv")
 
@@ -103,15 +103,16 @@ class VideoFinder:
         return below
 
 
-def none_there(paths, what):
-    """ValueError where none of the video `paths` (`what` they are, e.g. "of split 'train'") is a
-    file or a folder of frames, which a wrong --root or --video-dir gives; None where one is (the
-    search stops there)."""
+def check_sources(paths, what):
+    """Refuses (ValueError) video `paths` (`what` they are, e.g. "of split 'train'") none of which is
+    a file or a folder of frames, which a wrong --root or --video-dir gives, and video files to
+    decode without decord (folders of frame images need none). Each scan stops at its first find."""
     if paths and not any(os.path.exists(p) for p in paths):
-        return ValueError(f"none of the {len(paths)} videos {what} is a file or a folder of frames, e.g. "
-                          f"{paths[0]}: check --root and --video-dir (default ROOT/videos; videos are looked for "
-                          f"up to {WALK_DEPTH} folders below it)")
-    return None
+        raise ValueError(f"none of the {len(paths)} videos {what} is a file or a folder of frames, e.g. "
+                         f"{paths[0]}: check --root and --video-dir (default ROOT/videos; videos are looked for "
+                         f"up to {WALK_DEPTH} folders below it)")
+    if any(os.path.isfile(p) for p in paths):
+        require_decord()
 
 
 def _read_json(path):

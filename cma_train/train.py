@@ -31,9 +31,8 @@ from tqdm import tqdm
 from cma_model import adapter_state_dict, count_trainable_parameters, load_adapter_state_dict, set_mlp_recompute
 from cma_model.cache import FrameCache
 from cma_model.data import LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, video_loader
-from cma_model.datasets import load_annotations, none_there
+from cma_model.datasets import check_sources, load_annotations
 from cma_model.retrieval import RetrievalForward, compile_towers
-from cma_model.video import require_decord
 from cma_train.backbone import autocast_dtype, build_model
 from cma_train.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, adapters_file, drop_records_after,
                                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
@@ -115,11 +114,7 @@ def check_video_sources(cache, ann, what, say=True):
     if not uncached:
         return
     lacks = " that the frame cache lacks" if cache is not None else ""
-    error = none_there([ann.video_paths[i] for i in uncached], f"of {what}{lacks}")
-    if error:
-        raise error
-    if any(os.path.isfile(ann.video_paths[i]) for i in uncached):   # frame folders need no decord
-        require_decord()
+    check_sources([ann.video_paths[i] for i in uncached], f"of {what}{lacks}")
     if cache is not None and say:
         print(f"note: {len(uncached)} of the {len(ann.video_ids)} videos of {what} are not in the frame cache "
               f"{cache.out_dir} (e.g. {ann.video_ids[uncached[0]]!r}): they are read from their video files "
