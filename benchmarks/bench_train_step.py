@@ -89,6 +89,10 @@ class Setup:
     def autocasts(self):
         return self.device.type == "cuda" or self.cpu_autocast
 
+    def file_suffix(self):
+        """Results files of fp16 runs end in _fp16: targets.py reads the bf16 runs only."""
+        return "_fp16" if self.dtype == torch.float16 else ""
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocasts())
 
@@ -319,7 +323,7 @@ def kept_activations(args, setup):
     info = {**run_info(setup.device), "autocast": PRECISION_NAMES[setup.dtype], "words": setup.words,
             "smoke": args.smoke}
     stem = f"train_memory_{'-'.join(args.archs)}_{setup.videos}videos"   # archs = ["smoke"] with --smoke
-    stem += "_fp16" if setup.dtype == torch.float16 else ""
+    stem += setup.file_suffix()
     path = write_results(args.out, f"{stem}_{slug(info['device'])}_{info['date']}", info, rows)
     plot(rows, path + ".png", PANELS[2:])
     print(f"wrote {path}.json, .csv, .png")
@@ -378,7 +382,7 @@ def main(argv=None, prog=None):
     info = {**run_info(setup.device), "autocast": PRECISION_NAMES[setup.dtype], "compile_modes": args.compile,
             "words": setup.words, "smoke": args.smoke}
     stem = "train_step" + "".join(f"_compile-{mode}" for mode in args.compile) + ("_smoke" if args.smoke else "")
-    stem += "_fp16" if setup.dtype == torch.float16 else ""   # targets.py reads the bf16 runs
+    stem += setup.file_suffix()
     stem += f"_words{setup.words}" if setup.words != 77 and not args.smoke else ""
     stem = f"{stem}_{slug(info['device'])}_{info['date']}"
     frames, tokens = setup.batch()

@@ -44,6 +44,14 @@ def available_cpus():
     return cpus
 
 
+def default_workers():
+    """The data-loading workers of one training process: up to 4, the CPUs this process may use
+    shared among the processes torchrun starts on this machine (LOCAL_WORLD_SIZE; its ranks share
+    one affinity), at least 1. Eight ranks on a 16-core node start 2 each, not 4 (32 loaders)."""
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(4, available_cpus() // local_processes))
+
+
 def paper_recipe(dataset):
     """{setting: value} of the paper's recipe for `dataset` (MSR-VTT's for jsonl and unknown names)."""
     return PAPER_RECIPES.get(dataset, PAPER_RECIPES["msrvtt"])
@@ -96,7 +104,7 @@ class TrainConfig:
     max_frames: Optional[int] = None
     max_words: Optional[int] = None
     sample_fps: float = 1.0
-    workers: int = min(4, available_cpus())   # more loader processes than CPUs only adds a DataLoader warning
+    workers: int = default_workers()   # read at import: torchrun sets LOCAL_WORLD_SIZE before
     # recipe (the paper's, REFERENCE.md section 2)
     epochs: Optional[int] = None
     batch_size: int = 128         # global, over all ranks

@@ -96,3 +96,17 @@ def test_available_cpus_are_the_allocated_ones_not_the_machines(tmp_path, monkey
     if quota is not None:
         (tmp_path / "cpu.max").write_text(quota + "\n")
     assert config.available_cpus() == cpus
+
+
+@pytest.mark.parametrize("cpus, local_processes, workers", [(16, None, 4), (16, "8", 2), (8, "8", 1), (4, "8", 1),
+                                                            (2, None, 2), (64, "8", 4)])
+def test_loader_workers_share_the_cpus_among_torchruns_processes(monkeypatch, cpus, local_processes, workers):
+    """Each of torchrun's processes on a node starts its own loaders: the default gives each its
+    share of the CPUs (at least 1, at most 4)."""
+    from cma_train import config
+    monkeypatch.setattr(config, "available_cpus", lambda: cpus)
+    if local_processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+    assert config.default_workers() == workers
