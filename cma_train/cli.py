@@ -187,8 +187,11 @@ def _resumed_settings(given):
     out = given.get("out", TrainConfig.out)
     path = os.path.join(out, "checkpoint_latest.pt")
     if not os.path.isfile(path):
+        world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 0))
+        nodes = (f" (rank {os.environ.get('RANK', 0)} sees none: across nodes, --out must be one folder every "
+                 f"node sees, on a shared filesystem)") if 0 < local < world else ""
         raise ValueError(f"--resume: {out} holds no training run to continue (no {path}); leave out --resume to "
-                         f"start one")
+                         f"start one{nodes}")
     run = {k: v for k, v in load_checkpoint(path)["config"].items()
            if k in TrainConfig.__dataclass_fields__ and k not in PER_INVOCATION}
     run["betas"] = tuple(run.get("betas", TrainConfig.betas))

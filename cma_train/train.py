@@ -15,6 +15,7 @@ written and train() raises TrainingStopped; `--resume` then continues exactly.
 """
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -128,6 +129,23 @@ def video_frames(cfg, cache, image_size):
                        hang_exit_s=LOADER_TIMEOUT_S)   # --workers 0: a hung decoder ends the run, said
 
 
+def _check_one_checkpoint(path, ckpt, world):
+    """ValueError on every rank where the ranks resumed from different checkpoints at `path`: across
+    nodes, an --out on each node's own disk (a copy that only rank 0's node updates) would resume
+    each node at its own step and adapters, and train diverging copies without a word."""
+    adapters = hashlib.sha1()
+    for name, tensor in sorted(ckpt["adapters"]["state_dict"].items()):
+        adapters.update(name.encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    seen = [None] * world
+    dist.all_gather_object(seen, (ckpt["step"], adapters.hexdigest()))
+    other = next((r for r, s in enumerate(seen) if s != seen[0]), None)
+    if other is not None:
+        same_step = ", other adapters" if seen[other][0] == seen[0][0] else ""
+        raise ValueError(f"the ranks resumed from different checkpoints at {path} (rank 0 at step {seen[0][0]}, "
+                         f"rank {other} at step {seen[other][0]}{same_step}): across nodes, --out must be one "
+                         f"folder every node sees (a shared filesystem), not a copy on each node's disk")
+
+
 def train(cfg: TrainConfig):
     """Run training as configured; returns {"losses": [one per step that had a readable video],
     "steps": steps run, "skipped": {...}, "checkpoint": path, "model", "eval", "best"}."""
@@ -186,6 +204,8 @@ def train(cfg: TrainConfig):
     best, evaluated_step, last_eval = None, -1, None   # best: t2v R@1 so far, and when
     if cfg.resume:
         ckpt = load_checkpoint(latest)
+        if world > 1:   # before any setting is compared: every rank stops together, or none
+            _check_one_checkpoint(latest, ckpt, world)
         for key in RESUME_MUST_MATCH:
             if ckpt["config"].get(key) != getattr(cfg, key):
                 raise CheckpointError(f"{latest} was made with {key}={ckpt['config'].get(key)!r}, this run has "

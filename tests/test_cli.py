@@ -214,7 +214,20 @@ def test_resume_takes_the_runs_own_settings(video_set, tmp_path, capsys):
     assert "was made with batch_size=2, this run has batch_size=4; resume with the same setting" in \
         capsys.readouterr().err
     assert main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
-    assert "holds no training run to continue" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds no training run to continue" in err and "node" not in err
+
+
+def test_a_node_that_does_not_see_the_run_to_resume_says_why(tmp_path, monkeypatch, capsys):
+    """torchrun across nodes: a rank of a node without the run's folder (no shared filesystem)
+    names the cause, before it joins the process group."""
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "9")
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no training run to continue" in err and "(rank 9 sees none: across nodes, --out must be one " \
+        "folder every node sees, on a shared filesystem)" in err
 
 
 def test_a_process_that_had_the_memory_leaves_the_message_to_the_one_that_ran_out(monkeypatch, capsys):

@@ -3,6 +3,7 @@ videos, out-of-memory retries, and torchrun runs (gloo, 2 processes) against one
 import json
 import os
 import signal
+import shutil
 import sys
 
 import pytest
@@ -836,6 +837,43 @@ def test_two_process_training_run_matches_one_process(video_set, tmp_path):
         assert got["eval"]["v2t"] == pytest.approx(single["eval"]["v2t"]), rank
         assert got["eval"]["num_videos"] == 8
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3 + 1   # steps, evaluation
+
+
+def _resuming_worker(rank, port, jsonl, cache, out, result_dir):
+    """Each rank resumes from its own copy of the run's folder (out + rank), as nodes without a
+    shared filesystem would: first from two copies of the same checkpoint, then again, when only
+    rank 0 has written the step since."""
+    from datetime import timedelta
+    _as_torchrun_rank(rank, port)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))   # ranks out of step fail, not hang
+    kw = dict(batch_size=4, epochs=2, lr=3e-3)
+    first = train(tiny_config(jsonl, cache, f"{out}{rank}", max_steps=3, resume=True, **kw))["losses"]
+    try:
+        train(tiny_config(jsonl, cache, f"{out}{rank}", max_steps=4, resume=True, **kw))
+        second = None
+    except ValueError as e:
+        second = str(e)
+    torch.save((first, second), os.path.join(result_dir, f"resumed{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ranks_resuming_from_different_checkpoints_all_stop_saying_why(video_set, tmp_path):
+    """Resuming under torchrun, the ranks compare the step and adapters they read: the same
+    checkpoint resumes as one process does; a stale copy (rank 1's, which no rank updates) stops
+    every rank with the cause, instead of training diverging adapters on each."""
+    jsonl, cache = video_set
+    kw = dict(batch_size=4, epochs=2, lr=3e-3)
+    train(tiny_config(jsonl, cache, tmp_path / "base", max_steps=2, **kw))
+    for copy in ("ddp0", "ddp1", "one"):
+        shutil.copytree(tmp_path / "base", tmp_path / copy)
+    _spawn_ranks(_resuming_worker, jsonl, cache, tmp_path)
+    single = train(tiny_config(jsonl, cache, tmp_path / "one", max_steps=3, resume=True, **kw))["losses"]
+    for rank in range(WORLD):
+        first, second = torch.load(tmp_path / f"resumed{rank}.pt")
+        assert first == pytest.approx(single, rel=1e-5), rank
+        assert second is not None and "the ranks resumed from different checkpoints" in second, rank
+        assert "(rank 0 at step 3, rank 1 at step 2): across nodes, --out must be one folder every node sees" \
+            in second, rank
 
 
 def _stopping_worker(rank, port, jsonl, cache, out, result_dir):
