@@ -13,6 +13,7 @@ SIGINT (Ctrl-C) or SIGTERM (a job scheduler's preemption) stops a run cleanly (c
 the current step (or evaluation) finishes, every rank agrees on the step, the checkpoint is
 written and train() raises TrainingStopped; `--resume` then continues exactly.
 """
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -36,7 +37,7 @@ from cma_model.datasets import check_sources, load_annotations
 from cma_model.retrieval import RetrievalForward, compile_towers
 from cma_train.backbone import autocast_dtype, build_model
 from cma_train.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, adapters_file, drop_records_after,
-                                  load_checkpoint, rng_state, save_checkpoint, set_rng_state)
+                                  load_checkpoint, rng_state, run_lock, save_checkpoint, set_rng_state)
 from cma_train.config import TrainConfig
 from cma_train.evaluate import evaluate
 from cma_train.signals import StopSignals, TrainingStopped
@@ -165,6 +166,12 @@ def train(cfg: TrainConfig):
         raise ValueError(f"{cfg.out} already holds a training run ({latest}): continue it with --resume, or "
                          f"train into another --out")
     os.makedirs(cfg.out, exist_ok=True)   # an --out that cannot be made fails now, not after the model is built
+    with run_lock(cfg.out) if rank == 0 else contextlib.nullcontext():   # one run at a time writes there
+        return _train_in_folder(cfg, rank, world, device, dtype, latest)
+
+
+def _train_in_folder(cfg, rank, world, device, dtype, latest):
+    """train(), once rank 0 holds the run folder."""
     # data first: a wrong --root, split or --cache fails in a second, not after the model is built
     ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
     eval_ann = load_annotations(cfg.dataset, cfg.root, cfg.eval_split, cfg.video_dir) if cfg.eval_split else None

@@ -1,6 +1,8 @@
 """Shared fixtures. Without CUDA the Triton kernels run in the CPU interpreter: TRITON_INTERPRET must
 be set before triton decorates them, so it is set here, before anything imports cma_kernels."""
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -123,6 +125,15 @@ def fake_free_space(monkeypatch, total, free):
     usage = collections.namedtuple("Usage", "total used free")(total, total - free, free)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
     monkeypatch.setattr(data, "_said", set())
+
+
+def hold_run_lock(out):
+    """A process (a `cma train` stand-in) that holds run_lock(out) until it is killed."""
+    code = "import sys, time\nfrom cma_train.checkpoint import run_lock\nwith run_lock(sys.argv[1]):\n" \
+           "    print('held', flush=True)\n    time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
 
 
 def write_openai_style_clip(path, clip_config, seed=0):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import (TINY_TRAIN_CLIP, fake_free_space, gpu_check, requires_cuda, write_frame_cache_set,
-                      write_splits)
+from conftest import (TINY_TRAIN_CLIP, fake_free_space, gpu_check, hold_run_lock, requires_cuda,
+                      write_frame_cache_set, write_splits)
 
 from cma_model.data import CaptionVideoDataset
 from cma_model.datasets import load_annotations
@@ -837,6 +837,22 @@ def test_two_process_training_run_matches_one_process(video_set, tmp_path):
         assert got["eval"]["v2t"] == pytest.approx(single["eval"]["v2t"]), rank
         assert got["eval"]["num_videos"] == 8
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3 + 1   # steps, evaluation
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(video_set, tmp_path):
+    """A job started twice: train() into a folder another process is writing (no checkpoint there
+    yet) is refused before anything is built; once that process has ended, even killed, the folder
+    trains as usual."""
+    jsonl, cache = video_set
+    (tmp_path / "run").mkdir()
+    holder = hold_run_lock(tmp_path / "run")
+    try:
+        with pytest.raises(ValueError, match=f"run is being written by another cma train \\(pid {holder.pid} "):
+            train(tiny_config(jsonl, cache, tmp_path / "run", max_steps=1))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(tiny_config(jsonl, cache, tmp_path / "run", max_steps=1))["steps"] == 1
 
 
 def _resuming_worker(rank, port, jsonl, cache, out, result_dir):
