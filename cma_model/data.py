@@ -184,8 +184,9 @@ def video_loader(dataset, frames, batch_size, workers, device, sampler=None, say
 def loader_error(error, timeout=LOADER_TIMEOUT_S):
     """The ValueError saying what to do for a DataLoader's RuntimeError `error` where a worker was
     silent for `timeout` seconds (a hung decoder), died (a decoder's segmentation fault; PyTorch
-    raises that one wherever the main process is, through its SIGCHLD handler, often mid-step) or
-    ran out of shared memory; None for any other error."""
+    raises that one wherever the main process is, through its SIGCHLD handler, often mid-step; or,
+    where it died while the main process fetched a batch's shared memory from it, a
+    ConnectionError) or ran out of shared memory; None for any other error."""
     # a worker's "unable to allocate shared memory(shm) for file", or a bus error's "... is killed by
     # signal: Bus error. It is possible that dataloader's workers are out of shared memory."
     if "unable to allocate shared memory" in str(error) or "out of shared memory" in str(error):
@@ -195,7 +196,8 @@ def loader_error(error, timeout=LOADER_TIMEOUT_S):
                           f"made in the training process); {RESUMES}")
     if "DataLoader timed out" in str(error):
         what = f"no batch from the data-loading workers in {timeout:g} s: a video decoder that hangs?"
-    elif str(error).startswith("DataLoader worker (pid"):   # "... exited unexpectedly", "... is killed by signal"
+    elif str(error).startswith("DataLoader worker (pid") or isinstance(error, ConnectionError):
+        # "DataLoader worker (pid N) exited unexpectedly", "... is killed by signal"; "[Errno 104] Connection reset"
         what = (f"a data-loading worker died ({str(error).rstrip('.')}): a video decoder that crashed on a broken "
                 f"file, or the machine out of memory?")
     else:
@@ -209,8 +211,8 @@ def batches(loader):
     PyTorch's bare RuntimeError."""
     try:
         yield from loader
-    except RuntimeError as e:
-        error = loader_error(e, loader.timeout)
+    except (RuntimeError, ConnectionError) as e:   # ConnectionError: a worker died handing a batch over
+        error = loader_error(e, loader.timeout) if loader.num_workers else None
         if error is None:
             raise
         raise error from None

@@ -166,6 +166,30 @@ def test_a_hung_or_dead_loader_worker_ends_with_what_to_do(dataset, message):
     assert got in ([[0, 1]], [] if dataset is _CrashesAtTwo else None)   # a death can be noticed before batch 0
 
 
+class _DiesHandingOverBatchOne:
+    """What the main process meets where a worker dies after queueing a batch, before the main
+    process has fetched the batch's shared memory from it: a ConnectionError, not a RuntimeError
+    (seen in test_cli's worker-death test, at random)."""
+    timeout, num_workers = 2, 1
+
+    def __iter__(self):
+        yield torch.zeros(2)
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def test_a_worker_that_dies_handing_a_batch_over_ends_with_what_to_do():
+    got = []
+    with pytest.raises(ValueError, match=r"a data-loading worker died \(\[Errno 104\] Connection reset by peer\): "
+                                         r"a video decoder that crashed.* `cma prepare`.*--resume"):
+        for batch in batches(_DiesHandingOverBatchOne()):
+            got.append(batch)
+    assert len(got) == 1
+    loader = _DiesHandingOverBatchOne()
+    loader.num_workers = 0   # no worker to have died: the error is someone else's, and stays as it was
+    with pytest.raises(ConnectionResetError):
+        list(batches(loader))
+
+
 @pytest.mark.parametrize("free_mib, local_processes, fit", [(1024, 1, 4), (64, 1, 2), (35, 1, 0), (64, 2, 0),
                                                             (100, 2, 1)])
 def test_loader_workers_fit_shared_memory(monkeypatch, capsys, free_mib, local_processes, fit):
