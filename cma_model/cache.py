@@ -3,16 +3,19 @@
 A shard is `shard_NNNNN.npy` (uint8 [n, max_frames, size, size, 3], resized and cropped, not
 normalised) plus `shard_NNNNN.json` (video ids, frame masks, skipped videos and why). Both are
 written to a temporary name and renamed, the JSON last, so a shard with a JSON is complete:
-an interrupted `cma prepare` resumes at the first incomplete shard. Training reads shards by
-memory map, so an epoch costs no decoding; normalising a cached frame is a table lookup.
+an interrupted `cma prepare` resumes at the first incomplete shard; one `cma prepare` at a time
+writes a folder (folder_lock). Training reads shards by memory map, so an epoch costs no
+decoding; normalising a cached frame is a table lookup.
 """
 import collections
 import contextlib
+import fcntl
 import glob
 import json
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import time
 
 import numpy as np
@@ -24,6 +27,7 @@ from cma_kernels.preprocess import preprocess_frames
 from .datasets import check_sources
 from .video import NO_SUCH_FILE, VideoError, sample_frames
 
+PREPARE_LOCK = "prepare.lock"   # in the cache folder, held by the `cma prepare` writing there (folder_lock)
 
 _begun = None   # in a `prepare_cache` worker: the queue on which it says which video it begins
 
@@ -75,6 +79,29 @@ def atomic_write(path, write):
                       f"{free / 2**20:,.0f} MiB free there") from None
 
 
+@contextlib.contextmanager
+def folder_lock(folder, name, command):
+    """Hold `folder`/`name` (an advisory fcntl lock) while `command` ("cma train", "cma prepare")
+    writes in `folder`: a second one into the same folder (a job submitted twice) is refused,
+    naming the process that holds it, instead of both writing the same files through the same
+    temporary names. The kernel releases the lock when the process ends, however it ends, so a
+    crash leaves none behind. A file system without locks (some network mounts) goes unchecked."""
+    with open(os.path.join(folder, name), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ValueError(f"{folder} is being written by another {command} ({f.read().strip() or 'its process'}): "
+                             f"wait for it to end, or choose another --out") from None
+        except OSError:   # ENOLCK, ENOSYS: the file system keeps no locks
+            pass
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+
+
 def _atomic_write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -124,6 +151,16 @@ def _check_space(out_dir, num_videos, max_frames, size):
                          f"there: free space or choose another --out")
 
 
+def _check_meta(out_dir, meta):
+    """ValueError where out_dir holds a cache made with other settings than `meta`."""
+    meta_path = os.path.join(out_dir, "cache.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old != meta:
+            raise ValueError(f"{out_dir} holds a cache made with {old}, not {meta}; use another folder")
+
+
 def _written_skips(out_dir, index):
     """{video id: reason} of the videos written shard `index` skipped; None where it is not written."""
     shard = os.path.join(out_dir, f"shard_{index:05d}.json")
@@ -150,11 +187,7 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
     meta = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps, "shard_size": shard_size,
             "num_videos": len(video_ids)}
     meta_path = os.path.join(out_dir, "cache.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        if old != meta:
-            raise ValueError(f"{out_dir} holds a cache made with {old}, not {meta}; use another folder")
+    _check_meta(out_dir, meta)
     shards = [list(range(i, min(i + shard_size, len(video_ids)))) for i in range(0, len(video_ids), shard_size)]
     path_of, written = dict(zip(video_ids, video_paths)), [_written_skips(out_dir, s) for s in range(len(shards))]
     # unwritten shards, and those with a video skipped as missing that has come since: decoded anew, so that
@@ -164,53 +197,56 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
                                     for vid, reason in skips.items())]
     _check_space(out_dir, sum(len(shards[s]) for s in todo), max_frames, size)
     os.makedirs(out_dir, exist_ok=True)
-    if not os.path.exists(meta_path):
-        _atomic_write_json(meta_path, meta)
-    skipped = {vid: reason for s, skips in enumerate(written) if s not in todo for vid, reason in skips.items()}
-    queue = collections.deque(v for s in todo for v in shards[s])
-    args = lambda v: (v, video_paths[v], max_frames, size, sample_fps)  # noqa: E731
-    ctx = mp.get_context("spawn")
+    with folder_lock(out_dir, PREPARE_LOCK, "cma prepare"):   # two at once would write the same shards
+        _check_meta(out_dir, meta)   # again, held: a prepare that has just ended may have made the cache
+        if not os.path.exists(meta_path):
+            _atomic_write_json(meta_path, meta)
+        skipped = {vid: reason for s, skips in enumerate(written) if s not in todo for vid, reason in skips.items()}
+        queue = collections.deque(v for s in todo for v in shards[s])
+        args = lambda v: (v, video_paths[v], max_frames, size, sample_fps)  # noqa: E731
+        ctx = mp.get_context("spawn")
 
-    def new_pool():   # and a new queue: a worker terminated while it wrote would leave the old one locked
-        begun = ctx.SimpleQueue()
-        return ctx.Pool(workers, initializer=_start_worker, initargs=(begun,)), begun
-    pool, begun = new_pool()
-    in_flight = collections.deque()
-    done, worker_of = {}, {}   # worker_of: video -> pid of the process decoding it
-    bar = tqdm(total=len(video_ids), initial=len(video_ids) - len(queue), desc="prepare", unit="video",
-               disable=not progress)
-    try:
-        while queue or in_flight:
-            while queue and len(in_flight) < 2 * workers:
-                v = queue.popleft()
-                in_flight.append((v, pool.apply_async(_decode_one, args(v))))
-            v, result = in_flight.popleft()
-            deadline, crashed = time.monotonic() + timeout, False
-            while not result.ready() and not crashed and time.monotonic() < deadline:
-                result.wait(min(1.0, max(0.0, deadline - time.monotonic())))
-                if not result.ready() and _died(v, begun, worker_of):
-                    result.wait(1.0)   # an answer sent just before the process died still comes
-                    crashed = not result.ready()
-            if result.ready():
-                done[v] = result.get()
-            elif crashed:   # its process died (a segmentation fault in the decoder): the pool has replaced it
-                done[v] = (None, f"{video_paths[v]}: the decoder crashed (its process died)")
-            else:   # a decoder that hangs (decord can): restart the workers
-                done[v] = (None, f"{video_paths[v]}: no answer within {timeout:.0f} s (decoder hang)")
-                pool.terminate()
-                pool, begun = new_pool()
-                worker_of.clear()
-                in_flight = collections.deque((u, pool.apply_async(_decode_one, args(u))) for u, _ in in_flight)
-            bar.update(1)
-            for s in list(todo):
-                if all(u in done for u in shards[s]):
-                    ids = [video_ids[u] for u in shards[s]]
-                    skipped.update(_write_shard(out_dir, s, ids, [done.pop(u) for u in shards[s]], max_frames, size))
-                    todo.remove(s)
-    finally:
-        pool.terminate()
-        bar.close()
-    return skipped
+        def new_pool():   # and a new queue: a worker terminated while it wrote would leave the old one locked
+            begun = ctx.SimpleQueue()
+            return ctx.Pool(workers, initializer=_start_worker, initargs=(begun,)), begun
+        pool, begun = new_pool()
+        in_flight = collections.deque()
+        done, worker_of = {}, {}   # worker_of: video -> pid of the process decoding it
+        bar = tqdm(total=len(video_ids), initial=len(video_ids) - len(queue), desc="prepare", unit="video",
+                   disable=not progress)
+        try:
+            while queue or in_flight:
+                while queue and len(in_flight) < 2 * workers:
+                    v = queue.popleft()
+                    in_flight.append((v, pool.apply_async(_decode_one, args(v))))
+                v, result = in_flight.popleft()
+                deadline, crashed = time.monotonic() + timeout, False
+                while not result.ready() and not crashed and time.monotonic() < deadline:
+                    result.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+                    if not result.ready() and _died(v, begun, worker_of):
+                        result.wait(1.0)   # an answer sent just before the process died still comes
+                        crashed = not result.ready()
+                if result.ready():
+                    done[v] = result.get()
+                elif crashed:   # its process died (a segmentation fault in the decoder): the pool has replaced it
+                    done[v] = (None, f"{video_paths[v]}: the decoder crashed (its process died)")
+                else:   # a decoder that hangs (decord can): restart the workers
+                    done[v] = (None, f"{video_paths[v]}: no answer within {timeout:.0f} s (decoder hang)")
+                    pool.terminate()
+                    pool, begun = new_pool()
+                    worker_of.clear()
+                    in_flight = collections.deque((u, pool.apply_async(_decode_one, args(u))) for u, _ in in_flight)
+                bar.update(1)
+                for s in list(todo):
+                    if all(u in done for u in shards[s]):
+                        ids = [video_ids[u] for u in shards[s]]
+                        results = [done.pop(u) for u in shards[s]]
+                        skipped.update(_write_shard(out_dir, s, ids, results, max_frames, size))
+                        todo.remove(s)
+        finally:
+            pool.terminate()
+            bar.close()
+        return skipped
 
 
 class FrameCache:

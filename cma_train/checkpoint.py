@@ -3,12 +3,9 @@ scheduler, step, config, RNG), adapter files with the backbone and scoring setti
 (read back by `cma eval --adapters`), metrics.jsonl trimmed back to a checkpoint on resume, and
 the lock the training process writing there holds. Every file is written to a temporary name and
 renamed, so a crash never leaves a broken one."""
-import contextlib
-import fcntl
 import json
 import os
 import random
-import socket
 import sys
 
 import numpy as np
@@ -23,7 +20,7 @@ CHECKPOINT_FORMAT = "cma-train-v1"
 # on and scores them the same way
 BACKBONE = ("model", "model_config")
 SCORING = ("pooling", "temperature", "max_words", "max_frames", "sample_fps")
-RUN_LOCK = "train.lock"   # in the run folder, held by the training process writing there (run_lock)
+RUN_LOCK = "train.lock"   # in the run folder, held by the training process writing there (cache.folder_lock)
 
 
 class CheckpointError(ValueError):
@@ -54,29 +51,6 @@ def save_checkpoint(path, payload):
     """torch.save, write-then-rename: a crash mid-save leaves the previous file intact, and a full
     disk an OSError naming the file (cma_model.cache.atomic_write)."""
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
-
-@contextlib.contextmanager
-def run_lock(out):
-    """Hold `out`/RUN_LOCK (an advisory fcntl lock) while a run writes there: a second `cma train`
-    into the same folder (a job submitted twice) is refused, naming the process that holds it,
-    instead of both writing one checkpoint and one log. The kernel releases the lock when the
-    process ends, however it ends, so a crashed run leaves none behind. A file system without
-    locks (some network mounts) goes unchecked."""
-    with open(os.path.join(out, RUN_LOCK), "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise ValueError(f"{out} is being written by another cma train ({f.read().strip() or 'its process'}): "
-                             f"wait for it to end, or train into another --out") from None
-        except OSError:   # ENOLCK: the file system keeps no locks
-            pass
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        yield
 
 
 def scoring_of(cfg):

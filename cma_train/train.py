@@ -31,13 +31,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cma_model import adapter_state_dict, count_trainable_parameters, load_adapter_state_dict, set_mlp_recompute
-from cma_model.cache import FrameCache
+from cma_model.cache import FrameCache, folder_lock
 from cma_model.data import LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, video_loader
 from cma_model.datasets import check_sources, load_annotations
 from cma_model.retrieval import RetrievalForward, compile_towers
 from cma_train.backbone import autocast_dtype, build_model
-from cma_train.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, adapters_file, drop_records_after,
-                                  load_checkpoint, rng_state, run_lock, save_checkpoint, set_rng_state)
+from cma_train.checkpoint import (CHECKPOINT_FORMAT, RUN_LOCK, CheckpointError, adapters_file, drop_records_after,
+                                  load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from cma_train.config import TrainConfig
 from cma_train.evaluate import evaluate
 from cma_train.signals import StopSignals, TrainingStopped
@@ -166,7 +166,7 @@ def train(cfg: TrainConfig):
         raise ValueError(f"{cfg.out} already holds a training run ({latest}): continue it with --resume, or "
                          f"train into another --out")
     os.makedirs(cfg.out, exist_ok=True)   # an --out that cannot be made fails now, not after the model is built
-    with run_lock(cfg.out) if rank == 0 else contextlib.nullcontext():   # one run at a time writes there
+    with folder_lock(cfg.out, RUN_LOCK, "cma train") if rank == 0 else contextlib.nullcontext():
         return _train_in_folder(cfg, rank, world, device, dtype, latest)
 
 

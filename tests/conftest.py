@@ -127,11 +127,12 @@ def fake_free_space(monkeypatch, total, free):
     monkeypatch.setattr(data, "_said", set())
 
 
-def hold_run_lock(out):
-    """A process (a `cma train` stand-in) that holds run_lock(out) until it is killed."""
-    code = "import sys, time\nfrom cma_train.checkpoint import run_lock\nwith run_lock(sys.argv[1]):\n" \
-           "    print('held', flush=True)\n    time.sleep(600)"
-    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+def hold_folder_lock(folder, name):
+    """A process (a stand-in for another `cma train` or `cma prepare`) that holds
+    cache.folder_lock(folder, name) until it is killed."""
+    code = ("import sys, time\nfrom cma_model.cache import folder_lock\n"
+            "with folder_lock(sys.argv[1], sys.argv[2], 'cma'):\n    print('held', flush=True)\n    time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder), name], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
 

@@ -1,14 +1,17 @@
-"""cma_model.cache: shards round-trip to direct decoding, resume, skipped videos, timeouts."""
+"""cma_model.cache: shards round-trip to direct decoding, resume, skipped videos, timeouts, one
+writer per folder."""
 import os
+import re
 import shutil
+import socket
 
 import numpy as np
 import pytest
 import torch
-from conftest import fake_free_space, requires_decord, write_frame_cache_set, write_video
+from conftest import fake_free_space, hold_folder_lock, requires_decord, write_frame_cache_set, write_video
 
 from cma_kernels.preprocess import preprocess_frames
-from cma_model.cache import FrameCache, _start_worker, cache_bytes, prepare_cache
+from cma_model.cache import PREPARE_LOCK, FrameCache, _start_worker, cache_bytes, folder_lock, prepare_cache
 from cma_model.video import VideoError, sample_frames
 
 
@@ -205,3 +208,38 @@ def test_cached_frames_are_views_that_never_write_the_file(tmp_path):
     frames[:] = 0
     assert np.array_equal(np.load(os.path.join(cache_dir, shard)), on_disk)
     assert np.array_equal(FrameCache(str(cache_dir))["clip2"][0], on_disk[2])
+
+
+def test_a_folder_is_written_by_one_process_at_a_time(tmp_path):
+    """While one process holds a folder's lock, another is refused, naming the holder; one that
+    ends, even killed, leaves the folder free. The same process may take it again once it let go."""
+    holder = hold_folder_lock(tmp_path, "some.lock")
+    try:
+        with pytest.raises(ValueError, match=f"is being written by another cma prepare \\(pid {holder.pid} on "
+                                             f"{re.escape(socket.gethostname())}\\): wait for it to end"):
+            with folder_lock(str(tmp_path), "some.lock", "cma prepare"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    for _ in range(2):
+        with folder_lock(str(tmp_path), "some.lock", "cma prepare"):
+            assert (tmp_path / "some.lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+
+
+@requires_decord
+def test_a_cache_being_prepared_is_refused_to_a_second_prepare(tmp_path, videos):
+    """Two `cma prepare` into one folder (a job started twice) would write the same shards through
+    the same temporary names: the second is refused while the first runs, and runs once it ended."""
+    ids, paths = videos
+    (tmp_path / "cache").mkdir()
+    holder = hold_folder_lock(tmp_path / "cache", PREPARE_LOCK)
+    try:
+        with pytest.raises(ValueError, match="cache is being written by another cma prepare"):
+            prepare_cache(ids, paths, str(tmp_path / "cache"), max_frames=4, size=32, workers=1, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "cache" / "cache.json").exists()
+    skipped = prepare_cache(ids, paths, str(tmp_path / "cache"), max_frames=4, size=32, workers=1, progress=False)
+    assert list(skipped) == ["broken"] and FrameCache(str(tmp_path / "cache")).meta["num_videos"] == 4   # complete

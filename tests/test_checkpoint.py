@@ -1,22 +1,19 @@
 """cma_train.checkpoint: RNG state round trip, write-then-rename saves, adapter files with their
-run's settings (written and read back), metrics.jsonl trimmed back to a checkpoint, and the lock
-on a run folder."""
+run's settings (written and read back), and metrics.jsonl trimmed back to a checkpoint."""
 import json
 import os
 import re
 import random
-import signal
-import socket
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import hold_run_lock, small_clip
+from conftest import small_clip
 
 from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters
 from cma_train.checkpoint import (SCORING, adapters_file, drop_records_after, load_checkpoint, read_adapters,
-                                  rng_state, run_lock, save_checkpoint, set_rng_state)
+                                  rng_state, save_checkpoint, set_rng_state)
 from cma_train.config import TrainConfig
 
 
@@ -152,19 +149,3 @@ def test_other_weights_than_the_adapters_trained_on_are_noted(tmp_path, capsys):
         err = capsys.readouterr().err
         assert (f"note: evaluating with --pretrained {pretrained} (trained on {weights})" in err) == noted, err
 
-
-def test_a_run_folder_is_written_by_one_process_at_a_time(tmp_path):
-    """While one process holds a run folder, another is refused, naming the holder; one that ends,
-    even killed, leaves the folder free. The same process may take it again once it let go."""
-    holder = hold_run_lock(tmp_path)
-    try:
-        with pytest.raises(ValueError, match=f"is being written by another cma train \\(pid {holder.pid} on "
-                                             f"{re.escape(socket.gethostname())}\\): wait for it to end"):
-            with run_lock(str(tmp_path)):
-                pass
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    for _ in range(2):
-        with run_lock(str(tmp_path)):
-            assert (tmp_path / "train.lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import (TINY_TRAIN_CLIP, fake_free_space, gpu_check, hold_run_lock, requires_cuda,
+from conftest import (TINY_TRAIN_CLIP, fake_free_space, gpu_check, hold_folder_lock, requires_cuda,
                       write_frame_cache_set, write_splits)
 
 from cma_model.data import CaptionVideoDataset
 from cma_model.datasets import load_annotations
 from cma_model.retrieval import RetrievalForward
 from cma_train.signals import TrainingStopped
-from cma_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cma_train.checkpoint import RUN_LOCK, CheckpointError, load_checkpoint, save_checkpoint
 from cma_train.config import TrainConfig
 from cma_train.backbone import build_model
 from cma_train.step import train_step
@@ -845,7 +845,7 @@ def test_a_second_run_into_a_folder_being_written_is_refused(video_set, tmp_path
     trains as usual."""
     jsonl, cache = video_set
     (tmp_path / "run").mkdir()
-    holder = hold_run_lock(tmp_path / "run")
+    holder = hold_folder_lock(tmp_path / "run", RUN_LOCK)
     try:
         with pytest.raises(ValueError, match=f"run is being written by another cma train \\(pid {holder.pid} "):
             train(tiny_config(jsonl, cache, tmp_path / "run", max_steps=1))
