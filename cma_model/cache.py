@@ -151,14 +151,14 @@ def _check_space(out_dir, num_videos, max_frames, size):
                          f"there: free space or choose another --out")
 
 
-def _check_meta(out_dir, meta):
-    """ValueError where out_dir holds a cache made with other settings than `meta`."""
-    meta_path = os.path.join(out_dir, "cache.json")
+def _check_meta(meta_path, meta):
+    """ValueError where the cache's meta_path (its cache.json) holds other settings than `meta`."""
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             old = json.load(f)
         if old != meta:
-            raise ValueError(f"{out_dir} holds a cache made with {old}, not {meta}; use another folder")
+            raise ValueError(f"{os.path.dirname(meta_path)} holds a cache made with {old}, not {meta}; use another "
+                             f"folder")
 
 
 def _written_skips(out_dir, index):
@@ -187,7 +187,7 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
     meta = {"max_frames": max_frames, "size": size, "sample_fps": sample_fps, "shard_size": shard_size,
             "num_videos": len(video_ids)}
     meta_path = os.path.join(out_dir, "cache.json")
-    _check_meta(out_dir, meta)
+    _check_meta(meta_path, meta)
     shards = [list(range(i, min(i + shard_size, len(video_ids)))) for i in range(0, len(video_ids), shard_size)]
     path_of, written = dict(zip(video_ids, video_paths)), [_written_skips(out_dir, s) for s in range(len(shards))]
     # unwritten shards, and those with a video skipped as missing that has come since: decoded anew, so that
@@ -198,7 +198,7 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
     _check_space(out_dir, sum(len(shards[s]) for s in todo), max_frames, size)
     os.makedirs(out_dir, exist_ok=True)
     with folder_lock(out_dir, PREPARE_LOCK, "cma prepare"):   # two at once would write the same shards
-        _check_meta(out_dir, meta)   # again, held: a prepare that has just ended may have made the cache
+        _check_meta(meta_path, meta)   # again, held: a prepare that has just ended may have made the cache
         if not os.path.exists(meta_path):
             _atomic_write_json(meta_path, meta)
         skipped = {vid: reason for s, skips in enumerate(written) if s not in todo for vid, reason in skips.items()}
