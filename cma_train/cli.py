@@ -181,17 +181,14 @@ def config_from_args(args) -> TrainConfig:
 
 def _resumed_settings(given):
     """The resumed run's settings: its checkpoint's, under those given on purpose (a note names the
-    ones that differ; train() refuses a change to the settings that define the run)."""
+    ones that differ; train() refuses a change to the settings that define the run, and a missing
+    checkpoint)."""
     from cma_train.checkpoint import load_checkpoint
     from cma_train.train import RESUME_MUST_MATCH
     out = given.get("out", TrainConfig.out)
     path = os.path.join(out, "checkpoint_latest.pt")
-    if not os.path.isfile(path):
-        world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 0))
-        nodes = (f" (rank {os.environ.get('RANK', 0)} sees none: across nodes, --out must be one folder every "
-                 f"node sees, on a shared filesystem)") if 0 < local < world else ""
-        raise ValueError(f"--resume: {out} holds no training run to continue (no {path}); leave out --resume to "
-                         f"start one{nodes}")
+    if not os.path.isfile(path):   # train() says so, on every rank that lacks it (across nodes: why)
+        return given
     run = {k: v for k, v in load_checkpoint(path)["config"].items()
            if k in TrainConfig.__dataclass_fields__ and k not in PER_INVOCATION}
     run["betas"] = tuple(run.get("betas", TrainConfig.betas))
@@ -265,32 +262,35 @@ def cmd_eval(args):
     from cma_train.checkpoint import read_adapters, results_record
     from cma_train.evaluate import format_results, save_results
     from cma_train.backbone import build_model
-    from cma_train.train import _device, _distributed, check_video_sources
+    from cma_train.distributed import EveryRankOrNone, init_distributed, rank_device
+    from cma_train.train import check_video_sources
     cfg = config_from_args(args)
-    state = read_adapters(args.adapters, cfg, _given_settings(args)) if args.adapters else None
-    cfg.validate()
-    rank, _ = _distributed()   # under torchrun every rank encodes its share
-    device = _device(cfg, rank)
-    ann = load_annotations(cfg.dataset, cfg.root, args.eval_on, cfg.video_dir)   # before the model: fails fast
-    cache = FrameCache(cfg.cache) if cfg.cache else None   # its index is read once, here
-    check_video_sources(cache, ann, f"split {args.eval_on!r}", say=rank == 0)
-    path = _results_path(args, cfg)
-    if rank == 0:
-        what = f"adapters {args.adapters} (r={cfg.reduction_dim}, d_s={cfg.shared_dim})" if args.adapters \
-            else "the backbone alone (zero-shot)"
-        arch = "the --model-config model" if cfg.model_config else cfg.model
-        print(f"evaluating {what} on {arch} ({cfg.pretrained}): {len(ann.captions)} captions, {len(ann.video_ids)} "
-              f"videos of {cfg.dataset} {args.eval_on}; {cfg.pooling} pooling (temperature {cfg.temperature:g}), "
-              f"{cfg.max_frames} frames at {cfg.sample_fps:g} fps, {cfg.max_words} words")
-    torch.manual_seed(cfg.seed)   # a random backbone (--pretrained none) is the one `cma train` built
-    model, _, _ = build_model(cfg, device)
-    if state is not None:
-        load_adapter_state_dict(model, state)
-    else:   # zero-shot: every up-projection zeroed, so each adapter adds nothing to its sublayer
-        with torch.no_grad():
-            for m in adapter_modules(model):
-                for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
-                    p.zero_()
+    rank, world = init_distributed(cfg.device)   # under torchrun every rank encodes its share
+    with EveryRankOrNone(world) as set_up:   # where the set-up fails on any rank, every rank stops at once
+        state = read_adapters(args.adapters, cfg, _given_settings(args)) if args.adapters else None
+        cfg.validate()
+        device = rank_device(cfg.device, rank)
+        ann = load_annotations(cfg.dataset, cfg.root, args.eval_on, cfg.video_dir)   # before the model: fails fast
+        cache = FrameCache(cfg.cache) if cfg.cache else None   # its index is read once, here
+        check_video_sources(cache, ann, f"split {args.eval_on!r}", say=rank == 0)
+        path = _results_path(args, cfg)
+        if rank == 0:
+            what = f"adapters {args.adapters} (r={cfg.reduction_dim}, d_s={cfg.shared_dim})" if args.adapters \
+                else "the backbone alone (zero-shot)"
+            arch = "the --model-config model" if cfg.model_config else cfg.model
+            print(f"evaluating {what} on {arch} ({cfg.pretrained}): {len(ann.captions)} captions, "
+                  f"{len(ann.video_ids)} videos of {cfg.dataset} {args.eval_on}; {cfg.pooling} pooling (temperature "
+                  f"{cfg.temperature:g}), {cfg.max_frames} frames at {cfg.sample_fps:g} fps, {cfg.max_words} words")
+        torch.manual_seed(cfg.seed)   # a random backbone (--pretrained none) is the one `cma train` built
+        model, _, _ = build_model(cfg, device)
+        if state is not None:
+            load_adapter_state_dict(model, state)
+        else:   # zero-shot: every up-projection zeroed, so each adapter adds nothing to its sublayer
+            with torch.no_grad():
+                for m in adapter_modules(model):
+                    for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
+                        p.zero_()
+        set_up.done()
     try:
         res = {**_evaluate(model, cfg, ann, device, cache), **results_record(cfg, args.eval_on, args.adapters)}
     except torch.OutOfMemoryError as e:   # evaluate() halves its videos per pass down to one first
@@ -454,8 +454,11 @@ def _run(args, rest):
         if not isinstance(e, FloatingPointError) or int(os.environ.get("RANK", 0)) == 0:
             print(f"cma {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:   # a data-loading worker that died, noticed during a step (batches() did not see it)
-        from cma_model.data import loader_error
+    except RuntimeError as e:
+        from cma_train.distributed import FailedElsewhere   # here: torch is loaded by now, not before
+        if isinstance(e, FailedElsewhere):   # torchrun: the rank that failed says why
+            return 2
+        from cma_model.data import loader_error   # a data-loading worker that died, noticed during a step
         said = loader_error(e)
         if said is None:
             raise

@@ -15,7 +15,6 @@ written and train() raises TrainingStopped; `--resume` then continues exactly.
 """
 import contextlib
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
@@ -39,6 +38,7 @@ from cma_train.backbone import autocast_dtype, build_model
 from cma_train.checkpoint import (CHECKPOINT_FORMAT, RUN_LOCK, CheckpointError, adapters_file, drop_records_after,
                                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from cma_train.config import TrainConfig
+from cma_train.distributed import EveryRankOrNone, FailedElsewhere, init_distributed, rank_device
 from cma_train.evaluate import evaluate
 from cma_train.signals import StopSignals, TrainingStopped
 from cma_train.step import step_within_memory, uneven_chunks_recompile
@@ -47,10 +47,6 @@ RESUME_MUST_MATCH = ("model", "model_config", "dataset", "split", "reduction_dim
                      "dropout", "batch_size", "seed", "max_frames", "max_words", "sample_fps", "pooling", "temperature",
                      "epochs", "warmup")   # the loss, the data and the learning-rate schedule of the run
 EMPTY_BATCHES_STOP = 5   # global batches in a row without a readable video that stop a run
-# Under torchrun a rank whose loader hangs says so after LOADER_TIMEOUT_S; the others wait in the
-# step's collectives meanwhile and must not time out first: NCCL's default timeout (10 minutes, the
-# loader's too) would kill every rank with its watchdog's trace instead of that message.
-PROCESS_GROUP_TIMEOUT_S = LOADER_TIMEOUT_S + 300
 # --precision fp16: the loss scale starts at torch's default and halves at each step whose gradients
 # overflow (that step updates nothing); this many such steps in a row stop the run, which would
 # otherwise go on learning nothing
@@ -79,23 +75,6 @@ def cosine_with_warmup(total_steps, warmup_fraction):
 def epoch_order(n, seed, epoch):
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
-
-
-def _distributed():
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                    timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _device(cfg, rank):
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
-    torch.cuda.set_device(local)
-    return torch.device("cuda", local)
 
 
 def unused_gpus_note(device, world):
@@ -130,48 +109,65 @@ def video_frames(cfg, cache, image_size):
                        hang_exit_s=LOADER_TIMEOUT_S)   # --workers 0: a hung decoder ends the run, said
 
 
-def _check_one_checkpoint(path, ckpt, world):
-    """ValueError on every rank where the ranks resumed from different checkpoints at `path`: across
-    nodes, an --out on each node's own disk (a copy that only rank 0's node updates) would resume
-    each node at its own step and adapters, and train diverging copies without a word."""
+def _resumed_from(ckpt):
+    """(step, sha1 of the adapter weights) of a checkpoint: what the ranks compare on resume."""
     adapters = hashlib.sha1()
     for name, tensor in sorted(ckpt["adapters"]["state_dict"].items()):
         adapters.update(name.encode() + tensor.contiguous().view(torch.uint8).numpy().tobytes())
-    seen = [None] * world
-    dist.all_gather_object(seen, (ckpt["step"], adapters.hexdigest()))
+    return ckpt["step"], adapters.hexdigest()
+
+
+def _check_one_checkpoint(path, seen, rank):
+    """ValueError (rank 0; FailedElsewhere on the others) where the ranks resumed from different
+    checkpoints at `path` (`seen`: every rank's _resumed_from): across nodes, an --out on each node's
+    own disk (a copy that only rank 0's node updates) would resume each node at its own step and
+    adapters, and train diverging copies without a word."""
     other = next((r for r, s in enumerate(seen) if s != seen[0]), None)
-    if other is not None:
-        same_step = ", other adapters" if seen[other][0] == seen[0][0] else ""
-        raise ValueError(f"the ranks resumed from different checkpoints at {path} (rank 0 at step {seen[0][0]}, "
-                         f"rank {other} at step {seen[other][0]}{same_step}): across nodes, --out must be one "
-                         f"folder every node sees (a shared filesystem), not a copy on each node's disk")
+    if other is None:
+        return
+    same_step = ", other adapters" if seen[other][0] == seen[0][0] else ""
+    message = (f"the ranks resumed from different checkpoints at {path} (rank 0 at step {seen[0][0]}, rank {other} at "
+               f"step {seen[other][0]}{same_step}): across nodes, --out must be one folder every node sees (a shared "
+               f"filesystem), not a copy on each node's disk")
+    raise ValueError(message) if rank == 0 else FailedElsewhere(f"rank 0: {message}")
+
+
+def _no_run_to_resume(out, latest, rank, world):
+    """The error of --resume where `latest` is not there; across nodes, why one rank may not see it."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0))
+    nodes = (f" (rank {rank} sees none: across nodes, --out must be one folder every node sees, on a shared "
+             f"filesystem)") if 0 < local < world else ""
+    return f"--resume: {out} holds no training run to continue (no {latest}); leave out --resume to start one{nodes}"
 
 
 def train(cfg: TrainConfig):
     """Run training as configured; returns {"losses": [one per step that had a readable video],
     "steps": steps run, "skipped": {...}, "checkpoint": path, "model", "eval", "best"}."""
-    cfg.validate()
-    rank, world = _distributed()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    device = _device(cfg, rank)
-    dtype = autocast_dtype(cfg.precision, device)   # bf16 on a GPU without it fails here, not after the model
-    if note := unused_gpus_note(device, world):
-        print(note, file=sys.stderr)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    rank, world = init_distributed(cfg.device)
     latest = os.path.join(cfg.out, "checkpoint_latest.pt")
-    if not cfg.resume and os.path.exists(latest):   # a fresh run would overwrite it at its first checkpoint
-        raise ValueError(f"{cfg.out} already holds a training run ({latest}): continue it with --resume, or "
-                         f"train into another --out")
-    os.makedirs(cfg.out, exist_ok=True)   # an --out that cannot be made fails now, not after the model is built
-    with folder_lock(cfg.out, RUN_LOCK, "cma train") if rank == 0 else contextlib.nullcontext():
-        return _train_in_folder(cfg, rank, world, device, dtype, latest)
+    with EveryRankOrNone(world) as set_up:   # where the set-up fails on any rank, every rank stops at once
+        if cfg.resume and not os.path.isfile(latest):   # first: this rank's settings are not the run's then
+            raise ValueError(_no_run_to_resume(cfg.out, latest, rank, world))
+        cfg.validate()
+        if cfg.batch_size % world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
+        device = rank_device(cfg.device, rank)
+        dtype = autocast_dtype(cfg.precision, device)   # bf16 on a GPU without it fails here, not after the model
+        if note := unused_gpus_note(device, world):
+            print(note, file=sys.stderr)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        if not cfg.resume and os.path.exists(latest):   # a fresh run would overwrite it at its first checkpoint
+            raise ValueError(f"{cfg.out} already holds a training run ({latest}): continue it with --resume, or "
+                             f"train into another --out")
+        os.makedirs(cfg.out, exist_ok=True)   # an --out that cannot be made fails now, not after the model is built
+        with folder_lock(cfg.out, RUN_LOCK, "cma train") if rank == 0 else contextlib.nullcontext():
+            return _train_in_folder(cfg, rank, world, device, dtype, latest, set_up)
 
 
-def _train_in_folder(cfg, rank, world, device, dtype, latest):
-    """train(), once rank 0 holds the run folder."""
+def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
+    """train(), once rank 0 holds the run folder; `set_up`: the EveryRankOrNone its set-up ends in."""
     # data first: a wrong --root, split or --cache fails in a second, not after the model is built
     ann = load_annotations(cfg.dataset, cfg.root, cfg.split, cfg.video_dir)
     eval_ann = load_annotations(cfg.dataset, cfg.root, cfg.eval_split, cfg.video_dir) if cfg.eval_split else None
@@ -196,10 +192,6 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest):
               f"last, smaller chunk of each step makes torch.compile compile the towers once more")
 
     forward = RetrievalForward(model)
-    if world > 1:   # every rank starts from rank 0's adapters (the same seed gives them anyway)
-        for p in model.parameters():
-            if p.requires_grad:
-                dist.broadcast(p.data, 0)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                   fused=device.type == "cuda")   # one kernel for all adapter tensors
     # fp16 gradients would underflow: the loss is scaled up before backward, the gradients unscaled before
@@ -209,10 +201,10 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step, skipped = 0, {}
     best, evaluated_step, last_eval = None, -1, None   # best: t2v R@1 so far, and when
+    resumed_from = None
     if cfg.resume:
         ckpt = load_checkpoint(latest)
-        if world > 1:   # before any setting is compared: every rank stops together, or none
-            _check_one_checkpoint(latest, ckpt, world)
+        resumed_from = _resumed_from(ckpt)
         for key in RESUME_MUST_MATCH:
             if ckpt["config"].get(key) != getattr(cfg, key):
                 raise CheckpointError(f"{latest} was made with {key}={ckpt['config'].get(key)!r}, this run has "
@@ -242,13 +234,15 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest):
             dist.all_gather_object(per_rank, skipped)
             for other in per_rank:
                 skipped.update(other)
-        if rank == 0 and written != (step, evaluated_step):   # a stop right after a save writes nothing new
-            written = (step, evaluated_step)
-            save_checkpoint(latest, {"format": CHECKPOINT_FORMAT, "adapters": adapter_state_dict(model),
-                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                     "step": step, "config": _plain(cfg), "rng": rng_state(), "skipped": skipped,
-                                     "best": best, "evaluated_step": evaluated_step,
-                                     "scaler": scaler.state_dict() if scaler.is_enabled() else None})
+        with EveryRankOrNone(world) as saved:   # rank 0's full disk stops every rank at once
+            if rank == 0 and written != (step, evaluated_step):   # a stop right after a save writes nothing new
+                written = (step, evaluated_step)
+                save_checkpoint(latest, {"format": CHECKPOINT_FORMAT, "adapters": adapter_state_dict(model),
+                                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                         "step": step, "config": _plain(cfg), "rng": rng_state(), "skipped": skipped,
+                                         "best": best, "evaluated_step": evaluated_step,
+                                         "scaler": scaler.state_dict() if scaler.is_enabled() else None})
+            saved.done()
 
     def run_eval():
         """Evaluate on eval_split (every rank takes part), log it, keep the best adapters, checkpoint."""
@@ -257,19 +251,22 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest):
         res = evaluate(model, tokenizer, eval_ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
                        workers=cfg.workers, device=device, progress=cfg.progress, precision=cfg.precision)
         evaluated_step = step
-        if best is None or res["t2v"]["R1"] > best["t2v"]["R1"]:
-            best = {"step": step, "epoch": step / steps_per_epoch, "t2v": res["t2v"], "v2t": res["v2t"]}
-            if rank == 0:
-                save_checkpoint(os.path.join(cfg.out, "adapters_best.pt"), adapters_file(model, cfg))
-        if log:
-            log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "eval_split": cfg.eval_split,
-                                  "t2v": res["t2v"], "v2t": res["v2t"], "num_videos": res["num_videos"],
-                                  "num_captions": res["num_captions"], "skipped_videos": len(res["skipped"])}) + "\n")
-            log.flush()
-        if writer:
-            for direction in ("t2v", "v2t"):
-                for name, value in res[direction].items():
-                    writer.add_scalar(f"eval/{direction}_{name}", value, step)
+        with EveryRankOrNone(world) as written_out:   # rank 0 writes; its full disk stops every rank at once
+            if best is None or res["t2v"]["R1"] > best["t2v"]["R1"]:
+                best = {"step": step, "epoch": step / steps_per_epoch, "t2v": res["t2v"], "v2t": res["v2t"]}
+                if rank == 0:
+                    save_checkpoint(os.path.join(cfg.out, "adapters_best.pt"), adapters_file(model, cfg))
+            if log:
+                log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "eval_split": cfg.eval_split,
+                                      "t2v": res["t2v"], "v2t": res["v2t"], "num_videos": res["num_videos"],
+                                      "num_captions": res["num_captions"],
+                                      "skipped_videos": len(res["skipped"])}) + "\n")
+                log.flush()
+            if writer:
+                for direction in ("t2v", "v2t"):
+                    for name, value in res[direction].items():
+                        writer.add_scalar(f"eval/{direction}_{name}", value, step)
+            written_out.done()
         checkpoint()
         return res
 
@@ -282,6 +279,13 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest):
         drop_records_after(log_path, step, evaluated_step)
     log = open(log_path, "a" if cfg.resume else "w") if rank == 0 else None
     writer = _tensorboard(cfg) if rank == 0 else None
+    seen = set_up.done(resumed_from)   # the set-up's end: the first collective follows
+    if cfg.resume:
+        _check_one_checkpoint(latest, seen, rank)
+    elif world > 1:   # every rank starts from rank 0's adapters (the same seed gives them anyway)
+        for p in model.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, 0)
     losses, unread_in_a_row, overflows_in_a_row, first_step = [], 0, 0, step
     scale = scaler.get_scale()   # the loss scale of the next step (1.0 without fp16); one read per step below
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
@@ -380,12 +384,14 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest):
                     break
                 ready = time.perf_counter()   # checkpoints and evaluations are not the next step's wait
     bar.close()
-    if rank == 0:
-        save_checkpoint(os.path.join(cfg.out, "adapters.pt"), adapters_file(model, cfg))
-        if skipped:
-            print(f"skipped {len(skipped)} unreadable video(s):")
-            for reason in list(skipped.values())[:20]:
-                print(f"  {reason}")
+    with EveryRankOrNone(world) as written_out:   # the final evaluation's collectives follow
+        if rank == 0:
+            save_checkpoint(os.path.join(cfg.out, "adapters.pt"), adapters_file(model, cfg))
+            if skipped:
+                print(f"skipped {len(skipped)} unreadable video(s):")
+                for reason in list(skipped.values())[:20]:
+                    print(f"  {reason}")
+        written_out.done()
     if cfg.eval_split:
         last_eval = run_eval()
     if log:

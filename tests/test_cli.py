@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_TRAIN_CLIP, requires_decord, write_frame_cache_set, write_openai_style_clip
 
 from cma_train.cli import main
+from cma_train.config import TrainConfig
 
 TINY = ["--model-config", json.dumps(TINY_TRAIN_CLIP), "--pretrained", "none", "--max-words", "12",
         "--workers", "0", "--no-progress"]
@@ -219,26 +220,22 @@ def test_resume_takes_the_runs_own_settings(video_set, tmp_path, capsys):
     assert "holds no training run to continue" in err and "node" not in err
 
 
-def test_a_node_that_does_not_see_the_run_to_resume_says_why(tmp_path, monkeypatch, capsys):
-    """torchrun across nodes: a rank of a node without the run's folder (no shared filesystem)
-    names the cause, before it joins the process group."""
-    monkeypatch.setenv("WORLD_SIZE", "16")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    monkeypatch.setenv("RANK", "9")
-    assert main(["train", "--out", str(tmp_path / "run"), "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert "holds no training run to continue" in err and "(rank 9 sees none: across nodes, --out must be one " \
-        "folder every node sees, on a shared filesystem)" in err
-
-
-def test_a_process_that_had_the_memory_leaves_the_message_to_the_one_that_ran_out(monkeypatch, capsys):
+@pytest.mark.parametrize("command, elsewhere", [("train", "OutOfMemoryElsewhere"), ("train", "FailedElsewhere"),
+                                               ("eval", "FailedElsewhere")])
+def test_a_process_that_could_go_on_leaves_the_message_to_the_one_that_failed(monkeypatch, capsys, command, elsewhere):
+    """torchrun: where one rank ran out of memory in a step, or could not start, the others stop
+    (exit 2) without a word: that rank says why."""
+    import cma_train.distributed as distributed_module
     import cma_train.step as step_module
     import cma_train.train as train_module
+    error = {"OutOfMemoryElsewhere": step_module.OutOfMemoryElsewhere,
+             "FailedElsewhere": distributed_module.FailedElsewhere}[elsewhere]
 
-    def oom(cfg):
-        raise step_module.OutOfMemoryElsewhere("another process ran out of GPU memory in this step")
-    monkeypatch.setattr(train_module, "train", oom)
-    assert main(["train", *TINY, "--dataset", "jsonl", "--root", "x.jsonl"]) == 2
+    def fail(*_):
+        raise error("rank 1 failed: ValueError: x")
+    monkeypatch.setattr(train_module, "train", fail)   # cma train
+    monkeypatch.setattr(TrainConfig, "validate", fail)   # cma eval's set-up
+    assert main([command, *TINY, "--dataset", "jsonl", "--root", "x.jsonl"]) == 2
     assert capsys.readouterr().err == ""
 
 

@@ -19,6 +19,7 @@ from cma_model.retrieval import RetrievalForward
 from cma_train.signals import TrainingStopped
 from cma_train.checkpoint import RUN_LOCK, CheckpointError, load_checkpoint, save_checkpoint
 from cma_train.config import TrainConfig
+from cma_train.distributed import FailedElsewhere
 from cma_train.backbone import build_model
 from cma_train.step import train_step
 from cma_train.train import NoReadableVideos, epoch_order, train, unused_gpus_note
@@ -525,22 +526,6 @@ def _unreadable_of_16():
     return set(epoch_order(16, 42, 0)[1::2][4:8]) | set(epoch_order(16, 42, 1)[:8])
 
 
-def test_under_torchrun_a_hung_loader_is_reported_before_the_collectives_time_out(monkeypatch):
-    """A rank whose loader hangs says so after LOADER_TIMEOUT_S while the others wait in the step's
-    collectives: the process group's timeout must be longer (NCCL's default, 10 minutes, is not)."""
-    from cma_model.data import LOADER_TIMEOUT_S
-    from cma_train.train import _distributed
-    opened = {}
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setattr(dist, "is_initialized", lambda: bool(opened))
-    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: opened.update(kw, backend=backend))
-    monkeypatch.setattr(dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
-    assert _distributed() == (1, 4)
-    assert opened["timeout"].total_seconds() >= LOADER_TIMEOUT_S + 60
-
-
 def _unreadable_worker(rank, port, jsonl, cache, out, result_dir):
     from datetime import timedelta
     _as_torchrun_rank(rank, port)
@@ -864,19 +849,25 @@ def _resuming_worker(rank, port, jsonl, cache, out, result_dir):
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))   # ranks out of step fail, not hang
     kw = dict(batch_size=4, epochs=2, lr=3e-3)
     first = train(tiny_config(jsonl, cache, f"{out}{rank}", max_steps=3, resume=True, **kw))["losses"]
-    try:
-        train(tiny_config(jsonl, cache, f"{out}{rank}", max_steps=4, resume=True, **kw))
-        second = None
-    except ValueError as e:
-        second = str(e)
-    torch.save((first, second), os.path.join(result_dir, f"resumed{rank}.pt"))
+    later = []
+    os.environ["LOCAL_WORLD_SIZE"] = "1"   # one process per node, as on two nodes
+    for nothing_on_rank_1 in (False, True):   # then as on a node without the run's folder
+        if nothing_on_rank_1 and rank == 1:
+            shutil.rmtree(f"{out}{rank}")
+        try:
+            train(tiny_config(jsonl, cache, f"{out}{rank}", max_steps=4, resume=True, **kw))
+            later.append(None)
+        except (ValueError, FailedElsewhere) as e:
+            later.append(f"{type(e).__name__}: {e}")
+    torch.save((first, *later), os.path.join(result_dir, f"resumed{rank}.pt"))
     dist.destroy_process_group()
 
 
 def test_ranks_resuming_from_different_checkpoints_all_stop_saying_why(video_set, tmp_path):
     """Resuming under torchrun, the ranks compare the step and adapters they read: the same
     checkpoint resumes as one process does; a stale copy (rank 1's, which no rank updates) stops
-    every rank with the cause, instead of training diverging adapters on each."""
+    every rank with the cause, instead of training diverging adapters on each; so does a rank that
+    finds no checkpoint (rank 0 does not wait for it in the first collective until the timeout)."""
     jsonl, cache = video_set
     kw = dict(batch_size=4, epochs=2, lr=3e-3)
     train(tiny_config(jsonl, cache, tmp_path / "base", max_steps=2, **kw))
@@ -884,12 +875,49 @@ def test_ranks_resuming_from_different_checkpoints_all_stop_saying_why(video_set
         shutil.copytree(tmp_path / "base", tmp_path / copy)
     _spawn_ranks(_resuming_worker, jsonl, cache, tmp_path)
     single = train(tiny_config(jsonl, cache, tmp_path / "one", max_steps=3, resume=True, **kw))["losses"]
-    for rank in range(WORLD):
-        first, second = torch.load(tmp_path / f"resumed{rank}.pt")
+    results = [torch.load(tmp_path / f"resumed{rank}.pt") for rank in range(WORLD)]
+    for rank, (first, stale, missing) in enumerate(results):
         assert first == pytest.approx(single, rel=1e-5), rank
-        assert second is not None and "the ranks resumed from different checkpoints" in second, rank
-        assert "(rank 0 at step 3, rank 1 at step 2): across nodes, --out must be one folder every node sees" \
-            in second, rank
+        assert stale.startswith("ValueError: the ranks" if rank == 0 else "FailedElsewhere: rank 0: the ranks"), rank
+        assert "resumed from different checkpoints at" in stale and "(rank 0 at step 3, rank 1 at step 2): across " \
+            "nodes, --out must be one folder every node sees" in stale, rank
+    no_run = (f"ValueError: --resume: {tmp_path / 'ddp1'} holds no training run to continue (no "
+              f"{tmp_path / 'ddp1' / 'checkpoint_latest.pt'}); leave out --resume to start one (rank 1 sees none: "
+              f"across nodes, --out must be one folder every node sees, on a shared filesystem)")
+    assert results[1][2] == no_run
+    assert results[0][2] == "FailedElsewhere: rank 1 failed: " + no_run
+
+
+def _full_disk_worker(rank, port, jsonl, cache, out, result_dir):
+    """Rank 0 cannot write its first checkpoint (a full disk, say)."""
+    from datetime import timedelta
+
+    import cma_train.train as train_module
+    _as_torchrun_rank(rank, port)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))   # a rank left waiting fails, not hangs
+
+    def full_disk(path, _):
+        raise ValueError(f"cannot write {path}: 1.2 MB left on its disk")
+    if rank == 0:
+        train_module.save_checkpoint = full_disk
+    try:
+        train(tiny_config(jsonl, cache, out, batch_size=4, epochs=1))
+        said = None
+    except (ValueError, FailedElsewhere) as e:
+        said = f"{type(e).__name__}: {e}"
+    torch.save(said, os.path.join(result_dir, f"said{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_at_once(video_set, tmp_path):
+    """Rank 0 alone writes files; where it fails (and stops), the others stop with it instead of
+    waiting for it in the next collective until the process group's timeout (across nodes,
+    torchrun would leave them waiting)."""
+    jsonl, cache = video_set
+    _spawn_ranks(_full_disk_worker, jsonl, cache, tmp_path)
+    message = f"ValueError: cannot write {tmp_path / 'ddp' / 'checkpoint_latest.pt'}: 1.2 MB left on its disk"
+    assert torch.load(tmp_path / "said0.pt") == message
+    assert torch.load(tmp_path / "said1.pt") == "FailedElsewhere: rank 0 failed: " + message
 
 
 def _stopping_worker(rank, port, jsonl, cache, out, result_dir):

@@ -1,0 +1,87 @@
+"""torchrun for `cma train` and `cma eval`: the process group, each rank's device, and the phases
+every rank gets through or none does.
+
+A rank that fails alone before a collective (a file its node lacks, the run folder locked on rank
+0, a full disk under rank 0's checkpoint) would leave the others waiting in that collective. On
+one node torchrun stops them when it exits; across nodes it does not, and they wait for the process
+group's timeout, 15 minutes. So such phases hold no collective and end in one agreement
+(EveryRankOrNone): where any rank failed, every rank stops at once, each cause said once.
+"""
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from cma_model.data import LOADER_TIMEOUT_S
+
+# Under torchrun a rank whose loader hangs says so after LOADER_TIMEOUT_S; the others wait in the
+# step's collectives meanwhile and must not time out first: NCCL's default timeout (10 minutes, the
+# loader's too) would kill every rank with its watchdog's trace instead of that message.
+PROCESS_GROUP_TIMEOUT_S = LOADER_TIMEOUT_S + 300
+
+
+def init_distributed(device="auto"):
+    """(rank, world size): torchrun's process group, opened once (NCCL where `device`, a
+    TrainConfig.device, runs on CUDA, gloo on the CPU); (0, 1) outside torchrun. Each NCCL rank is
+    put on its node's GPU LOCAL_RANK first, so that no collective ever runs on another rank's."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        if not dist.is_initialized():
+            nccl = device != "cpu" and torch.cuda.is_available()
+            if nccl:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            dist.init_process_group("nccl" if nccl else "gloo",
+                                    timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_device(device, rank):
+    """The torch.device of this rank for a TrainConfig.device setting: the CPU, or its node's GPU
+    LOCAL_RANK (made the current CUDA device)."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+class FailedElsewhere(RuntimeError):
+    """Raised on a rank that could go on where another could not: that rank raises its own error,
+    which says what failed (`cma` prints nothing more for this one)."""
+
+
+class EveryRankOrNone(contextlib.AbstractContextManager):
+    """A phase that holds no collective (a run's set-up; a file rank 0 writes), ended by `done()` on
+    every rank. A rank whose phase raises joins that agreement from __exit__ instead, so the ranks
+    learn of it at once: every rank then stops, the failed ones with their own error (or
+    FailedElsewhere where a lower rank failed with the same message: each cause is said once), the
+    others with FailedElsewhere. One process (world 1): nothing to agree on."""
+
+    def __init__(self, world):
+        self.world, self.agreed = world, False
+
+    def done(self, state=None):
+        """This rank got through: [every rank's `state`] (for the caller to compare), or
+        FailedElsewhere where another rank did not."""
+        return self._agree(None, state)
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, Exception) and not self.agreed:   # a KeyboardInterrupt ends the process as it is
+            self._agree(error, None)   # raises FailedElsewhere where a lower rank said the same
+
+    def _agree(self, error, state):
+        self.agreed = True
+        if self.world == 1:
+            return [state]
+        said = [None] * self.world
+        dist.all_gather_object(said, (None if error is None else f"{type(error).__name__}: {error}", state))
+        failures = [(rank, message) for rank, (message, _) in enumerate(said) if message is not None]
+        mine = dist.get_rank()
+        if error is not None and next(rank for rank, message in failures if message == said[mine][0]) == mine:
+            return None   # this rank's error goes on, the first of its kind
+        if failures:
+            rank, message = failures[0]
+            raise FailedElsewhere(f"rank {rank} failed: {message}") from error
+        return [s for _, s in said]
