@@ -6,7 +6,8 @@ in the result ("skipped"), never scored as zeros.
 Under torch.distributed (torchrun, and inside `cma train` on several GPUs) every rank encodes a
 contiguous share of the captions and of the videos; the embeddings are summed across ranks into
 full tables (each row is non-zero on one rank only, so the sum is exact), and every rank computes
-the same metrics.
+the same metrics. A rank that fails while encoding its share stops every rank at once
+(distributed.EveryRankOrNone), instead of leaving them waiting for its share in that sum.
 
 Where the GPU runs out of memory, videos are encoded in passes of half as many (down to one), said
 in a note: the same embeddings (up to float rounding), in more passes.
@@ -24,6 +25,7 @@ from cma_model.losses import similarity
 from cma_model.metrics import multi_caption_metrics
 from cma_model.retrieval import encode_frames, encode_text
 from cma_train.backbone import autocast_dtype
+from cma_train.distributed import EveryRankOrNone
 
 
 def _rank_world():
@@ -58,43 +60,47 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     n_videos, n_captions, dim = len(ann.video_ids), len(ann.captions), model.visual.output_dim
     tokens = tokenize(tokenizer, ann.captions, max_words, model.context_length)
-    text = torch.zeros(n_captions, dim, device=device)
-    mine = _share(n_captions, rank, world)
-    with autocast:
-        for start, t in zip(range(mine.start, mine.stop, batch_size), tokens[mine].split(batch_size)):
-            text[start:start + len(t)] = encode_text(model, t.to(device)).float()
+    # every rank encodes its share without a collective: where one fails (out of memory at one video
+    # per pass, a loader that dies), every rank stops at once instead of waiting for it in the sum
+    with EveryRankOrNone(world) as encoded:
+        text = torch.zeros(n_captions, dim, device=device)
+        mine = _share(n_captions, rank, world)
+        with autocast:
+            for start, t in zip(range(mine.start, mine.stop, batch_size), tokens[mine].split(batch_size)):
+                text[start:start + len(t)] = encode_text(model, t.to(device)).float()
 
-    videos = list(range(n_videos))[_share(n_videos, rank, world)]
-    loader = video_loader(torch.utils.data.Subset(VideoDataset(ann, frames), videos), frames, batch_size, workers,
-                          device, say=rank == 0)
-    feats = torch.zeros(n_videos, frames.max_frames, dim, device=device)
-    masks = torch.zeros(n_videos, frames.max_frames, dtype=torch.uint8, device=device)
-    readable = torch.zeros(n_videos, dtype=torch.uint8, device=device)
-    skipped, per_pass = {}, batch_size   # per_pass: videos per encoder pass, halved where memory runs out
-    for batch in tqdm(batches(loader), total=len(loader), desc="eval videos", unit="batch",
-                      disable=not progress or rank != 0):
-        for v, reason in zip(batch["skipped_videos"], batch["skipped"]):
-            skipped[ann.video_ids[v]] = reason
-        if "frames" not in batch:
-            continue
-        index, mask = batch["video"].to(device), batch["mask"].to(device)
-        while True:
-            try:
-                for start in range(0, len(index), per_pass):
-                    part = slice(start, start + per_pass)
-                    with autocast:
-                        part_input = frames.to_model_input(batch["frames"][part], device)
-                        feats[index[part]] = encode_frames(model, part_input, mask[part]).float()
-                break
-            except torch.OutOfMemoryError:
-                per_pass = min(per_pass, len(index))
-                if per_pass == 1:
-                    raise
-            per_pass //= 2   # here, past the except block, the failed pass's memory is free
-            torch.cuda.empty_cache()
-            tqdm.write(f"note: out of GPU memory while evaluating; encoding {per_pass} video(s) per pass",
-                       file=sys.stderr)
-        masks[index], readable[index] = mask.to(torch.uint8), 1
+        videos = list(range(n_videos))[_share(n_videos, rank, world)]
+        loader = video_loader(torch.utils.data.Subset(VideoDataset(ann, frames), videos), frames, batch_size, workers,
+                              device, say=rank == 0)
+        feats = torch.zeros(n_videos, frames.max_frames, dim, device=device)
+        masks = torch.zeros(n_videos, frames.max_frames, dtype=torch.uint8, device=device)
+        readable = torch.zeros(n_videos, dtype=torch.uint8, device=device)
+        skipped, per_pass = {}, batch_size   # per_pass: videos per encoder pass, halved where memory runs out
+        for batch in tqdm(batches(loader), total=len(loader), desc="eval videos", unit="batch",
+                          disable=not progress or rank != 0):
+            for v, reason in zip(batch["skipped_videos"], batch["skipped"]):
+                skipped[ann.video_ids[v]] = reason
+            if "frames" not in batch:
+                continue
+            index, mask = batch["video"].to(device), batch["mask"].to(device)
+            while True:
+                try:
+                    for start in range(0, len(index), per_pass):
+                        part = slice(start, start + per_pass)
+                        with autocast:
+                            part_input = frames.to_model_input(batch["frames"][part], device)
+                            feats[index[part]] = encode_frames(model, part_input, mask[part]).float()
+                    break
+                except torch.OutOfMemoryError:
+                    per_pass = min(per_pass, len(index))
+                    if per_pass == 1:
+                        raise
+                per_pass //= 2   # here, past the except block, the failed pass's memory is free
+                torch.cuda.empty_cache()
+                tqdm.write(f"note: out of GPU memory while evaluating; encoding {per_pass} video(s) per pass",
+                           file=sys.stderr)
+            masks[index], readable[index] = mask.to(torch.uint8), 1
+        encoded.done()
     _sum_over_ranks(text, feats, masks, readable)
     if world > 1:
         parts = [None] * world

@@ -83,3 +83,48 @@ def test_precision_sets_the_dtype_both_towers_encode_in(video_set, monkeypatch, 
                       precision=precision)
     assert set(seen) == {dtype} and len(seen) >= 2
     assert result["num_videos"] == 8 and 0 <= result["t2v"]["R1"] <= 100
+
+
+def _out_of_memory_worker(rank, port, jsonl, cache, result_dir):
+    """Rank 1 runs out of memory even at one video per pass; rank 0 encodes its share."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    import cma_train.evaluate as evaluate_module
+    from cma_train.distributed import FailedElsewhere
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))   # fail, not hang
+
+    def out_of_memory(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.")
+    if rank == 1:
+        evaluate_module.encode_frames = out_of_memory
+    cfg = TrainConfig(model_config=TINY_TRAIN_CLIP, pretrained="none", max_words=12)
+    model, _, size = build_model(cfg, torch.device("cpu"))
+    try:
+        evaluate(model, open_clip.get_tokenizer("ViT-B-32"), load_annotations("jsonl", jsonl),
+                 VideoFrames(FrameCache(cache), 12, size), "meanP", max_words=12, workers=0, progress=False)
+        said = None
+    except (torch.OutOfMemoryError, FailedElsewhere) as e:
+        said = f"{type(e).__name__}: {e}"
+    torch.save(said, os.path.join(result_dir, f"said{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_rank_out_of_memory_at_one_video_per_pass_stops_every_rank_at_once(video_set, tmp_path):
+    """torchrun: where one rank cannot encode even one video at a time, the others stop with it
+    instead of waiting for its embeddings in the sum over ranks until the group's timeout."""
+    import socket
+
+    import torch.multiprocessing as mp
+    jsonl, cache = video_set
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_out_of_memory_worker, args=(port, jsonl, cache, str(tmp_path)), nprocs=2, join=True)
+    message = "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB."
+    assert torch.load(tmp_path / "said1.pt") == message
+    assert torch.load(tmp_path / "said0.pt") == "FailedElsewhere: rank 1 failed: " + message
