@@ -401,6 +401,9 @@ def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
 
 
 class FusedAdapterFunction(torch.autograd.Function):
+    """fused_adapter in eager mode: forward and backward one launch each (adapter_forward,
+    adapter_backward); saves h and the weights, no activation of size N x D."""
+
     @staticmethod
     def forward(ctx, h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared, residual, activation):
         ctx.save_for_backward(h, w_down, b_down, w_up_unique, w_up_shared)

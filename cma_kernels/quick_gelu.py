@@ -75,6 +75,8 @@ def quick_gelu_backward(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 class FusedQuickGELUFunction(torch.autograd.Function):
+    """fused_quick_gelu in eager mode: saves its input z only and recomputes the sigmoid in backward."""
+
     @staticmethod
     def forward(ctx, z):
         ctx.save_for_backward(z)

@@ -253,6 +253,7 @@ def remove_cross_modal_adapters(model):
 
 
 def adapter_modules(model):
+    """Every CrossModalAdapter of the model, vision tower first, in block order."""
     return [m for m in model.modules() if isinstance(m, CrossModalAdapter)]
 
 
@@ -263,6 +264,7 @@ def adapter_named_parameters(model):
 
 
 def count_trainable_parameters(model) -> int:
+    """Elements of the parameters that require grad (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -37,6 +37,7 @@ class AnnotationError(ValueError):
 
 @dataclass
 class Annotations:
+    """One split: parallel lists of video ids and paths, and captions with the index of their video."""
     video_ids: list = field(default_factory=list)
     video_paths: list = field(default_factory=list)
     captions: list = field(default_factory=list)
@@ -190,6 +191,7 @@ def load_msrvtt(root, split="test", video_dir=None):
 
 
 def load_msvd(root, split="test", video_dir=None):
+    """MSVD as CLIP4Clip has it: `{split}_list.txt` and `raw-captions.pkl` (token lists) in `root`."""
     find = VideoFinder(video_dir or os.path.join(root, "videos"))
     path = os.path.join(root, "raw-captions.pkl")
     if not os.path.isfile(path):
@@ -244,6 +246,7 @@ def load_activitynet(root, split="test", video_dir=None):
 
 
 def load_vatex(root, split="test", video_dir=None):
+    """VATEX as CLIP4Clip has it: `{split}_list.txt` and `ref_captions.json` in `root`."""
     find = VideoFinder(video_dir or os.path.join(root, "videos"))
     path = os.path.join(root, "ref_captions.json")
     captions = _read_json(path)

@@ -83,6 +83,8 @@ def read_model_config(value: str) -> dict:
 
 @dataclass
 class TrainConfig:
+    """Every setting of `cma train` / `cma eval` with its default (the flags' names, `-` for `_`);
+    validate() checks them."""
     # model
     model: str = "ViT-B-32"
     pretrained: str = ""          # open_clip checkpoint file or pretrained tag; "none" = random init (on purpose)

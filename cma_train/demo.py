@@ -123,6 +123,8 @@ def pretrain_backbone(path, steps, rng, batch=64):
 
 
 def run_demo(out="runs/demo", workers=2, quick=False):
+    """`cma demo` (README): clips, a pretrained tiny CLIP, its frame cache and adapter training in
+    `out`; returns 0 where adapter tuning beats zero-shot R@1, else 1."""
     t0 = time.time()
     rng = np.random.default_rng(42)
     os.makedirs(out, exist_ok=True)

@@ -124,6 +124,7 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
 
 
 def format_results(result, title="retrieval"):
+    """evaluate()'s result as a table: R@1, R@5, R@10, MdR, MnR of t2v and v2t."""
     lines = [f"{title}: {result['num_captions']} captions, {result['num_videos']} videos"
              + (f", {len(result['skipped'])} unreadable video(s) left out" if result["skipped"] else ""),
              f"{'':>5} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'MdR':>6} {'MnR':>7}"]
@@ -134,6 +135,7 @@ def format_results(result, title="retrieval"):
 
 
 def save_results(result, path):
+    """Write a result (evaluate()'s, with whatever the caller adds) as JSON to `path`."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

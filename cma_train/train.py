@@ -62,6 +62,8 @@ def param_groups(model, weight_decay):
 
 
 def cosine_with_warmup(total_steps, warmup_fraction):
+    """LambdaLR factor of a step: linear warm-up over the first warmup_fraction of the steps, then
+    a cosine from 1 to 0 at total_steps."""
     warmup = int(total_steps * warmup_fraction)
 
     def factor(step):
@@ -73,6 +75,8 @@ def cosine_with_warmup(total_steps, warmup_fraction):
 
 
 def epoch_order(n, seed, epoch):
+    """The permutation of range(n) epoch `epoch` visits: seeded by (seed, epoch), so a resumed run
+    sees the batches it would have seen."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
 
