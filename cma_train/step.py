@@ -21,6 +21,7 @@ from tqdm import tqdm
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import gather_with_grad
 from cma_train.backbone import autocast_dtype
+from cma_train.distributed import FailedElsewhere
 
 
 def train_step(forward, logit_scale, batch, cfg, device, to_input=None, scaler=None):
@@ -100,25 +101,53 @@ class OutOfMemoryElsewhere(torch.OutOfMemoryError):
     rank raises its own error, which says what failed)."""
 
 
+RAN_OUT, LEAVING = 1, 2   # what a rank tells the others in _every_rank_fits' agreement (0: it got through)
+
+
 @contextlib.contextmanager
 def _every_rank_fits(device, world):
     """Run a phase of the step that holds no collective. Under torch.distributed the ranks then
     agree whether each had the memory for it: where one ran out, every rank raises
     torch.OutOfMemoryError (its own, or OutOfMemoryElsewhere), so that all redo the step together
-    (step_within_memory) instead of the others waiting for that rank in the step's next collective."""
+    (step_within_memory) instead of the others waiting for that rank in the step's next collective.
+    Where a rank left before the step (batches_for_steps), every rank raises FailedElsewhere."""
     if world == 1:
         yield
         return
-    ran_out = torch.zeros((), dtype=torch.int32, device=device)   # allocated before the phase's memory
+    told = torch.zeros((), dtype=torch.int32, device=device)   # allocated before the phase's memory
     try:
         yield
     except torch.OutOfMemoryError:
-        ran_out.fill_(1)
-        dist.all_reduce(ran_out, op=dist.ReduceOp.MAX)   # tell the others, then raise this rank's own error
+        told.fill_(RAN_OUT)
+        dist.all_reduce(told, op=dist.ReduceOp.MAX)   # tell the others, then raise this rank's own error
+        if told.item() == LEAVING:
+            raise FailedElsewhere("another process stopped before this step (its own error says why)") from None
         raise
-    dist.all_reduce(ran_out, op=dist.ReduceOp.MAX)
-    if ran_out.item():
+    dist.all_reduce(told, op=dist.ReduceOp.MAX)
+    if told.item() == LEAVING:
+        raise FailedElsewhere("another process stopped before this step (its own error says why)")
+    if told.item():
         raise OutOfMemoryElsewhere("another process ran out of GPU memory in this step")
+
+
+def batches_for_steps(batches, device, world):
+    """The batches of a `batches` iterator, one per step. A rank that cannot get its next batch (a
+    loader worker died, or hung for LOADER_TIMEOUT_S) says so to the others in the step's first
+    agreement (_every_rank_fits, which every step starts with), then raises its own error: the
+    others stop at once with FailedElsewhere instead of waiting for it in that step (across nodes,
+    until the process group's timeout)."""
+    batches = iter(batches)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception:
+            if world > 1:
+                leaving = torch.full((), LEAVING, dtype=torch.int32, device=device)
+                dist.all_reduce(leaving, op=dist.ReduceOp.MAX)
+            raise
+        yield batch
 
 
 def _sum_grads_over_ranks(module, world):

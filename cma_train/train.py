@@ -41,7 +41,7 @@ from cma_train.config import TrainConfig
 from cma_train.distributed import EveryRankOrNone, FailedElsewhere, init_distributed, rank_device
 from cma_train.evaluate import evaluate
 from cma_train.signals import StopSignals, TrainingStopped
-from cma_train.step import step_within_memory, uneven_chunks_recompile
+from cma_train.step import batches_for_steps, step_within_memory, uneven_chunks_recompile
 
 RESUME_MUST_MATCH = ("model", "model_config", "dataset", "split", "reduction_dim", "shared_dim", "activation",
                      "dropout", "batch_size", "seed", "max_frames", "max_words", "sample_fps", "pooling", "temperature",
@@ -314,7 +314,7 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
             # a loader per epoch, for its sampler; persistent workers would save only their start, once an epoch
             loader = video_loader(dataset, frames, local_batch, cfg.workers, device, sampler=mine, say=rank == 0)
             ready = time.perf_counter()   # from here to the batch's arrival: waiting for data
-            for batch in batches(loader):
+            for batch in batches_for_steps(batches(loader), device, world):   # a rank that fails stops all
                 wait = time.perf_counter() - ready
                 for reason in batch["skipped"]:
                     skipped[reason.split(":")[0]] = reason

@@ -1,5 +1,6 @@
 """cma_train.step: the training step over the global batch (one process or gloo ranks), gradient
 caching (--micro-batch), and --micro-batch under CUDA graphs."""
+import contextlib
 import os
 
 import pytest
@@ -193,3 +194,24 @@ def test_fp16_steps_scale_the_loss_and_unscaled_give_the_fp32_gradients(micro_ba
     for n in want:
         error = (got[n] / 2.0 ** 10 - want[n]).norm() / want[n].norm()
         assert error < 2e-2, (n, error.item())
+
+
+@pytest.mark.parametrize("this_rank, others, raised", [
+    ("gets through", "got through", None), ("gets through", "ran out", "OutOfMemoryElsewhere"),
+    ("gets through", "left", "FailedElsewhere"), ("runs out", "got through", "its own OutOfMemoryError"),
+    ("runs out", "ran out", "its own OutOfMemoryError"), ("runs out", "left", "FailedElsewhere")])
+def test_what_the_ranks_tell_each_other_after_a_phase_of_the_step(monkeypatch, this_rank, others, raised):
+    """_every_rank_fits' agreement (the MAX over the ranks of what each tells): where one rank ran
+    out of memory, every rank raises an OutOfMemoryError and all redo the step; where another left
+    before the step (batches_for_steps), this one stops (FailedElsewhere), even when it ran out of
+    memory itself, since no rank will redo the step."""
+    from cma_train.step import LEAVING, RAN_OUT, _every_rank_fits
+    told_by_others = {"got through": 0, "ran out": RAN_OUT, "left": LEAVING}[others]
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op: t.fill_(max(int(t), told_by_others)))
+    own = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    with pytest.raises(Exception) if raised else contextlib.nullcontext() as error:
+        with _every_rank_fits(torch.device("cpu"), world=2):
+            if this_rank == "runs out":
+                raise own
+    if raised:
+        assert (error.value is own) if raised.startswith("its own") else type(error.value).__name__ == raised

@@ -920,6 +920,39 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_at_once(video_set, tm
     assert torch.load(tmp_path / "said1.pt") == "FailedElsewhere: rank 0 failed: " + message
 
 
+def _dead_loader_worker(rank, port, jsonl, cache, out, result_dir):
+    """Rank 1's loader fails after its first batch (a worker killed for memory, say)."""
+    from datetime import timedelta
+
+    import cma_train.train as train_module
+    _as_torchrun_rank(rank, port)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))   # a rank left waiting fails, not hangs
+    real_batches = train_module.batches
+
+    def one_batch_then_dead(loader):
+        yield next(iter(real_batches(loader)))
+        raise ValueError("a data-loading worker died (killed by signal 9)")
+    if rank == 1:
+        train_module.batches = one_batch_then_dead
+    try:
+        train(tiny_config(jsonl, cache, out, batch_size=4, epochs=1))
+        said = None
+    except (ValueError, FailedElsewhere) as e:
+        said = f"{type(e).__name__}: {e}"
+    torch.save(said, os.path.join(result_dir, f"said{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_rank_whose_loader_fails_stops_every_rank_at_the_next_step(video_set, tmp_path):
+    """A rank that cannot get its next batch says so in the next step's first agreement: the
+    others stop there instead of waiting for it in that step until the group's timeout."""
+    jsonl, cache = video_set
+    _spawn_ranks(_dead_loader_worker, jsonl, cache, tmp_path)
+    assert torch.load(tmp_path / "said1.pt") == "ValueError: a data-loading worker died (killed by signal 9)"
+    assert torch.load(tmp_path / "said0.pt") == ("FailedElsewhere: another process stopped before this step (its "
+                                                 "own error says why)")
+
+
 def _stopping_worker(rank, port, jsonl, cache, out, result_dir):
     """Rank 1 alone gets SIGTERM during step 2; both ranks must stop after that same step."""
     import cma_train.step as step_module
