@@ -266,7 +266,7 @@ def cmd_eval(args):
     from cma_train.train import check_video_sources
     cfg = config_from_args(args)
     rank, world = init_distributed(cfg.device)   # under torchrun every rank encodes its share
-    with EveryRankOrNone(world) as set_up:   # where the set-up fails on any rank, every rank stops at once
+    with EveryRankOrNone(world):   # where the set-up fails on any rank, every rank stops at once
         state = read_adapters(args.adapters, cfg, _given_settings(args)) if args.adapters else None
         cfg.validate()
         device = rank_device(cfg.device, rank)
@@ -290,7 +290,6 @@ def cmd_eval(args):
                 for m in adapter_modules(model):
                     for p in (m.w_up_unique, m.b_up_unique, m.shared.weight, m.shared.bias):
                         p.zero_()
-        set_up.done()
     try:
         res = {**_evaluate(model, cfg, ann, device, cache), **results_record(cfg, args.eval_on, args.adapters)}
     except torch.OutOfMemoryError as e:   # evaluate() halves its videos per pass down to one first

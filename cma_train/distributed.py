@@ -53,23 +53,25 @@ class FailedElsewhere(RuntimeError):
 
 
 class EveryRankOrNone(contextlib.AbstractContextManager):
-    """A phase that holds no collective (a run's set-up; a file rank 0 writes), ended by `done()` on
-    every rank. A rank whose phase raises joins that agreement from __exit__ instead, so the ranks
-    learn of it at once: every rank then stops, the failed ones with their own error (or
-    FailedElsewhere where a lower rank failed with the same message: each cause is said once), the
-    others with FailedElsewhere. One process (world 1): nothing to agree on."""
+    """A phase that holds no collective (a run's set-up; a file rank 0 writes), ended by one
+    agreement of every rank: at the end of the `with` block, or earlier at `done()`. A rank whose
+    phase raises joins it from __exit__, so the ranks learn of it at once: every rank then stops,
+    the failed ones with their own error (or FailedElsewhere where a lower rank failed with the same
+    message: each cause is said once), the others with FailedElsewhere. One process (world 1):
+    nothing to agree on."""
 
     def __init__(self, world):
         self.world, self.agreed = world, False
 
     def done(self, state=None):
-        """This rank got through: [every rank's `state`] (for the caller to compare), or
-        FailedElsewhere where another rank did not."""
+        """This rank got through (the rest of the `with` block is past the agreement): [every rank's
+        `state`] (for the caller to compare), or FailedElsewhere where another rank did not."""
         return self._agree(None, state)
 
     def __exit__(self, kind, error, traceback):
-        if isinstance(error, Exception) and not self.agreed:   # a KeyboardInterrupt ends the process as it is
-            self._agree(error, None)   # raises FailedElsewhere where a lower rank said the same
+        if self.agreed or not (error is None or isinstance(error, Exception)):
+            return   # a KeyboardInterrupt ends the process as it is
+        self._agree(error, None)   # raises FailedElsewhere where another rank failed (and not this one first)
 
     def _agree(self, error, state):
         self.agreed = True

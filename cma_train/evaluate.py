@@ -62,7 +62,7 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
     tokens = tokenize(tokenizer, ann.captions, max_words, model.context_length)
     # every rank encodes its share without a collective: where one fails (out of memory at one video
     # per pass, a loader that dies), every rank stops at once instead of waiting for it in the sum
-    with EveryRankOrNone(world) as encoded:
+    with EveryRankOrNone(world):
         text = torch.zeros(n_captions, dim, device=device)
         mine = _share(n_captions, rank, world)
         with autocast:
@@ -100,7 +100,6 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
                 tqdm.write(f"note: out of GPU memory while evaluating; encoding {per_pass} video(s) per pass",
                            file=sys.stderr)
             masks[index], readable[index] = mask.to(torch.uint8), 1
-        encoded.done()
     _sum_over_ranks(text, feats, masks, readable)
     if world > 1:
         parts = [None] * world

@@ -124,9 +124,10 @@ def _every_rank_fits(device, world):
             raise FailedElsewhere("another process stopped before this step (its own error says why)") from None
         raise
     dist.all_reduce(told, op=dist.ReduceOp.MAX)
-    if told.item() == LEAVING:
+    told = told.item()   # one read from the device
+    if told == LEAVING:
         raise FailedElsewhere("another process stopped before this step (its own error says why)")
-    if told.item():
+    if told == RAN_OUT:
         raise OutOfMemoryElsewhere("another process ran out of GPU memory in this step")
 
 

@@ -238,7 +238,7 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
             dist.all_gather_object(per_rank, skipped)
             for other in per_rank:
                 skipped.update(other)
-        with EveryRankOrNone(world) as saved:   # rank 0's full disk stops every rank at once
+        with EveryRankOrNone(world):   # rank 0's full disk stops every rank at once
             if rank == 0 and written != (step, evaluated_step):   # a stop right after a save writes nothing new
                 written = (step, evaluated_step)
                 save_checkpoint(latest, {"format": CHECKPOINT_FORMAT, "adapters": adapter_state_dict(model),
@@ -246,7 +246,6 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                                          "step": step, "config": _plain(cfg), "rng": rng_state(), "skipped": skipped,
                                          "best": best, "evaluated_step": evaluated_step,
                                          "scaler": scaler.state_dict() if scaler.is_enabled() else None})
-            saved.done()
 
     def run_eval():
         """Evaluate on eval_split (every rank takes part), log it, keep the best adapters, checkpoint."""
@@ -255,7 +254,7 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         res = evaluate(model, tokenizer, eval_ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
                        workers=cfg.workers, device=device, progress=cfg.progress, precision=cfg.precision)
         evaluated_step = step
-        with EveryRankOrNone(world) as written_out:   # rank 0 writes; its full disk stops every rank at once
+        with EveryRankOrNone(world):   # rank 0 writes; its full disk stops every rank at once
             if best is None or res["t2v"]["R1"] > best["t2v"]["R1"]:
                 best = {"step": step, "epoch": step / steps_per_epoch, "t2v": res["t2v"], "v2t": res["v2t"]}
                 if rank == 0:
@@ -270,7 +269,6 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                 for direction in ("t2v", "v2t"):
                     for name, value in res[direction].items():
                         writer.add_scalar(f"eval/{direction}_{name}", value, step)
-            written_out.done()
         checkpoint()
         return res
 
@@ -388,14 +386,13 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                     break
                 ready = time.perf_counter()   # checkpoints and evaluations are not the next step's wait
     bar.close()
-    with EveryRankOrNone(world) as written_out:   # the final evaluation's collectives follow
+    with EveryRankOrNone(world):   # the final evaluation's collectives follow
         if rank == 0:
             save_checkpoint(os.path.join(cfg.out, "adapters.pt"), adapters_file(model, cfg))
             if skipped:
                 print(f"skipped {len(skipped)} unreadable video(s):")
                 for reason in list(skipped.values())[:20]:
                     print(f"  {reason}")
-        written_out.done()
     if cfg.eval_split:
         last_eval = run_eval()
     if log:

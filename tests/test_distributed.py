@@ -55,12 +55,12 @@ def _agreeing_worker(rank, port, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", timeout=timedelta(seconds=GROUP_TIMEOUT_S))
     outcomes = {}
-    for case, errors in CASES.items():
+    for case, errors in {**CASES, "at the block's end": (None, "ValueError: late")}.items():
         began = time.monotonic()
         try:
             with EveryRankOrNone(2) as start:
                 _raise(errors[rank])
-                outcome = ("ready", start.done({"rank": rank}))
+                outcome = ("ready", None if case == "at the block's end" else start.done({"rank": rank}))
         except FailedElsewhere as e:
             outcome = ("elsewhere", str(e))
         except (ValueError, OSError) as e:
@@ -88,6 +88,8 @@ def test_a_rank_whose_set_up_fails_stops_every_rank_at_once_each_cause_said_once
     assert rank1["the same error"][:2] == ("elsewhere", "rank 0 failed: ValueError: bad --lr")
     assert rank0["different errors"][:2] == ("own", "ValueError: a")
     assert rank1["different errors"][:2] == ("own", "OSError: b")
+    assert rank0["at the block's end"][:2] == ("elsewhere", "rank 1 failed: ValueError: late")   # no done()
+    assert rank1["at the block's end"][:2] == ("own", "ValueError: late")
     for outcomes in (rank0, rank1):
         assert max(took for _, _, took in outcomes.values()) < GROUP_TIMEOUT_S / 4
 
