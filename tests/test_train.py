@@ -888,18 +888,12 @@ def test_ranks_resuming_from_different_checkpoints_all_stop_saying_why(video_set
     assert results[0][2] == "FailedElsewhere: rank 1 failed: " + no_run
 
 
-def _full_disk_worker(rank, port, jsonl, cache, out, result_dir):
-    """Rank 0 cannot write its first checkpoint (a full disk, say)."""
+def _how_one_epoch_ends(rank, port, jsonl, cache, out, result_dir):
+    """Train one epoch as rank `rank` of 2; save how it ended there: None, or the error's type and
+    message (in said<rank>.pt)."""
     from datetime import timedelta
-
-    import cma_train.train as train_module
     _as_torchrun_rank(rank, port)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))   # a rank left waiting fails, not hangs
-
-    def full_disk(path, _):
-        raise ValueError(f"cannot write {path}: 1.2 MB left on its disk")
-    if rank == 0:
-        train_module.save_checkpoint = full_disk
     try:
         train(tiny_config(jsonl, cache, out, batch_size=4, epochs=1))
         said = None
@@ -907,6 +901,17 @@ def _full_disk_worker(rank, port, jsonl, cache, out, result_dir):
         said = f"{type(e).__name__}: {e}"
     torch.save(said, os.path.join(result_dir, f"said{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _full_disk_worker(rank, port, jsonl, cache, out, result_dir):
+    """Rank 0 cannot write its first checkpoint (a full disk, say)."""
+    import cma_train.train as train_module
+
+    def full_disk(path, _):
+        raise ValueError(f"cannot write {path}: 1.2 MB left on its disk")
+    if rank == 0:
+        train_module.save_checkpoint = full_disk
+    _how_one_epoch_ends(rank, port, jsonl, cache, out, result_dir)
 
 
 def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_at_once(video_set, tmp_path):
@@ -922,11 +927,7 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_at_once(video_set, tm
 
 def _dead_loader_worker(rank, port, jsonl, cache, out, result_dir):
     """Rank 1's loader fails after its first batch (a worker killed for memory, say)."""
-    from datetime import timedelta
-
     import cma_train.train as train_module
-    _as_torchrun_rank(rank, port)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))   # a rank left waiting fails, not hangs
     real_batches = train_module.batches
 
     def one_batch_then_dead(loader):
@@ -934,13 +935,7 @@ def _dead_loader_worker(rank, port, jsonl, cache, out, result_dir):
         raise ValueError("a data-loading worker died (killed by signal 9)")
     if rank == 1:
         train_module.batches = one_batch_then_dead
-    try:
-        train(tiny_config(jsonl, cache, out, batch_size=4, epochs=1))
-        said = None
-    except (ValueError, FailedElsewhere) as e:
-        said = f"{type(e).__name__}: {e}"
-    torch.save(said, os.path.join(result_dir, f"said{rank}.pt"))
-    dist.destroy_process_group()
+    _how_one_epoch_ends(rank, port, jsonl, cache, out, result_dir)
 
 
 def test_a_rank_whose_loader_fails_stops_every_rank_at_the_next_step(video_set, tmp_path):
