@@ -119,11 +119,11 @@ def _every_rank_fits(device, world):
         yield
     except torch.OutOfMemoryError:
         told.fill_(RAN_OUT)
-        dist.all_reduce(told, op=dist.ReduceOp.MAX)   # tell the others, then raise this rank's own error
-        if told.item() == LEAVING:
-            raise FailedElsewhere("another process stopped before this step (its own error says why)") from None
-        raise
-    dist.all_reduce(told, op=dist.ReduceOp.MAX)
+        dist.all_reduce(told, op=dist.ReduceOp.MAX)   # tell the others
+        if told.item() != LEAVING:
+            raise   # this rank's own error: every rank redoes the step
+    else:
+        dist.all_reduce(told, op=dist.ReduceOp.MAX)
     told = told.item()   # one read from the device
     if told == LEAVING:
         raise FailedElsewhere("another process stopped before this step (its own error says why)")
