@@ -9,6 +9,8 @@ import signal
 import sys
 import threading
 
+FAILED = 256   # above every signal number: StopSignals.requested's word for "a rank failed"
+
 
 class TrainingStopped(Exception):
     """Training stopped on a signal after a whole step, its checkpoint written: resume from it."""
@@ -43,12 +45,21 @@ class StopSignals:
             print(f"\n{signal.Signals(signum).name}: stopping after this step (or evaluation) to write the "
                   f"checkpoint; Ctrl-C again stops at once, keeping the last checkpoint", file=sys.stderr)
 
-    def requested(self, device, world):
-        """The signal number any rank received so far, else 0: the same answer on every rank."""
+    def requested(self, device, world, failed=None):
+        """The signal number any rank received so far, else 0: the same answer on every rank. Where a
+        rank passes `failed` (an exception: what it could not do after the step), every rank stops
+        instead: that rank raises `failed`, the others FailedElsewhere."""
+        if world == 1 and failed is not None:
+            raise failed
         if world == 1:
             return self.received
         import torch   # here: the `cma` command imports this module before it needs torch
         import torch.distributed as dist
-        flag = torch.tensor(self.received, device=device)
+        flag = torch.tensor(FAILED if failed is not None else self.received, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) == FAILED:
+            if failed is not None:
+                raise failed
+            from cma_train.distributed import FailedElsewhere
+            raise FailedElsewhere("another process failed after this step (its own error says why)")
         return int(flag)

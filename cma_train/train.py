@@ -259,12 +259,9 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                 best = {"step": step, "epoch": step / steps_per_epoch, "t2v": res["t2v"], "v2t": res["v2t"]}
                 if rank == 0:
                     save_checkpoint(os.path.join(cfg.out, "adapters_best.pt"), adapters_file(model, cfg))
-            if log:
-                log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch, "eval_split": cfg.eval_split,
-                                      "t2v": res["t2v"], "v2t": res["v2t"], "num_videos": res["num_videos"],
-                                      "num_captions": res["num_captions"],
-                                      "skipped_videos": len(res["skipped"])}) + "\n")
-                log.flush()
+            _log_line(log, {"step": step, "epoch": step / steps_per_epoch, "eval_split": cfg.eval_split,
+                            "t2v": res["t2v"], "v2t": res["v2t"], "num_videos": res["num_videos"],
+                            "num_captions": res["num_captions"], "skipped_videos": len(res["skipped"])})
             if writer:
                 for direction in ("t2v", "v2t"):
                     for name, value in res[direction].items():
@@ -358,22 +355,25 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                                 f"(`--resume --precision fp32` continues from the last checkpoint)")
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                     vid_s=f"{record['videos_per_s']:.1f}", data_wait=f"{wait / took:.0%}")
-                    if writer:
+                bar.update(1)
+                unwritten = None   # rank 0's error writing the step's record: every rank stops at the agreement
+                try:
+                    _log_line(log, {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
+                                    **record})
+                    if writer and loss is not None:
                         for name, value in record.items():
                             writer.add_scalar(f"train/{name}", value, step)
-                bar.update(1)
-                if log:
-                    log.write(json.dumps({"step": step, "epoch": step / steps_per_epoch,
-                                          "lr": scheduler.get_last_lr()[0], **record}) + "\n")
-                    log.flush()
+                except OSError as error:   # a full disk: the other ranks would wait for rank 0 in the next collective
+                    hint = " (--resume continues from the last checkpoint)" if os.path.isfile(latest) else ""
+                    unwritten = OSError(f"{error}{hint}")
+                signum = stop.requested(device, world, unwritten)   # the step's one agreement
                 save_due = cfg.save_every and step % cfg.save_every == 0
-                if save_due or step % steps_per_epoch == 0 or step == last_step:
+                if signum or save_due or step % steps_per_epoch == 0 or step == last_step:
                     checkpoint()
-                if periodic_eval_due():
-                    run_eval()
-                signum = stop.requested(device, world)
+                if not signum and periodic_eval_due():
+                    run_eval()   # checkpointed
+                    signum = stop.requested(device, world)   # a signal during the evaluation
                 if signum:
-                    checkpoint()
                     bar.close()
                     raise TrainingStopped(signum, step, latest)
                 if step == last_step or step % steps_per_epoch == 0:
@@ -401,6 +401,18 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         writer.close()
     return {"losses": losses, "steps": step - first_step, "skipped": skipped, "checkpoint": latest, "model": model,
             "eval": last_eval, "best": best}
+
+
+def _log_line(log, record):
+    """Append the dict `record` to metrics.jsonl: `log` is rank 0's open file (None on the other
+    ranks). An OSError (a full disk) names the file."""
+    if log is None:
+        return
+    try:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    except OSError as error:
+        raise OSError(f"cannot write {log.name}: {error.strerror or error}") from error
 
 
 class NoReadableVideos(ValueError):

@@ -1,5 +1,6 @@
 """cma_train.train: learning, exact resume, checkpoints, evaluation during training, unreadable
 videos, out-of-memory retries, and torchrun runs (gloo, 2 processes) against one process."""
+import errno
 import json
 import os
 import signal
@@ -161,6 +162,43 @@ def test_a_crashed_run_is_neither_overwritten_nor_logged_twice(video_set, tmp_pa
     resumed = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert resumed[2]["loss"] == pytest.approx(crashed[2]["loss"], rel=1e-6)   # step 3 redone from step 2's state
+
+
+def _metrics_disk_full_after(lines):
+    """An open() for cma_train.train whose metrics.jsonl takes `lines` lines, then fails as a full
+    disk does."""
+    def open_(path, *args, **kwargs):
+        f = open(path, *args, **kwargs)
+        if os.path.basename(path) == "metrics.jsonl":
+            real_write, taken = f.write, []
+
+            def write(text):
+                if len(taken) == lines:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                taken.append(text)
+                return real_write(text)
+            f.write = write
+        return f
+    return open_
+
+
+def test_a_metrics_line_that_cannot_be_written_stops_the_run_and_resume_logs_every_step_once(video_set, tmp_path,
+                                                                                             monkeypatch):
+    """A full disk under metrics.jsonl at step 3: the run stops there naming the file, before the
+    step's checkpoint; --resume from step 2 logs every step once."""
+    import cma_train.train as train_module
+    jsonl, cache = video_set
+    kw = dict(batch_size=4, epochs=3, max_steps=4, save_every=2)
+    monkeypatch.setattr(train_module, "open", _metrics_disk_full_after(2), raising=False)
+    log = tmp_path / "metrics.jsonl"
+    with pytest.raises(OSError) as failed:
+        train(tiny_config(jsonl, cache, tmp_path, **kw))
+    assert str(failed.value) == (f"cannot write {log}: No space left on device (--resume continues from the last "
+                                 f"checkpoint)")
+    assert load_checkpoint(str(tmp_path / "checkpoint_latest.pt"))["step"] == 2
+    monkeypatch.undo()
+    train(tiny_config(jsonl, cache, tmp_path, resume=True, **kw))
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_a_cache_of_part_of_the_videos_serves_an_evaluation_of_all(video_set, tmp_path, capsys):
@@ -357,6 +395,32 @@ def test_a_run_stopped_during_an_evaluation_evaluates_first_on_resume(video_set,
     assert [(r["step"], r["t2v"]) for r in _evals(tmp_path / "cut")] == [(r["step"], r["t2v"]) for r in
                                                                        _evals(tmp_path / "whole")]
     assert resumed["best"] == whole["best"]
+
+
+def test_a_signal_during_an_evaluation_stops_after_it_and_resume_goes_on_from_there(video_set, tmp_path,
+                                                                                     monkeypatch):
+    """SIGTERM during the evaluation after epoch 1: the evaluation finishes, is logged and
+    checkpointed, and the run stops there; --resume trains on without evaluating again."""
+    import cma_train.train as train_module
+    jsonl, cache = video_set
+    kw = dict(batch_size=4, epochs=3, eval_split="test", eval_every=1)
+    whole = train(tiny_config(jsonl, cache, tmp_path / "whole", **kw))
+    evaluate = train_module.evaluate
+
+    def signal_then_evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(train_module, "evaluate", signal_then_evaluate)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(tiny_config(jsonl, cache, tmp_path / "cut", **kw))
+    assert (stopped.value.signum, stopped.value.step) == (signal.SIGTERM, 2)
+    checkpoint = load_checkpoint(str(tmp_path / "cut" / "checkpoint_latest.pt"))
+    assert (checkpoint["step"], checkpoint["evaluated_step"]) == (2, 2)
+    monkeypatch.undo()
+    resumed = train(tiny_config(jsonl, cache, tmp_path / "cut", resume=True, **kw))
+    assert resumed["losses"] == pytest.approx(whole["losses"][2:], rel=1e-6)
+    assert [(r["step"], r["t2v"]) for r in _evals(tmp_path / "cut")] == [(r["step"], r["t2v"]) for r in
+                                                                       _evals(tmp_path / "whole")]
 
 
 def _signal_at_step(monkeypatch, at, *signums):
@@ -897,7 +961,7 @@ def _how_one_epoch_ends(rank, port, jsonl, cache, out, result_dir):
     try:
         train(tiny_config(jsonl, cache, out, batch_size=4, epochs=1))
         said = None
-    except (ValueError, FailedElsewhere) as e:
+    except (ValueError, OSError, FailedElsewhere) as e:
         said = f"{type(e).__name__}: {e}"
     torch.save(said, os.path.join(result_dir, f"said{rank}.pt"))
     dist.destroy_process_group()
@@ -923,6 +987,25 @@ def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_at_once(video_set, tm
     message = f"ValueError: cannot write {tmp_path / 'ddp' / 'checkpoint_latest.pt'}: 1.2 MB left on its disk"
     assert torch.load(tmp_path / "said0.pt") == message
     assert torch.load(tmp_path / "said1.pt") == "FailedElsewhere: rank 0 failed: " + message
+
+
+def _full_metrics_disk_worker(rank, port, jsonl, cache, out, result_dir):
+    """Rank 0 cannot write the first step's line of metrics.jsonl (a full disk, say)."""
+    import cma_train.train as train_module
+    if rank == 0:
+        train_module.open = _metrics_disk_full_after(0)
+    _how_one_epoch_ends(rank, port, jsonl, cache, out, result_dir)
+
+
+def test_a_metrics_line_rank_0_cannot_write_stops_every_rank_after_that_step(video_set, tmp_path):
+    """The step's agreement on stopping carries rank 0's failure to log it: the others stop there
+    instead of waiting for rank 0 in the next collective."""
+    jsonl, cache = video_set
+    _spawn_ranks(_full_metrics_disk_worker, jsonl, cache, tmp_path)
+    log = tmp_path / "ddp" / "metrics.jsonl"
+    assert torch.load(tmp_path / "said0.pt") == f"OSError: cannot write {log}: No space left on device"
+    assert torch.load(tmp_path / "said1.pt") == ("FailedElsewhere: another process failed after this step (its own "
+                                                 "error says why)")
 
 
 def _dead_loader_worker(rank, port, jsonl, cache, out, result_dir):
