@@ -170,6 +170,17 @@ def _written_skips(out_dir, index):
         return json.load(f)["skipped"]
 
 
+def _shards_to_decode(out_dir, shards, path_of):
+    """([each shard's written skips, or None where it is not written], [the shards to decode]): the
+    unwritten ones, and those with a video skipped as missing whose file (path_of[video id]) has
+    come since, so that videos added to the folder later go in when `cma prepare` runs again."""
+    written = [_written_skips(out_dir, s) for s in range(len(shards))]
+    todo = [s for s, skips in enumerate(written)
+            if skips is None or any(reason.endswith(NO_SUCH_FILE) and os.path.exists(path_of.get(vid, ""))
+                                    for vid, reason in skips.items())]
+    return written, todo
+
+
 def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, sample_fps=1.0, workers=2,
                   shard_size=64, timeout=300.0, progress=True):
     """Decode + resize every video into shards under out_dir; resumable, and run again it adds the
@@ -189,16 +200,14 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
     meta_path = os.path.join(out_dir, "cache.json")
     _check_meta(meta_path, meta)
     shards = [list(range(i, min(i + shard_size, len(video_ids)))) for i in range(0, len(video_ids), shard_size)]
-    path_of, written = dict(zip(video_ids, video_paths)), [_written_skips(out_dir, s) for s in range(len(shards))]
-    # unwritten shards, and those with a video skipped as missing that has come since: decoded anew, so that
-    # videos added to the folder later go in when `cma prepare` runs again
-    todo = [s for s, skips in enumerate(written)
-            if skips is None or any(reason.endswith(NO_SUCH_FILE) and os.path.exists(path_of.get(vid, ""))
-                                    for vid, reason in skips.items())]
+    path_of = dict(zip(video_ids, video_paths))
+    written, todo = _shards_to_decode(out_dir, shards, path_of)
     _check_space(out_dir, sum(len(shards[s]) for s in todo), max_frames, size)
     os.makedirs(out_dir, exist_ok=True)
     with folder_lock(out_dir, PREPARE_LOCK, "cma prepare"):   # two at once would write the same shards
-        _check_meta(meta_path, meta)   # again, held: a prepare that has just ended may have made the cache
+        # again, held: a prepare that has just ended may have made the cache, or written shards
+        _check_meta(meta_path, meta)
+        written, todo = _shards_to_decode(out_dir, shards, path_of)
         if not os.path.exists(meta_path):
             _atomic_write_json(meta_path, meta)
         skipped = {vid: reason for s, skips in enumerate(written) if s not in todo for vid, reason in skips.items()}

@@ -59,6 +59,31 @@ def test_resume_redoes_only_unfinished_shards(tmp_path, videos):
 
 
 @requires_decord
+def test_shards_another_prepare_wrote_before_the_lock_was_taken_are_not_decoded_again(tmp_path, videos,
+                                                                                     monkeypatch):
+    """A prepare into the same folder that ends between this one's look at the shards and its
+    taking the lock: what it wrote is read again under the lock, not decoded anew."""
+    import contextlib
+
+    import cma_model.cache as cache_module
+    ids, paths = videos
+    take_lock = cache_module.folder_lock
+
+    @contextlib.contextmanager
+    def the_other_prepare_ends_first(*args):
+        monkeypatch.setattr(cache_module, "folder_lock", take_lock)
+        prepare_cache(ids, paths, str(tmp_path), size=32, shard_size=2, progress=False)   # the other one
+        stamps.extend(os.stat(tmp_path / f"shard_0000{s}.npy").st_mtime_ns for s in (0, 1))
+        with take_lock(*args):
+            yield
+    stamps = []
+    monkeypatch.setattr(cache_module, "folder_lock", the_other_prepare_ends_first)
+    skipped = prepare_cache(ids, paths, str(tmp_path), size=32, shard_size=2, progress=False)
+    assert [os.stat(tmp_path / f"shard_0000{s}.npy").st_mtime_ns for s in (0, 1)] == stamps
+    assert list(skipped) == ["broken"] and FrameCache(str(tmp_path))["c"][1].sum() == 12
+
+
+@requires_decord
 def test_a_cache_that_cannot_fit_the_disk_is_refused_before_decoding(tmp_path, videos, monkeypatch):
     """cache_bytes bounds what the shards take on disk; prepare_cache refuses, before it makes the
     folder or decodes a video, where the shards still to write exceed the free space."""
