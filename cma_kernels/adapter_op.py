@@ -70,9 +70,32 @@ def launch_configs(dtype: torch.dtype, r: int, device: torch.device = torch.devi
     return _CONFIGS[dtype == torch.float32, r > 32]
 
 
+# Triton supports NVIDIA GPUs of compute capability 8.0+ (A100, H100, RTX 30xx and newer), where
+# backend "auto" fuses. On 7.x (V100, T4) it still compiles, its matmuls on slower FMA code
+# (untested here): only backend "triton" runs the kernels there. Below 7.0 (P100) it compiles nothing.
+FUSED_MIN_CAPABILITY = 8
+TRITON_MIN_CAPABILITY = 7
+
+
 def triton_runs_on(device: torch.device) -> bool:
-    """True where the kernels can launch: CUDA, or CPU under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    """True where the kernels can launch: a CUDA GPU of compute capability 7.0+, or the CPU under
+    TRITON_INTERPRET=1."""
+    if device.type == "cuda":   # get_device_properties: torch.compile folds it to a constant
+        return torch.cuda.get_device_properties(device).major >= TRITON_MIN_CAPABILITY
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fuses_by_default(device: torch.device) -> bool:
+    """True where backend "auto" runs the fused kernels: a CUDA GPU of compute capability 8.0+."""
+    return device.type == "cuda" and torch.cuda.get_device_properties(device).major >= FUSED_MIN_CAPABILITY
+
+
+def describe_device(device: torch.device) -> str:
+    """`device` for a message: "cpu", or "cuda:0 (Tesla T4, compute capability 7.5)"."""
+    if device.type != "cuda":
+        return str(device)
+    props = torch.cuda.get_device_properties(device)
+    return f"{device} ({props.name}, compute capability {props.major}.{props.minor})"
 
 
 @triton.jit
@@ -481,15 +504,16 @@ def fused_adapter(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up
     be viewed with unit column stride); w_down: [r, D]; b_down: [r]; w_up_unique: [D - d_s, r];
     b_up_unique: [D - d_s]; w_up_shared: [d_s, r]; b_up_shared: [d_s]; 1 <= r <= 64, 0 <= d_s <= D.
     Returns residual + h + W_up . act(W_down . h + b_down) + b_up, [..., D]. Runs on CUDA
-    tensors, or on CPU tensors under TRITON_INTERPRET=1. Under torch.compile it is the registered
-    op torch.ops.cma.fused_adapter (no graph break).
+    tensors (compute capability 7.0+), or on CPU tensors under TRITON_INTERPRET=1. Under
+    torch.compile it is the registered op torch.ops.cma.fused_adapter (no graph break).
     """
     check_adapter_args(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared, residual, activation)
     if not 1 <= w_down.shape[0] <= MAX_RANK:
         raise ValueError(f"fused_adapter supports 1 <= r <= {MAX_RANK}, got r={w_down.shape[0]}; "
                          f"use cma_kernels.adapter_reference for larger bottlenecks")
     if not triton_runs_on(h.device):
-        raise ValueError(f"fused_adapter runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
-                         f"before import), got {h.device}; use backend='reference' there")
+        raise ValueError(f"fused_adapter runs on CUDA GPUs of compute capability 7.0+ (or on CPU tensors with "
+                         f"TRITON_INTERPRET=1 set before import), got {describe_device(h.device)}; use "
+                         f"cma_kernels.adapter_reference there")
     return fused_adapter_unchecked(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared,
                                    residual, activation)

@@ -24,7 +24,8 @@ from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import (CustomResidualAttentionBlock, ResidualAttentionBlock, TextTransformer,
                                    VisionTransformer)
 
-from cma_kernels import MAX_RANK, adapter_reference, fused_adapter_unchecked, triton_runs_on
+from cma_kernels import (MAX_RANK, adapter_reference, describe_device, fused_adapter_unchecked, fuses_by_default,
+                         triton_runs_on)
 from cma_kernels.reference import ACTIVATIONS
 from cma_model import frozen_block
 
@@ -96,12 +97,12 @@ class CrossModalAdapter(nn.Module):
         fusable = self.config.reduction_dim <= MAX_RANK and not (self.training and self.config.dropout > 0)
         if self.backend == "triton":
             if not triton_runs_on(h.device):
-                raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got {h.device}; "
-                                 f"use backend='auto' or 'reference'")
+                raise ValueError(f"backend='triton' needs a CUDA GPU of compute capability 7.0+ (or TRITON_INTERPRET=1 "
+                                 f"on CPU), got {describe_device(h.device)}; use backend='auto' or 'reference'")
             if not fusable:
                 _warn_once(f"fused adapter does not do dropout in training or r > {MAX_RANK}: using the reference path")
             return fusable
-        return fusable and h.device.type == "cuda"
+        return fusable and fuses_by_default(h.device)
 
     def forward(self, h, residual=None):
         """h, residual: [..., D] -> residual + h + W_up . act(W_down . h + b_down) + b_up."""
@@ -204,9 +205,10 @@ def add_cross_modal_adapters(model, config: CrossModalAdapterConfig = None, back
     """Insert adapters into both towers of an open_clip CLIP model (in place), freeze everything
     else (logit_scale included) and return the model.
 
-    backend: "reference" (PyTorch), "triton" (fused kernels; CUDA, or CPU with TRITON_INTERPRET=1)
-    or "auto" (triton on CUDA tensors, reference elsewhere). Adapter weights take the device and
-    dtype of the model's weights (train an fp32 model under autocast, as open_clip does).
+    backend: "reference" (PyTorch), "triton" (fused kernels; CUDA GPUs of compute capability 7.0+,
+    or CPU with TRITON_INTERPRET=1) or "auto" (triton on GPUs of compute capability 8.0+, the ones
+    Triton supports; reference elsewhere). Adapter weights take the device and dtype of the model's
+    weights (train an fp32 model under autocast, as open_clip does).
     """
     config = config or CrossModalAdapterConfig()
     if backend not in BACKENDS:

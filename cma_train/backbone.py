@@ -9,6 +9,7 @@ import zipfile
 import open_clip
 import torch
 
+from cma_kernels import describe_device, fuses_by_default, triton_runs_on
 from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters
 from cma_model.adapter import tower_blocks
 from cma_model.frozen_block import store_frozen_linears
@@ -33,6 +34,16 @@ def autocast_dtype(precision: str, device: torch.device):
     if precision == "auto":
         precision = "bf16" if native_bf16 else "fp16"
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def unfused_gpu_note(backend, device):
+    """The note for --backend auto on a GPU the fused kernels do not serve by default (compute
+    capability below 8.0: V100, T4); None anywhere else."""
+    if backend != "auto" or device.type != "cuda" or fuses_by_default(device):
+        return None
+    return (f"note: the adapters run the PyTorch reference path on {describe_device(device)}: the fused Triton "
+            f"kernels serve compute capability 8.0+, the GPUs Triton supports (--backend triton runs them from 7.0, "
+            f"untested there)")
 
 
 def openai_jit_state_dict(path):
@@ -90,6 +101,9 @@ def build_model(cfg: TrainConfig, device):
     """open_clip model (pretrained or random) with adapters; returns (model, tokenizer, image_size).
     Weights trained with QuickGELU (OpenAI's) make the model run QuickGELU, whatever its config says
     (open_clip's ViT-B-32 says GELU; its ViT-B-32-quickgelu is the same model with QuickGELU)."""
+    if cfg.backend == "triton" and not triton_runs_on(device):   # before the model is built
+        raise ValueError(f"--backend triton needs a CUDA GPU of compute capability 7.0+, got "
+                         f"{describe_device(device)}; use --backend auto (the PyTorch path there)")
     pretrained = None if cfg.pretrained == "none" else cfg.pretrained
     arch = architecture(cfg.model, cfg.model_config)
     try:

@@ -25,7 +25,8 @@ HELP = {
     "shared_dim": "up-projection channels shared between the vision and text towers (the last d_s)",
     "activation": "adapter activation: quick_gelu or gelu",
     "dropout": "dropout after the adapter activation (the fused kernels do none: > 0 trains on the PyTorch path)",
-    "backend": "adapter implementation: auto (fused Triton on GPU, PyTorch on CPU), triton or reference",
+    "backend": "adapter implementation: auto (fused Triton on GPUs of compute capability 8.0+, PyTorch elsewhere), "
+               "triton or reference",
     "compile": "torch.compile the towers: default, reduce-overhead (adds CUDA graphs), max-autotune; "
                "unset = eager (the default until a GPU benchmark shows compile pays; minutes of compiling first)",
     "recompute_mlp": "recompute each frozen block's MLP hidden activation in backward instead of keeping it: "

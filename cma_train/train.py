@@ -34,7 +34,7 @@ from cma_model.cache import FrameCache, folder_lock
 from cma_model.data import LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, video_loader
 from cma_model.datasets import check_sources, load_annotations
 from cma_model.retrieval import RetrievalForward, compile_towers
-from cma_train.backbone import autocast_dtype, build_model
+from cma_train.backbone import autocast_dtype, build_model, unfused_gpu_note
 from cma_train.checkpoint import (CHECKPOINT_FORMAT, RUN_LOCK, CheckpointError, adapters_file, drop_records_after,
                                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from cma_train.config import TrainConfig
@@ -157,8 +157,9 @@ def train(cfg: TrainConfig):
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
         device = rank_device(cfg.device, rank)
         dtype = autocast_dtype(cfg.precision, device)   # bf16 on a GPU without it fails here, not after the model
-        if note := unused_gpus_note(device, world):
-            print(note, file=sys.stderr)
+        for note in (unused_gpus_note(device, world), unfused_gpu_note(cfg.backend, device) if rank == 0 else None):
+            if note:
+                print(note, file=sys.stderr)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)

@@ -127,6 +127,22 @@ def fake_free_space(monkeypatch, total, free):
     monkeypatch.setattr(data, "_said", set())
 
 
+# GPUs as the code sees them through torch.cuda: (name, compute capability); the fused kernels
+# serve 8.0+ by default, Triton compiles from 7.0
+GPUS = {"H200": ("NVIDIA H200", (9, 0)), "A100": ("NVIDIA A100-SXM4-80GB", (8, 0)), "T4": ("Tesla T4", (7, 5)),
+        "V100": ("Tesla V100-SXM2-16GB", (7, 0)), "P100": ("Tesla P100-PCIE-16GB", (6, 0))}
+
+
+def fake_gpu(monkeypatch, gpu):
+    """torch.cuda's device queries answer as for the GPUS entry `gpu` on every device."""
+    import types
+    name, (major, minor) = GPUS[gpu]
+    props = types.SimpleNamespace(name=name, major=major, minor=minor)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
 def hold_folder_lock(folder, name):
     """A process (a stand-in for another `cma train` or `cma prepare`) that holds
     cache.folder_lock(folder, name) until it is killed."""

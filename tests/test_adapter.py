@@ -4,7 +4,7 @@ import copy
 import open_clip
 import pytest
 import torch
-from conftest import clip_inputs, small_clip
+from conftest import clip_inputs, fake_gpu, small_clip
 
 from cma_model import (CrossModalAdapter, CrossModalAdapterConfig, adapter_modules, adapter_state_dict,
                        add_cross_modal_adapters, count_trainable_parameters, load_adapter_state_dict, pair_blocks,
@@ -229,6 +229,28 @@ def test_bad_backend_and_double_insertion_raise():
     model = add_cross_modal_adapters(small_clip())
     with pytest.raises(ValueError, match="already has cross-modal adapters"):
         add_cross_modal_adapters(model)
+
+
+@pytest.mark.parametrize("gpu, auto_fuses, triton_runs", [("H200", True, True), ("A100", True, True),
+                                                          ("T4", False, True), ("V100", False, True),
+                                                          ("P100", False, False)])
+def test_auto_fuses_on_the_gpus_triton_supports_and_triton_is_refused_where_it_cannot_compile(monkeypatch, gpu,
+                                                                                            auto_fuses, triton_runs):
+    """backend "auto" takes the fused kernels on compute capability 8.0+ only (Triton's supported
+    GPUs; a T4 or V100 runs PyTorch); "triton" runs them from 7.0 and names an older GPU."""
+    import types
+    fake_gpu(monkeypatch, gpu)
+    on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0))   # uses_triton reads only its device
+    adapter = adapter_modules(add_cross_modal_adapters(small_clip()))[0]
+    assert adapter.uses_triton(on_gpu) == auto_fuses
+    adapter.backend = "triton"
+    if triton_runs:
+        assert adapter.uses_triton(on_gpu)
+    else:
+        with pytest.raises(ValueError, match=r"backend='triton' needs a CUDA GPU of compute capability 7\.0\+ .*, got "
+                                             r"cuda:0 \(Tesla P100-PCIE-16GB, compute capability 6\.0\); use "
+                                             r"backend='auto' or 'reference'"):
+            adapter.uses_triton(on_gpu)
 
 
 def test_adapter_module_is_the_reference_formula():

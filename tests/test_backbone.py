@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_TRAIN_CLIP, write_openai_style_clip
+from conftest import GPUS, TINY_TRAIN_CLIP, fake_gpu, write_openai_style_clip
 
 from cma_model import adapter_modules
-from cma_train.backbone import autocast_dtype, build_model, model_from_config
+from cma_train.backbone import autocast_dtype, build_model, model_from_config, unfused_gpu_note
 from cma_train.config import TrainConfig
 
 
@@ -45,6 +45,30 @@ def test_precision_bf16_on_a_gpu_without_it_is_refused_naming_the_gpu(monkeypatc
     with pytest.raises(ValueError, match=r"--precision bf16: the Tesla T4 \(compute capability 7\.5\) has no bf16, "
                                          r"which needs 8\.0 or newer; use --precision fp16"):
         autocast_dtype("bf16", torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("gpu, backend, noted", [("H200", "auto", False), ("A100", "auto", False), ("T4", "auto", True),
+                                                 ("V100", "auto", True), ("T4", "triton", False),
+                                                 ("T4", "reference", False)])
+def test_a_gpu_the_fused_kernels_do_not_serve_by_default_is_noted(monkeypatch, gpu, backend, noted):
+    fake_gpu(monkeypatch, gpu)
+    note = unfused_gpu_note(backend, torch.device("cuda", 0))
+    name, (major, minor) = GPUS[gpu]
+    assert (note is not None) == noted
+    assert not noted or note.startswith(f"note: the adapters run the PyTorch reference path on cuda:0 ({name}, "
+                                        f"compute capability {major}.{minor}): the fused Triton kernels serve "
+                                        f"compute capability 8.0+")
+    assert unfused_gpu_note(backend, torch.device("cpu")) is None
+
+
+def test_backend_triton_on_a_gpu_triton_cannot_compile_for_is_refused_before_the_model_is_built(monkeypatch):
+    import cma_train.backbone as backbone
+    fake_gpu(monkeypatch, "P100")
+    monkeypatch.setattr(backbone, "model_from_config", lambda *_: pytest.fail("the model was built"))
+    cfg = TrainConfig(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", max_words=12, backend="triton")
+    with pytest.raises(ValueError, match=r"^--backend triton needs a CUDA GPU of compute capability 7\.0\+, got cuda:0 "
+                                         r"\(Tesla P100-PCIE-16GB, compute capability 6\.0\); use --backend auto"):
+        build_model(cfg, torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize("precision, dtype", [("auto", None), ("fp32", None), ("bf16", torch.bfloat16),
