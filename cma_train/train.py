@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from cma_kernels import describe_device, triton_runs_on
 from cma_model import adapter_state_dict, count_trainable_parameters, load_adapter_state_dict, set_mlp_recompute
 from cma_model.cache import FrameCache, folder_lock
 from cma_model.data import LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, video_loader
@@ -157,6 +158,9 @@ def train(cfg: TrainConfig):
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
         device = rank_device(cfg.device, rank)
         dtype = autocast_dtype(cfg.precision, device)   # bf16 on a GPU without it fails here, not after the model
+        if cfg.compile and device.type == "cuda" and not triton_runs_on(device):   # inductor writes Triton kernels
+            raise ValueError(f"--compile needs a GPU of compute capability 7.0+ (torch.compile writes Triton kernels), "
+                             f"got {describe_device(device)}; leave out --compile")
         for note in (unused_gpus_note(device, world), unfused_gpu_note(cfg.backend, device) if rank == 0 else None):
             if note:
                 print(note, file=sys.stderr)

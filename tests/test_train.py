@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import (TINY_TRAIN_CLIP, fake_free_space, gpu_check, hold_folder_lock, requires_cuda,
+from conftest import (TINY_TRAIN_CLIP, fake_free_space, fake_gpu, gpu_check, hold_folder_lock, requires_cuda,
                       write_frame_cache_set, write_splits)
 
 from cma_model.data import CaptionVideoDataset
@@ -81,6 +81,18 @@ def test_one_process_on_one_of_several_gpus_is_told_of_torchrun(monkeypatch, gpu
                         f"{gpus} -m cma_train.cli train ...` trains on all of them (CUDA_VISIBLE_DEVICES picks which)")
     else:
         assert note is None
+
+
+def test_compile_on_a_gpu_triton_cannot_compile_for_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    import cma_train.train as train_module
+    fake_gpu(monkeypatch, "P100")
+    monkeypatch.setattr(train_module, "rank_device", lambda device, rank: torch.device("cuda", 0))
+    monkeypatch.setattr(train_module, "build_model", lambda *_: pytest.fail("the model was built"))
+    with pytest.raises(ValueError, match=r"^--compile needs a GPU of compute capability 7\.0\+ \(torch\.compile writes "
+                                         r"Triton kernels\), got cuda:0 \(Tesla P100-PCIE-16GB, compute capability "
+                                         r"6\.0\); leave out --compile$"):
+        train(tiny_config(str(tmp_path / "data.jsonl"), None, tmp_path / "run", compile="default"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_fp16_trains_like_fp32_and_resumes_exactly(video_set, tmp_path, capsys):
