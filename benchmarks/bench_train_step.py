@@ -56,7 +56,7 @@ try:
 except ImportError:
     from common import bar_chart, print_table, run_info, saved_activation_bytes, slug, write_results
 from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_adapter_backend, set_mlp_recompute
-from cma_kernels import normalize_frames
+from cma_kernels import fuses_by_default, normalize_frames
 from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, CUDA_GRAPH_MODES, compile_towers, encode_text
@@ -71,6 +71,8 @@ SMOKE_CLIP = {"embed_dim": 32, "quick_gelu": True,
 
 @dataclass
 class Setup:
+    """One benchmark configuration: device, batch shape (videos x frames, words, image size), the
+    autocast dtype, and the steps of the loss-curve comparison."""
     device: torch.device
     videos: int = 32
     frames: int = 12
@@ -102,6 +104,7 @@ class Setup:
 
 
 def make_model(arch, setup):
+    """open_clip model `arch` ("smoke": the tiny SMOKE_CLIP) with random weights, on setup.device."""
     if arch == "smoke":
         return open_clip.model.CLIP(**SMOKE_CLIP).to(setup.device)
     return open_clip.create_model(arch).to(setup.device)
@@ -114,8 +117,8 @@ class ResidualAdd(torch.nn.Module):
     def forward(self, h, residual):
         return residual + h
 
-    def uses_triton(self, h):   # as the fused adapters would: the block's fused quick_gelu on CUDA
-        return h.is_cuda
+    def uses_triton(self, h):   # as the fused adapters would: the block's fused quick_gelu where they fuse
+        return fuses_by_default(h.device)
 
 
 def adamw(params, lr):
@@ -242,6 +245,7 @@ def union_ms(intervals_us):
 
 
 def encode_ms(model, frames, setup):
+    """Median ms of model.encode_image(frames) under setup's autocast, no gradients (inference)."""
     with torch.no_grad(), setup.autocast():
         return time_steps(lambda: model.encode_image(frames), setup, warmup=3, steps=20)
 

@@ -71,6 +71,7 @@ def copy_bandwidth_gbps(device, nbytes=1 << 30):
 
 
 def device_name(device):
+    """The GPU's name, or the CPU's with the threads torch uses: what results files name the device by."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
@@ -94,11 +95,13 @@ def git_commit():
 
 
 def run_info(device):
+    """{device, date, commit, torch}: what every results file starts with."""
     return {"device": device_name(device), "date": datetime.date.today().isoformat(), "commit": git_commit(),
             "torch": torch.__version__}
 
 
 def slug(text):
+    """`text` as a file-name part: lower case, runs of other characters as one hyphen."""
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
 
 
@@ -140,6 +143,7 @@ def bar_chart(path, panels):
 
 
 def print_table(rows, columns):
+    """Print `rows` (dicts) as right-aligned columns, a header line first; missing values blank."""
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for r in rows:

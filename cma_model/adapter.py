@@ -44,6 +44,7 @@ class CrossModalAdapterConfig:
     dropout: float = 0.0
 
     def validate(self, max_shared_dim=None):
+        """ValueError for a setting no adapter can have; max_shared_dim: the narrower tower's width."""
         if not isinstance(self.reduction_dim, int) or self.reduction_dim < 1:
             raise ValueError(f"reduction_dim must be an integer >= 1, got {self.reduction_dim!r}")
         upper = "min(tower widths)" if max_shared_dim is None else f"min(tower widths) = {max_shared_dim}"
@@ -92,6 +93,8 @@ class CrossModalAdapter(nn.Module):
         self.shared = shared
 
     def uses_triton(self, h: torch.Tensor) -> bool:
+        """Whether forward(h) runs the fused kernels: by the backend, h's device (cma_kernels.fuses_by_default
+        for "auto"), r <= MAX_RANK and no dropout in training. ValueError for "triton" where it cannot run."""
         if self.backend == "reference":
             return False
         fusable = self.config.reduction_dim <= MAX_RANK and not (self.training and self.config.dropout > 0)

@@ -207,6 +207,7 @@ def _given_settings(args):
 
 
 def cmd_train(args):
+    """`cma train`: train adapters as the flags (and --config, or the run's own settings on --resume) say."""
     import torch
     from cma_train.checkpoint import results_record
     from cma_train.evaluate import format_results, save_results
@@ -256,6 +257,7 @@ def _evaluate(model, cfg, ann, device, cache=None):
 
 
 def cmd_eval(args):
+    """`cma eval`: text-video retrieval metrics of the backbone with --adapters (zero-shot without)."""
     import torch
     from cma_model import adapter_modules, load_adapter_state_dict
     from cma_model.cache import FrameCache
@@ -325,6 +327,7 @@ def _results_path(args, cfg):
 
 
 def cmd_prepare(args):
+    """`cma prepare`: decode and resize the videos of the splits into a frame cache."""
     from cma_model.cache import cache_bytes, prepare_cache
     from cma_model.datasets import load_annotations
     videos = {}   # id -> path, over every split asked for (one cache can serve training and evaluation)
@@ -348,6 +351,8 @@ def cmd_prepare(args):
 
 
 def cmd_bench(args, rest):
+    """`cma bench`: the adapter benchmark, or the one a flag picks (--e2e, --quick-gelu, --preprocess,
+    --targets), given the remaining arguments."""
     if args.e2e:
         from cma_benchmarks import bench_train_step
         bench_train_step.main(rest, prog="cma bench --e2e")
@@ -367,6 +372,7 @@ def cmd_bench(args, rest):
 
 
 def cmd_demo(args):
+    """`cma demo`: the self-contained demo (cma_train.demo)."""
     from cma_train.demo import run_demo
     return run_demo(args.out, workers=args.workers, quick=args.quick)
 
@@ -384,6 +390,7 @@ def _version():
 
 
 def build_parser():
+    """The `cma` argument parser: one subcommand per cmd_* function."""
     parser = argparse.ArgumentParser(prog="cma",
                                      description="Cross-Modal Adapters for text-video retrieval on open_clip.")
     parser.add_argument("--version", action="version", version=f"cma {_version()}")
@@ -432,6 +439,7 @@ def build_parser():
 
 
 def main(argv=None):
+    """The `cma` command on argv (sys.argv[1:] by default); returns its exit code."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
