@@ -68,7 +68,8 @@ HELP = {
     "precision": "dtype the towers run in: auto (bf16 on GPUs of compute capability 8.0+, fp16 with loss scaling "
                  "on older ones such as V100 and T4, fp32 on CPU), bf16, fp16 or fp32",
     "max_steps": "stop after N steps in total (0: run all epochs)",
-    "progress": "show progress bars",
+    "progress": "show progress: bars on a terminal, lines in a log (at most one a minute); --no-progress: a line per "
+                "epoch",
 }
 
 

@@ -53,6 +53,7 @@ EMPTY_BATCHES_STOP = 5   # global batches in a row without a readable video that
 # otherwise go on learning nothing
 FP16_INIT_SCALE = 2.0 ** 16
 FP16_OVERFLOWS_STOP = 20
+PROGRESS_LINE_S = 60   # the least seconds between two step lines where the bar is off the terminal
 
 
 def param_groups(model, weight_decay):
@@ -257,8 +258,14 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         nonlocal best, evaluated_step
         bar.clear()
         res = evaluate(model, tokenizer, eval_ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
-                       workers=cfg.workers, device=device, progress=cfg.progress, precision=cfg.precision)
+                       workers=cfg.workers, device=device, progress=not bar.disable, precision=cfg.precision)
         evaluated_step = step
+        if rank == 0 and step < last_step:   # a periodic one (cma train prints the final one's table)
+            t2v, v2t = res["t2v"], res["v2t"]
+            better = best is None or t2v["R1"] > best["t2v"]["R1"]
+            tqdm.write(f"evaluation at step {step} (epoch {step / steps_per_epoch:g}) on {cfg.eval_split}: t2v R@1 "
+                       f"{t2v['R1']:.1f}, R@5 {t2v['R5']:.1f}, R@10 {t2v['R10']:.1f}; v2t R@1 {v2t['R1']:.1f}"
+                       f"{' (best so far)' if better else ''}")
         with EveryRankOrNone(world):   # rank 0 writes; its full disk stops every rank at once
             if best is None or res["t2v"]["R1"] > best["t2v"]["R1"]:
                 best = {"step": step, "epoch": step / steps_per_epoch, "t2v": res["t2v"], "v2t": res["v2t"]}
@@ -300,8 +307,14 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
               f"{cfg.split}; {cfg.max_frames} frames, {cfg.max_words} words): {steps_per_epoch} steps per epoch, "
               f"{todo}, global batch {cfg.batch_size} over {world} process(es) on {_device_name(device)} in "
               f"{_PRECISION_NAMES[dtype]}; writing to {cfg.out}")
-    bar = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=rank != 0 or not cfg.progress)
-    say_epochs = rank == 0 and not cfg.progress   # without the bar, a line per epoch
+    # the bar on a terminal; in a log file (a cluster job's) lines instead: one per epoch, and with
+    # --progress one at most every PROGRESS_LINE_S in between
+    on_terminal = sys.stderr.isatty()
+    bar = tqdm(total=last_step, initial=step, desc="train", unit="step",
+               disable=rank != 0 or not cfg.progress or not on_terminal)
+    say_epochs = rank == 0 and bar.disable
+    say_steps = rank == 0 and cfg.progress and not on_terminal
+    said_at = time.perf_counter()
     model.train()
     with StopSignals(announce=rank == 0) as stop:
         if periodic_eval_due():   # a run stopped during an evaluation: do it first
@@ -331,6 +344,7 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                 else:
                     scheduler.step()
                 step += 1
+                epoch_ends = step == last_step or step % steps_per_epoch == 0
                 took = time.perf_counter() - ready   # the step, its wait for data included (loss.item(): synced)
                 epoch_times.append((took, wait))
                 if loss is None:   # the step still counts: the schedule, and a resumed run, stay the same
@@ -360,7 +374,19 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                                 f"(`--resume --precision fp32` continues from the last checkpoint)")
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                                     vid_s=f"{record['videos_per_s']:.1f}", data_wait=f"{wait / took:.0%}")
+                    if say_steps and not epoch_ends and time.perf_counter() - said_at >= PROGRESS_LINE_S:
+                        said_at = time.perf_counter()
+                        left_s = (last_step - step) * sum(t for t, _ in epoch_times) / len(epoch_times)
+                        print(f"step {step}/{last_step} (epoch {epoch + 1}/{cfg.epochs}): loss {losses[-1]:.4f}, lr "
+                              f"{scheduler.get_last_lr()[0]:.2e}, {record['videos_per_s']:.1f} videos/s, "
+                              f"{wait / took:.0%} waiting for data, {_duration(left_s)} left", flush=True)
                 bar.update(1)
+                if say_epochs and epoch_ends:
+                    mean = f"mean loss {sum(epoch_losses) / len(epoch_losses):.4f}" if epoch_losses else "no loss"
+                    seconds, waited = map(sum, zip(*epoch_times))
+                    print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}/{last_step}, {mean}, "
+                          f"{cfg.batch_size * len(epoch_times) / seconds:.1f} videos/s ({waited / seconds:.0%} of the "
+                          f"time waiting for data)", flush=True)
                 unwritten = None   # rank 0's error writing the step's record: every rank stops at the agreement
                 try:
                     _log_line(log, {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
@@ -373,7 +399,7 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                     unwritten = OSError(f"{error}{hint}")
                 signum = stop.requested(device, world, unwritten)   # the step's one agreement
                 save_due = cfg.save_every and step % cfg.save_every == 0
-                if signum or save_due or step % steps_per_epoch == 0 or step == last_step:
+                if signum or save_due or epoch_ends:
                     checkpoint()
                 if not signum and periodic_eval_due():
                     run_eval()   # checkpointed
@@ -381,13 +407,7 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                 if signum:
                     bar.close()
                     raise TrainingStopped(signum, step, latest)
-                if step == last_step or step % steps_per_epoch == 0:
-                    if say_epochs:
-                        mean = f"mean loss {sum(epoch_losses) / len(epoch_losses):.4f}" if epoch_losses else "no loss"
-                        seconds, waited = map(sum, zip(*epoch_times))
-                        print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}/{last_step}, {mean}, "
-                              f"{cfg.batch_size * len(epoch_times) / seconds:.1f} videos/s ({waited / seconds:.0%} of "
-                              f"the time waiting for data)", flush=True)
+                if epoch_ends:
                     break
                 ready = time.perf_counter()   # checkpoints and evaluations are not the next step's wait
     bar.close()
@@ -447,6 +467,12 @@ def _first_scheduler_step(scheduler):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
         scheduler.step()
+
+
+def _duration(seconds):
+    """`seconds` as h:mm:ss."""
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
 
 
 _PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with loss scaling"}
