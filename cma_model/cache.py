@@ -20,11 +20,11 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cma_kernels.preprocess import preprocess_frames
 
 from .datasets import check_sources
+from .progress import progress_bar
 from .video import NO_SUCH_FILE, VideoError, sample_frames
 
 PREPARE_LOCK = "prepare.lock"   # in the cache folder, held by the `cma prepare` writing there (folder_lock)
@@ -221,8 +221,8 @@ def prepare_cache(video_ids, video_paths, out_dir, max_frames=12, size=224, samp
         pool, begun = new_pool()
         in_flight = collections.deque()
         done, worker_of = {}, {}   # worker_of: video -> pid of the process decoding it
-        bar = tqdm(total=len(video_ids), initial=len(video_ids) - len(queue), desc="prepare", unit="video",
-                   disable=not progress)
+        bar = progress_bar(total=len(video_ids), initial=len(video_ids) - len(queue), desc="prepare", unit="video",
+                           disable=not progress)
         try:
             while queue or in_flight:
                 while queue and len(in_flight) < 2 * workers:

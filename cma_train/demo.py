@@ -20,13 +20,13 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from cma_kernels.preprocess import preprocess_frames
 from cma_model import count_trainable_parameters
 from cma_model.cache import FrameCache, prepare_cache
 from cma_model.data import VideoFrames, tokenize
 from cma_model.datasets import load_annotations
+from cma_model.progress import progress_bar
 from cma_train.evaluate import evaluate, format_results
 from cma_train.checkpoint import save_checkpoint
 from cma_train.config import TrainConfig
@@ -87,7 +87,7 @@ def make_videos(out, rng):
             continue
         lines = []
         for k in range(copies):
-            for c, s, m in tqdm(combos, desc=f"writing {split} videos ({k + 1}/{copies})", unit="video"):
+            for c, s, m in progress_bar(combos, desc=f"writing {split} videos ({k + 1}/{copies})", unit="video"):
                 name = f"videos/{split}_{c}_{s}_{m}_{k}.mp4"
                 write_clip(os.path.join(out, name), c, s, m, rng)
                 lines.append(json.dumps({"video": name, "caption": f"a {c} {s} {MOTION_WORDS[m]}"}))
@@ -103,7 +103,7 @@ def pretrain_backbone(path, steps, rng, batch=64):
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     names = [(c, s) for c in COLORS for s in SHAPES]
-    for _ in tqdm(range(steps), desc="pretraining the stand-in backbone", unit="step"):
+    for _ in progress_bar(range(steps), desc="pretraining the stand-in backbone", unit="step"):
         n = len(names)
         pick = rng.choice(n, batch, replace=False) if batch <= n else rng.integers(0, n, batch)
         frames = np.stack([render(*names[i], *rng.uniform(14, FRAME - 14, 2), rng) for i in pick])

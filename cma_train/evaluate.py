@@ -23,6 +23,7 @@ from tqdm import tqdm
 from cma_model.data import VideoDataset, batches, tokenize, video_loader
 from cma_model.losses import similarity
 from cma_model.metrics import multi_caption_metrics
+from cma_model.progress import progress_bar
 from cma_model.retrieval import encode_frames, encode_text
 from cma_train.backbone import autocast_dtype
 from cma_train.distributed import EveryRankOrNone
@@ -76,8 +77,8 @@ def evaluate(model, tokenizer, ann, frames, pooling="softmax", temperature=5.0, 
         masks = torch.zeros(n_videos, frames.max_frames, dtype=torch.uint8, device=device)
         readable = torch.zeros(n_videos, dtype=torch.uint8, device=device)
         skipped, per_pass = {}, batch_size   # per_pass: videos per encoder pass, halved where memory runs out
-        for batch in tqdm(batches(loader), total=len(loader), desc="eval videos", unit="batch",
-                          disable=not progress or rank != 0):
+        for batch in progress_bar(batches(loader), total=len(loader), desc="eval videos", unit="batch",
+                                  disable=not progress or rank != 0):
             for v, reason in zip(batch["skipped_videos"], batch["skipped"]):
                 skipped[ann.video_ids[v]] = reason
             if "frames" not in batch:

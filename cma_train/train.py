@@ -34,6 +34,7 @@ from cma_model import adapter_state_dict, count_trainable_parameters, load_adapt
 from cma_model.cache import FrameCache, folder_lock
 from cma_model.data import LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, video_loader
 from cma_model.datasets import check_sources, load_annotations
+from cma_model.progress import progress_bar
 from cma_model.retrieval import RetrievalForward, compile_towers
 from cma_train.backbone import autocast_dtype, build_model, unfused_gpu_note
 from cma_train.checkpoint import (CHECKPOINT_FORMAT, RUN_LOCK, CheckpointError, adapters_file, drop_records_after,
@@ -53,7 +54,6 @@ EMPTY_BATCHES_STOP = 5   # global batches in a row without a readable video that
 # otherwise go on learning nothing
 FP16_INIT_SCALE = 2.0 ** 16
 FP16_OVERFLOWS_STOP = 20
-PROGRESS_LINE_S = 60   # the least seconds between two step lines where the bar is off the terminal
 
 
 def param_groups(model, weight_decay):
@@ -258,7 +258,7 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         nonlocal best, evaluated_step
         bar.clear()
         res = evaluate(model, tokenizer, eval_ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
-                       workers=cfg.workers, device=device, progress=not bar.disable, precision=cfg.precision)
+                       workers=cfg.workers, device=device, progress=cfg.progress, precision=cfg.precision)
         evaluated_step = step
         if rank == 0 and step < last_step:   # a periodic one (cma train prints the final one's table)
             t2v, v2t = res["t2v"], res["v2t"]
@@ -307,14 +307,8 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
               f"{cfg.split}; {cfg.max_frames} frames, {cfg.max_words} words): {steps_per_epoch} steps per epoch, "
               f"{todo}, global batch {cfg.batch_size} over {world} process(es) on {_device_name(device)} in "
               f"{_PRECISION_NAMES[dtype]}; writing to {cfg.out}")
-    # the bar on a terminal; in a log file (a cluster job's) lines instead: one per epoch, and with
-    # --progress one at most every PROGRESS_LINE_S in between
-    on_terminal = sys.stderr.isatty()
-    bar = tqdm(total=last_step, initial=step, desc="train", unit="step",
-               disable=rank != 0 or not cfg.progress or not on_terminal)
-    say_epochs = rank == 0 and bar.disable
-    say_steps = rank == 0 and cfg.progress and not on_terminal
-    said_at = time.perf_counter()
+    bar = progress_bar(total=last_step, initial=step, desc="train", unit="step", disable=rank != 0 or not cfg.progress)
+    say_epochs = rank == 0 and (bar.disable or not sys.stderr.isatty())   # a line per epoch in a log, or no bar
     model.train()
     with StopSignals(announce=rank == 0) as stop:
         if periodic_eval_due():   # a run stopped during an evaluation: do it first
@@ -373,13 +367,8 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                                 f"which updated nothing: train with --precision fp32, or bf16 on a GPU that has it "
                                 f"(`--resume --precision fp32` continues from the last checkpoint)")
                     bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                    vid_s=f"{record['videos_per_s']:.1f}", data_wait=f"{wait / took:.0%}")
-                    if say_steps and not epoch_ends and time.perf_counter() - said_at >= PROGRESS_LINE_S:
-                        said_at = time.perf_counter()
-                        left_s = (last_step - step) * sum(t for t, _ in epoch_times) / len(epoch_times)
-                        print(f"step {step}/{last_step} (epoch {epoch + 1}/{cfg.epochs}): loss {losses[-1]:.4f}, lr "
-                              f"{scheduler.get_last_lr()[0]:.2e}, {record['videos_per_s']:.1f} videos/s, "
-                              f"{wait / took:.0%} waiting for data, {_duration(left_s)} left", flush=True)
+                                    vid_s=f"{record['videos_per_s']:.1f}", data_wait=f"{wait / took:.0%}",
+                                    refresh=False)   # bar.update refreshes
                 bar.update(1)
                 if say_epochs and epoch_ends:
                     mean = f"mean loss {sum(epoch_losses) / len(epoch_losses):.4f}" if epoch_losses else "no loss"
@@ -467,12 +456,6 @@ def _first_scheduler_step(scheduler):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
         scheduler.step()
-
-
-def _duration(seconds):
-    """`seconds` as h:mm:ss."""
-    minutes, s = divmod(round(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
 
 
 _PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with loss scaling"}
