@@ -60,6 +60,8 @@ HELP = {
     "resume": "continue from OUT/checkpoint_latest.pt exactly where it stopped, with the run's own settings "
               "(flags may change the optimizer's)",
     "save_every": "also checkpoint every N steps (0: once per epoch)",
+    "save_every_min": "also checkpoint once this many minutes have passed since the last checkpoint, so that a crash "
+                      "loses no more (0: only per epoch and --save-every)",
     "eval_split": "evaluate on this split after training (e.g. test); on all GPUs under torchrun",
     "eval_every": "also evaluate on --eval-split every N epochs during training, log it to metrics.jsonl and keep "
                   "the adapters with the best t2v R@1 as adapters_best.pt (0: after training only)",

@@ -124,6 +124,7 @@ class TrainConfig:
     out: str = "runs/cma"
     resume: bool = False
     save_every: int = 0           # steps between checkpoints (0: once per epoch)
+    save_every_min: float = 30.0  # also checkpoint once this many minutes passed since the last one (0: never)
     eval_split: Optional[str] = None
     eval_every: int = 0           # also evaluate every N epochs during training (0: after training only)
     tensorboard: bool = False
@@ -152,6 +153,7 @@ class TrainConfig:
             "batch_size": (self.batch_size >= 2, ">= 2 (InfoNCE contrasts each caption with the batch's other videos)"),
             "max_frames": (self.max_frames >= 1, ">= 1"), "micro_batch": (self.micro_batch >= 0, ">= 0"),
             "eval_every": (self.eval_every >= 0, ">= 0"), "save_every": (self.save_every >= 0, ">= 0"),
+            "save_every_min": (0 <= self.save_every_min < inf, ">= 0 and finite"),
             "max_steps": (self.max_steps >= 0, ">= 0"), "workers": (self.workers >= 0, ">= 0"),
             "lr": (0 < self.lr < inf, "> 0 and finite"), "eps": (0 < self.eps < inf, "> 0 and finite"),
             "sample_fps": (0 < self.sample_fps < inf, "> 0 and finite"),

@@ -52,6 +52,29 @@ class FailedElsewhere(RuntimeError):
     which says what failed (`cma` prints nothing more for this one)."""
 
 
+FAILED = 256   # above every signal number: agree_after_step's word for "a rank failed"
+
+
+def agree_after_step(device, world, signum=0, failed=None, save=False):
+    """The training step's one agreement, the same on every rank: (the signal number any rank
+    received, else 0; whether any rank asks for a checkpoint now), from this rank's `signum` and
+    `save`. Where a rank passes `failed` (what it could not do after the step: rank 0's metrics.jsonl
+    line), every rank stops instead: that rank raises `failed`, the others FailedElsewhere. One
+    all-reduce of two numbers (none in one process)."""
+    if world == 1:
+        if failed is not None:
+            raise failed
+        return signum, save
+    flags = torch.tensor([FAILED if failed is not None else signum, int(save)], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    code, save = flags.tolist()
+    if code == FAILED:
+        if failed is not None:
+            raise failed
+        raise FailedElsewhere("another process failed after this step (its own error says why)")
+    return code, bool(save)
+
+
 class EveryRankOrNone(contextlib.AbstractContextManager):
     """A phase that holds no collective (a run's set-up; a file rank 0 writes), ended by one
     agreement of every rank: at the end of the `with` block, or earlier at `done()`. A rank whose

@@ -1,15 +1,13 @@
 """Stopping a training run on a signal without losing work.
 
 SIGINT (Ctrl-C) or SIGTERM (a job scheduler's preemption) only records the request; the training
-loop reads it between steps, on every rank alike (an all-reduce under torchrun), writes its checkpoint
-and raises TrainingStopped. A second Ctrl-C raises KeyboardInterrupt at once. Data-loading workers
+loop reads it between steps, on every rank alike (cma_train.distributed.agree_after_step), writes its
+checkpoint and raises TrainingStopped. A second Ctrl-C raises KeyboardInterrupt at once. Data-loading workers
 ignore both signals (cma_model.data.ignore_stop_signals) and leave the stopping to the loop.
 """
 import signal
 import sys
 import threading
-
-FAILED = 256   # above every signal number: StopSignals.requested's word for "a rank failed"
 
 
 class TrainingStopped(Exception):
@@ -21,8 +19,9 @@ class TrainingStopped(Exception):
 
 
 class StopSignals:
-    """Context manager for the training loop: SIGINT or SIGTERM only records the request, which the
-    loop reads between steps (`requested`); a second SIGINT raises KeyboardInterrupt at once.
+    """Context manager for the training loop: SIGINT or SIGTERM only records the request (`received`:
+    the signal number, 0 before any), which the loop reads between steps; a second SIGINT raises
+    KeyboardInterrupt at once.
     Handlers are installed from the main thread only, and restored on exit."""
 
     def __init__(self, announce=True):
@@ -44,22 +43,3 @@ class StopSignals:
         if self.announce:
             print(f"\n{signal.Signals(signum).name}: stopping after this step (or evaluation) to write the "
                   f"checkpoint; Ctrl-C again stops at once, keeping the last checkpoint", file=sys.stderr)
-
-    def requested(self, device, world, failed=None):
-        """The signal number any rank received so far, else 0: the same answer on every rank. Where a
-        rank passes `failed` (an exception: what it could not do after the step), every rank stops
-        instead: that rank raises `failed`, the others FailedElsewhere."""
-        if world == 1 and failed is not None:
-            raise failed
-        if world == 1:
-            return self.received
-        import torch   # here: the `cma` command imports this module before it needs torch
-        import torch.distributed as dist
-        flag = torch.tensor(FAILED if failed is not None else self.received, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag) == FAILED:
-            if failed is not None:
-                raise failed
-            from cma_train.distributed import FailedElsewhere
-            raise FailedElsewhere("another process failed after this step (its own error says why)")
-        return int(flag)

@@ -40,7 +40,7 @@ from cma_train.backbone import autocast_dtype, build_model, unfused_gpu_note
 from cma_train.checkpoint import (CHECKPOINT_FORMAT, RUN_LOCK, CheckpointError, adapters_file, drop_records_after,
                                   load_checkpoint, rng_state, save_checkpoint, set_rng_state)
 from cma_train.config import TrainConfig
-from cma_train.distributed import EveryRankOrNone, FailedElsewhere, init_distributed, rank_device
+from cma_train.distributed import EveryRankOrNone, FailedElsewhere, agree_after_step, init_distributed, rank_device
 from cma_train.evaluate import evaluate
 from cma_train.signals import StopSignals, TrainingStopped
 from cma_train.step import batches_for_steps, step_within_memory, uneven_chunks_recompile
@@ -236,9 +236,10 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         set_rng_state(ckpt["rng"])
 
     written = None   # (step, evaluated_step) of the last checkpoint written: the state it holds
+    written_at = time.monotonic()   # when (or when the run began): --save-every-min counts from there
 
     def checkpoint():   # every rank calls it at the same step
-        nonlocal written
+        nonlocal written, written_at
         if world > 1:   # the unreadable videos of every rank, not only rank 0's, go into the checkpoint
             per_rank = [None] * world
             dist.all_gather_object(per_rank, skipped)
@@ -246,7 +247,7 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                 skipped.update(other)
         with EveryRankOrNone(world):   # rank 0's full disk stops every rank at once
             if rank == 0 and written != (step, evaluated_step):   # a stop right after a save writes nothing new
-                written = (step, evaluated_step)
+                written, written_at = (step, evaluated_step), time.monotonic()
                 save_checkpoint(latest, {"format": CHECKPOINT_FORMAT, "adapters": adapter_state_dict(model),
                                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                          "step": step, "config": _plain(cfg), "rng": rng_state(), "skipped": skipped,
@@ -386,13 +387,15 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                 except OSError as error:   # a full disk: the other ranks would wait for rank 0 in the next collective
                     hint = " (--resume continues from the last checkpoint)" if os.path.isfile(latest) else ""
                     unwritten = OSError(f"{error}{hint}")
-                signum = stop.requested(device, world, unwritten)   # the step's one agreement
-                save_due = cfg.save_every and step % cfg.save_every == 0
+                # rank 0's clock decides a checkpoint by time: the ranks' clocks differ, and all must save together
+                save_now = rank == 0 and 0 < cfg.save_every_min * 60 <= time.monotonic() - written_at
+                signum, save_now = agree_after_step(device, world, stop.received, unwritten, save_now)
+                save_due = save_now or (cfg.save_every and step % cfg.save_every == 0)
                 if signum or save_due or epoch_ends:
                     checkpoint()
                 if not signum and periodic_eval_due():
                     run_eval()   # checkpointed
-                    signum = stop.requested(device, world)   # a signal during the evaluation
+                    signum, _ = agree_after_step(device, world, stop.received)   # a signal during the evaluation
                 if signum:
                     bar.close()
                     raise TrainingStopped(signum, step, latest)

@@ -18,6 +18,8 @@ from cma_train.config import TrainConfig
     ("workers", -1, "workers must be >= 0"), ("weight_decay", -0.1, "weight_decay must be >= 0"),
     ("eps", 0.0, "eps must be > 0"), ("betas", (0.9, 1.0), r"betas must be two values in \[0, 1\)"),
     ("save_every", -1, "save_every must be >= 0"), ("max_steps", -2, "max_steps must be >= 0"),
+    ("save_every_min", -5.0, "save_every_min must be >= 0 and finite"),
+    ("save_every_min", float("nan"), "save_every_min must be >= 0 and finite, got nan"),
     ("epochs", 0, "epochs must be >= 1, got 0"), ("warmup", 1.0, r"warmup must be a fraction in \[0, 1\)"),
     ("batch_size", 1, r"batch_size must be >= 2 \(InfoNCE contrasts"),   # one caption: the loss is 0, nothing learnt
 ])

@@ -176,6 +176,19 @@ def test_a_crashed_run_is_neither_overwritten_nor_logged_twice(video_set, tmp_pa
     assert resumed[2]["loss"] == pytest.approx(crashed[2]["loss"], rel=1e-6)   # step 3 redone from step 2's state
 
 
+@pytest.mark.parametrize("minutes, saved", [(1e-9, [1, 2, 3, 4, 5, 6]), (0, [4, 6])])
+def test_save_every_min_checkpoints_once_that_time_has_passed(video_set, tmp_path, monkeypatch, minutes, saved):
+    """--save-every-min: a checkpoint after each step that ends that long after the last one (here
+    every step), besides the epoch's; 0: the epoch's (and the run's last step) only."""
+    import cma_train.train as train_module
+    jsonl, cache = video_set
+    steps = []
+    monkeypatch.setattr(train_module, "save_checkpoint",
+                        lambda path, payload: (steps.append(payload.get("step")), save_checkpoint(path, payload)))
+    train(tiny_config(jsonl, cache, tmp_path, batch_size=2, epochs=2, max_steps=6, save_every_min=minutes))
+    assert [s for s in steps if s is not None] == saved   # adapters.pt holds no step
+
+
 def _metrics_disk_full_after(lines):
     """An open() for cma_train.train whose metrics.jsonl takes `lines` lines, then fails as a full
     disk does."""
@@ -1045,6 +1058,29 @@ def test_a_metrics_line_rank_0_cannot_write_stops_every_rank_after_that_step(vid
     assert torch.load(tmp_path / "said0.pt") == f"OSError: cannot write {log}: No space left on device"
     assert torch.load(tmp_path / "said1.pt") == ("FailedElsewhere: another process failed after this step (its own "
                                                  "error says why)")
+
+
+def _timed_saving_worker(rank, port, jsonl, cache, out, result_dir):
+    """Rank 0's clock calls for a checkpoint after every step, rank 1's never: every rank must
+    checkpoint (a collective) at the same steps."""
+    from datetime import timedelta
+
+    import cma_train.train as train_module
+    _as_torchrun_rank(rank, port)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))   # ranks out of step fail, not hang
+    steps = []
+    train_module.save_checkpoint = lambda path, payload: (steps.append(payload.get("step")),
+                                                          save_checkpoint(path, payload))
+    train(tiny_config(jsonl, cache, out, batch_size=4, epochs=2, save_every_min=1e-9 if rank == 0 else 0))
+    torch.save(steps, os.path.join(result_dir, f"saved{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_rank_0_times_is_written_by_every_rank_at_the_same_step(video_set, tmp_path):
+    jsonl, cache = video_set
+    _spawn_ranks(_timed_saving_worker, jsonl, cache, tmp_path)
+    assert [s for s in torch.load(tmp_path / "saved0.pt") if s is not None] == [1, 2, 3, 4]
+    assert torch.load(tmp_path / "saved1.pt") == []   # rank 0 writes
 
 
 def _dead_loader_worker(rank, port, jsonl, cache, out, result_dir):
