@@ -8,8 +8,8 @@ POOLINGS = ("meanP", "softmax")
 def similarity(text, frames, mask, pooling="meanP", temperature=5.0, chunk=256):
     """Cosine similarity of texts and videos: [Nt, Nv].
 
-    text: [Nt, E] text embeddings; frames: [Nv, T, E] frame embeddings; mask: [Nv, T] bool (False =
-    padded frame, excluded). meanP: video = mean of its L2-normalised frames. softmax (the paper's
+    text: [Nt, E] text embeddings; frames: [Nv, T, E] frame embeddings; mask: [Nv, T] bool, or 0/1
+    of any dtype (False = padded frame, excluded). meanP: video = mean of its L2-normalised frames. softmax (the paper's
     parameter-free pooling): per text, frame weights = softmax over the video's frames of
     <text, frame> / temperature on UN-normalised embeddings; video = weighted mean of frames.
     Texts are processed `chunk` at a time so evaluation sets fit in memory.
@@ -21,6 +21,10 @@ def similarity(text, frames, mask, pooling="meanP", temperature=5.0, chunk=256):
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if text.dim() != 2 or frames.dim() != 3 or text.shape[1] != frames.shape[2] or mask.shape != frames.shape[:2]:
+        raise ValueError(f"similarity takes text [Nt, E], frames [Nv, T, E] and mask [Nv, T], got text "
+                         f"{list(text.shape)}, frames {list(frames.shape)}, mask {list(mask.shape)}")
+    mask = mask.bool()   # a 0/1 mask of another dtype means the same
     if not mask.any(dim=1).all():
         raise ValueError("every video needs at least one unmasked frame")
     if pooling == "meanP":

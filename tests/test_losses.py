@@ -1,5 +1,6 @@
 """cma_model.losses: both poolings against the pooling written out directly, and InfoNCE by hand."""
 import math
+import re
 
 import pytest
 import torch
@@ -61,9 +62,24 @@ def test_similarity_errors():
     text, feats, mask = _inputs(2, 3, 4, 8, torch.float32)
     with pytest.raises(ValueError, match="pooling must be one of"):
         similarity(text, feats, mask, "max")
+    for args, shapes in [((text, feats[..., :6], mask), "text [2, 8], frames [3, 4, 6], mask [3, 4]"),
+                         ((text, feats, mask[:, :3]), "text [2, 8], frames [3, 4, 8], mask [3, 3]"),
+                         ((text, feats[0], mask), "text [2, 8], frames [4, 8], mask [3, 4]")]:
+        with pytest.raises(ValueError, match=rf"takes text \[Nt, E\], frames \[Nv, T, E\] and mask \[Nv, T\], got "
+                                             rf"{re.escape(shapes)}$"):
+            similarity(*args, "softmax")
     mask[1] = False
     with pytest.raises(ValueError, match="at least one unmasked frame"):
         similarity(text, feats, mask, "softmax")
+
+
+@pytest.mark.parametrize("pooling", ["meanP", "softmax"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_a_0_1_mask_of_another_dtype_means_what_the_bool_mask_does(pooling, dtype):
+    text, feats, mask = _inputs(4, 5, 6, 8, torch.float64, seed=2)
+    assert not mask.all()   # some padded frames
+    torch.testing.assert_close(similarity(text, feats, mask.to(dtype), pooling),
+                               similarity(text, feats, mask, pooling), rtol=0, atol=0)
 
 
 def test_infonce_by_hand():
