@@ -4,6 +4,7 @@ import open_clip
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from open_clip.utils import to_2tuple
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the modes that run the compiled towers as CUDA graphs
@@ -28,6 +29,10 @@ def encode_frames(model, frames, mask):
     padded slots. Only the unmasked frames go through the vision tower, except on a compiled one:
     that gets all B * T frames, one fixed shape whatever the mask, so neither torch.compile nor
     its CUDA graphs meet a new shape for every count of padded frames in a batch."""
+    height, width = to_2tuple(model.visual.image_size)
+    if frames.dim() != 5 or tuple(frames.shape[2:]) != (3, height, width) or mask.shape != frames.shape[:2]:
+        raise ValueError(f"encode_frames takes frames [B, T, 3, {height}, {width}] (this vision tower's size) and mask "
+                         f"[B, T], got frames {list(frames.shape)}, mask {list(mask.shape)}")
     if getattr(model.visual, "_compiled_call_impl", None) is not None:   # nn.Module.compile (compile_towers)
         feats = model.encode_image(frames.flatten(0, 1)).unflatten(0, mask.shape)
         return torch.where(mask.unsqueeze(-1), feats, 0)

@@ -1,5 +1,6 @@
 """cma_model.retrieval: frame encoding with padded slots, eager and on a compiled vision tower."""
 import copy
+import re
 
 import pytest
 import torch
@@ -43,6 +44,17 @@ def test_compiled_tower_gets_one_shape_and_the_same_embeddings():
     for n, p in compiled.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("frames_shape, mask_shape", [((2, 3, 32, 32), (2, 1)), ((1, 2, 3, 64, 64), (1, 2)),
+                                                      ((1, 2, 32, 32, 3), (1, 2)), ((1, 2, 3, 32, 32), (1, 3))])
+def test_encode_frames_refuses_frames_the_tower_cannot_take_naming_the_shapes(frames_shape, mask_shape):
+    """A batch of images without the frame axis, frames of another size or channels-last, a mask
+    of another shape: one line with what it takes (32-pixel frames here) and what it got."""
+    said = (rf"^encode_frames takes frames \[B, T, 3, 32, 32\] \(this vision tower's size\) and mask \[B, T\], got "
+            rf"frames {re.escape(str(list(frames_shape)))}, mask {re.escape(str(list(mask_shape)))}$")
+    with pytest.raises(ValueError, match=said):
+        encode_frames(small_clip(), torch.randn(frames_shape), torch.ones(mask_shape, dtype=torch.bool))
 
 
 def test_compile_towers_rejects_an_unknown_mode():
