@@ -1,9 +1,10 @@
 """Stopping a training run on a signal without losing work.
 
 SIGINT (Ctrl-C) or SIGTERM (a job scheduler's preemption) only records the request; the training
-loop reads it between steps, on every rank alike (cma_train.distributed.agree_after_step), writes its
-checkpoint and raises TrainingStopped. A second Ctrl-C raises KeyboardInterrupt at once. Data-loading workers
-ignore both signals (cma_model.data.ignore_stop_signals) and leave the stopping to the loop.
+loop reads it between steps, on every rank alike (cma_train.distributed.agree_after_step), writes
+its checkpoint and raises TrainingStopped. A second Ctrl-C raises KeyboardInterrupt at once.
+Data-loading workers ignore both signals (cma_model.data.ignore_stop_signals) and leave the stopping
+to the loop.
 """
 import signal
 import sys
