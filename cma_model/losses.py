@@ -9,10 +9,10 @@ def similarity(text, frames, mask, pooling="meanP", temperature=5.0, chunk=256):
     """Cosine similarity of texts and videos: [Nt, Nv].
 
     text: [Nt, E] text embeddings; frames: [Nv, T, E] frame embeddings; mask: [Nv, T] bool, or 0/1
-    of any dtype (False = padded frame, excluded). meanP: video = mean of its L2-normalised frames. softmax (the paper's
-    parameter-free pooling): per text, frame weights = softmax over the video's frames of
-    <text, frame> / temperature on UN-normalised embeddings; video = weighted mean of frames.
-    Texts are processed `chunk` at a time so evaluation sets fit in memory.
+    of any dtype (False = padded frame, excluded). meanP: video = mean of its L2-normalised frames.
+    softmax (the paper's parameter-free pooling): per text, frame weights = softmax over the video's
+    frames of <text, frame> / temperature on UN-normalised embeddings; video = weighted mean of
+    frames. Texts are processed `chunk` at a time so evaluation sets fit in memory.
 
     The softmax pooling never forms the pooled videos ([Nt, Nv, E] per chunk): with dots_f =
     <text, frame_f> and w the weights, <text, video> = sum_f w_f dots_f and |video|^2 = w^T G w,

@@ -261,14 +261,14 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         res = evaluate(model, tokenizer, eval_ann, frames, cfg.pooling, cfg.temperature, cfg.max_words,
                        workers=cfg.workers, device=device, progress=cfg.progress, precision=cfg.precision)
         evaluated_step = step
+        better = best is None or res["t2v"]["R1"] > best["t2v"]["R1"]
         if rank == 0 and step < last_step:   # a periodic one (cma train prints the final one's table)
             t2v, v2t = res["t2v"], res["v2t"]
-            better = best is None or t2v["R1"] > best["t2v"]["R1"]
             tqdm.write(f"evaluation at step {step} (epoch {step / steps_per_epoch:g}) on {cfg.eval_split}: t2v R@1 "
                        f"{t2v['R1']:.1f}, R@5 {t2v['R5']:.1f}, R@10 {t2v['R10']:.1f}; v2t R@1 {v2t['R1']:.1f}"
                        f"{' (best so far)' if better else ''}")
         with EveryRankOrNone(world):   # rank 0 writes; its full disk stops every rank at once
-            if best is None or res["t2v"]["R1"] > best["t2v"]["R1"]:
+            if better:
                 best = {"step": step, "epoch": step / steps_per_epoch, "t2v": res["t2v"], "v2t": res["v2t"]}
                 if rank == 0:
                     save_checkpoint(os.path.join(cfg.out, "adapters_best.pt"), adapters_file(model, cfg))
@@ -306,7 +306,7 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         print(f"training {count_trainable_parameters(model):,} adapter parameters (r={cfg.reduction_dim}, "
               f"d_s={cfg.shared_dim}) on {len(dataset)} captions of {len(ann.video_ids)} videos ({cfg.dataset} "
               f"{cfg.split}; {cfg.max_frames} frames, {cfg.max_words} words): {steps_per_epoch} steps per epoch, "
-              f"{todo}, global batch {cfg.batch_size} over {world} process(es) on {_device_name(device)} in "
+              f"{todo}, global batch {cfg.batch_size} over {world} process(es) on {describe_device(device)} in "
               f"{_PRECISION_NAMES[dtype]}; writing to {cfg.out}")
     bar = progress_bar(total=last_step, initial=step, desc="train", unit="step", disable=rank != 0 or not cfg.progress)
     say_epochs = rank == 0 and (bar.disable or not sys.stderr.isatty())   # a line per epoch in a log, or no bar
@@ -462,10 +462,6 @@ def _first_scheduler_step(scheduler):
 
 
 _PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16 with loss scaling"}
-
-
-def _device_name(device):
-    return "cpu" if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
 
 
 def _plain(cfg):
