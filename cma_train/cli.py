@@ -12,7 +12,7 @@ import signal
 import sys
 import typing
 
-from cma_train.signals import TrainingStopped
+from cma_train.signals import TrainingStopped, output_may_close
 from cma_train.config import PAPER_RECIPES, TrainConfig, available_cpus, paper_recipe
 
 HELP = {
@@ -447,7 +447,8 @@ def main(argv=None):
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    code = _run(args, rest)
+    with output_may_close():   # `cma train | tee log`, and tee stopped: the run goes on
+        code = _run(args, rest)
     if code == 0:
         _close_process_group()
     return code

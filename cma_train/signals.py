@@ -5,7 +5,14 @@ loop reads it between steps, on every rank alike (cma_train.distributed.agree_af
 its checkpoint and raises TrainingStopped. A second Ctrl-C raises KeyboardInterrupt at once.
 Data-loading workers ignore both signals (cma_model.data.ignore_stop_signals) and leave the stopping
 to the loop.
+
+SIGPIPE, the reader of the output going away (`cma train | tee log`, and tee stopped), stops
+nothing: Python ignores it, so a write raises BrokenPipeError, which OutputMayClose turns into
+writes to /dev/null. A command's record is its files (checkpoints, metrics.jsonl, results), not
+its output.
 """
+import contextlib
+import os
 import signal
 import sys
 import threading
@@ -44,3 +51,52 @@ class StopSignals:
         if self.announce:
             print(f"\n{signal.Signals(signum).name}: stopping after this step (or evaluation) to write the "
                   f"checkpoint; Ctrl-C again stops at once, keeping the last checkpoint", file=sys.stderr)
+
+
+class OutputMayClose:
+    """A text stream (sys.stdout or sys.stderr) whose reader may go away: the first write or flush
+    that raises BrokenPipeError points the stream's file descriptor at /dev/null, which takes that
+    write and every later one (and the flush at exit), and prints `note` (if any) on stderr. Any
+    other error is raised. Everything else is the stream's own."""
+
+    def __init__(self, stream, note=None):
+        self._stream, self._note = stream, note
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+        if self._note:
+            print(self._note, file=sys.stderr)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def output_may_close():
+    """sys.stdout and sys.stderr as OutputMayClose within the block (a `cma` command), flushed at its
+    end and then restored."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout = OutputMayClose(sys.stdout, "note: the reader of cma's standard output went away; cma goes on, "
+                                            "its output now discarded")
+    sys.stderr = OutputMayClose(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams

@@ -368,6 +368,24 @@ def test_a_loader_worker_that_dies_is_one_line_wherever_it_is_noticed(tmp_path, 
     assert "`cma prepare` caches the frames" in err and "Traceback" not in err
 
 
+def test_train_goes_on_when_the_reader_of_its_output_goes_away(tmp_path):
+    """`cma train | tee log`, and tee stopped before the first epoch line: the run still trains
+    every step, writes its adapters and exits 0, saying once on stderr that its output is discarded
+    (without it, the epoch line's BrokenPipeError ended the run)."""
+    jsonl, cache = write_frame_cache_set(tmp_path / "data")
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-m", "cma_train.cli", "train", *TINY, "--dataset", "jsonl", "--root",
+                            os.path.dirname(jsonl), "--cache", cache, "--batch-size", "2", "--epochs", "2",
+                            "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run.stdout.close()   # the reader is gone before cma writes a line
+    err = run.stderr.read()
+    assert run.wait(timeout=300) == 0, err[-3000:]
+    assert err.count("the reader of cma's standard output went away") == 1, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == list(range(1, 9))
+    assert (out / "adapters.pt").is_file()
+
+
 HANG_ON_CLIP3 = """
 import time
 import cma_model.data
