@@ -215,25 +215,9 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
     if cfg.resume:
         ckpt = load_checkpoint(latest)
         resumed_from = _resumed_from(ckpt)
-        for key in RESUME_MUST_MATCH:
-            if ckpt["config"].get(key) != getattr(cfg, key):
-                raise CheckpointError(f"{latest} was made with {key}={ckpt['config'].get(key)!r}, this run has "
-                                      f"{key}={getattr(cfg, key)!r}; resume with the same setting (`cma train "
-                                      f"--resume` takes the run's own where no flag sets it)")
-        load_adapter_state_dict(model, ckpt["adapters"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        _restore(ckpt, latest, cfg, model, optimizer, scheduler, schedule, scaler)
         step, skipped = ckpt["step"], dict(ckpt["skipped"])
-        # the two states bring back the saved lr, betas, eps and weight decay: this run's settings win
-        # (a diverged run resumes with a lower --lr), on the schedule at the step reached
-        for group, fresh in zip(optimizer.param_groups, param_groups(model, cfg.weight_decay)):
-            group.update(initial_lr=cfg.lr, lr=cfg.lr * schedule(step), betas=tuple(cfg.betas), eps=cfg.eps,
-                         weight_decay=fresh["weight_decay"])
-        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
         best, evaluated_step = ckpt.get("best"), ckpt.get("evaluated_step", -1)
-        if scaler.is_enabled() and ckpt.get("scaler"):   # a run that was fp16 before: its loss scale goes on
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
 
     written = None   # (step, evaluated_step) of the last checkpoint written: the state it holds
     written_at = time.monotonic()   # when (or when the run began): --save-every-min counts from there
@@ -372,21 +356,10 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
                                     refresh=False)   # bar.update refreshes
                 bar.update(1)
                 if say_epochs and epoch_ends:
-                    mean = f"mean loss {sum(epoch_losses) / len(epoch_losses):.4f}" if epoch_losses else "no loss"
-                    seconds, waited = map(sum, zip(*epoch_times))
-                    print(f"epoch {epoch + 1}/{cfg.epochs}: step {step}/{last_step}, {mean}, "
-                          f"{cfg.batch_size * len(epoch_times) / seconds:.1f} videos/s ({waited / seconds:.0%} of the "
-                          f"time waiting for data)", flush=True)
-                unwritten = None   # rank 0's error writing the step's record: every rank stops at the agreement
-                try:
-                    _log_line(log, {"step": step, "epoch": step / steps_per_epoch, "lr": scheduler.get_last_lr()[0],
-                                    **record})
-                    if writer and loss is not None:
-                        for name, value in record.items():
-                            writer.add_scalar(f"train/{name}", value, step)
-                except OSError as error:   # a full disk: the other ranks would wait for rank 0 in the next collective
-                    hint = " (--resume continues from the last checkpoint)" if os.path.isfile(latest) else ""
-                    unwritten = OSError(f"{error}{hint}")
+                    print(_epoch_line(cfg, epoch, step, last_step, epoch_losses, epoch_times), flush=True)
+                # rank 0's error writing the step's record (a full disk): every rank stops at the agreement
+                unwritten = _write_step(log, writer, latest, step, step / steps_per_epoch, scheduler.get_last_lr()[0],
+                                        record)
                 # rank 0's clock decides a checkpoint by time: the ranks' clocks differ, and all must save together
                 save_now = rank == 0 and 0 < cfg.save_every_min * 60 <= time.monotonic() - written_at
                 signum, save_now = agree_after_step(device, world, stop.received, unwritten, save_now)
@@ -418,6 +391,54 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         writer.close()
     return {"losses": losses, "steps": step - first_step, "skipped": skipped, "checkpoint": latest, "model": model,
             "eval": last_eval, "best": best}
+
+
+def _restore(ckpt, path, cfg, model, optimizer, scheduler, schedule, scaler):
+    """Load the checkpoint `ckpt` (read from `path`) into the run's adapters, optimizer, scheduler,
+    loss scaler and RNGs, after checking that it was made with this run's RESUME_MUST_MATCH
+    settings. This run's optimizer settings win over the saved ones (a diverged run resumes with a
+    lower --lr), on the learning-rate `schedule` (a LambdaLR factor) at the step reached."""
+    for key in RESUME_MUST_MATCH:
+        if ckpt["config"].get(key) != getattr(cfg, key):
+            raise CheckpointError(f"{path} was made with {key}={ckpt['config'].get(key)!r}, this run has "
+                                  f"{key}={getattr(cfg, key)!r}; resume with the same setting (`cma train "
+                                  f"--resume` takes the run's own where no flag sets it)")
+    load_adapter_state_dict(model, ckpt["adapters"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    for group, fresh in zip(optimizer.param_groups, param_groups(model, cfg.weight_decay)):
+        group.update(initial_lr=cfg.lr, lr=cfg.lr * schedule(ckpt["step"]), betas=tuple(cfg.betas), eps=cfg.eps,
+                     weight_decay=fresh["weight_decay"])
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    if scaler.is_enabled() and ckpt.get("scaler"):   # a run that was fp16 before: its loss scale goes on
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+
+
+def _epoch_line(cfg, epoch, step, last_step, losses, times):
+    """The line that ends epoch `epoch` (from 0) at `step` in a log: the mean of this run's `losses`
+    in it, and its videos/s and share of the time waiting for data from `times`, the (step, of it
+    waiting) seconds of each of this run's steps in it."""
+    mean = f"mean loss {sum(losses) / len(losses):.4f}" if losses else "no loss"
+    seconds, waited = map(sum, zip(*times))
+    rate = cfg.batch_size * len(times) / seconds
+    return (f"epoch {epoch + 1}/{cfg.epochs}: step {step}/{last_step}, {mean}, {rate:.1f} videos/s "
+            f"({waited / seconds:.0%} of the time waiting for data)")
+
+
+def _write_step(log, writer, latest, step, epoch, lr, record):
+    """Rank 0's line for a step in metrics.jsonl (its step, epoch, lr and `record`), and `record`'s
+    numbers in tensorboard (`writer`, or None) for a step with a loss. Returns the OSError of a
+    write that failed (a full disk), to stop every rank at the step's agreement, or None."""
+    try:
+        _log_line(log, {"step": step, "epoch": epoch, "lr": lr, **record})
+        if writer and "loss" in record:
+            for name, value in record.items():
+                writer.add_scalar(f"train/{name}", value, step)
+    except OSError as error:
+        hint = " (--resume continues from the last checkpoint)" if os.path.isfile(latest) else ""
+        return OSError(f"{error}{hint}")
+    return None
 
 
 def _log_line(log, record):
