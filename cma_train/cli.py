@@ -467,11 +467,11 @@ def _run(args, rest):
             print(f"cma {args.command}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from cma_train.distributed import FailedElsewhere   # here: torch is loaded by now, not before
+        from cma_train.distributed import FailedElsewhere, nccl_shared_memory_error   # torch is loaded by now
         if isinstance(e, FailedElsewhere):   # torchrun: the rank that failed says why
             return 2
         from cma_model.data import loader_error   # a data-loading worker that died, noticed during a step
-        said = loader_error(e)
+        said = loader_error(e) or nccl_shared_memory_error(e)   # torchrun in a container
         if said is None:
             raise
         print(f"cma {args.command}: error: {said}", file=sys.stderr)

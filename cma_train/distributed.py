@@ -10,11 +10,12 @@ group's timeout, 15 minutes. So such phases hold no collective and end in one ag
 import contextlib
 import datetime
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
 
-from cma_model.data import LOADER_TIMEOUT_S
+from cma_model.data import LOADER_TIMEOUT_S, SHARED_MEMORY
 
 # Under torchrun a rank whose loader hangs says so after LOADER_TIMEOUT_S; the others wait in the
 # step's collectives meanwhile and must not time out first: NCCL's default timeout (10 minutes, the
@@ -45,6 +46,19 @@ def rank_device(device, rank):
     local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
+
+
+def nccl_shared_memory_error(error):
+    """The ValueError saying what to do for NCCL's error (torch's DistBackendError, raised by the first
+    collective) where it could not create its shared-memory segment in /dev/shm, through which the
+    GPUs of a node talk: a container's 64 MiB default is too little for several GPUs. None for any
+    other error."""
+    if "NCCL" not in str(error) or "shared memory segment" not in str(error):
+        return None
+    size = shutil.disk_usage(SHARED_MEMORY).total / 2**20 if os.path.isdir(SHARED_MEMORY) else 0
+    return ValueError(f"NCCL could not create its shared memory in {SHARED_MEMORY} ({size:,.0f} MiB here), which the "
+                      f"GPUs of a node talk through: raise it (a container: docker run --shm-size 8g, or --ipc host), "
+                      f"or set NCCL_SHM_DISABLE=1 (slower)")
 
 
 class FailedElsewhere(RuntimeError):

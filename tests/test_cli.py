@@ -343,6 +343,32 @@ def test_out_of_gpu_memory_in_train_says_what_to_turn_down(monkeypatch, capsys):
     assert "--micro-batch N" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_nccl_without_the_shared_memory_it_needs_is_one_line_saying_what_to_do(command, monkeypatch, capsys):
+    """torchrun in a container with docker's 64 MiB /dev/shm: NCCL's first collective fails with
+    DistBackendError (the text NCCL 2.21 gives); `cma` says what to change, exit 2, no traceback.
+    Any other NCCL error keeps its traceback."""
+    import cma_model.datasets
+    import cma_train.train as train_module
+    failure = [("NCCL error in: NCCLUtils.hpp:268, unhandled system error (run with NCCL_DEBUG=INFO for details), "
+                "NCCL version 2.21.5\nncclSystemError: System call (e.g. socket, malloc) or external library call "
+                "failed or device error.\nLast error:\nError while creating shared memory segment /dev/shm/nccl-1YsMbG "
+                "(size 7340384)")]
+
+    def first_collective(*args, **kwargs):
+        raise torch.distributed.DistBackendError(failure[0])
+    monkeypatch.setattr(train_module, "train", first_collective)   # what each command runs first
+    monkeypatch.setattr(cma_model.datasets, "load_annotations", first_collective)
+    argv = [command, *TINY, "--dataset", "jsonl", "--root", "x.jsonl"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"cma {command}: error: NCCL could not create its shared memory in /dev/shm" in err, err
+    assert "docker run --shm-size 8g" in err and "NCCL_SHM_DISABLE=1" in err and "Traceback" not in err
+    failure[0] = "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error, NCCL version 2.21.5"
+    with pytest.raises(torch.distributed.DistBackendError):
+        main(argv)
+
+
 def test_a_loader_worker_that_dies_is_one_line_wherever_it_is_noticed(tmp_path, monkeypatch, capsys):
     """The worker loading one of the videos dies (a decoder's segmentation fault). PyTorch raises
     that in the main process wherever it is, waiting for a batch or mid-step, or, where the worker

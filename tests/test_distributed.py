@@ -100,3 +100,18 @@ def test_one_process_has_nothing_to_agree_on():
     with pytest.raises(ValueError, match="its own"):
         with EveryRankOrNone(1):
             raise ValueError("its own")
+
+
+@pytest.mark.parametrize("text, said", [
+    ("NCCL error in: NCCLUtils.hpp:268, unhandled system error (run with NCCL_DEBUG=INFO for details), NCCL version "
+     "2.21.5\nncclSystemError: System call (e.g. socket, malloc) or external library call failed or device error.\n"
+     "Last error:\nError while creating shared memory segment /dev/shm/nccl-1YsMbG (size 7340384)", True),
+    ("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error, NCCL version 2.21.5", False),
+    ("unable to allocate shared memory(shm) for file </torch_1_2>", False),   # a loader worker's: loader_error's
+])
+def test_nccl_out_of_shared_memory_is_told_apart_from_other_errors(text, said):
+    from cma_train.distributed import SHARED_MEMORY, nccl_shared_memory_error
+    error = nccl_shared_memory_error(dist.DistBackendError(text))
+    assert (error is not None) == said
+    if said:
+        assert f"in {SHARED_MEMORY} (" in str(error) and "--shm-size" in str(error)
