@@ -219,13 +219,14 @@ def batches(loader):
 
 
 def ignore_stop_signals(worker_id=None):
-    """DataLoader worker_init_fn: workers ignore SIGINT and SIGTERM, which a terminal's Ctrl-C or a
-    job scheduler sends to every process. The main process decides when to stop (the trainer
-    finishes its step and checkpoints) and shuts its loaders down; a worker killed by the signal
-    would instead fail the batch the main process is waiting for. Workers still exit when the
-    main process is gone (PyTorch's worker watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader worker_init_fn: workers ignore SIGINT, SIGTERM and SIGHUP (the trainer's stop
+    signals), which a terminal's Ctrl-C, a job scheduler or a terminal that hung up sends to every
+    process. The main process decides when to stop (the trainer finishes its step and checkpoints)
+    and shuts its loaders down; a worker killed by the signal would instead fail the batch the main
+    process is waiting for. Workers still exit when the main process is gone (PyTorch's worker
+    watchdog)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def collate(items):

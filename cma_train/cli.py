@@ -476,7 +476,7 @@ def _run(args, rest):
             raise
         print(f"cma {args.command}: error: {said}", file=sys.stderr)
         return 2
-    except TrainingStopped as stopped:   # SIGINT / SIGTERM in training: checkpointed after a whole step
+    except TrainingStopped as stopped:   # SIGINT / SIGTERM / SIGHUP in training: checkpointed after a step
         if int(os.environ.get("RANK", 0)) == 0:
             hint = "continue with the same command and --resume" if args.command == "train" else "run it again"
             print(f"cma {args.command}: {stopped}\n{hint}", file=sys.stderr)

@@ -1,21 +1,26 @@
 """Stopping a training run on a signal without losing work.
 
-SIGINT (Ctrl-C) or SIGTERM (a job scheduler's preemption) only records the request; the training
-loop reads it between steps, on every rank alike (cma_train.distributed.agree_after_step), writes
-its checkpoint and raises TrainingStopped. A second Ctrl-C raises KeyboardInterrupt at once.
-Data-loading workers ignore both signals (cma_model.data.ignore_stop_signals) and leave the stopping
-to the loop.
+SIGINT (Ctrl-C), SIGTERM (a job scheduler's preemption) or SIGHUP (the terminal gone: an ssh
+session that dropped) only records the request; the training loop reads it between steps, on every
+rank alike (cma_train.distributed.agree_after_step), writes its checkpoint and raises
+TrainingStopped. A second Ctrl-C raises KeyboardInterrupt at once. Data-loading workers ignore the
+three (cma_model.data.ignore_stop_signals) and leave the stopping to the loop. A hung-up terminal
+stops the run rather than leaving it running unseen: torchrun's agent stops its workers on SIGHUP
+too, so a run that went on would not do so under torchrun.
 
 SIGPIPE, the reader of the output going away (`cma train | tee log`, and tee stopped), stops
 nothing: Python ignores it, so a write raises BrokenPipeError, which OutputMayClose turns into
-writes to /dev/null. A command's record is its files (checkpoints, metrics.jsonl, results), not
-its output.
+writes to /dev/null, as it does a hung-up terminal's EIO. A command's record is its files
+(checkpoints, metrics.jsonl, results), not its output.
 """
 import contextlib
+import errno
 import os
 import signal
 import sys
 import threading
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class TrainingStopped(Exception):
@@ -27,17 +32,17 @@ class TrainingStopped(Exception):
 
 
 class StopSignals:
-    """Context manager for the training loop: SIGINT or SIGTERM only records the request (`received`:
-    the signal number, 0 before any), which the loop reads between steps; a second SIGINT raises
-    KeyboardInterrupt at once.
-    Handlers are installed from the main thread only, and restored on exit."""
+    """Context manager for the training loop: a signal of STOP_SIGNALS only records the request
+    (`received`: the signal number, 0 before any), which the loop reads between steps; a second
+    SIGINT raises KeyboardInterrupt at once. Handlers are installed from the main thread only, and
+    restored on exit."""
 
     def __init__(self, announce=True):
         self.received, self.announce, self._previous = 0, announce, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
@@ -55,9 +60,10 @@ class StopSignals:
 
 class OutputMayClose:
     """A text stream (sys.stdout or sys.stderr) whose reader may go away: the first write or flush
-    that raises BrokenPipeError points the stream's file descriptor at /dev/null, which takes that
-    write and every later one (and the flush at exit), and prints `note` (if any) on stderr. Any
-    other error is raised. Everything else is the stream's own."""
+    that fails for that (EPIPE: a pipe's reader closed it; EIO: the terminal hung up) points the
+    stream's file descriptor at /dev/null, which takes that write and every later one (and the
+    flush at exit), and prints `note` (if any) on stderr. Any other error is raised. Everything else
+    is the stream's own."""
 
     def __init__(self, stream, note=None):
         self._stream, self._note = stream, note
@@ -65,17 +71,19 @@ class OutputMayClose:
     def write(self, text):
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError as error:
+            self._reader_gone(error)
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError as error:
+            self._reader_gone(error)
 
-    def _reader_gone(self):
+    def _reader_gone(self, error):
+        if error.errno not in (errno.EPIPE, errno.EIO):
+            raise error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self._stream.fileno())
         os.close(devnull)

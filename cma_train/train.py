@@ -9,9 +9,10 @@ Resume is exact: each epoch's order is a permutation seeded by (seed, epoch), a 
 the steps already taken, and optimizer, scheduler, step and RNG states come back from the
 checkpoint. Checkpoints are written to a temporary file and renamed.
 
-SIGINT (Ctrl-C) or SIGTERM (a job scheduler's preemption) stops a run cleanly (cma_train.signals):
-the current step (or evaluation) finishes, every rank agrees on the step, the checkpoint is
-written and train() raises TrainingStopped; `--resume` then continues exactly.
+SIGINT (Ctrl-C), SIGTERM (a job scheduler's preemption) or SIGHUP (a terminal that hung up) stops a
+run cleanly (cma_train.signals): the current step (or evaluation) finishes, every rank agrees on the
+step, the checkpoint is written and train() raises TrainingStopped; `--resume` then continues
+exactly.
 """
 import contextlib
 import dataclasses

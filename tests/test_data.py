@@ -14,6 +14,7 @@ from cma_model.cache import FrameCache, prepare_cache
 from cma_model.data import (CaptionVideoDataset, VideoFrames, batches, collate, ignore_stop_signals, loader_workers,
                             tokenize)
 from cma_model.datasets import Annotations
+from cma_train.signals import STOP_SIGNALS
 
 
 @pytest.fixture(scope="module")
@@ -110,19 +111,19 @@ def test_a_cache_made_with_other_settings_is_refused(annotations, tmp_path):
 
 
 class _SignalsItself(torch.utils.data.Dataset):
-    """Item i: i, after the worker that loads it sends itself SIGINT and SIGTERM."""
+    """Item i: i, after the worker that loads it sends itself each of the trainer's stop signals."""
 
     def __len__(self):
         return 4
 
     def __getitem__(self, i):
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGTERM)
+        for signum in STOP_SIGNALS:
+            os.kill(os.getpid(), signum)
         return i
 
 
 def test_loader_workers_ignore_stop_signals():
-    """A Ctrl-C or SIGTERM reaches the loader workers too; with ignore_stop_signals they keep
+    """A Ctrl-C, SIGTERM or SIGHUP reaches the loader workers too; with ignore_stop_signals they keep
     loading (the trainer stops between steps), where a default worker dies and fails the batch."""
     loader = torch.utils.data.DataLoader(_SignalsItself(), batch_size=2, num_workers=1, timeout=60,
                                          worker_init_fn=ignore_stop_signals)

@@ -1,5 +1,6 @@
 """cma_train.signals: an output whose reader goes away stops nothing (the stop signals themselves
 are tested through training, in test_train.py and test_cli.py)."""
+import errno
 import io
 import os
 import sys
@@ -38,6 +39,37 @@ def test_a_write_after_the_reader_went_away_goes_to_devnull_and_says_so_once(fir
     assert _points_at_devnull(stream.fileno())
     assert capsys.readouterr().err == "note: gone\n"
     stream.close()
+
+
+class _Terminal:
+    """A terminal's stream: writes fail with `error` (EIO: it hung up) until its descriptor points
+    elsewhere."""
+
+    def __init__(self, error):
+        self.error = error
+        self._read_fd, self._fd = os.pipe()
+
+    def write(self, text):
+        if not _points_at_devnull(self._fd):
+            raise OSError(self.error, os.strerror(self.error))
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def fileno(self):
+        return self._fd
+
+
+def test_a_terminal_that_hung_up_is_a_reader_gone_and_other_write_errors_are_raised(capsys):
+    hung_up = OutputMayClose(_Terminal(errno.EIO), "note: gone")
+    for _ in range(3):
+        assert hung_up.write("line\n") == 5
+    assert _points_at_devnull(hung_up.fileno()) and capsys.readouterr().err == "note: gone\n"
+    full = OutputMayClose(_Terminal(errno.ENOSPC))
+    with pytest.raises(OSError, match="No space left on device"):
+        full.write("line\n")
+    assert not _points_at_devnull(full.fileno())
 
 
 def test_other_errors_are_raised_and_the_rest_is_the_streams():

@@ -17,7 +17,7 @@ from conftest import (TINY_TRAIN_CLIP, fake_free_space, fake_gpu, gpu_check, hol
 from cma_model.data import CaptionVideoDataset
 from cma_model.datasets import load_annotations
 from cma_model.retrieval import RetrievalForward
-from cma_train.signals import TrainingStopped
+from cma_train.signals import STOP_SIGNALS, TrainingStopped
 from cma_train.checkpoint import RUN_LOCK, CheckpointError, load_checkpoint, save_checkpoint
 from cma_train.config import TrainConfig
 from cma_train.distributed import FailedElsewhere
@@ -462,12 +462,12 @@ def _signal_at_step(monkeypatch, at, *signums):
     monkeypatch.setattr(step_module, "train_step", step_then_signal)
 
 
-@pytest.mark.parametrize("name, at", [("SIGINT", 3), ("SIGTERM", 4)])
+@pytest.mark.parametrize("name, at", [("SIGINT", 3), ("SIGTERM", 4), ("SIGHUP", 3)])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(video_set, tmp_path, monkeypatch,
                                                                              name, at):
-    """Ctrl-C or a scheduler's SIGTERM mid-epoch (step 3) or on the epoch's last step (4, which
-    writes its checkpoint anyway): the step finishes, its checkpoint is written once, the handlers
-    are restored, and --resume gives the uninterrupted losses."""
+    """Ctrl-C, a scheduler's SIGTERM or a hung-up terminal's SIGHUP mid-epoch (step 3) or on the
+    epoch's last step (4, which writes its checkpoint anyway): the step finishes, its checkpoint is
+    written once, the handlers are restored, and --resume gives the uninterrupted losses."""
     import cma_train.train as train_module
     jsonl, cache = video_set
     kw = dict(batch_size=2, epochs=2, max_steps=6)   # 4 steps per epoch
@@ -476,11 +476,11 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(vid
     written = []
     monkeypatch.setattr(train_module, "save_checkpoint",
                         lambda path, payload: (written.append(payload["step"]), save_checkpoint(path, payload)))
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    before = [signal.getsignal(signum) for signum in STOP_SIGNALS]
     with pytest.raises(TrainingStopped) as stopped:
         train(tiny_config(jsonl, cache, tmp_path / "cut", **kw))
     assert stopped.value.step == at and stopped.value.signum == getattr(signal, name)
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert [signal.getsignal(signum) for signum in STOP_SIGNALS] == before
     assert load_checkpoint(str(tmp_path / "cut" / "checkpoint_latest.pt"))["step"] == at
     assert written == [at]
     monkeypatch.undo()
