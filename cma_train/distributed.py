@@ -49,10 +49,10 @@ def rank_device(device, rank):
 
 
 def nccl_shared_memory_error(error):
-    """The ValueError saying what to do for NCCL's error (torch's DistBackendError, raised by the first
-    collective) where it could not create its shared-memory segment in /dev/shm, through which the
-    GPUs of a node talk: a container's 64 MiB default is too little for several GPUs. None for any
-    other error."""
+    """The ValueError saying what to do for NCCL's error (torch's DistBackendError, raised by the
+    first collective) where it could not create its shared-memory segment in /dev/shm, through
+    which the GPUs of a node talk: a container's 64 MiB default is too little for several GPUs.
+    None for any other error."""
     if "NCCL" not in str(error) or "shared memory segment" not in str(error):
         return None
     size = shutil.disk_usage(SHARED_MEMORY).total / 2**20 if os.path.isdir(SHARED_MEMORY) else 0

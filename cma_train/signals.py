@@ -96,8 +96,8 @@ class OutputMayClose:
 
 @contextlib.contextmanager
 def output_may_close():
-    """sys.stdout and sys.stderr as OutputMayClose within the block (a `cma` command), flushed at its
-    end and then restored."""
+    """sys.stdout and sys.stderr as OutputMayClose within the block (a `cma` command), flushed at
+    its end and then restored."""
     streams = sys.stdout, sys.stderr
     sys.stdout = OutputMayClose(sys.stdout, "note: the reader of cma's standard output went away; cma goes on, "
                                             "its output now discarded")
