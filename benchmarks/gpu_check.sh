@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Everything to check on a GPU, in one run: CUDA tests, the adapter and quick_gelu benchmarks
-# (results into benchmarks/results/), a launch-config sweep, the end-to-end step benchmark, and,
-# with the time left of ~555 s, the compiled towers: a test of --micro-batch under CUDA graphs,
-# then the step (CUDA graphs first, then torch.compile default; each with and without
-# --recompute-mlp; the results file is rewritten after every variant, so a cut-off run keeps what
-# it measured), then the issues' targets against the results (benchmarks/targets.py). Worst case,
-# every section at its time limit: about 570 s.
+# (results into benchmarks/results/), a launch-config sweep, the end-to-end step benchmark (if it
+# fails, the fused step again with CUDA_LAUNCH_BLOCKING=1, to name the kernel that faulted), and,
+# with the time left of GPU_CHECK_BUDGET_S (default 555 s), the compiled towers: a test of
+# --micro-batch under CUDA graphs, then the step (CUDA graphs first, then torch.compile default;
+# each with and without --recompute-mlp; the results file is rewritten after every variant, so a
+# cut-off run keeps what it measured), then the issues' targets against the results
+# (benchmarks/targets.py). Worst case, every section at its time limit: about 570 s.
+# GPU_CHECK_SKIP="adapter quick_gelu tune" leaves out the kernel benchmarks (for a rerun at a commit
+# whose kernels were measured already), GPU_CHECK_E2E_S (default 140) is the end-to-end step's limit.
 # Each test's outcome: $OUT/gpu_tests.log.
 # On a machine without a package index, first put open_clip and decord (wheels or unpacked) on
 # PYTHONPATH.
@@ -16,7 +19,12 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# the tree as the installed package names it (setup.py: benchmarks/ is cma_benchmarks), uninstalled
+alias_dir=$(mktemp -d) && ln -s "$PWD/benchmarks" "$alias_dir/cma_benchmarks"
+export PYTHONPATH="$PWD:$alias_dir${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import cma_benchmarks, cma_model" || exit 1
+budget=${GPU_CHECK_BUDGET_S:-555}   # seconds for the whole script; the optional sections fill what is left
+skip=" ${GPU_CHECK_SKIP:-} "        # sections to leave out, e.g. "adapter quick_gelu tune" (measured at this commit)
 python -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, 'triton', triton.__version__)"
 pack() {   # after every section: a run stopped by its time limit still sends back what was measured
     if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" -C benchmarks results; fi
@@ -34,19 +42,33 @@ echo "pytest exit $? (124: cut off at its time limit): $(grep -c " PASSED" "$tes
     "all outcomes in $tests_log"
 grep -E " (FAILED|ERROR)" "$tests_log" | head -10
 tail -22 "$tests_log"
-echo "== adapter benchmark"
-timeout 140 python benchmarks/bench_adapter.py --budget-s 110 --out benchmarks/results 2>&1 | tail -32
-pack
-echo "== quick_gelu benchmark"
-timeout 35 python benchmarks/bench_quick_gelu.py --out benchmarks/results 2>&1 | tail -6
-pack
-echo "== launch-config sweep"
-timeout 60 python benchmarks/tune_adapter.py --budget-s 48 --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -30
-pack
+if [[ $skip != *" adapter "* ]]; then
+    echo "== adapter benchmark"
+    timeout 140 python benchmarks/bench_adapter.py --budget-s 110 --out benchmarks/results 2>&1 | tail -32
+    pack
+fi
+if [[ $skip != *" quick_gelu "* ]]; then
+    echo "== quick_gelu benchmark"
+    timeout 35 python benchmarks/bench_quick_gelu.py --out benchmarks/results 2>&1 | tail -6
+    pack
+fi
+if [[ $skip != *" tune "* ]]; then
+    echo "== launch-config sweep"
+    timeout 60 python benchmarks/tune_adapter.py --budget-s 48 --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -30
+    pack
+fi
 echo "== end-to-end training step"
-timeout 140 python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 | tail -30
+timeout "${GPU_CHECK_E2E_S:-140}" python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 | tail -30
+status=${PIPESTATUS[0]}
 pack
-left=$((555 - SECONDS))
+if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
+    # a CUDA fault is reported at some later call: rerun the fused step with every launch synchronous, so
+    # that the traceback names the kernel that faulted
+    echo "== end-to-end step failed (exit $status): the fused variant again, CUDA_LAUNCH_BLOCKING=1"
+    CUDA_LAUNCH_BLOCKING=1 timeout 60 python benchmarks/bench_train_step.py --out "$alias_dir" --archs ViT-B-32 \
+        --variants fused_adapters --steps 1 --no-curves 2>&1 | grep -vE "^\s+\^+$" | tail -14
+fi
+left=$((budget - SECONDS))
 if [ "$left" -gt 130 ]; then
     echo "== --micro-batch under CUDA graphs: test (${left} s left)"
     graphs_log=$(timeout 100 python -m pytest -v -p no:cacheprovider -m gpu_check -k cuda_graphs tests/test_step.py 2>&1)
@@ -54,7 +76,7 @@ if [ "$left" -gt 130 ]; then
     grep -E "^E " <<< "$graphs_log" | head -5
     echo "$graphs_log" >> "$tests_log"
 fi
-left=$((555 - SECONDS))
+left=$((budget - SECONDS))
 if [ "$left" -gt 60 ]; then
     echo "== training step with compiled towers (${left} s left)"
     timeout "$left" python benchmarks/bench_train_step.py --out benchmarks/results --archs ViT-B-32 \

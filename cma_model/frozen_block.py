@@ -9,7 +9,8 @@ in units of one bf16 [N, D] activation; N tokens, D width):
   The norm's weight and bias are cast to that dtype, the one rounding this path adds; the cast
   copies are kept while the frozen parameters are unchanged (not 4 casts per block per call).
 - Attention: nn.MultiheadAttention copies the packed q/k/v projection into a new layout before
-  scaled_dot_product_attention. Here q, k, v are views of the projection: one SDPA call, no copy.
+  scaled_dot_product_attention. Here q, k, v are views of the projection: one SDPA call, no copy,
+  on any SDPA backend but cuDNN's (SDPA_BACKENDS says why).
 - quick_gelu (OpenAI CLIP weights): `x * sigmoid(1.702 x)` in autograd keeps x AND the sigmoid
   (8 units). Here it keeps x only and recomputes the sigmoid in backward (4 units); where the
   adapters run fused, it is also one Triton launch each way instead of about ten elementwise
@@ -30,11 +31,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, QuickGELU
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
 from cma_kernels.quick_gelu import fused_quick_gelu
 
+
+# The lean attention's SDPA backends: all but cuDNN's. Its q, k, v are strided views of the packed
+# projection (row stride 3 D). On an H200 (torch 2.11, CUDA 13, where PyTorch picks cuDNN's fused
+# attention first) the training step with these views failed in its backward: an illegal memory
+# access in eager mode, cuDNN's "mha_graph.execute(...).is_good()" check under torch.compile.
+# PyTorch #169849 reports cuDNN attention reading out of bounds on this layout. Flash and
+# memory-efficient attention take the views as they are.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _frozen_casts = WeakIdKeyDictionary()   # frozen parameter -> (what it was cast from, the cast copy)
 
@@ -81,8 +91,9 @@ def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, attn_mask=None)
         attn_mask = attn_mask.to(q.dtype)
         if attn_mask.dim() == 3:
             attn_mask = attn_mask.view(batch, heads, length, length)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                         dropout_p=attn.dropout if attn.training else 0.0)
+    with sdpa_kernel(SDPA_BACKENDS):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                             dropout_p=attn.dropout if attn.training else 0.0)
     out = F.linear(out.transpose(1, 2).reshape(batch, length, width), attn.out_proj.weight, attn.out_proj.bias)
     return out if attn.batch_first else out.transpose(0, 1)
 

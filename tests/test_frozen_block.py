@@ -98,6 +98,25 @@ def test_self_attention_masks_follow_multihead_attention(mask_kind):
     torch.testing.assert_close(frozen_block.self_attention(attn, x, mask), want, **TOL)
 
 
+def test_self_attention_keeps_cudnn_attention_out(monkeypatch):
+    """SDPA runs with cuDNN's backend off (frozen_block.SDPA_BACKENDS: it faulted on these views on
+    an H200) and the others on; the process's settings are as before afterwards."""
+    attn = _block().attn
+    x = torch.randn(2, 5, 64, dtype=torch.float64)
+    want = attn(x, x, x, need_weights=False)[0]
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                     torch.backends.cuda.mem_efficient_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+    monkeypatch.setattr(frozen_block.F, "scaled_dot_product_attention", spy)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.testing.assert_close(frozen_block.self_attention(attn, x), want, **TOL)
+    assert seen == [(False, True, True)]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
 def test_adapted_model_lean_path_matches_reference_path():
     """Whole small CLIP with adapters: the lean frozen block ("auto": PyTorch adapters on the CPU,
     lean block) against open_clip's own block ("reference"): embeddings and adapter gradients."""
