@@ -125,6 +125,28 @@ def test_fp32_weights_with_fp16_activations():
     check_against_float64(*make_case(33, 96, 8, 16, torch.float16, weight_dtype=torch.float32))
 
 
+
+@gpu_check
+@requires_cuda
+@pytest.mark.parametrize("h_needs_grad", [True, False])
+def test_cuda_text_tower_dtype_mix(h_needs_grad):
+    """A text tower under bf16 autocast: bf16 h, an fp32 residual stream (so out and dy are fp32), fp32
+    master weights. The backward compiled for that mix faulted on an H200 (benchmarks/gpu_cases.py)."""
+    h, x, weights = make_case(2464, 512, 8, 16, torch.bfloat16, weight_dtype=torch.float32)
+    h.requires_grad_(h_needs_grad)
+    x = x.detach().float()
+    out = fused_adapter(h, *weights, residual=x)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out)
+    inputs = ([h] if h_needs_grad else []) + weights
+    grads = torch.autograd.grad(out, inputs, dy)
+    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in [h] + weights]
+    ref = adapter_reference(*ref_inputs, residual=x.double().cpu())
+    ref_grads = torch.autograd.grad(ref, ref_inputs, dy.double().cpu())[0 if h_needs_grad else 1:]
+    assert out.dtype == torch.float32
+    assert_matches(out.cpu(), ref, torch.bfloat16, "out")
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        assert_matches(g.cpu(), rg, torch.bfloat16, f"grad {i}")
+
 @gpu_check
 def test_backward_is_deterministic():
     h, x, weights = make_case(700, 96, 8, 16, torch.float32)   # several programs with several tiles each

@@ -1,0 +1,108 @@
+"""The fused adapter's backward on a CUDA GPU for every dtype mix a model hands it, one process
+per case, each checked against float64:
+
+    python benchmarks/gpu_cases.py [--sanitize]
+
+A CUDA fault (an illegal memory access) poisons the process it happens in, so that every later
+launch fails too: here each case runs in its own process, and a fault names its case. Cases:
+token shapes of a text and a vision tower, dy and the weights in bf16 or fp32 (an fp32 residual
+stream gives an fp32 dy; autocast keeps fp32 master weights), h needing a gradient or not, and
+the launch as `adapter_backward_flat` makes it ("lib": dy and the weights cast to h's dtype) or
+the raw launch of that mix ("raw"). --sanitize reruns the first raw case that faulted under
+compute-sanitizer, which names the kernel's source line and the address. Exit 1 if a "lib" case
+faults or misses its tolerance.
+"""
+import argparse
+import concurrent.futures
+import itertools
+import shutil
+import subprocess
+import sys
+
+import torch
+
+SHAPES = [(2464, 512), (19200, 768)]   # 32 captions x 77 tokens, ViT-B/32; 32 videos x 12 frames x 50 tokens
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+CASES = [f"{N}x{D}-dy_{dy}-w_{w}-dh_{int(dh)}-{path}" for (N, D), dy, w, dh, path
+         in itertools.product(SHAPES, DTYPES, DTYPES, (True, False), ("lib", "raw"))]
+TOL = 3e-2   # bf16 operands, fp32 accumulation: relative to the float64 gradient's norm
+
+
+def run_case(case: str) -> None:
+    """In a child process: one case, printing 'max relative error' or raising."""
+    import cma_kernels.adapter_op as op
+    from cma_kernels import adapter_reference
+    shape, dy_name, w_name, dh_flag, path = case.split("-")
+    N, D = map(int, shape.split("x"))
+    need_dh = dh_flag == "dh_1"
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r, ds = 8, 16
+
+    def rand(*size, scale=1.0, dtype=torch.bfloat16):
+        return torch.randn(*size, generator=g, device="cuda", dtype=torch.float32).mul_(scale).to(dtype)
+    w_dtype = DTYPES[w_name.removeprefix("w_")]
+    h = rand(N, D)
+    w_down, b_down = rand(r, D, scale=D ** -0.5, dtype=w_dtype), rand(r, scale=0.5, dtype=w_dtype)
+    w_up_unique, b_up_unique = rand(D - ds, r, scale=r ** -0.5, dtype=w_dtype), rand(D - ds, scale=0.5)
+    w_up_shared, b_up_shared = rand(ds, r, scale=r ** -0.5, dtype=w_dtype), rand(ds, scale=0.5)
+    dy = rand(N, D, dtype=DTYPES[dy_name.removeprefix("dy_")])
+    launch = op.adapter_backward_flat if path == "lib" else op._launch_backward
+    dh, grads_flat = launch(dy, h, w_down, b_down, w_up_unique, w_up_shared, "quick_gelu", need_dh)
+    torch.cuda.synchronize()
+
+    inputs = [t.double().requires_grad_() for t in (h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared,
+                                                     b_up_shared)]
+    grads = torch.autograd.grad(adapter_reference(*inputs), inputs, dy.double())
+    dw_down, db_down, dw_up_unique, db_up_unique, dw_up_shared, db_up_shared = grads[1:]
+    want = torch.cat([dw_down.flatten(), db_down, dw_up_unique.flatten(), dw_up_shared.flatten(), db_up_unique,
+                      db_up_shared])
+    errors = [(grads_flat.double() - want).norm().item() / want.norm().item()]
+    if need_dh:
+        errors.append((dh.double() - grads[0]).norm().item() / grads[0].norm().item())
+    print(f"{max(errors):.1e}")
+
+
+def spawn(case: str, timeout: float = 120) -> str:
+    """'ok 1.2e-03', 'WRONG 4.0e-01', or 'FAULT: <last error line>' for one case in its own process."""
+    try:
+        done = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "TIMEOUT"
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if "Error" in line] or done.stderr.splitlines()[-1:]
+        return "FAULT: " + (lines[-1][:110] if lines else f"exit {done.returncode}")
+    err = float(done.stdout.split()[-1])
+    return f"{'ok' if err <= TOL else 'WRONG'} {err:.1e}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", help="run one case in this process (what each child does)")
+    p.add_argument("--sanitize", action="store_true", help="rerun the first faulting raw case under compute-sanitizer")
+    p.add_argument("--sanitize-s", type=float, default=90, help="time limit of that rerun (default 90 s)")
+    args = p.parse_args()
+    if args.case:
+        return run_case(args.case)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_cases.py needs a CUDA GPU")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:   # cases are small: several processes share the GPU
+        results = dict(zip(CASES, pool.map(spawn, CASES)))
+    for case, result in results.items():
+        print(f"{case:36s} {result}")
+    faulted_raw = [case for case, result in results.items() if case.endswith("raw") and not result.startswith("ok")]
+    if args.sanitize and faulted_raw and shutil.which("compute-sanitizer"):
+        print(f"== compute-sanitizer on {faulted_raw[0]}")
+        try:
+            out = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--print-limit", "2", sys.executable,
+                                  __file__, "--case", faulted_raw[0]], capture_output=True, text=True,
+                                 timeout=args.sanitize_s).stdout
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace") + "\n========= (cut off at --sanitize-s)"
+        print("\n".join([line for line in out.splitlines() if line.startswith("=========")][:24]))
+    if any(not result.startswith("ok") for case, result in results.items() if case.endswith("lib")):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
