@@ -43,6 +43,7 @@ run never meets a broken script).
 """
 import argparse
 import copy
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -103,11 +104,11 @@ class Setup:
             torch.cuda.synchronize()
 
 
-def make_model(arch, setup):
-    """open_clip model `arch` ("smoke": the tiny SMOKE_CLIP) with random weights, on setup.device."""
-    if arch == "smoke":
-        return open_clip.model.CLIP(**SMOKE_CLIP).to(setup.device)
-    return open_clip.create_model(arch).to(setup.device)
+def make_model(arch, setup, device=None):
+    """open_clip model `arch` ("smoke": the tiny SMOKE_CLIP) with random weights, on `device`
+    (default setup.device)."""
+    model = open_clip.model.CLIP(**SMOKE_CLIP) if arch == "smoke" else open_clip.create_model(arch)
+    return model.to(device or setup.device)
 
 
 class ResidualAdd(torch.nn.Module):
@@ -134,11 +135,13 @@ def frozen_floor(model):
     return model, None, True
 
 
-def make_variant(base, name, autocast_dtype=None):
-    """(model, optimizer or None, images need grad) for one variant, on a copy of base. Lean variants
-    (all but full, floor and ref_adapters) store their frozen linears in autocast_dtype (None: no
-    autocast, they stay), as `cma train` does on CUDA."""
-    model, optimizer, images_need_grad = _variant(copy.deepcopy(base), name)
+def make_variant(base, name, autocast_dtype=None, device=None):
+    """(model, optimizer or None, images need grad) for one variant, on a copy of base (moved to
+    `device` where given: the base can then stay off the GPU, out of every variant's peak memory).
+    Lean variants (all but full, floor and ref_adapters) store their frozen linears in autocast_dtype
+    (None: no autocast, they stay), as `cma train` does on CUDA."""
+    model = copy.deepcopy(base)
+    model, optimizer, images_need_grad = _variant(model.to(device) if device else model, name)
     if autocast_dtype is not None and name not in ("full", "floor", "ref_adapters"):
         store_frozen_linears(model, autocast_dtype)
     return model, optimizer, images_need_grad
@@ -315,7 +318,7 @@ def kept_activations(args, setup):
         for name in args.variants:
             model, optimizer, need_grad = make_variant(base, name, setup.dtype if setup.autocasts() else None)
             _, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
-            _, saved = saved_activation_bytes(forward, model.parameters())
+            saved = saved_activation_bytes(forward, model.parameters())[1]
             rows.append({"arch": arch, "variant": name, "videos": setup.videos, "saved_GiB": saved / 2 ** 30,
                          "saved_MiB_per_video": saved / 2 ** 20 / setup.videos})
             del model, optimizer
@@ -392,11 +395,13 @@ def main(argv=None, prog=None):
     frames, tokens = setup.batch()
     rows, kernels = [], {}
     for arch in args.archs:
-        base = make_model(arch, setup)
+        base = make_model(arch, setup, device="cpu")   # each variant's copy goes to the GPU, the base stays
         for name in args.variants + compiled_variants(args.variants, args.compile):
-            model, optimizer, need_grad = make_variant(base, name, setup.dtype if setup.autocasts() else None)
+            model, optimizer, need_grad = make_variant(base, name, setup.dtype if setup.autocasts() else None,
+                                                       setup.device)
             step, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             if setup.device.type == "cuda":
+                gc.collect()   # what an earlier variant left must not count in this one's peak
                 torch.cuda.reset_peak_memory_stats()
             skips = counters["inductor"]["cudagraph_skips"]
             ms = time_steps(step, setup, steps=args.steps)
@@ -409,7 +414,7 @@ def main(argv=None, prog=None):
                 if name.endswith(CUDA_GRAPH_MODES):   # graphs inductor declined to record: those parts ran eager
                     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
             if "compile" not in name:   # saved-tensor hooks would make dynamo trace again
-                _, saved = saved_activation_bytes(forward, model.parameters())
+                saved = saved_activation_bytes(forward, model.parameters())[1]   # the loss and its graph go now
                 row["saved_GiB"] = saved / 2 ** 30
             if name == "full" or name.startswith("fused"):
                 row["encode_384_frames_ms"] = encode_ms(model, frames, setup)
@@ -417,7 +422,7 @@ def main(argv=None, prog=None):
             print(f"{arch} {name}: {ms:.1f} ms/step, {peak:.2f} GiB peak", flush=True)
             add_ratios(rows)   # written after every variant: a run cut short by a time limit keeps what it measured
             write_results(args.out, stem, {**info, "complete": False, "top_kernels": kernels}, rows)
-            del model, optimizer
+            del model, optimizer, step, forward
             if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
     print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "saved_GiB", "videos_per_s", "gpu_busy_pct",

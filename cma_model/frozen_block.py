@@ -38,12 +38,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 from cma_kernels.quick_gelu import fused_quick_gelu
 
 
-# The lean attention's SDPA backends: all but cuDNN's. Its q, k, v are strided views of the packed
-# projection (row stride 3 D). On an H200 (torch 2.11, CUDA 13, where PyTorch picks cuDNN's fused
-# attention first) the training step with these views failed in its backward: an illegal memory
-# access in eager mode, cuDNN's "mha_graph.execute(...).is_good()" check under torch.compile.
-# PyTorch #169849 reports cuDNN attention reading out of bounds on this layout. Flash and
-# memory-efficient attention take the views as they are.
+# The lean attention's SDPA backends: all but cuDNN's, the configuration measured on an H200 (torch
+# 2.11, CUDA 13): the GPU tests, the end-to-end step and the loss-curve check ran clean with it. With
+# cuDNN's backend, PyTorch's first choice there, the first H200 run failed inside it under
+# torch.compile ("mha_graph.execute(...).is_good()"); that run's adapter backward was broken too, so
+# the cause is not settled, but PyTorch #169849 reports cuDNN attention reading out of bounds on q,
+# k, v that are, as here, strided views of one packed projection. Flash and memory-efficient
+# attention take the views as they are, and were not slower: ViT-B/32 floor_lean 44.6 ms/step
+# without cuDNN, 46.2 with it (two runs of the same day).
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _frozen_casts = WeakIdKeyDictionary()   # frozen parameter -> (what it was cast from, the cast copy)

@@ -126,6 +126,21 @@ def test_fp32_weights_with_fp16_activations():
 
 
 
+def test_backward_kernel_gets_the_weights_in_h_dtype(monkeypatch):
+    """The kernel fed fp32 weights with 16-bit h computed wrong gradients on an H200 (benchmarks/
+    gpu_cases.py): adapter_backward_flat casts the weights to h's dtype and leaves dy as it is."""
+    seen = []
+    launch = adapter_op._launch_backward
+
+    def spy(dy, h, *weights_and_flags):
+        seen.append([t.dtype for t in (dy, h, *weights_and_flags[:4])])
+        return launch(dy, h, *weights_and_flags)
+    monkeypatch.setattr(adapter_op, "_launch_backward", spy)
+    h, x, weights = make_case(33, 96, 8, 16, torch.float16, weight_dtype=torch.float32)
+    out = fused_adapter(h, *weights, residual=x.detach().float())
+    torch.autograd.grad(out, [h] + weights, torch.randn_like(out))
+    assert seen == [[torch.float32] + [torch.float16] * 5]
+
 @gpu_check
 @requires_cuda
 @pytest.mark.parametrize("h_needs_grad", [True, False])

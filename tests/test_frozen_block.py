@@ -99,8 +99,8 @@ def test_self_attention_masks_follow_multihead_attention(mask_kind):
 
 
 def test_self_attention_keeps_cudnn_attention_out(monkeypatch):
-    """SDPA runs with cuDNN's backend off (frozen_block.SDPA_BACKENDS: it faulted on these views on
-    an H200) and the others on; the process's settings are as before afterwards."""
+    """SDPA runs with cuDNN's backend off (frozen_block.SDPA_BACKENDS says why) and the others on;
+    the process's settings are as before afterwards."""
     attn = _block().attn
     x = torch.randn(2, 5, 64, dtype=torch.float64)
     want = attn(x, x, x, need_weights=False)[0]
@@ -208,7 +208,9 @@ def test_layer_norm_keeps_its_weight_cast_until_the_weights_change(dtype):
 @requires_cuda
 def test_lean_layer_norm_keeps_bf16_under_cuda_autocast():
     """CUDA autocast runs LayerNorm in fp32 and keeps an fp32 copy of its input; the lean norm keeps
-    the bf16 input: 2 units fewer per block, where a unit is N x D x 2 bytes."""
+    the bf16 input: 2 units fewer per block, where a unit is N x D x 2 bytes, less what the lean path
+    keeps of its own that is not per token (the norms' bf16 weight copies: 6 KB here, 0.25% of a
+    unit; measured on an H200: 2 units less 6152 bytes), hence the 1% allowance."""
     block = _block(width=768, heads=12, act=nn.GELU, dtype=torch.float32).cuda().requires_grad_(False)
     x = torch.randn(32, 50, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     unit = x.numel() * 2
@@ -217,7 +219,7 @@ def test_lean_layer_norm_keeps_bf16_under_cuda_autocast():
         lean = _kept_bytes(lambda: _lean(block, x, None, False), block)
         ref = block(x)
         got = _lean(block, x, None, False)
-    assert stock - lean >= 2 * unit, (stock / unit, lean / unit)
+    assert stock - lean >= 1.99 * unit, (stock / unit, lean / unit)
     torch.testing.assert_close(got.float(), ref.float(), rtol=0.03, atol=0.03)   # bf16 rounding of the norm weights
 
 
