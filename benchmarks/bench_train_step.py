@@ -138,8 +138,8 @@ def frozen_floor(model):
 def make_variant(base, name, autocast_dtype=None, device=None):
     """(model, optimizer or None, images need grad) for one variant, on a copy of base (moved to
     `device` where given: the base can then stay off the GPU, out of every variant's peak memory).
-    Lean variants (all but full, floor and ref_adapters) store their frozen linears in autocast_dtype
-    (None: no autocast, they stay), as `cma train` does on CUDA."""
+    Lean variants (all but full, floor and ref_adapters) store their frozen linears in
+    autocast_dtype (None: no autocast, they stay), as `cma train` does on CUDA."""
     model = copy.deepcopy(base)
     model, optimizer, images_need_grad = _variant(model.to(device) if device else model, name)
     if autocast_dtype is not None and name not in ("full", "floor", "ref_adapters"):

@@ -64,7 +64,7 @@ def run_case(case: str) -> None:
 
 
 def spawn(case: str, timeout: float = 120) -> str:
-    """'ok 1.2e-03', 'WRONG 4.0e-01', or 'FAULT: <last error line>' for one case in its own process."""
+    """One case in its own process: 'ok 1.2e-03', 'WRONG 4.0e-01' or 'FAULT: <last error line>'."""
     try:
         done = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True,
                               timeout=timeout)

@@ -368,19 +368,20 @@ def adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activ
     [2 r D + r + D] fp32), grads_flat = [dW_down [r, D] | db_down [r] | dW_up [D, r] (unique rows,
     then shared) | db_up [D]], reduced over tokens deterministically (per-program fp32 partials,
     then one sum); split_grads cuts it.
-    The weights reach the kernel in h's dtype, cast here where they differ (fp32 master weights under
-    autocast; r x D values each): its dots round them to that dtype anyway (autocast's linears round
-    b_down too), and, fed fp32 weights with 16-bit h, it computed wrong gradients on an H200 (triton 3.6; relative error
-    2.1 in benchmarks/gpu_cases.py, and an illegal memory access inside a training step). dy may
-    have another dtype than h (a text tower's fp32 residual stream): that mix measured right.
+    The weights reach the kernel in h's dtype, cast here where they differ (fp32 master weights
+    under autocast; r x D values each): its dots round them to that dtype anyway (autocast's linears
+    round b_down too), and, fed fp32 weights with 16-bit h, it computed wrong gradients on an H200
+    (triton 3.6; relative error 2.1 in benchmarks/gpu_cases.py, and an illegal memory access inside
+    a training step). dy may have another dtype than h (a text tower's fp32 residual stream): that
+    mix measured right.
     """
     return _launch_backward(dy, h, *(w if w.dtype == h.dtype else w.to(h.dtype)
                                      for w in (w_down, b_down, w_up_unique, w_up_shared)), activation, need_dh)
 
 
 def _launch_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation, need_dh):
-    """The backward launch itself, no casts: adapter_backward_flat's contract for weights already in h's
-    dtype (benchmarks/gpu_cases.py calls it directly, as its "raw" cases)."""
+    """The backward launch itself, no casts: adapter_backward_flat's contract for weights already in
+    h's dtype (benchmarks/gpu_cases.py calls it directly, as its "raw" cases)."""
     D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
     h2, dy2 = _rows(h), _rows(dy)
     N = h2.shape[0]

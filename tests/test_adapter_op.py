@@ -145,8 +145,9 @@ def test_backward_kernel_gets_the_weights_in_h_dtype(monkeypatch):
 @requires_cuda
 @pytest.mark.parametrize("h_needs_grad", [True, False])
 def test_cuda_text_tower_dtype_mix(h_needs_grad):
-    """A text tower under bf16 autocast: bf16 h, an fp32 residual stream (so out and dy are fp32), fp32
-    master weights. The backward compiled for that mix faulted on an H200 (benchmarks/gpu_cases.py)."""
+    """A text tower under bf16 autocast: bf16 h, an fp32 residual stream (so out and dy are fp32),
+    fp32 master weights. Without the weights' cast, the backward of that mix computed wrong
+    gradients on an H200 (benchmarks/gpu_cases.py)."""
     h, x, weights = make_case(2464, 512, 8, 16, torch.bfloat16, weight_dtype=torch.float32)
     h.requires_grad_(h_needs_grad)
     x = x.detach().float()

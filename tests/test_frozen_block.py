@@ -208,9 +208,9 @@ def test_layer_norm_keeps_its_weight_cast_until_the_weights_change(dtype):
 @requires_cuda
 def test_lean_layer_norm_keeps_bf16_under_cuda_autocast():
     """CUDA autocast runs LayerNorm in fp32 and keeps an fp32 copy of its input; the lean norm keeps
-    the bf16 input: 2 units fewer per block, where a unit is N x D x 2 bytes, less what the lean path
-    keeps of its own that is not per token (the norms' bf16 weight copies: 6 KB here, 0.25% of a
-    unit; measured on an H200: 2 units less 6152 bytes), hence the 1% allowance."""
+    the bf16 input: 2 units fewer per block, where a unit is N x D x 2 bytes, less what the lean
+    path keeps of its own that is not per token (the norms' bf16 weight copies: 6 KB here, 0.25% of
+    a unit; measured on an H200: 2 units less 6152 bytes), hence the 1% allowance."""
     block = _block(width=768, heads=12, act=nn.GELU, dtype=torch.float32).cuda().requires_grad_(False)
     x = torch.randn(32, 50, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     unit = x.numel() * 2
