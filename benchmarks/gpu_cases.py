@@ -1,7 +1,7 @@
 """The fused adapter's backward on a CUDA GPU for every dtype mix a model hands it, one process
 per case, each checked against float64:
 
-    python benchmarks/gpu_cases.py [--sanitize]
+    python benchmarks/gpu_cases.py [--sanitize] [--smoke]
 
 A CUDA fault (an illegal memory access) poisons the process it happens in, so that every later
 launch fails too: here each case runs in its own process, and a fault names its case. Cases:
@@ -16,6 +16,7 @@ line and the address). Exit 1 if a "lib" case faults or misses its tolerance.
 import argparse
 import concurrent.futures
 import itertools
+import os
 import shutil
 import subprocess
 import sys
@@ -23,33 +24,42 @@ import sys
 import torch
 
 SHAPES = [(2464, 512), (19200, 768)]   # 32 captions x 77 tokens, ViT-B/32; 32 videos x 12 frames x 50 tokens
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-CASES = [f"{N}x{D}-dy_{dy}-w_{w}-dh_{int(dh)}-{path}" for (N, D), dy, w, dh, path
-         in itertools.product(SHAPES, DTYPES, DTYPES, (True, False), ("lib", "raw"))]
+DTYPES = ("bf16", "fp32")
 TOL = 3e-2   # bf16 operands, fp32 accumulation: relative to the float64 gradient's norm
+
+
+def cases(smoke=False):
+    """Case names; --smoke: one small shape, dh needed, "-smoke" cases (the CPU interpreter)."""
+    shapes, needs_dh, suffix = ([(40, 64)], (True,), "-smoke") if smoke else (SHAPES, (True, False), "")
+    return [f"{N}x{D}-dy_{dy}-w_{w}-dh_{int(dh)}-{path}{suffix}" for (N, D), dy, w, dh, path
+            in itertools.product(shapes, DTYPES, DTYPES, needs_dh, ("lib", "raw"))]
 
 
 def run_case(case: str) -> None:
     """In a child process: one case, printing 'max relative error' or raising."""
     import cma_kernels.adapter_op as op
     from cma_kernels import adapter_reference
-    shape, dy_name, w_name, dh_flag, path = case.split("-")
+    shape, dy_name, w_name, dh_flag, path = case.split("-")[:5]
     N, D = map(int, shape.split("x"))
     need_dh = dh_flag == "dh_1"
-    g = torch.Generator(device="cuda").manual_seed(0)
+    smoke = case.endswith("-smoke")   # the interpreter's bf16 dots are wrong: fp16 stands in there
+    device, half = ("cpu", torch.float16) if smoke else ("cuda", torch.bfloat16)
+    dtypes = {"bf16": half, "fp32": torch.float32}
+    g = torch.Generator(device=device).manual_seed(0)
     r, ds = 8, 16
 
-    def rand(*size, scale=1.0, dtype=torch.bfloat16):
-        return torch.randn(*size, generator=g, device="cuda", dtype=torch.float32).mul_(scale).to(dtype)
-    w_dtype = DTYPES[w_name.removeprefix("w_")]
+    def rand(*size, scale=1.0, dtype=half):
+        return torch.randn(*size, generator=g, device=device, dtype=torch.float32).mul_(scale).to(dtype)
+    w_dtype = dtypes[w_name.removeprefix("w_")]
     h = rand(N, D)
     w_down, b_down = rand(r, D, scale=D ** -0.5, dtype=w_dtype), rand(r, scale=0.5, dtype=w_dtype)
     w_up_unique, b_up_unique = rand(D - ds, r, scale=r ** -0.5, dtype=w_dtype), rand(D - ds, scale=0.5)
     w_up_shared, b_up_shared = rand(ds, r, scale=r ** -0.5, dtype=w_dtype), rand(ds, scale=0.5)
-    dy = rand(N, D, dtype=DTYPES[dy_name.removeprefix("dy_")])
+    dy = rand(N, D, dtype=dtypes[dy_name.removeprefix("dy_")])
     launch = op.adapter_backward_flat if path == "lib" else op._launch_backward
     dh, grads_flat = launch(dy, h, w_down, b_down, w_up_unique, w_up_shared, "quick_gelu", need_dh)
-    torch.cuda.synchronize()
+    if not smoke:
+        torch.cuda.synchronize()
 
     inputs = [t.double().requires_grad_() for t in (h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared,
                                                      b_up_shared)]
@@ -82,13 +92,18 @@ def main():
     p.add_argument("--case", help="run one case in this process (what each child does)")
     p.add_argument("--sanitize", action="store_true", help="rerun the first faulting raw case under compute-sanitizer")
     p.add_argument("--sanitize-s", type=float, default=90, help="time limit of that rerun (default 90 s)")
+    p.add_argument("--smoke", action="store_true", help="a few small cases on the CPU in Triton's interpreter "
+                   "(needs TRITON_INTERPRET=1): exercises the script only")
     args = p.parse_args()
     if args.case:
         return run_case(args.case)
-    if not torch.cuda.is_available():
-        sys.exit("gpu_cases.py needs a CUDA GPU")
+    if args.smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--smoke runs the kernels in Triton's interpreter: set TRITON_INTERPRET=1")
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("gpu_cases.py needs a CUDA GPU (--smoke tries the script on the CPU)")
+    names = cases(args.smoke)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:   # cases are small: several processes share the GPU
-        results = dict(zip(CASES, pool.map(spawn, CASES)))
+        results = dict(zip(names, pool.map(spawn, names)))
     for case, result in results.items():
         print(f"{case:36s} {result}")
     faulted_raw = [case for case, result in results.items() if case.endswith("raw") and not result.startswith("ok")]

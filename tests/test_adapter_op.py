@@ -5,6 +5,9 @@ compilation by the real Triton compiler and inductor need CUDA and are marked so
 Tolerance: max |fused - reference64| <= TOL[dtype] * max(1, max |reference64|), per tensor.
 """
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,6 +143,18 @@ def test_backward_kernel_gets_the_weights_in_h_dtype(monkeypatch):
     out = fused_adapter(h, *weights, residual=x.detach().float())
     torch.autograd.grad(out, [h] + weights, torch.randn_like(out))
     assert seen == [[torch.float32] + [torch.float16] * 5]
+
+def test_gpu_cases_script_runs_its_cases_on_the_cpu():
+    """benchmarks/gpu_cases.py (the GPU check's first section: each dtype mix of the backward in its
+    own process) with --smoke: small cases in Triton's interpreter, every one right."""
+    if CUDA:
+        pytest.skip("the smoke run is for machines without a GPU")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_cases.py")
+    done = subprocess.run([sys.executable, script, "--smoke"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [line.split() for line in done.stdout.splitlines() if line.endswith(tuple("0123456789"))]
+    assert len(results) == 8 and all(result[1] == "ok" and float(result[2]) < 1e-3 for result in results), done.stdout
 
 @gpu_check
 @requires_cuda
