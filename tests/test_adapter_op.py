@@ -154,7 +154,7 @@ def test_gpu_cases_script_runs_its_cases_on_the_cpu():
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     results = [line.split() for line in done.stdout.splitlines() if line.endswith(tuple("0123456789"))]
-    assert len(results) == 8 and all(result[1] == "ok" and float(result[2]) < 1e-3 for result in results), done.stdout
+    assert len(results) == 10 and all(result[1] == "ok" and float(result[2]) < 1e-3 for result in results), done.stdout
 
 @gpu_check
 @requires_cuda
