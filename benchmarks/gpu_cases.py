@@ -13,8 +13,8 @@ that cast ("raw"; "raw1": the same with the backward's D loop unpipelined, num_s
 and every other case right: why the cast is there. The first suspect: in the sm_90 code triton 3.6
 makes for fp32 weights, their tiles sit in single-buffered shared memory that cp.async refills
 inside the pipelined loop (bf16 weights: w_down double-buffered); "raw1" tests that. --sanitize
-reruns the first raw case that failed under compute-sanitizer (for a fault: the kernel's source
-line and the address). Exit 1 if a "lib" case faults or misses its tolerance.
+reruns the first raw case that faulted under compute-sanitizer (the kernel's source line and the
+address; it found nothing in a WRONG case). Exit 1 if a "lib" case faults or misses its tolerance.
 """
 import argparse
 import concurrent.futures
@@ -96,7 +96,8 @@ def spawn(case: str, timeout: float = 120) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", help="run one case in this process (what each child does)")
-    p.add_argument("--sanitize", action="store_true", help="rerun the first faulting raw case under compute-sanitizer")
+    p.add_argument("--sanitize", action="store_true",
+                   help="rerun the first raw case that faulted under compute-sanitizer")
     p.add_argument("--sanitize-s", type=float, default=90, help="time limit of that rerun (default 90 s)")
     p.add_argument("--smoke", action="store_true", help="a few small cases on the CPU in Triton's interpreter "
                    "(needs TRITON_INTERPRET=1): exercises the script only")
@@ -113,7 +114,7 @@ def main():
     for case, result in results.items():
         print(f"{case:36s} {result}")
     faulted_raw = [case for case, result in results.items()
-                   if case.split("-")[4] == "raw" and not result.startswith("ok")]
+                   if case.split("-")[4] == "raw" and result.startswith("FAULT")]
     if args.sanitize and faulted_raw and shutil.which("compute-sanitizer"):
         print(f"== compute-sanitizer on {faulted_raw[0]}")
         try:
