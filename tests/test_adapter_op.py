@@ -128,7 +128,6 @@ def test_fp32_weights_with_fp16_activations():
     check_against_float64(*make_case(33, 96, 8, 16, torch.float16, weight_dtype=torch.float32))
 
 
-
 def test_backward_kernel_gets_the_weights_in_h_dtype(monkeypatch):
     """The kernel fed fp32 weights with 16-bit h computed wrong gradients on an H200 (benchmarks/
     gpu_cases.py): adapter_backward_flat casts the weights to h's dtype and leaves dy as it is."""
@@ -144,6 +143,7 @@ def test_backward_kernel_gets_the_weights_in_h_dtype(monkeypatch):
     torch.autograd.grad(out, [h] + weights, torch.randn_like(out))
     assert seen == [[torch.float32] + [torch.float16] * 5]
 
+
 def test_gpu_cases_script_runs_its_cases_on_the_cpu():
     """benchmarks/gpu_cases.py (the GPU check's first section: each dtype mix of the backward in its
     own process) with --smoke: small cases in Triton's interpreter, every one right."""
@@ -155,6 +155,7 @@ def test_gpu_cases_script_runs_its_cases_on_the_cpu():
     assert done.returncode == 0, done.stderr[-2000:]
     results = [line.split() for line in done.stdout.splitlines() if line.endswith(tuple("0123456789"))]
     assert len(results) == 10 and all(result[1] == "ok" and float(result[2]) < 1e-3 for result in results), done.stdout
+
 
 @gpu_check
 @requires_cuda
@@ -177,6 +178,7 @@ def test_cuda_text_tower_dtype_mix(h_needs_grad):
     assert_matches(out.cpu(), ref, torch.bfloat16, "out")
     for i, (g, rg) in enumerate(zip(grads, ref_grads)):
         assert_matches(g.cpu(), rg, torch.bfloat16, f"grad {i}")
+
 
 @gpu_check
 def test_backward_is_deterministic():

@@ -672,6 +672,7 @@ def test_e2e_bench_times_each_variant_with_no_earlier_one_alive(tmp_path, monkey
                  "--out", str(tmp_path)]) == 0
     assert len(losses) == 3 and len(alive_at_timing) >= 3 and set(alive_at_timing) == {(0, 0)}
 
+
 def test_adapter_bench_and_tuner_smoke_run_the_gpu_code_path_on_cpu(tmp_path, capsys, monkeypatch):
     """--smoke: the kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1 without a GPU);
     the tuner's kernels launch with the configurations it sweeps, not the interpreter's own."""

@@ -117,6 +117,7 @@ def test_self_attention_keeps_cudnn_attention_out(monkeypatch):
     assert seen == [(False, True, True)]
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
+
 def test_adapted_model_lean_path_matches_reference_path():
     """Whole small CLIP with adapters: the lean frozen block ("auto": PyTorch adapters on the CPU,
     lean block) against open_clip's own block ("reference"): embeddings and adapter gradients."""
