@@ -4,17 +4,19 @@ per case, each checked against float64:
     python benchmarks/gpu_cases.py [--sanitize] [--smoke]
 
 A CUDA fault (an illegal memory access) poisons the process it happens in, so that every later
-launch fails too: here each case runs in its own process, and a fault names its case. Cases:
-token shapes of a text and a vision tower, dy and the weights in bf16 or fp32 (an fp32 residual
-stream gives an fp32 dy; autocast keeps fp32 master weights), h needing a gradient or not, and
-the launch as `adapter_backward_flat` makes it ("lib": the weights cast to h's dtype) or without
-that cast ("raw"; "raw1": the same with the backward's D loop unpipelined, num_stages=1). On an H200
-(triton 3.6, November 2026) every raw case with fp32 weights came out WRONG (relative error 2.1)
-and every other case right: why the cast is there. The first suspect: in the sm_90 code triton 3.6
-makes for fp32 weights, their tiles sit in single-buffered shared memory that cp.async refills
-inside the pipelined loop (bf16 weights: w_down double-buffered); "raw1" tests that. --sanitize
-reruns the first raw case that faulted under compute-sanitizer (the kernel's source line and the
-address; it found nothing in a WRONG case). Exit 1 if a "lib" case faults or misses its tolerance.
+launch fails too: here each case runs in its own process, and a fault names its case. Cases: token
+shapes of a text and a vision tower, dy and the weights in bf16 or fp32 (an fp32 residual stream
+gives an fp32 dy; autocast keeps fp32 master weights), h needing a gradient or not, and the launch
+as `adapter_backward_flat` makes it ("lib": the weights cast to h's dtype) or without that cast
+("raw"; "raw1": the same with the backward's D loop unpipelined, num_stages=1). On an H200 (triton
+3.6, November 2026) every raw case with fp32 weights came out WRONG (relative error 2.1) and every
+other case right: why the cast is there. The cause is not known. In the sm_90 code triton 3.6 makes
+for fp32 weights (compiled on a CPU), their tiles sit in single-buffered shared memory that cp.async
+refills inside the pipelined loop (bf16 weights: w_down double-buffered), but the PTX of the first
+sweep has barriers between their reads and the refill; "raw1" tests the pipelining as a whole.
+--sanitize reruns the first raw case that faulted under compute-sanitizer (the kernel's source line
+and the address; it found nothing in a WRONG case). Exit 1 if a "lib" case faults or misses its
+tolerance.
 """
 import argparse
 import concurrent.futures
