@@ -25,6 +25,7 @@ cd "$(dirname "$0")/.."
 if [ -n "${OUT:-}" ]; then exec > >(tee "$OUT/gpu_check.log") 2>&1; fi
 # the tree as the installed package names it (setup.py: benchmarks/ is cma_benchmarks), uninstalled
 alias_dir=$(mktemp -d) && ln -s "$PWD/benchmarks" "$alias_dir/cma_benchmarks"
+trap 'rm -rf "$alias_dir"' EXIT
 export PYTHONPATH="$PWD:$alias_dir${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import cma_benchmarks, cma_model" || exit 1
 budget=${GPU_CHECK_BUDGET_S:-555}   # seconds for the whole script; the optional sections fill what is left

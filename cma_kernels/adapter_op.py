@@ -375,8 +375,8 @@ def adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activ
     a training step). dy may have another dtype than h (a text tower's fp32 residual stream): that
     mix measured right.
     """
-    return _launch_backward(dy, h, *(w if w.dtype == h.dtype else w.to(h.dtype)
-                                     for w in (w_down, b_down, w_up_unique, w_up_shared)), activation, need_dh)
+    return _launch_backward(dy, h, *(w.to(h.dtype) for w in (w_down, b_down, w_up_unique, w_up_shared)),
+                            activation, need_dh)
 
 
 def _launch_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation, need_dh):
