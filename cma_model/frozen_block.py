@@ -10,7 +10,8 @@ in units of one bf16 [N, D] activation; N tokens, D width):
   copies are kept while the frozen parameters are unchanged (not 4 casts per block per call).
 - Attention: nn.MultiheadAttention copies the packed q/k/v projection into a new layout before
   scaled_dot_product_attention. Here q, k, v are views of the projection: one SDPA call, no copy,
-  on any SDPA backend but cuDNN's (SDPA_BACKENDS says why).
+  on any SDPA backend but cuDNN's (SDPA_BACKENDS says why); backward copies their gradients into
+  the projection's layout once (stacking them), not twice.
 - quick_gelu (OpenAI CLIP weights): `x * sigmoid(1.702 x)` in autograd keeps x AND the sigmoid
   (8 units). Here it keeps x only and recomputes the sigmoid in backward (4 units); where the
   adapters run fused, it is also one Triton launch each way instead of about ten elementwise
@@ -86,7 +87,10 @@ def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, attn_mask=None)
     batch, length, width = x.shape
     heads = attn.num_heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)                       # [B, L, 3 D]
-    q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, hd]
+    # unbind along the "3" dim before moving heads forward: in backward, autograd stacks dq, dk, dv
+    # ([B, L, H, hd] layout) straight into qkv's [B, L, 3, H, hd] layout, one copy of the gradient
+    # (permuting first would stack them as [3, B, H, L, hd], then copy again to reshape)
+    q, k, v = (t.transpose(1, 2) for t in qkv.view(batch, length, 3, heads, width // heads).unbind(2))  # [B, H, L, hd]
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill_(attn_mask, float("-inf"))

@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 from conftest import clip_inputs, gpu_check, requires_cuda, small_clip
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from cma_benchmarks.common import saved_activation_bytes
 from cma_model import add_cross_modal_adapters, adapter_modules, set_adapter_backend, set_mlp_recompute
@@ -116,6 +118,35 @@ def test_self_attention_keeps_cudnn_attention_out(monkeypatch):
     torch.testing.assert_close(frozen_block.self_attention(attn, x), want, **TOL)
     assert seen == [(False, True, True)]
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+class _NewTensorsOfSize(TorchDispatchMode):
+    """Records each op that returns a tensor of `numel` values in storage of its own (a copy, not a
+    view of an input)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.ops += [str(func) for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+                     and t.numel() == self.numel and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_backward_copies_the_qkv_gradient_once(dtype, batch_first):
+    """Backward makes q, k and v's gradients into the packed projection's gradient [B, L, 3 D] with
+    one copy (autograd's stack of the three); SDPA's own gradients are [B, H, L, hd] each."""
+    attn = _block(batch_first=batch_first, dtype=dtype).attn
+    x = torch.randn((3, 7, 64) if batch_first else (7, 3, 64), dtype=dtype, requires_grad=True)
+    out = frozen_block.self_attention(attn, x)
+    with _NewTensorsOfSize(3 * 7 * 3 * 64) as copies:
+        out.backward(torch.randn_like(out))
+    assert copies.ops == ["aten.stack.default"]   # its values: test_lean_block_is_open_clip_block
 
 
 def test_adapted_model_lean_path_matches_reference_path():
