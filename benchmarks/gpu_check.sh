@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Everything to check on a GPU, in one run: the fused backward on every dtype mix a model makes
-# (gpu_cases.py), the CUDA tests, the adapter and quick_gelu benchmarks (results into
-# benchmarks/results/), a launch-config sweep, the end-to-end step benchmark (if it fails, the fused
-# step again with CUDA_LAUNCH_BLOCKING=1, to name the kernel that faulted), and, with what is left
+# (gpu_cases.py), the CUDA tests, the host time per adapter call, the adapter and quick_gelu
+# benchmarks (results into benchmarks/results/), a launch-config sweep, the end-to-end step
+# benchmark (if it fails, the fused step again with CUDA_LAUNCH_BLOCKING=1, to name the kernel
+# that faulted), and, with what is left
 # of GPU_CHECK_BUDGET_S (default 555 s), the compiled towers: a test of --micro-batch under CUDA
 # graphs, then the step (CUDA graphs first, then torch.compile default; each with and without
 # --recompute-mlp; the results file is rewritten after every variant, so a cut-off run keeps what it
 # measured), then the issues' targets against the results (benchmarks/targets.py). On an H200 at
 # daa4c97, with the kernel benchmarks skipped, the run took 245 s: the tests 69 s, the end-to-end
-# step (both architectures, loss curves) under its 90 s limit. Worst case, every section at its time
-# limit: about 600 s.
+# step (both architectures, loss curves) under its 90 s limit; with them, about 420 s (estimated).
+# Every section at its time limit would add up to about 700 s: results are packed after each.
 # GPU_CHECK_SKIP="adapter quick_gelu tune" leaves out the kernel benchmarks (for a rerun whose
 # kernels were measured already); GPU_CHECK_TESTS_S (default 120) and GPU_CHECK_E2E_S (default 140)
 # limit the CUDA tests and the end-to-end step.
@@ -49,6 +50,9 @@ echo "pytest exit $? (124: cut off at its time limit): $(grep -c " PASSED" "$tes
     "all outcomes in $tests_log"
 grep -E " (FAILED|ERROR)" "$tests_log" | head -10
 tail -22 "$tests_log"
+echo "== host time per adapter call"
+timeout 30 python benchmarks/bench_host.py --calls 1000 --out benchmarks/results 2>&1 | tail -6
+pack
 if [[ $skip != *" adapter "* ]]; then
     echo "== adapter benchmark"
     timeout 140 python benchmarks/bench_adapter.py --budget-s 110 --out benchmarks/results 2>&1 | tail -32

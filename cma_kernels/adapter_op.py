@@ -270,8 +270,10 @@ def _adapter_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers
 
-# Host-side launch arithmetic in plain Python: triton.cdiv / next_power_of_2 are constexpr
-# functions whose call wrapper costs more than the arithmetic (96 adapter calls per training step).
+# The host side is kept lean: a ViT-B training step makes 96 adapter calls, and on an H200 the
+# ViT-B/32 step is bound by the host (benchmarks/bench_host.py times it). So plain Python arithmetic
+# (triton.cdiv / next_power_of_2 are constexpr functions whose call wrapper costs more), no view or
+# cast where the tensor already fits, and one split for the six weight gradients.
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -280,10 +282,20 @@ def _rank_pad(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., D] -> [N, D] with unit column stride; a view whenever the layout allows."""
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """[..., D] -> (tensor holding the N rows of D values with unit column stride, row stride): t
+    itself where contiguous, else a [N, D] view whenever the layout allows, else a copy."""
+    if t.is_contiguous():
+        return t, t.shape[-1]
     t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
+    if t2.stride(-1) != 1 and t2.shape[0] > 0:
+        t2 = t2.contiguous()
+    return t2, t2.stride(0)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype), without the call where t has that dtype already."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -336,23 +348,23 @@ def adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_
     autocast): they are cast to h's dtype inside the kernel."""
     D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
     out_dtype = h.dtype if residual is None else torch.promote_types(h.dtype, residual.dtype)
-    h2 = _rows(h)
-    N = h2.shape[0]
-    out = torch.empty((N, D), dtype=out_dtype, device=h.device)
+    out = torch.empty(h.shape, dtype=out_dtype, device=h.device)   # contiguous: rows of D values
+    N = out.numel() // D if D else 0
     if N == 0:
-        return out.view(h.shape)
-    res2 = _rows(residual) if residual is not None else h2
+        return out
+    h2, stride_h = _rows(h)
+    res2, stride_res = _rows(residual) if residual is not None else (h2, stride_h)
     cfg = launch_configs(h.dtype, r, h.device)[0]
     _adapter_fwd_kernel[(_cdiv(N, cfg["BLOCK_N"]),)](
         h2, res2, out, w_down.contiguous(), b_down.contiguous(),
         _real(w_up_unique, w_up_shared), _real(b_up_unique, b_up_shared),
         _real(w_up_shared, w_up_unique), _real(b_up_shared, b_up_unique),
-        N, D, ds, h2.stride(0), res2.stride(0),
+        N, D, ds, stride_h, stride_res,
         R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation), HAS_RESIDUAL=residual is not None,
         DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out.view(h.shape)
+    return out
 
 
 def _real(t, stand_in):
@@ -375,7 +387,7 @@ def adapter_backward_flat(dy, h, w_down, b_down, w_up_unique, w_up_shared, activ
     a training step). dy may have another dtype than h (a text tower's fp32 residual stream): that
     mix measured right.
     """
-    return _launch_backward(dy, h, *(w.to(h.dtype) for w in (w_down, b_down, w_up_unique, w_up_shared)),
+    return _launch_backward(dy, h, *(_as(w, h.dtype) for w in (w_down, b_down, w_up_unique, w_up_shared)),
                             activation, need_dh)
 
 
@@ -383,8 +395,7 @@ def _launch_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
     """The backward launch itself, no casts: adapter_backward_flat's contract for weights already in
     h's dtype (benchmarks/gpu_cases.py calls it directly, as its "raw" cases)."""
     D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
-    h2, dy2 = _rows(h), _rows(dy)
-    N = h2.shape[0]
+    N = h.numel() // D if D else 0
     cfg = launch_configs(h.dtype, r, h.device)[1]
     num_tiles = _cdiv(N, cfg["BLOCK_N"])
     tiles_per_program = max(1, _cdiv(num_tiles, _num_programs_cap(h.device, cfg["PROGRAMS_PER_SM"])))
@@ -395,28 +406,30 @@ def _launch_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
     # zero-fill); N = 0 runs no program.
     stride_part = _cdiv(grads, 16) * 16
     grads_part = (torch.empty if N > 0 else torch.zeros)((P, stride_part), dtype=torch.float32, device=h.device)
-    dh = torch.empty((N, D), dtype=h.dtype, device=h.device) if need_dh else None
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_dh else None   # contiguous
     if N > 0:
+        (h2, stride_h), (dy2, stride_dy) = _rows(h), _rows(dy)
         _adapter_bwd_kernel[(P,)](
             dy2, h2, dh if need_dh else h2, w_down.contiguous(), b_down.contiguous(),
             _real(w_up_unique, w_up_shared), _real(w_up_shared, w_up_unique), grads_part,
-            N, D, ds, stride_part, dy2.stride(0), h2.stride(0), tiles_per_program,
+            N, D, ds, stride_part, stride_dy, stride_h, tiles_per_program,
             R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation), NEED_DH=need_dh,
             DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    return dh.view(h.shape) if need_dh else None, grads_part[:, :grads].sum(0)
+    return dh, grads_part[:, :grads].sum(0)
 
 
 def split_grads(grads_flat, w_down, b_down, w_up_unique, w_up_shared):
     """grads_flat (from adapter_backward_flat) -> (dw_down, db_down, dw_up_unique, db_up_unique,
     dw_up_shared, db_up_shared): contiguous views, cast to each weight's dtype where it differs."""
-    (r, D), du = w_down.shape, w_up_unique.shape[0]
-    dw_down, db_down, dw_up, db_up = grads_flat.split([r * D, r, D * r, D])
-    dw_up = dw_up.view(D, r)
-    parts = (dw_down.view(r, D), db_down, dw_up[:du], db_up[:du], dw_up[du:], db_up[du:])
-    dtypes = (w_down.dtype, b_down.dtype, w_up_unique.dtype, w_up_unique.dtype, w_up_shared.dtype, w_up_shared.dtype)
-    return tuple(g.to(t) for g, t in zip(parts, dtypes))
+    (r, D), du, ds = w_down.shape, w_up_unique.shape[0], w_up_shared.shape[0]
+    # dW_up's unique rows, then its shared rows, then db_up likewise: one split cuts all six
+    dw_down, db_down, dw_up_unique, dw_up_shared, db_up_unique, db_up_shared = grads_flat.split_with_sizes(
+        (r * D, r, du * r, ds * r, du, ds))
+    return (_as(dw_down.view(r, D), w_down.dtype), _as(db_down, b_down.dtype),
+            _as(dw_up_unique.view(du, r), w_up_unique.dtype), _as(db_up_unique, w_up_unique.dtype),
+            _as(dw_up_shared.view(ds, r), w_up_shared.dtype), _as(db_up_shared, w_up_shared.dtype))
 
 
 def adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation="quick_gelu", need_dh=True):

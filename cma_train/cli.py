@@ -355,7 +355,7 @@ def cmd_prepare(args):
 
 def cmd_bench(args, rest):
     """`cma bench`: the adapter benchmark, or the one a flag picks (--e2e, --quick-gelu, --preprocess,
-    --targets), given the remaining arguments."""
+    --host, --targets), given the remaining arguments."""
     if args.e2e:
         from cma_benchmarks import bench_train_step
         bench_train_step.main(rest, prog="cma bench --e2e")
@@ -365,6 +365,9 @@ def cmd_bench(args, rest):
     elif args.preprocess:
         from cma_benchmarks import bench_preprocess
         bench_preprocess.main(rest, prog="cma bench --preprocess")
+    elif args.host:
+        from cma_benchmarks import bench_host
+        bench_host.main(rest, prog="cma bench --host")
     elif args.targets:
         from cma_benchmarks import targets
         return targets.main(rest, prog="cma bench --targets", results="runs/bench")
@@ -425,12 +428,15 @@ def build_parser():
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a video counts as hung (default: 300)")
     p = sub.add_parser("bench", add_help=False, allow_abbrev=False,   # --quick is the benchmarks' own flag
                        help="benchmarks: the adapter op (default), --e2e training step, --preprocess frames, "
-                            "--quick-gelu the fused activation, --targets the targets against results; "
-                            "`cma bench [--e2e|--preprocess|--quick-gelu|--targets] "
+                            "--quick-gelu the fused activation, --host the CPU time per adapter call, "
+                            "--targets the targets against results; "
+                            "`cma bench [--e2e|--preprocess|--quick-gelu|--host|--targets] "
                             "--help` lists the chosen benchmark's options")
     p.add_argument("--e2e", action="store_true", help="whole training step: full fine-tune vs adapters (needs CUDA)")
     p.add_argument("--preprocess", action="store_true", help="frame preprocessing and video loading on the CPU")
     p.add_argument("--quick-gelu", action="store_true", help="the fused quick_gelu kernel vs eager (needs CUDA)")
+    p.add_argument("--host", action="store_true", help="the CPU's time per fused adapter call (what bounds a step "
+                   "of short kernels)")
     p.add_argument("--targets", action="store_true", help="measure nothing: the speed and memory targets against "
                    "the newest results in --results (default runs/bench, where the benchmarks write)")
     p = sub.add_parser("demo", help="the embedded demo: synthetic videos, zero-shot vs adapter-tuned R@1")

@@ -493,6 +493,22 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert png.stat().st_size > 0
 
 
+def test_host_bench_runs_on_cpu_and_puts_the_kernels_back(tmp_path, capsys):
+    """`cma bench --host`: on the CPU the kernel launches are stand-ins while it times, and the
+    real kernels are in place again afterwards; each case's time is in the results file."""
+    import cma_kernels.adapter_op as adapter_op
+    kernels = adapter_op._adapter_fwd_kernel, adapter_op._adapter_bwd_kernel
+    assert main(["bench", "--host", "--calls", "20", "--out", str(tmp_path)]) == 0
+    assert "not launched" in capsys.readouterr().out
+    assert (adapter_op._adapter_fwd_kernel, adapter_op._adapter_bwd_kernel) == kernels
+    rows = json.loads(next(tmp_path.glob("host_*.json")).read_text())["rows"]
+    assert [r["case"] for r in rows] == ["fused_fwd", "fused_fwdbwd", "autograd_floor"]
+    assert all(r["us_per_call"] > 0 for r in rows)
+    with pytest.raises(SystemExit):
+        main(["bench", "--host", "--calls", "0"])
+    assert "--calls must be >= 1" in capsys.readouterr().err
+
+
 def test_gpu_busy_time_is_the_union_of_kernel_intervals():
     from cma_benchmarks.bench_train_step import union_ms
     # overlapping, nested, touching and disjoint intervals (microseconds), unsorted

@@ -196,6 +196,33 @@ def test_lean_block_keeps_less_activation_memory(tokens, width):
     assert recompute <= 6.2 * unit, recompute / unit   # ln_1 input, q/k/v, attention output, MLP input
 
 
+def test_layer_norm_runs_with_autocast_off(monkeypatch):
+    """Under CUDA autocast (enabled by hand: this test needs no GPU), the eager norm runs with
+    autocast's dispatch keys excluded, so autocast does not move it to fp32, and autocast is on
+    again after it. (Under torch.compile it runs in torch.autocast(enabled=False), traced:
+    test_lean_layer_norm_keeps_bf16_under_cuda_autocast and the CUDA fullgraph test.)"""
+    keys = [torch._C.DispatchKey.AutocastCUDA, torch._C.DispatchKey.AutocastCPU]
+    seen = []
+    layer_norm = frozen_block.F.layer_norm
+
+    def spy(*args, **kwargs):
+        seen.append([torch._C._dispatch_tls_is_dispatch_key_excluded(k) for k in keys])
+        return layer_norm(*args, **kwargs)
+    monkeypatch.setattr(frozen_block.F, "layer_norm", spy)
+    ln = nn.LayerNorm(64).requires_grad_(False)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    before = torch.is_autocast_enabled("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    try:
+        out = frozen_block.layer_norm(ln, x)
+        after = torch._C._dispatch_tls_is_dispatch_key_excluded(keys[0])
+    finally:
+        torch.set_autocast_enabled("cuda", before)
+    assert seen == [[True, True]] and not after
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, layer_norm(x.float(), (64,)).to(torch.bfloat16), rtol=0.02, atol=0.02)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_norm_keeps_its_weight_cast_until_the_weights_change(dtype):
     """The lean norm casts its frozen weight and bias once: equal to F.layer_norm with freshly cast
