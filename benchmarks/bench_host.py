@@ -23,9 +23,9 @@ from unittest import mock
 import torch
 
 try:
-    from cma_benchmarks.common import print_table, run_info, slug, write_results
+    from cma_benchmarks.common import bar_chart, print_table, run_info, slug, write_results
 except ImportError:   # run from a checkout that is not pip-installed
-    from common import print_table, run_info, slug, write_results
+    from common import bar_chart, print_table, run_info, slug, write_results
 import cma_kernels.adapter_op as adapter_op
 
 N, D, R, DS = 64, 768, 8, 16
@@ -101,7 +101,7 @@ def bench(device, calls):
 
 def main(argv=None, prog=None):
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/bench", help="folder for the JSON/CSV results (default runs/bench)")
+    p.add_argument("--out", default="runs/bench", help="folder for the JSON/CSV/PNG results (default runs/bench)")
     p.add_argument("--calls", type=int, default=2000, help="calls per timing round (default 2000)")
     args = p.parse_args(argv)
     if args.calls < 1:
@@ -113,7 +113,9 @@ def main(argv=None, prog=None):
     print(f"{info['device']}: host time per adapter call, kernels {info['kernels']}")
     print_table(rows, ["case", "us_per_call"])
     path = write_results(args.out, f"host_{slug(info['device'])}_{info['date']}", info, rows)
-    print(f"wrote {path}.json, .csv")
+    bar_chart(path + ".png", [(f"host time per adapter call ({info['device']})", "us", ["r=8, [64, 768] bf16"],
+                               {r["case"]: [r["us_per_call"]] for r in rows}, False)])
+    print(f"wrote {path}.json, .csv, .png")
     return rows
 
 

@@ -502,6 +502,7 @@ def test_host_bench_runs_on_cpu_and_puts_the_kernels_back(tmp_path, capsys):
     assert "not launched" in capsys.readouterr().out
     assert (adapter_op._adapter_fwd_kernel, adapter_op._adapter_bwd_kernel) == kernels
     rows = json.loads(next(tmp_path.glob("host_*.json")).read_text())["rows"]
+    assert next(tmp_path.glob("host_*.png")).stat().st_size > 0
     assert [r["case"] for r in rows] == ["fused_fwd", "fused_fwdbwd", "autograd_floor"]
     assert all(r["us_per_call"] > 0 for r in rows)
     with pytest.raises(SystemExit):
