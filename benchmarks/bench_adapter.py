@@ -13,6 +13,9 @@ afresh, seconds per shape on a GPU); the shapes run targets first, and a run cut
 prints its table, writes its plot and lists the shapes it skipped.
 --dtypes: bf16 and fp32 by default, fp16 and fp32 on a GPU without bf16 (compute capability below
 8.0: T4, V100), as `cma train --precision auto` picks; fp32 alone on the CPU.
+--matmul-precision sets torch.set_float32_matmul_precision for the run: fp32 matmuls of eager and
+compiled PyTorch and the fused kernels' fp32 dots alike ("high": TF32 in cuBLAS, three TF32 dots
+each in the fused kernels). Its results go to adapter_fp32-<precision>_<device>_<date>.
 """
 import argparse
 import os
@@ -83,6 +86,16 @@ def plot(rows, variants, path):
 
 
 def main(argv=None, prog=None):
+    """Run the benchmark (arguments as the module docstring says); returns the result rows. The
+    process's fp32 matmul precision is as before afterwards."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        return _main(argv, prog)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _main(argv, prog):
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench", help="folder for the JSON/CSV/PNG results (default runs/bench)")
     p.add_argument("--quick", action="store_true", help="GPU: only N=19200 and 153600 at D=768")
@@ -92,6 +105,8 @@ def main(argv=None, prog=None):
                    "(the first always runs; the rest are listed as skipped)")
     p.add_argument("--smoke", action="store_true", help="the GPU code path on the CPU, tiny shapes (needs "
                    "TRITON_INTERPRET=1): exercises the script only")
+    p.add_argument("--matmul-precision", choices=["highest", "high", "medium"],
+                   help="torch.set_float32_matmul_precision for the run (default: PyTorch's, highest)")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, help="(default: bf16 fp32 on a GPU of compute capability "
                    "8.0+, fp16 fp32 below; fp32 on the CPU and with --smoke)")
     args = p.parse_args(argv)
@@ -111,7 +126,9 @@ def main(argv=None, prog=None):
     if torch.bfloat16 in dtypes and half == torch.float16:
         p.error(f"--dtypes bf16: the {torch.cuda.get_device_name(device)} has no bf16 (compute capability "
                 f"8.0+ has it); benchmark fp16 instead (the default here)")
-    info = {**run_info(device), "smoke": args.smoke}
+    if args.matmul_precision:
+        torch.set_float32_matmul_precision(args.matmul_precision)
+    info = {**run_info(device), "smoke": args.smoke, "fp32_matmul_precision": torch.get_float32_matmul_precision()}
     bandwidth = copy_bandwidth_gbps(device)
     info["copy_GBps"] = bandwidth
     if args.smoke or device.type == "cuda":
@@ -126,9 +143,11 @@ def main(argv=None, prog=None):
     if not 0 <= args.ds <= narrowest:
         p.error(f"--ds must be in [0, {narrowest}] (the narrowest width benchmarked here), got {args.ds}")
     names = [*variants, "compile"] if compile_backend else list(variants)
-    print(f"{info['device']}  copy bandwidth {bandwidth:.0f} GB/s  r={args.r} d_s={args.ds}")
+    print(f"{info['device']}  copy bandwidth {bandwidth:.0f} GB/s  r={args.r} d_s={args.ds}  "
+          f"fp32 matmul precision {info['fp32_matmul_precision']}")
 
-    stem = f"adapter{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
+    precision = f"_fp32-{args.matmul_precision}" if args.matmul_precision not in (None, "highest") else ""
+    stem = f"adapter{precision}{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
     rows, skipped = [], []
     deadline = time.monotonic() + args.budget_s if args.budget_s is not None else float("inf")
     for dt in dtypes:

@@ -9,8 +9,8 @@
 # --recompute-mlp; the results file is rewritten after every variant, so a cut-off run keeps what it
 # measured), then the issues' targets against the results (benchmarks/targets.py). On an H200 at
 # daa4c97, with the kernel benchmarks skipped, the run took 245 s: the tests 69 s, the end-to-end
-# step (both architectures, loss curves) under its 90 s limit; with them, about 420 s (estimated).
-# Every section at its time limit would add up to about 700 s: results are packed after each.
+# step (both architectures, loss curves) under its 90 s limit; with them, about 460 s (estimated).
+# Every section at its time limit would add up to about 760 s: results are packed after each.
 # GPU_CHECK_SKIP="adapter quick_gelu tune" leaves out the kernel benchmarks (for a rerun whose
 # kernels were measured already); GPU_CHECK_TESTS_S (default 120) and GPU_CHECK_E2E_S (default 140)
 # limit the CUDA tests and the end-to-end step.
@@ -56,6 +56,10 @@ pack
 if [[ $skip != *" adapter "* ]]; then
     echo "== adapter benchmark"
     timeout 140 python benchmarks/bench_adapter.py --budget-s 110 --out benchmarks/results 2>&1 | tail -32
+    pack
+    echo "== adapter benchmark, fp32 under torch.set_float32_matmul_precision('high') (fused: tf32x3 dots)"
+    timeout 60 python benchmarks/bench_adapter.py --quick --dtypes fp32 --matmul-precision high --budget-s 30 \
+        --out benchmarks/results 2>&1 | tail -6
     pack
 fi
 if [[ $skip != *" quick_gelu "* ]]; then

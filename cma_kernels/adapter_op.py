@@ -17,8 +17,9 @@ The residual's gradient is dy itself. Where h needs no gradient (each tower's fi
 adapter: its h comes from frozen layers over the input), dh is neither computed nor written.
 
 r < 16 is padded to 16 with masked zero rows so tl.dot sees K >= 16 on the GPU (REFERENCE.md
-section 7). fp32 inputs use IEEE dots so fp32 matches fp32 PyTorch; 16-bit inputs use tensor
-cores with fp32 accumulation.
+section 7). fp32 inputs use IEEE dots by default, as fp32 PyTorch does; with
+torch.set_float32_matmul_precision("high") three TF32 tensor-core dots each (FP32_DOT_PRECISION).
+16-bit inputs use tensor cores with fp32 accumulation.
 """
 import functools
 import os
@@ -298,19 +299,41 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"   # tf32 is ignored for 16-bit inputs
+# fp32 dots follow torch.set_float32_matmul_precision, as PyTorch's own fp32 matmuls do: "highest"
+# (the default) runs them in IEEE fp32 on the FMA units; "high" as three TF32 tensor-core dots
+# (tf32x3: the operands split into a TF32 part and a TF32 remainder, about fp32's accuracy);
+# "medium" as one TF32 dot (10-bit mantissas). GPUs before compute capability 8.0 have no TF32:
+# IEEE there, as in PyTorch.
+FP32_DOT_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+
+
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    if dtype != torch.float32:
+        return "tf32"   # ignored: 16-bit dots run on tensor cores as they are
+    precision = FP32_DOT_PRECISION[torch.get_float32_matmul_precision()]
+    if precision != "ieee" and device.type == "cuda" and _capability_major(_index(device)) < 8:
+        return "ieee"
+    return precision
 
 
 def _num_programs_cap(device: torch.device, programs_per_sm: int) -> int:
     if device.type == "cuda":
-        return programs_per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return programs_per_sm * _sm_count(_index(device))
     return 4   # interpreter: a few programs, so the multi-tile loop is exercised
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_properties(index).major
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def check_adapter_args(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_up_shared,
@@ -361,7 +384,7 @@ def adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_
         _real(w_up_shared, w_up_unique), _real(b_up_shared, b_up_unique),
         N, D, ds, stride_h, stride_res,
         R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation), HAS_RESIDUAL=residual is not None,
-        DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        DOT_PRECISION=_dot_precision(h.dtype, h.device), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -414,7 +437,7 @@ def _launch_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
             _real(w_up_unique, w_up_shared), _real(w_up_shared, w_up_unique), grads_part,
             N, D, ds, stride_part, stride_dy, stride_h, tiles_per_program,
             R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation), NEED_DH=need_dh,
-            DOT_PRECISION=_dot_precision(h.dtype), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            DOT_PRECISION=_dot_precision(h.dtype, h.device), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return dh, grads_part[:, :grads].sum(0)

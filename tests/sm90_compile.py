@@ -94,13 +94,14 @@ def compile_sm90(kernel, pointers, ints, constexprs, num_warps, num_stages=3, ar
     return registers, stack, compiled.metadata.shared, accesses
 
 
-def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32", arch=90):
+def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32", arch=90, fp32_precision="ieee"):
     """Compile forward and backward, each with its launch configuration (op.launch_configs), for one
     (activation dtype, r, activation, dh or not) for sm_`arch`; returns [(registers, stack, shared,
     accesses)] per kernel, refusing (on sm_90) a 16-bit pair at r >= 4 whose share of 128-bit
-    global accesses is under MIN_WIDE_SHARE."""
+    global accesses is under MIN_WIDE_SHARE. fp32_precision: the fp32 dots' input_precision
+    (op.FP32_DOT_PRECISION's values)."""
     r_pad = max(16, triton.next_power_of_2(r))
-    precision = "ieee" if dtype == "fp32" else "tf32"
+    precision = fp32_precision if dtype == "fp32" else "tf32"
     fwd_cfg, bwd_cfg = op.launch_configs(DTYPES[dtype], r)
     w = {n: f"*{weight_dtype}" for n in ("w_down_ptr", "b_down_ptr", "w_up_unique_ptr", "b_up_unique_ptr",
                                          "w_up_shared_ptr", "b_up_shared_ptr")}
@@ -137,9 +138,12 @@ def main(argv):
         + [("bf16", 8, 1, True), ("bf16", 8, 0, False)] if "--all" in argv else \
         [("bf16", 8, 0, True), ("bf16", 8, 0, False), ("bf16", 4, 1, True), ("fp16", 16, 0, True),
          ("fp32", 8, 0, True), ("bf16", 64, 0, True), ("fp32", 64, 0, True)]
-    for dtype, r, act, need_dh in cases:
-        fwd, bwd = compile_pair(dtype, r, act, need_dh)
-        print(f"{dtype} r={r} {('quick_gelu', 'gelu')[act]} {'dh' if need_dh else 'no dh'}: registers / stack "
+    cases = [(*case, "ieee") for case in cases] + [("fp32", r, 0, True, precision) for r in (8, 64)
+                                                   for precision in ("tf32x3", "tf32")]
+    for dtype, r, act, need_dh, precision in cases:
+        fwd, bwd = compile_pair(dtype, r, act, need_dh, fp32_precision=precision)
+        print(f"{dtype}{'' if dtype != 'fp32' else ' ' + precision} r={r} {('quick_gelu', 'gelu')[act]} "
+              f"{'dh' if need_dh else 'no dh'}: registers / stack "
               f"bytes / shared bytes / 128-bit global accesses: "
               + ", ".join(f"{kind} {regs} / {stack} / {shared} / {wide_share(acc):.0%}"
                           for kind, (regs, stack, shared, acc) in (("fwd", fwd), ("bwd", bwd))), flush=True)

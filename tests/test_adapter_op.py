@@ -44,7 +44,9 @@ def assert_matches(actual, expected, dtype, name):
     assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
 
 
-def check_against_float64(h, x, weights, activation="quick_gelu", residual=True):
+def check_against_float64(h, x, weights, activation="quick_gelu", residual=True, tol_dtype=None):
+    """fused_adapter's output and gradients against the float64 reference, within TOL[h's dtype]
+    (TOL[tol_dtype] where given)."""
     dtype = h.dtype
     inputs = [h] + ([x] if residual else []) + weights
     out = fused_adapter(h, *weights, residual=x if residual else None, activation=activation)
@@ -57,12 +59,13 @@ def check_against_float64(h, x, weights, activation="quick_gelu", residual=True)
     ref_grads = torch.autograd.grad(ref, ref_inputs, dy.double().cpu())
 
     assert out.dtype == dtype
-    assert_matches(out.cpu(), ref, dtype, "out")
+    tol_dtype = tol_dtype or dtype
+    assert_matches(out.cpu(), ref, tol_dtype, "out")
     names = ["dh"] + (["dx"] if residual else []) + ["dw_down", "db_down", "dw_up_unique", "db_up_unique",
                                                      "dw_up_shared", "db_up_shared"]
     for name, g, rg, t in zip(names, grads, ref_grads, inputs):
         assert g.dtype == t.dtype, name
-        assert_matches(g.cpu(), rg, dtype, name)
+        assert_matches(g.cpu(), rg, tol_dtype, name)
     return out, grads
 
 
@@ -142,6 +145,53 @@ def test_backward_kernel_gets_the_weights_in_h_dtype(monkeypatch):
     out = fused_adapter(h, *weights, residual=x.detach().float())
     torch.autograd.grad(out, [h] + weights, torch.randn_like(out))
     assert seen == [[torch.float32] + [torch.float16] * 5]
+
+
+class _RecordPrecision:
+    """A kernel whose launches record their DOT_PRECISION, then run the real kernel."""
+
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(kwargs["DOT_PRECISION"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def matmul_precision():
+    """torch.set_float32_matmul_precision, put back as it was after the test."""
+    before = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("precision,dtype,expected", [("highest", torch.float32, "ieee"),
+                                                      ("high", torch.float32, "tf32x3"),
+                                                      ("medium", torch.float32, "tf32"),
+                                                      ("high", torch.float16, "tf32")])
+def test_fp32_dots_follow_torch_matmul_precision(precision, dtype, expected, matmul_precision, monkeypatch):
+    """Both launches take their dots' input_precision from torch.get_float32_matmul_precision()
+    for fp32 (16-bit dots ignore it); their values: test_cuda_fp32_dot_precisions_match_float64."""
+    seen = []
+    for name in ("_adapter_fwd_kernel", "_adapter_bwd_kernel"):
+        monkeypatch.setattr(adapter_op, name, _RecordPrecision(getattr(adapter_op, name), seen))
+    matmul_precision(precision)
+    h, x, weights = make_case(33, 96, 8, 16, dtype)
+    out = fused_adapter(h, *weights, residual=x)
+    torch.autograd.grad(out, [h] + weights, torch.randn_like(out))
+    assert seen == [expected, expected]
+
+
+@pytest.mark.parametrize("major,expected", [(7, "ieee"), (8, "tf32x3"), (9, "tf32x3")])
+def test_gpus_without_tf32_get_ieee_fp32_dots(major, expected, matmul_precision, monkeypatch):
+    """GPUs before compute capability 8.0 (T4, V100) have no TF32: fp32 dots stay IEEE there."""
+    monkeypatch.setattr(adapter_op, "_capability_major", lambda index: major)
+    matmul_precision("high")
+    assert adapter_op._dot_precision(torch.float32, torch.device("cuda", 0)) == expected
+    assert adapter_op._dot_precision(torch.float32, torch.device("cpu")) == "tf32x3"
 
 
 def test_gpu_cases_script_runs_its_cases_on_the_cpu():
@@ -319,6 +369,17 @@ def test_cuda_bf16_matches_float64(N, D, r, ds):
 @pytest.mark.parametrize("r", [4, 8, 16, 32, 64])
 def test_cuda_every_rank_compiles(r, dtype):
     check_against_float64(*make_case(4099, 768, r, 16, dtype))
+
+
+@gpu_check
+@requires_cuda
+@pytest.mark.parametrize("precision,tol_dtype", [("high", torch.float32), ("medium", torch.float16)])
+@pytest.mark.parametrize("r", [8, 64])
+def test_cuda_fp32_dot_precisions_match_float64(precision, tol_dtype, r, matmul_precision):
+    """fp32 under torch.set_float32_matmul_precision: "high" (three TF32 dots each) within fp32's
+    tolerance, "medium" (one TF32 dot: 10-bit mantissas, as fp16 has) within fp16's."""
+    matmul_precision(precision)
+    check_against_float64(*make_case(4099, 768, r, 16, torch.float32), tol_dtype=tol_dtype)
 
 
 @gpu_check

@@ -595,6 +595,22 @@ def test_adapter_bench_smoke_times_the_dtypes_asked_for(tmp_path, capsys):
     assert "interpreter computes bf16 tl.dot wrongly" in capsys.readouterr().err
 
 
+def test_adapter_bench_runs_fp32_at_the_matmul_precision_asked_for(tmp_path, monkeypatch):
+    """--matmul-precision high: the run (fused launches included) sees it, its results file says so
+    and is named apart, and the process's precision is as before afterwards."""
+    if torch.cuda.is_available():
+        pytest.skip("the smoke runs are for machines without a GPU")
+    import cma_kernels.adapter_op as adapter_op
+    seen = []
+    dot_precision = adapter_op._dot_precision
+    monkeypatch.setattr(adapter_op, "_dot_precision", lambda *args: seen.append(dot_precision(*args)) or seen[-1])
+    before = torch.get_float32_matmul_precision()
+    assert main(["bench", "--smoke", "--dtypes", "fp32", "--matmul-precision", "high", "--out", str(tmp_path)]) == 0
+    assert torch.get_float32_matmul_precision() == before
+    data = json.loads(next(tmp_path.glob("adapter_fp32-high_smoke_*.json")).read_text())
+    assert data["fp32_matmul_precision"] == "high" and set(seen) == {"tf32x3"}
+
+
 def test_e2e_bench_compiles_each_fused_variant_it_runs(monkeypatch):
     """--compile MODE adds fused_compile-MODE, and its --recompute-mlp twin only where the run has
     fused_recompute; a variant's name sets recompute and the mode, hyphens in the mode included."""
