@@ -1,19 +1,18 @@
 #!/usr/bin/env bash
-# Everything to check on a GPU, in one run: the fused backward on every dtype mix a model makes
-# (gpu_cases.py), the CUDA tests, the host time per adapter call, the adapter and quick_gelu
-# benchmarks (results into benchmarks/results/), a launch-config sweep, the end-to-end step
-# benchmark (if it fails, the fused step again with CUDA_LAUNCH_BLOCKING=1, to name the kernel
-# that faulted), and, with what is left
-# of GPU_CHECK_BUDGET_S (default 555 s), the compiled towers: a test of --micro-batch under CUDA
-# graphs, then the step (CUDA graphs first, then torch.compile default; each with and without
-# --recompute-mlp; the results file is rewritten after every variant, so a cut-off run keeps what it
-# measured), then the issues' targets against the results (benchmarks/targets.py). On an H200 at
-# daa4c97, with the kernel benchmarks skipped, the run took 245 s: the tests 69 s, the end-to-end
-# step (both architectures, loss curves) under its 90 s limit; with them, about 460 s (estimated).
-# Every section at its time limit would add up to about 760 s: results are packed after each.
-# GPU_CHECK_SKIP="adapter quick_gelu tune" leaves out the kernel benchmarks (for a rerun whose
-# kernels were measured already); GPU_CHECK_TESTS_S (default 120) and GPU_CHECK_E2E_S (default 140)
-# limit the CUDA tests and the end-to-end step.
+# Everything to check on a GPU, in one run, in this order: the fused backward on every dtype mix a
+# model makes (gpu_cases.py), the CUDA tests, the host time per adapter call, the end-to-end step
+# benchmark (if it fails, the fused step again with CUDA_LAUNCH_BLOCKING=1, to name the kernel that
+# faulted); then, while GPU_CHECK_BUDGET_S (default 555 s) lasts, what decides a default: a test of
+# --micro-batch under CUDA graphs and the step with compiled towers (reduce-overhead, then default);
+# then the kernel benchmarks: the adapter op (also fp32 at matmul precision "high"), quick_gelu, a
+# launch-config sweep. Results go to benchmarks/results/, packed after every section (a run cut off
+# keeps what it measured); last, the issues' targets against the results (benchmarks/targets.py).
+# On an H200 at daa4c97 the sections up to the end-to-end step took 245 s (the tests 69 s, the step
+# for both architectures with loss curves under its 90 s limit); the budget caps the rest, so a
+# run takes about GPU_CHECK_BUDGET_S, a little more where the first sections hit their limits.
+# GPU_CHECK_SKIP="e2e compiled" leaves out the end-to-end step and the compiled towers (a rerun
+# for the kernel benchmarks); "adapter quick_gelu tune" the kernel benchmarks. GPU_CHECK_TESTS_S
+# (default 120) and GPU_CHECK_E2E_S (default 140) limit the CUDA tests and the end-to-end step.
 # Each test's outcome: $OUT/gpu_tests.log.
 # On a machine without a package index, first put open_clip and decord (wheels or unpacked) on
 # PYTHONPATH.
@@ -30,7 +29,7 @@ trap 'rm -rf "$alias_dir"' EXIT
 export PYTHONPATH="$PWD:$alias_dir${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import cma_benchmarks, cma_model" || exit 1
 budget=${GPU_CHECK_BUDGET_S:-555}   # seconds for the whole script; the optional sections fill what is left
-skip=" ${GPU_CHECK_SKIP:-} "        # sections to leave out, e.g. "adapter quick_gelu tune" (measured at this commit)
+skip=" ${GPU_CHECK_SKIP:-} "        # sections to leave out: e2e compiled adapter quick_gelu tune
 python -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, 'triton', triton.__version__)"
 pack() {   # after every section: a run stopped by its time limit still sends back what was measured
     if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" -C benchmarks results; fi
@@ -53,29 +52,13 @@ tail -22 "$tests_log"
 echo "== host time per adapter call"
 timeout 30 python benchmarks/bench_host.py --calls 1000 --out benchmarks/results 2>&1 | tail -6
 pack
-if [[ $skip != *" adapter "* ]]; then
-    echo "== adapter benchmark"
-    timeout 140 python benchmarks/bench_adapter.py --budget-s 110 --out benchmarks/results 2>&1 | tail -32
-    pack
-    echo "== adapter benchmark, fp32 under torch.set_float32_matmul_precision('high') (fused: tf32x3 dots)"
-    timeout 60 python benchmarks/bench_adapter.py --quick --dtypes fp32 --matmul-precision high --budget-s 30 \
-        --out benchmarks/results 2>&1 | tail -6
+status=0
+if [[ $skip != *" e2e "* ]]; then
+    echo "== end-to-end training step"
+    timeout "${GPU_CHECK_E2E_S:-140}" python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 | tail -30
+    status=${PIPESTATUS[0]}
     pack
 fi
-if [[ $skip != *" quick_gelu "* ]]; then
-    echo "== quick_gelu benchmark"
-    timeout 35 python benchmarks/bench_quick_gelu.py --out benchmarks/results 2>&1 | tail -6
-    pack
-fi
-if [[ $skip != *" tune "* ]]; then
-    echo "== launch-config sweep"
-    timeout 60 python benchmarks/tune_adapter.py --budget-s 48 --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -30
-    pack
-fi
-echo "== end-to-end training step"
-timeout "${GPU_CHECK_E2E_S:-140}" python benchmarks/bench_train_step.py --out benchmarks/results 2>&1 | tail -30
-status=${PIPESTATUS[0]}
-pack
 if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
     # a CUDA fault is reported at some later call: rerun the fused step with every launch synchronous, so
     # that the traceback names the kernel that faulted
@@ -83,22 +66,46 @@ if [ "$status" -ne 0 ] && [ "$status" -ne 124 ]; then
     CUDA_LAUNCH_BLOCKING=1 timeout 60 python benchmarks/bench_train_step.py --out "$alias_dir" --archs ViT-B-32 \
         --variants fused_adapters --steps 1 --no-curves 2>&1 | grep -vE "^\s+\^+$" | tail -14
 fi
-left=$((budget - SECONDS))
-if [ "$left" -gt 130 ]; then
-    echo "== --micro-batch under CUDA graphs: test (${left} s left)"
+# what is left of the budget goes first to what decides a default (--compile), then to the kernel
+# benchmarks (their kernels unchanged since they were last measured: only the host side changed)
+left() { echo $((budget - SECONDS)); }
+if [[ $skip != *" compiled "* ]] && [ "$(left)" -gt 130 ]; then
+    echo "== --micro-batch under CUDA graphs: test ($(left) s left)"
     graphs_log=$(timeout 100 python -m pytest -v -p no:cacheprovider -m gpu_check -k cuda_graphs tests/test_step.py 2>&1)
     echo "pytest exit $? (124: cut off): $(grep -E " (PASSED|FAILED|ERROR|SKIPPED)" <<< "$graphs_log" | tail -1)"
     grep -E "^E " <<< "$graphs_log" | head -5
     echo "$graphs_log" >> "$tests_log"
 fi
-left=$((budget - SECONDS))
-if [ "$left" -gt 60 ]; then
-    echo "== training step with compiled towers (${left} s left)"
-    timeout "$left" python benchmarks/bench_train_step.py --out benchmarks/results --archs ViT-B-32 \
-        --variants full fused_adapters fused_recompute --compile reduce-overhead default --no-curves 2>&1 | tail -20
+if [[ $skip != *" compiled "* ]] && [ "$(left)" -gt 60 ]; then
+    echo "== training step with compiled towers ($(left) s left; at most 240)"
+    timeout "$(( $(left) < 240 ? $(left) : 240 ))" python benchmarks/bench_train_step.py --out benchmarks/results \
+        --archs ViT-B-32 --variants full fused_adapters --compile reduce-overhead default --no-curves 2>&1 | tail -20
     pack
 else
-    echo "== compiled towers skipped: ${left} s left"
+    echo "== compiled towers skipped: $(left) s left"
+fi
+if [[ $skip != *" adapter "* ]] && [ "$(left)" -gt 60 ]; then
+    echo "== adapter benchmark ($(left) s left)"
+    timeout "$(( $(left) < 140 ? $(left) : 140 ))" python benchmarks/bench_adapter.py --budget-s 100 \
+        --out benchmarks/results 2>&1 | tail -32
+    pack
+fi
+if [[ $skip != *" adapter "* ]] && [ "$(left)" -gt 45 ]; then
+    echo "== adapter benchmark, fp32 under torch.set_float32_matmul_precision('high') (fused: tf32x3 dots)"
+    timeout 60 python benchmarks/bench_adapter.py --quick --dtypes fp32 --matmul-precision high --budget-s 30 \
+        --out benchmarks/results 2>&1 | tail -6
+    pack
+fi
+if [[ $skip != *" quick_gelu "* ]] && [ "$(left)" -gt 35 ]; then
+    echo "== quick_gelu benchmark"
+    timeout 35 python benchmarks/bench_quick_gelu.py --out benchmarks/results 2>&1 | tail -6
+    pack
+fi
+if [[ $skip != *" tune "* ]] && [ "$(left)" -gt 40 ]; then
+    echo "== launch-config sweep ($(left) s left)"
+    timeout "$(left)" python benchmarks/tune_adapter.py --budget-s "$(( $(left) - 12 ))" --out benchmarks/results 2>&1 \
+        | grep -v "^  skip" | tail -30
+    pack
 fi
 echo "== targets of issues #3 and #6 against what was measured"
 timeout 15 python benchmarks/targets.py
