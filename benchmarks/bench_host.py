@@ -6,7 +6,8 @@ adapter calls per step, each paying this.
     python benchmarks/bench_host.py [--out benchmarks/results] [--calls 2000]
 
 Each case as a training step under bf16 autocast makes it: h and the residual bf16 [64, 768] (so
-few tokens that the GPU's part is negligible), the weights fp32 master weights, r=8, d_s=16.
+few tokens that the GPU's part is negligible; fp16 on a GPU without bf16, as `cma train` picks),
+the weights fp32 master weights, r=8, d_s=16.
 - fused_fwd: the forward without autograd (inference);
 - fused_fwdbwd: forward and backward, the weights' gradients accumulated into .grad;
 - autograd_floor: the same for an autograd.Function with the same inputs that does no work
@@ -27,6 +28,8 @@ try:
 except ImportError:   # run from a checkout that is not pip-installed
     from common import bar_chart, print_table, run_info, slug, write_results
 import cma_kernels.adapter_op as adapter_op
+from cma_kernels import describe_device, triton_runs_on
+from cma_train.backbone import autocast_dtype
 
 N, D, R, DS = 64, 768, 8, 16
 
@@ -73,10 +76,10 @@ def time_calls_us(fns, calls, device, rounds=7):
     return {name: min(t) for name, t in times.items()}
 
 
-def bench(device, calls):
-    """[{case, us_per_call}] for the three cases."""
+def bench(device, calls, dtype=torch.bfloat16):
+    """[{case, us_per_call}] for the three cases, h and the residual in `dtype`."""
     g = torch.Generator(device=device).manual_seed(0)
-    h, residual, dy = (torch.randn(N, D, generator=g, device=device, dtype=torch.bfloat16) for _ in range(3))
+    h, residual, dy = (torch.randn(N, D, generator=g, device=device, dtype=dtype) for _ in range(3))
     shapes = [(R, D), (R,), (D - DS, R), (D - DS,), (DS, R), (DS,)]
     weights = [(0.02 * torch.randn(s, generator=g, device=device)).requires_grad_() for s in shapes]
     h.requires_grad_(), residual.requires_grad_()
@@ -107,13 +110,18 @@ def main(argv=None, prog=None):
     if args.calls < 1:
         p.error(f"--calls must be >= 1, got {args.calls}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = {**run_info(device), "N": N, "D": D, "r": R, "d_s": DS,
+    if device.type == "cuda" and not triton_runs_on(device):
+        print(f"The fused kernels do not run on {describe_device(device)} (compute capability 7.0+ needed).")
+        return None
+    dtype = autocast_dtype("auto", device) if device.type == "cuda" else torch.bfloat16   # fp16 without bf16
+    info = {**run_info(device), "N": N, "D": D, "r": R, "d_s": DS, "dtype": str(dtype).removeprefix("torch."),
             "kernels": "launched" if device.type == "cuda" else "not launched (no-op stand-ins)"}
-    rows = bench(device, args.calls)
+    rows = bench(device, args.calls, dtype)
     print(f"{info['device']}: host time per adapter call, kernels {info['kernels']}")
     print_table(rows, ["case", "us_per_call"])
     path = write_results(args.out, f"host_{slug(info['device'])}_{info['date']}", info, rows)
-    bar_chart(path + ".png", [(f"host time per adapter call ({info['device']})", "us", ["r=8, [64, 768] bf16"],
+    bar_chart(path + ".png", [(f"host time per adapter call ({info['device']})", "us",
+                               [f"r={R}, [{N}, {D}] {info['dtype']}"],
                                {r["case"]: [r["us_per_call"]] for r in rows}, False)])
     print(f"wrote {path}.json, .csv, .png")
     return rows
