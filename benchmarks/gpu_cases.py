@@ -14,9 +14,9 @@ other case right: why the cast is there. The cause is not known. In the sm_90 co
 for fp32 weights (compiled on a CPU), their tiles sit in single-buffered shared memory that cp.async
 refills inside the pipelined loop (bf16 weights: w_down double-buffered), but the PTX of the first
 sweep has barriers between their reads and the refill; "raw1" tests the pipelining as a whole.
---sanitize reruns the first raw case that faulted under compute-sanitizer (the kernel's source line
-and the address; it found nothing in a WRONG case). Exit 1 if a "lib" case faults or misses its
-tolerance.
+--sanitize reruns the first raw case that faulted under compute-sanitizer's memcheck (the kernel's
+source line and the address; memcheck found nothing in a WRONG case), and the first WRONG one under
+its racecheck (shared-memory hazards). Exit 1 if a "lib" case faults or misses its tolerance.
 """
 import argparse
 import concurrent.futures
@@ -95,12 +95,23 @@ def spawn(case: str, timeout: float = 120) -> str:
     return f"{'ok' if err <= TOL else 'WRONG'} {err:.1e}"
 
 
+def sanitize(tool, case, timeout):
+    """Run one case under compute-sanitizer's `tool` and print its report lines."""
+    print(f"== compute-sanitizer --tool {tool} on {case}")
+    try:
+        out = subprocess.run(["compute-sanitizer", "--tool", tool, "--print-limit", "2", sys.executable, __file__,
+                              "--case", case], capture_output=True, text=True, timeout=timeout).stdout
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") + "\n========= (cut off at --sanitize-s)"
+    print("\n".join([line for line in out.splitlines() if line.startswith("=========")][:24]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", help="run one case in this process (what each child does)")
-    p.add_argument("--sanitize", action="store_true",
-                   help="rerun the first raw case that faulted under compute-sanitizer")
-    p.add_argument("--sanitize-s", type=float, default=90, help="time limit of that rerun (default 90 s)")
+    p.add_argument("--sanitize", action="store_true", help="rerun the first raw case that faulted under "
+                   "compute-sanitizer's memcheck, and the first that came out wrong under its racecheck")
+    p.add_argument("--sanitize-s", type=float, default=90, help="time limit of each rerun (default 90 s)")
     p.add_argument("--smoke", action="store_true", help="a few small cases on the CPU in Triton's interpreter "
                    "(needs TRITON_INTERPRET=1): exercises the script only")
     args = p.parse_args()
@@ -115,17 +126,12 @@ def main():
         results = dict(zip(names, pool.map(spawn, names)))
     for case, result in results.items():
         print(f"{case:36s} {result}")
-    faulted_raw = [case for case, result in results.items()
-                   if case.split("-")[4] == "raw" and result.startswith("FAULT")]
-    if args.sanitize and faulted_raw and shutil.which("compute-sanitizer"):
-        print(f"== compute-sanitizer on {faulted_raw[0]}")
-        try:
-            out = subprocess.run(["compute-sanitizer", "--tool", "memcheck", "--print-limit", "2", sys.executable,
-                                  __file__, "--case", faulted_raw[0]], capture_output=True, text=True,
-                                 timeout=args.sanitize_s).stdout
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode(errors="replace") + "\n========= (cut off at --sanitize-s)"
-        print("\n".join([line for line in out.splitlines() if line.startswith("=========")][:24]))
+    # a raw case that faulted: memcheck names the access; one that came out WRONG: racecheck looks for
+    # shared-memory hazards (the lead: fp32 weight tiles refilled by cp.async while still being read)
+    for tool, outcome in (("memcheck", "FAULT"), ("racecheck", "WRONG")):
+        raw = [case for case, result in results.items() if case.split("-")[4] == "raw" and result.startswith(outcome)]
+        if args.sanitize and raw and shutil.which("compute-sanitizer"):
+            sanitize(tool, raw[0], args.sanitize_s)
     if any(not result.startswith("ok") for case, result in results.items() if case.split("-")[4] == "lib"):
         sys.exit(1)
 

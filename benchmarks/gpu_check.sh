@@ -35,7 +35,7 @@ pack() {   # after every section: a run stopped by its time limit still sends ba
     if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" -C benchmarks results; fi
 }
 echo "== fused backward, every dtype mix a model makes, one process each"
-timeout 100 python benchmarks/gpu_cases.py --sanitize --sanitize-s 45 2>&1 | tail -70
+timeout 150 python benchmarks/gpu_cases.py --sanitize --sanitize-s 40 2>&1 | tail -80
 echo "== CUDA tests"
 # every test's outcome goes to its own log (kept even when the time limit cuts pytest off), the
 # quick whole-path tests first, the compile-heavy kernel grid last; --durations sizes the next run

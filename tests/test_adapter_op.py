@@ -375,6 +375,27 @@ def test_whole_vit_b32_triton_matches_reference(vit_b32):
     _compare_models(reference, fused, images.to(DEVICE), texts.to(DEVICE), rtol=1e-4)
 
 
+def test_gpu_cases_sanitizes_a_faulted_and_a_wrong_raw_case(monkeypatch, capsys):
+    """gpu_cases.py --sanitize: memcheck on the first raw case that faulted, racecheck on the first
+    that came out wrong; a wrong "lib" case fails the run."""
+    from cma_benchmarks import gpu_cases
+    outcome = {"raw": "WRONG 2.1e+00", "lib": "ok 1.0e-03", "raw1": "ok 1.0e-03"}
+    raw = [case for case in gpu_cases.cases() if case.split("-")[4] == "raw"]
+    faulted = raw[2:4]   # memcheck takes the first of these; racecheck the first wrong one, raw[0]
+    monkeypatch.setattr(gpu_cases, "spawn", lambda case: "FAULT: illegal memory access" if case in faulted
+                        else outcome[case.split("-")[4]])
+    sanitized = []
+    monkeypatch.setattr(gpu_cases, "sanitize", lambda tool, case, timeout: sanitized.append((tool, case)))
+    monkeypatch.setattr(gpu_cases.shutil, "which", lambda name: "/bin/" + name)
+    monkeypatch.setattr(gpu_cases.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sys, "argv", ["gpu_cases.py", "--sanitize"])
+    gpu_cases.main()
+    assert sanitized == [("memcheck", raw[2]), ("racecheck", raw[0])]
+    outcome["lib"] = "WRONG 5.0e-02"
+    with pytest.raises(SystemExit):
+        gpu_cases.main()
+
+
 @gpu_check
 def test_compiles_without_graph_breaks():
     """fullgraph=True fails on any graph break; aot_eager on CPU, inductor on CUDA (below)."""
