@@ -49,8 +49,8 @@ class _NoWork(torch.autograd.Function):
         return (torch.empty_like(h), *(torch.empty_like(w) for w in ctx.weights), dy, None)
 
 
-def _no_launch():
-    """The kernels replaced by launches that do nothing (the CPU case)."""
+def kernels_not_launched():
+    """Context manager: the adapter kernels replaced by launches that do nothing (the CPU case)."""
     class NoLaunch:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
@@ -97,7 +97,7 @@ def bench(device, calls, dtype=torch.bfloat16):
 
     cases = {"fused_fwd": fwd, "fused_fwdbwd": fwdbwd(adapter_op.FusedAdapterFunction),
              "autograd_floor": fwdbwd(_NoWork)}
-    with _no_launch() if device.type == "cpu" else contextlib.nullcontext():
+    with kernels_not_launched() if device.type == "cpu" else contextlib.nullcontext():
         us = time_calls_us(cases, calls, device)
     return [{"case": name, "us_per_call": t} for name, t in us.items()]
 
