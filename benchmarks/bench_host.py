@@ -18,15 +18,14 @@ replaced by no-ops (Triton's interpreter would time numpy): everything but Trito
 """
 import argparse
 import contextlib
-import time
 from unittest import mock
 
 import torch
 
 try:
-    from cma_benchmarks.common import bar_chart, print_table, run_info, slug, write_results
+    from cma_benchmarks.common import bar_chart, interleaved_ms, print_table, run_info, slug, write_results
 except ImportError:   # run from a checkout that is not pip-installed
-    from common import bar_chart, print_table, run_info, slug, write_results
+    from common import bar_chart, interleaved_ms, print_table, run_info, slug, write_results
 import cma_kernels.adapter_op as adapter_op
 from cma_kernels import describe_device, triton_runs_on
 from cma_train.backbone import autocast_dtype
@@ -59,21 +58,19 @@ def kernels_not_launched():
 
 def time_calls_us(fns, calls, device, rounds=7):
     """{name: microseconds per call of fn in the fastest of `rounds` rounds of `calls` calls} for
-    {name: fn}, the functions timed in turn within each round. The fastest: other work on the
-    machine only ever adds time, and it comes and goes (medians of two runs on a shared 2-core
-    machine differed by 40%)."""
+    {name: fn}, the functions timed in turn within each round (one round first to warm up). The
+    fastest: other work on the machine only ever adds time, and it comes and goes (medians of two
+    runs on a shared 2-core machine differed by 40%)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = {name: [] for name in fns}
-    for round in range(rounds + 1):   # round 0 warms up
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
+
+    def batch(fn):
+        def run():
             for _ in range(calls):
                 fn()
             sync()
-            if round:
-                times[name].append((time.perf_counter() - t0) / calls * 1e6)
-    return {name: min(t) for name, t in times.items()}
+        return run
+    ms = interleaved_ms({name: batch(fn) for name, fn in fns.items()}, rounds, warmup=1, statistic=min)
+    return {name: t / calls * 1e3 for name, t in ms.items()}
 
 
 def bench(device, calls, dtype=torch.bfloat16):

@@ -19,9 +19,9 @@ def time_ms(fn, device, warmup=5, reps=20):
     return interleaved_ms({"fn": fn}, reps, warmup)["fn"]
 
 
-def interleaved_ms(fns, reps, warmup=1):
-    """Median wall-clock ms of each function in {name: fn}, timed in turn, so a change in the
-    machine's speed hits them all alike."""
+def interleaved_ms(fns, reps, warmup=1, statistic=statistics.median):
+    """Median (or `statistic`) wall-clock ms of each function in {name: fn}, timed in turn, so a
+    change in the machine's speed hits them all alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -31,7 +31,7 @@ def interleaved_ms(fns, reps, warmup=1):
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistic(t) for name, t in times.items()}
 
 
 def saved_activation_bytes(fn, params=()):
