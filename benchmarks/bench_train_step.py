@@ -13,6 +13,8 @@ inputs: what any adapter method must pay (stock open_clip blocks, as are full fi
 reference adapters'). floor_lean is the same with cma's lean frozen blocks, so fused_adapters over
 floor_lean is the adapters' own cost. fused_adapters is what `cma train` runs by default (fused
 adapters, lean frozen blocks: cma_model.frozen_block, frozen linears stored in the autocast dtype);
+fused_graphs adds `--cuda-graphs` (each tower's forward and backward replayed as CUDA graphs,
+cma_model.cuda_graphs; no activations counted: the graphs keep them out of autograd's sight);
 fused_recompute adds `--recompute-mlp`.
 
 Per variant: median step time over the timed steps, peak memory, the activations autograd keeps
@@ -58,13 +60,14 @@ except ImportError:
     from common import bar_chart, print_table, run_info, saved_activation_bytes, slug, write_results
 from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_adapter_backend, set_mlp_recompute
 from cma_kernels import fuses_by_default, normalize_frames
+from cma_model.cuda_graphs import graph_towers, recording
 from cma_model.frozen_block import store_frozen_linears
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, CUDA_GRAPH_MODES, compile_towers, encode_text
 from cma_train.backbone import autocast_dtype
 
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute")
+VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_graphs", "fused_recompute")
 SMOKE_CLIP = {"embed_dim": 32, "quick_gelu": True,
               "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
@@ -160,6 +163,8 @@ def _variant(model, name):
         return frozen_floor(model)
     if name.startswith("fused_recompute"):
         set_mlp_recompute(model)
+    if name == "fused_graphs":
+        graph_towers(model)   # recorded by record_graphs, on the variant's batch
     if "_compile-" in name:
         compile_towers(model, name.split("_compile-", 1)[1])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,6 +202,15 @@ def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
             optimizer.zero_grad(set_to_none=True)
         return loss
     return step, forward
+
+
+def record_graphs(model, forward, setup):
+    """fused_graphs: record the towers' CUDA graphs from one forward of the variant's batch (on
+    the CPU, --smoke, nothing is recorded and the towers run eager: the CUDA tests cover the
+    recording)."""
+    if setup.device.type == "cuda":
+        with recording(model):
+            forward()
 
 
 def time_steps(step, setup, warmup=5, steps=20):
@@ -315,7 +329,7 @@ def kept_activations(args, setup):
     rows = []
     for arch in args.archs:
         base = make_model(arch, setup)
-        for name in args.variants:
+        for name in [v for v in args.variants if v != "fused_graphs"]:   # the same activations as fused_adapters
             model, optimizer, need_grad = make_variant(base, name, setup.dtype if setup.autocasts() else None)
             _, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             saved = saved_activation_bytes(forward, model.parameters())[1]
@@ -400,6 +414,8 @@ def main(argv=None, prog=None):
             model, optimizer, need_grad = make_variant(base, name, setup.dtype if setup.autocasts() else None,
                                                        setup.device)
             step, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
+            if name == "fused_graphs":
+                record_graphs(model, forward, setup)
             if setup.device.type == "cuda":
                 gc.collect()   # what an earlier variant left must not count in this one's peak
                 torch.cuda.reset_peak_memory_stats()
@@ -413,10 +429,10 @@ def main(argv=None, prog=None):
                 row["gpu_busy_pct"] = 100 * busy / ms
                 if name.endswith(CUDA_GRAPH_MODES):   # graphs inductor declined to record: those parts ran eager
                     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
-            if "compile" not in name:   # saved-tensor hooks would make dynamo trace again
+            if "compile" not in name and name != "fused_graphs":   # dynamo would trace again; graphs hide them
                 saved = saved_activation_bytes(forward, model.parameters())[1]   # the loss and its graph go now
                 row["saved_GiB"] = saved / 2 ** 30
-            if name == "full" or name.startswith("fused"):
+            if name == "full" or name.startswith("fused") and name != "fused_graphs":   # that one encodes eager
                 row["encode_384_frames_ms"] = encode_ms(model, frames, setup)
             rows.append(row)
             print(f"{arch} {name}: {ms:.1f} ms/step, {peak:.2f} GiB peak", flush=True)

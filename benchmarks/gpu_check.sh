@@ -40,8 +40,8 @@ echo "== CUDA tests"
 # every test's outcome goes to its own log (kept even when the time limit cuts pytest off), the
 # quick whole-path tests first, the compile-heavy kernel grid last; --durations sizes the next run
 tests_log="${OUT:-${TMPDIR:-/tmp}}/gpu_tests.log"
-timeout "${GPU_CHECK_TESTS_S:-120}" python -m pytest -v -p no:cacheprovider --maxfail=5 --durations=12 -m gpu_check -k "not cuda_graphs" \
-    tests/test_train.py tests/test_step.py tests/test_frozen_block.py tests/test_quick_gelu.py \
+timeout "${GPU_CHECK_TESTS_S:-120}" python -m pytest -v -p no:cacheprovider --maxfail=5 --durations=12 -m gpu_check -k "not micro_batches_under_cuda_graphs" \
+    tests/test_train.py tests/test_step.py tests/test_cuda_graphs.py tests/test_frozen_block.py tests/test_quick_gelu.py \
     tests/test_adapter_op.py \
     > "$tests_log" 2>&1
 echo "pytest exit $? (124: cut off at its time limit): $(grep -c " PASSED" "$tests_log") passed," \
@@ -71,7 +71,8 @@ fi
 left() { echo $((budget - SECONDS)); }
 if [[ $skip != *" compiled "* ]] && [ "$(left)" -gt 130 ]; then
     echo "== --micro-batch under CUDA graphs: test ($(left) s left)"
-    graphs_log=$(timeout 100 python -m pytest -v -p no:cacheprovider -m gpu_check -k cuda_graphs tests/test_step.py 2>&1)
+    graphs_log=$(timeout 100 python -m pytest -v -p no:cacheprovider -m gpu_check -k micro_batches_under_cuda_graphs \
+        tests/test_step.py 2>&1)
     echo "pytest exit $? (124: cut off): $(grep -E " (PASSED|FAILED|ERROR|SKIPPED)" <<< "$graphs_log" | tail -1)"
     grep -E "^E " <<< "$graphs_log" | head -5
     echo "$graphs_log" >> "$tests_log"

@@ -65,6 +65,13 @@ class VideoFrames:
         out[torch.from_numpy(mask)] = self._preprocess(frames[mask], dtype)
         return out, torch.from_numpy(mask)
 
+    def example_batch(self, n):
+        """A batch of n videos as a loader stacks this object's frames, every frame blank: (frames
+        uint8 [n, T, S, S, 3] if raw else float [n, T, 3, S, S], mask bool [n, T] all True)."""
+        shape = (self.max_frames, self.size, self.size, 3) if self.raw else (self.max_frames, 3, self.size, self.size)
+        frames = torch.zeros(n, *shape, dtype=torch.uint8 if self.raw else torch.float32)
+        return frames, torch.ones(n, self.max_frames, dtype=torch.bool)
+
     def video_bytes(self):
         """Bytes of one video's frames as this object returns them (uint8 raw, else fp32)."""
         return self.max_frames * 3 * self.size ** 2 * (1 if self.raw else 4)

@@ -85,6 +85,13 @@ def cast_frozen(p, dtype):
     return kept[1]
 
 
+def kept_casts(params):
+    """The cast copies cast_frozen keeps now for these parameters. A CUDA graph that read them holds
+    them (cma_model.cuda_graphs): a later cast for another dtype or inference mode replaces the
+    kept one, which would free the memory the graph reads."""
+    return [kept[1] for p in params if (kept := _frozen_casts.get(p)) is not None]
+
+
 def layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """ln(x) in x's dtype, outside autocast: x [..., D] fp32/fp16/bf16 -> same shape and dtype.
     Modules that are not plain (open_clip) LayerNorms, e.g. LayerNormFp32, run as they are."""

@@ -6,6 +6,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.utils import to_2tuple
 
+from cma_model.cuda_graphs import graphed, replays_fixed_shapes, text_transformer
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")   # the modes that run the compiled towers as CUDA graphs
 
@@ -18,22 +20,25 @@ def compile_towers(model, mode="default"):
     ("reduce-overhead" adds CUDA graphs). Returns the model."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
-    text = model.transformer if hasattr(model, "transformer") else model.text.transformer
-    for tower in (model.visual, text):
+    for tower in (model.visual, text_transformer(model)):
+        if graphed(tower) is not None:
+            raise ValueError("compile_towers: the towers replay CUDA graphs (cma_model.cuda_graphs.graph_towers); "
+                             "use one or the other")
         tower.compile(mode=mode)
     return model
 
 
 def encode_frames(model, frames, mask):
     """frames [B, T, 3, S, S], mask [B, T] -> frame embeddings [B, T, E] (un-normalised), zero in
-    padded slots. Only the unmasked frames go through the vision tower, except on a compiled one:
-    that gets all B * T frames, one fixed shape whatever the mask, so neither torch.compile nor
-    its CUDA graphs meet a new shape for every count of padded frames in a batch."""
+    padded slots. Only the unmasked frames go through the vision tower, except on a compiled one
+    or one that replays CUDA graphs (cma_model.cuda_graphs): that gets all B * T frames, one fixed
+    shape whatever the mask, so neither torch.compile nor the graphs meet a new shape for every
+    count of padded frames in a batch."""
     height, width = to_2tuple(model.visual.image_size)
     if frames.dim() != 5 or tuple(frames.shape[2:]) != (3, height, width) or mask.shape != frames.shape[:2]:
         raise ValueError(f"encode_frames takes frames [B, T, 3, {height}, {width}] (this vision tower's size) and mask "
                          f"[B, T], got frames {list(frames.shape)}, mask {list(mask.shape)}")
-    if getattr(model.visual, "_compiled_call_impl", None) is not None:   # nn.Module.compile (compile_towers)
+    if replays_fixed_shapes(model.visual):
         feats = model.encode_image(frames.flatten(0, 1)).unflatten(0, mask.shape)
         return torch.where(mask.unsqueeze(-1), feats, 0)
     feats = model.encode_image(frames[mask])

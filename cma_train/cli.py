@@ -29,6 +29,9 @@ HELP = {
                "triton or reference",
     "compile": "torch.compile the towers: default, reduce-overhead (adds CUDA graphs), max-autotune; "
                "unset = eager (the default until a GPU benchmark shows compile pays; minutes of compiling first)",
+    "cuda_graphs": "replay each tower's training forward and backward as CUDA graphs (recorded before the first "
+                   "step, a second or so): the host no longer launches each kernel. CUDA only, not with --compile; "
+                   "off by default until a GPU benchmark shows it pays",
     "recompute_mlp": "recompute each frozen block's MLP hidden activation in backward instead of keeping it: "
                      "4 fewer [tokens, width] activations per block, one more matmul per block",
     "dataset": "msrvtt, msvd, didemo, activitynet, vatex or jsonl",

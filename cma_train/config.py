@@ -97,6 +97,7 @@ class TrainConfig:
     backend: str = "auto"
     compile: str = ""             # torch.compile mode for the towers ("" = eager), see cma_model.retrieval
     recompute_mlp: bool = False   # recompute each block's MLP hidden activation in backward (less memory)
+    cuda_graphs: bool = False     # replay the towers' training calls as CUDA graphs (cma_model.cuda_graphs)
     # data
     dataset: str = "msrvtt"
     root: str = ""
@@ -179,6 +180,11 @@ class TrainConfig:
                              f"{self.eval_split}.jsonl")
         if self.compile not in ("",) + COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES} (or empty for eager), got {self.compile!r}")
+        if self.cuda_graphs and self.compile:
+            raise ValueError(f"--cuda-graphs with --compile {self.compile}: use one or the other (--compile "
+                             f"reduce-overhead records CUDA graphs of the compiled towers itself)")
+        if self.cuda_graphs and self.device == "cpu":
+            raise ValueError("--cuda-graphs needs a CUDA GPU; leave it out on --device cpu")
         if self.recompute_mlp and self.backend == "reference":
             raise ValueError("--recompute-mlp works in the lean frozen block, which --backend reference does not use "
                              "(it keeps open_clip's own block as the reference); use --backend auto or triton")

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from cma_model.cuda_graphs import graphed, recording, release_graphs
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import gather_with_grad
 from cma_train.backbone import autocast_dtype
@@ -75,6 +76,28 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None, scaler=N
                 _own_grads(forward)
     _sum_grads_over_ranks(forward, world)
     return loss.detach()
+
+
+def record_cuda_graphs(forward, cfg, device, frames, words, local_batch):
+    """Record the towers' CUDA graphs (cma_model.cuda_graphs.graph_towers first) for every shape
+    train_step calls them with: the local batch, or its micro-batch chunks (the last one may be
+    smaller). Runs the towers on blank frames of `frames` (the run's VideoFrames) and `words`
+    tokens per caption, under the step's autocast, before the loader starts: a recording breaks
+    where another thread uses CUDA. Leaves no gradients. Returns the chunk sizes recorded."""
+    chunk = min(cfg.micro_batch or local_batch, local_batch)
+    sizes = sorted({chunk, local_batch % chunk} - {0}, reverse=True)   # train_step's order: whole chunks first
+    dtype = autocast_dtype(cfg.precision, device)
+    forward.train()
+    with recording(forward.model), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for n in sizes:
+            blank, mask = frames.example_batch(n)
+            tokens = torch.zeros(n, words, dtype=torch.long, device=device)
+            try:
+                forward(frames.to_model_input(blank, device), mask.to(device), tokens)
+            except torch.OutOfMemoryError as e:
+                raise torch.OutOfMemoryError(f"out of GPU memory recording the towers' CUDA graphs for {n} videos per "
+                                             f"pass: pass a smaller --micro-batch, or leave out --cuda-graphs") from e
+    return sizes
 
 
 def _step_without_videos(forward, logit_scale, cfg, device, world):
@@ -176,13 +199,15 @@ def step_within_memory(forward, logit_scale, batch, cfg, device, to_input, world
                 raise
         # here, past the except block, the failed step's tensors are free (its traceback held them)
         forward.zero_grad(set_to_none=True)   # what the failed step's backward had added
+        graphs = graphed(forward.model.visual) is not None and release_graphs(forward.model)   # and their memory
         torch.cuda.empty_cache()
         cfg.micro_batch = per_pass // 2   # the checkpoint keeps it: a resumed run starts there
         if world == 1 or dist.get_rank() == 0:
             who = "" if world == 1 else " in one of the processes"
+            released = " without CUDA graphs from here (they held memory)" if graphs else ""
             tqdm.write(f"note: out of GPU memory{who} with {per_pass} videos per pass; retrying the step with "
-                       f"--micro-batch {cfg.micro_batch} (the same gradients, one more forward pass per step; pass "
-                       f"it to start there)", file=sys.stderr)
+                       f"--micro-batch {cfg.micro_batch}{released} (the same gradients, one more forward pass per "
+                       f"step; pass it to start there)", file=sys.stderr)
 
 
 def _own_grads(module):

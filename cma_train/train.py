@@ -33,6 +33,7 @@ from tqdm import tqdm
 from cma_kernels import describe_device, triton_runs_on
 from cma_model import adapter_state_dict, count_trainable_parameters, load_adapter_state_dict, set_mlp_recompute
 from cma_model.cache import FrameCache, folder_lock
+from cma_model.cuda_graphs import graph_towers
 from cma_model.data import LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, video_loader
 from cma_model.datasets import check_sources, load_annotations
 from cma_model.progress import progress_bar
@@ -44,7 +45,7 @@ from cma_train.config import TrainConfig
 from cma_train.distributed import EveryRankOrNone, FailedElsewhere, agree_after_step, init_distributed, rank_device
 from cma_train.evaluate import evaluate
 from cma_train.signals import StopSignals, TrainingStopped
-from cma_train.step import batches_for_steps, step_within_memory, uneven_chunks_recompile
+from cma_train.step import batches_for_steps, record_cuda_graphs, step_within_memory, uneven_chunks_recompile
 
 RESUME_MUST_MATCH = ("model", "model_config", "dataset", "split", "reduction_dim", "shared_dim", "activation",
                      "dropout", "batch_size", "seed", "max_frames", "max_words", "sample_fps", "pooling", "temperature",
@@ -160,6 +161,8 @@ def train(cfg: TrainConfig):
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
         device = rank_device(cfg.device, rank)
         dtype = autocast_dtype(cfg.precision, device)   # bf16 on a GPU without it fails here, not after the model
+        if cfg.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"--cuda-graphs needs a CUDA GPU, this run is on {describe_device(device)}; leave it out")
         if cfg.compile and device.type == "cuda" and not triton_runs_on(device):   # inductor writes Triton kernels
             raise ValueError(f"--compile needs a GPU of compute capability 7.0+ (torch.compile writes Triton kernels), "
                              f"got {describe_device(device)}; leave out --compile")
@@ -276,6 +279,9 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         drop_records_after(log_path, step, evaluated_step)
     log = open(log_path, "a" if cfg.resume else "w") if rank == 0 else None
     writer = _tensorboard(cfg) if rank == 0 else None
+    if cfg.cuda_graphs:   # after the adapters are restored, before any loader starts
+        graph_towers(model)
+        record_cuda_graphs(forward, cfg, device, frames, dataset.tokens.shape[1], local_batch)
     seen = set_up.done(resumed_from)   # the set-up's end: the first collective follows
     if cfg.resume:
         _check_one_checkpoint(latest, seen, rank)

@@ -145,8 +145,8 @@ def test_micro_batches_under_cuda_graphs_give_the_whole_batch_gradients():
     gradients in the graphs' output buffers unless the trainer copies them out; the next replay
     would then overwrite them: an error, or sums off by 0.7 of the norm or more (this model and
     batch on the CPU, chunk 0's gradients replaced by chunk 1's), where bf16 autocast against fp32
-    differs by at most 0.04 (CPU). Compiling takes a while:
-    gpu_check.sh runs this (`-k cuda_graphs`) in its compiled section, after the quick tests."""
+    differs by at most 0.04 (CPU). Compiling takes a while: gpu_check.sh runs this
+    (`-k micro_batches_under_cuda_graphs`) in its compiled section, after the quick tests."""
     from torch._dynamo.utils import counters
     from cma_model.retrieval import compile_towers
     device = torch.device("cuda")

@@ -1,0 +1,247 @@
+"""CUDA graphs for the towers' training calls, in eager mode (no torch.compile).
+
+A ViT-B/32 training step with fused adapters launches over a thousand kernels. On an H200 the GPU
+ran kernels 57% of the step and waited for the host the rest (benchmarks/results/train_step_*
+nvidia-h200_2026-11-30: 62.6 ms per step, 35.5 of them busy). A CUDA graph replays a recorded
+sequence of kernels for the cost of one launch. graph_towers() makes each tower's training call
+(gradients on, tower in training mode) replay two graphs recorded by
+torch.cuda.make_graphed_callables: its forward, and its backward with the adapters' weight
+gradients. The fused Triton kernels are recorded as they are; nothing is compiled.
+
+Graphs are recorded only inside `recording(model)`, from calls of the shapes the training step will
+make: a recording breaks if another thread uses CUDA meanwhile (a DataLoader's pin-memory thread),
+so `cma train` records before its loader starts (cma_train.step.record_cuda_graphs). Afterwards a
+training call of shapes, dtypes or autocast state not recorded runs the tower's own forward, said
+once; so do calls without gradients or in eval mode (evaluation, inference).
+
+What a replay assumes, and how it is kept:
+- the inputs are copied into the recorded input buffers, the outputs are the recorded output
+  buffers: the next replay of that shape overwrites them (a training step uses them before that);
+- a forward is followed by its backward before the next forward of the same shape: a second
+  forward would overwrite the activations the first one's backward reads. RuntimeError instead;
+- the tower's parameters stay the same tensors in the same memory (optimizers update them in
+  place): checked at every call, RuntimeError otherwise (record again: release_graphs, recording);
+- the cast copies of frozen parameters (frozen_block.cast_frozen) stay: the graphs hold them;
+- a tower's graphs share one memory pool, in the order they are replayed (each forward, then its
+  backward): the activations of one shape reuse the memory of another's;
+- gradients arrive in the recorded gradient buffers: autograd keeps the first one as .grad, so
+  zero them with set_to_none=True each step (cma_train.step copies them out under --micro-batch).
+"""
+import contextlib
+import sys
+import weakref
+
+import torch
+import torch.nn as nn
+
+from cma_model import frozen_block
+
+_TENSOR = object()   # a tensor's slot in a recorded call's argument template
+
+
+def text_transformer(model):
+    """The text tower's transformer of an open_clip CLIP or CustomTextCLIP model."""
+    return model.transformer if hasattr(model, "transformer") else model.text.transformer
+
+
+def graph_towers(model):
+    """Make the vision tower and the text transformer of an open_clip model replay CUDA graphs in
+    training calls, once recorded (`recording`). Parameter names do not change: adapter
+    checkpoints still fit. Not together with torch.compile (its "reduce-overhead" mode records
+    graphs of its own). The graphs replay the model as it was recorded: after changing it (the
+    adapters' backend, blocks, parameters replaced), release_graphs and record again. Returns the
+    model."""
+    for tower in (model.visual, text_transformer(model)):
+        if getattr(tower, "_compiled_call_impl", None) is not None:
+            raise ValueError("graph_towers: the towers are compiled (torch.compile's reduce-overhead mode records "
+                             "CUDA graphs itself); use one or the other")
+        if not isinstance(tower.__dict__.get("forward"), GraphedForward):
+            tower.forward = GraphedForward(tower)
+    return model
+
+
+def graphed(tower) -> "GraphedForward | None":
+    """The GraphedForward that graph_towers put on this tower, or None."""
+    forward = tower.__dict__.get("forward")
+    return forward if isinstance(forward, GraphedForward) else None
+
+
+def _graphed_towers(model):
+    towers = [graphed(model.visual), graphed(text_transformer(model))]
+    if None in towers:
+        raise ValueError("the model's towers are not graphed: call graph_towers(model) first")
+    return towers
+
+
+@contextlib.contextmanager
+def recording(model):
+    """Within it, a training call of the graphed towers (graph_towers) whose shapes were not
+    recorded yet records its graphs (a few eager calls first, then the recording: a second or so
+    per tower on a GPU). No other thread may use CUDA meanwhile."""
+    towers = _graphed_towers(model)
+    for tower in towers:
+        tower.recording = True
+    try:
+        yield
+    finally:
+        for tower in towers:
+            tower.recording = False
+
+
+def release_graphs(model):
+    """Drop every graph the towers recorded, and the memory they hold: the towers run eager until
+    graphs are recorded again. Returns how many (forward + backward pairs) were dropped."""
+    dropped = 0
+    for tower in _graphed_towers(model):
+        dropped += len(tower.graphs)
+        tower.graphs.clear()
+        tower.pool = None
+    return dropped
+
+
+def replays_fixed_shapes(tower) -> bool:
+    """Whether `tower` wants one input shape per call: it is compiled, or this is a training call
+    and it replays (or records) CUDA graphs. cma_model.retrieval.encode_frames then feeds it every
+    frame slot, padded ones included."""
+    if getattr(tower, "_compiled_call_impl", None) is not None:
+        return True
+    forward = graphed(tower)
+    return forward is not None and bool(forward.graphs or forward.recording) and _training_call(tower)
+
+
+def _training_call(tower):
+    return tower.training and torch.is_grad_enabled()
+
+
+class GraphedForward:
+    """tower.forward under graph_towers: training calls replay the graphs recorded for their
+    signature (tensor shapes, dtypes, devices, requires_grad, the other arguments, the autocast
+    state); other calls run type(tower).forward."""
+
+    def __init__(self, tower):
+        self.tower = tower
+        self.graphs = {}          # signature -> _Recorded
+        self.pool = None          # the memory pool every graph of this tower records into
+        self.recording = False
+        self.unrecorded = set()   # signatures said to run eager
+
+    def __call__(self, *args, **kwargs):
+        tower = self.tower
+        if not _training_call(tower):
+            return type(tower).forward(tower, *args, **kwargs)
+        key, template, tensors = _signature(args, kwargs)
+        recorded = self.graphs.get(key) if key is not None else None
+        if recorded is None and key is not None and self.recording:
+            recorded = self.graphs[key] = _Recorded(tower, template, tensors, self)
+        if recorded is None:
+            self._say_unrecorded(tower, key, tensors)
+            return type(tower).forward(tower, *args, **kwargs)
+        return recorded(tower, tensors)
+
+    def _say_unrecorded(self, tower, key, tensors):
+        if self.graphs and key not in self.unrecorded:
+            self.unrecorded.add(key)
+            shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in tensors)
+            print(f"note: CUDA graphs: {type(tower).__name__} got a training call ({shapes}) of a kind not recorded; "
+                  f"it runs without graphs (recorded: {len(self.graphs)})", file=sys.stderr)
+
+
+def _signature(args, kwargs):
+    """(key, template, tensors) of a call: the key to look its graphs up by (None where an argument
+    cannot be hashed), the arguments with _TENSOR for each tensor, and the tensors in order."""
+    key, template, tensors = [], [], []
+    for name, value in [(None, a) for a in args] + sorted(kwargs.items()):
+        if isinstance(value, torch.Tensor):
+            key.append((name, tuple(value.shape), value.dtype, value.device, value.requires_grad))
+            template.append((name, _TENSOR))
+            tensors.append(value)
+        else:
+            key.append((name, value))
+            template.append((name, value))
+    key.append(("autocast", torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
+    try:
+        hash(tuple(key))
+    except TypeError:
+        return None, template, tensors
+    return tuple(key), template, tensors
+
+
+class _Call(nn.Module):
+    """The tower's own forward on positional tensors (what make_graphed_callables records), the
+    other arguments filled in from the template. Its parameters are the tower's."""
+
+    def __init__(self, tower, template):
+        super().__init__()
+        self.tower, self.template = tower, template
+
+    def forward(self, *tensors):
+        tensors, args, kwargs = iter(tensors), [], {}
+        for name, value in self.template:
+            value = next(tensors) if value is _TENSOR else value
+            if name is None:
+                args.append(value)
+            else:
+                kwargs[name] = value
+        return type(self.tower).forward(self.tower, *args, **kwargs)
+
+
+class _Recorded:
+    """One signature's forward and backward graphs, and what they read that nothing else holds."""
+
+    def __init__(self, tower, template, tensors, graphed_forward):
+        samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)   # the input buffers
+        self.call = _record(_Call(tower, template), samples, graphed_forward)
+        self.params = list(tower.parameters())
+        self.addresses = [p.data_ptr() for p in self.params]
+        self.kept_casts = frozen_block.kept_casts(self.params)   # their memory must stay theirs
+        self.pending = _nothing_pending   # weakly, the _Backward of the last forward
+
+    def __call__(self, tower, tensors):
+        if [p.data_ptr() for p in self.params] != self.addresses:   # 30 us for ViT-B/32's 296 (list(parameters()): 360)
+            raise RuntimeError(f"CUDA graphs: a parameter of {type(tower).__name__} moved to other memory after its "
+                               f"graphs were recorded; record them again (cma_model.cuda_graphs.release_graphs, "
+                               f"then recording)")
+        pending = self.pending()
+        if pending is not None and not pending.ran:
+            raise RuntimeError(f"CUDA graphs: {type(tower).__name__} was called twice with gradients before the "
+                               f"first call's backward; the second replay would overwrite the activations the "
+                               f"first one's backward reads (run backward in between, or call it without graphs)")
+        out = self.call(*tensors)
+        node = next((t.grad_fn for t in _tensors(out) if t.grad_fn is not None), None)
+        if node is not None:
+            pending = _Backward()
+            node.register_hook(pending)
+            self.pending = weakref.ref(pending)
+        return out
+
+
+class _Backward:
+    """A hook on a replayed forward's autograd node: it lives as long as the node does (until the
+    backward ran, or the outputs were dropped), and knows whether the node's backward ran."""
+    ran = False
+
+    def __call__(self, grad_inputs, grad_outputs):
+        self.ran = True
+
+
+def _record(call, samples, graphed_forward):
+    """torch.cuda.make_graphed_callables(call, samples) on the samples' GPU, into the tower's memory
+    pool (made at its first recording). Returns the graphed call."""
+    device = next((t.device for t in samples if t.is_cuda), None)
+    if device is None:
+        raise ValueError("CUDA graphs record calls on CUDA tensors; this call has none")
+    if graphed_forward.pool is None:
+        graphed_forward.pool = torch.cuda.graph_pool_handle()
+    # autocast's cast cache would keep casts made outside the recording: make_graphed_callables refuses it
+    cast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                          cache_enabled=False)
+    with torch.cuda.device(device), cast:
+        return torch.cuda.make_graphed_callables(call, samples, allow_unused_input=True, pool=graphed_forward.pool)
+
+
+def _nothing_pending():
+    return None
+
+
+def _tensors(out):
+    return [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
