@@ -14,8 +14,10 @@ reference adapters'). floor_lean is the same with cma's lean frozen blocks, so f
 floor_lean is the adapters' own cost. fused_adapters is what `cma train` runs by default (fused
 adapters, lean frozen blocks: cma_model.frozen_block, frozen linears stored in the autocast dtype);
 fused_graphs adds `--cuda-graphs` (each tower's forward and backward replayed as CUDA graphs,
-cma_model.cuda_graphs; no activations counted: the graphs keep them out of autograd's sight);
-fused_recompute adds `--recompute-mlp`.
+cma_model.cuda_graphs; no activations counted: the graphs keep them out of autograd's sight, and
+they are fused_adapters' own); fused_recompute adds `--recompute-mlp`, fused_recompute_graphs both
+(under graphs recomputing costs only its GPU time; eager, it also adds launches to a step the
+host already holds up).
 
 Per variant: median step time over the timed steps, peak memory, the activations autograd keeps
 (saved_GiB, measured with saved-tensor hooks), videos/s, ratios to full fine-tuning, and from one
@@ -67,7 +69,8 @@ from cma_model.retrieval import COMPILE_MODES, CUDA_GRAPH_MODES, compile_towers,
 from cma_train.backbone import autocast_dtype
 
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_graphs", "fused_recompute")
+VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_graphs", "fused_recompute",
+            "fused_recompute_graphs")
 SMOKE_CLIP = {"embed_dim": 32, "quick_gelu": True,
               "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
@@ -163,7 +166,7 @@ def _variant(model, name):
         return frozen_floor(model)
     if name.startswith("fused_recompute"):
         set_mlp_recompute(model)
-    if name == "fused_graphs":
+    if name.endswith("_graphs"):
         graph_towers(model)   # recorded by record_graphs, on the variant's batch
     if "_compile-" in name:
         compile_towers(model, name.split("_compile-", 1)[1])
@@ -205,7 +208,7 @@ def step_fn(model, optimizer, frames, tokens, images_need_grad, setup):
 
 
 def record_graphs(model, forward, setup):
-    """fused_graphs: record the towers' CUDA graphs from one forward of the variant's batch (on
+    """*_graphs: record the towers' CUDA graphs from one forward of the variant's batch (on
     the CPU, --smoke, nothing is recorded and the towers run eager: the CUDA tests cover the
     recording)."""
     if setup.device.type == "cuda":
@@ -329,7 +332,7 @@ def kept_activations(args, setup):
     rows = []
     for arch in args.archs:
         base = make_model(arch, setup)
-        for name in [v for v in args.variants if v != "fused_graphs"]:   # the same activations as fused_adapters
+        for name in [v for v in args.variants if not v.endswith("_graphs")]:   # the same activations as without
             model, optimizer, need_grad = make_variant(base, name, setup.dtype if setup.autocasts() else None)
             _, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             saved = saved_activation_bytes(forward, model.parameters())[1]
@@ -414,7 +417,7 @@ def main(argv=None, prog=None):
             model, optimizer, need_grad = make_variant(base, name, setup.dtype if setup.autocasts() else None,
                                                        setup.device)
             step, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
-            if name == "fused_graphs":
+            if name.endswith("_graphs"):
                 record_graphs(model, forward, setup)
             if setup.device.type == "cuda":
                 gc.collect()   # what an earlier variant left must not count in this one's peak
@@ -429,10 +432,10 @@ def main(argv=None, prog=None):
                 row["gpu_busy_pct"] = 100 * busy / ms
                 if name.endswith(CUDA_GRAPH_MODES):   # graphs inductor declined to record: those parts ran eager
                     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
-            if "compile" not in name and name != "fused_graphs":   # dynamo would trace again; graphs hide them
+            if "compile" not in name and not name.endswith("_graphs"):   # dynamo would trace again; graphs hide them
                 saved = saved_activation_bytes(forward, model.parameters())[1]   # the loss and its graph go now
                 row["saved_GiB"] = saved / 2 ** 30
-            if name == "full" or name.startswith("fused") and name != "fused_graphs":   # that one encodes eager
+            if name == "full" or name.startswith("fused") and not name.endswith("_graphs"):   # those encode eager
                 row["encode_384_frames_ms"] = encode_ms(model, frames, setup)
             rows.append(row)
             print(f"{arch} {name}: {ms:.1f} ms/step, {peak:.2f} GiB peak", flush=True)
