@@ -225,7 +225,8 @@ def test_the_trainer_records_the_shapes_its_steps_use(stand_in, capsys, micro_ba
 
 
 def _train_steps(model, cfg, device, frames, steps, graphs):
-    """Losses and the final adapter weights of `steps` AdamW steps on fresh batches of 4 videos."""
+    """Losses of `steps` AdamW steps on fresh batches of 4 videos, and the last step's adapter
+    gradients."""
     forward = RetrievalForward(model)
     if graphs:
         graph_towers(model)
@@ -236,8 +237,9 @@ def _train_steps(model, cfg, device, frames, steps, graphs):
         opt.zero_grad(set_to_none=True)
         batch = _batch(4, seed + 10, device)
         losses.append(train_step(forward, model.logit_scale, batch, cfg, device, frames.to_model_input).item())
+        grads = _grads(model)
         opt.step()
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, grads
 
 
 @gpu_check
@@ -246,8 +248,9 @@ def _train_steps(model, cfg, device, frames, steps, graphs):
 def test_cuda_graph_training_follows_eager_training(micro_batch):
     """Real CUDA graphs (fused adapters, bf16 autocast) against the same model eager: 4 AdamW steps
     on fresh batches, whole and in micro-batches of 3 + 1 (two recorded shapes sharing one memory
-    pool): the same losses and adapter weights within bf16 noise (2e-2 relative; the kernels are
-    the same, so the differences are the attention backward's atomics)."""
+    pool): the same losses within 2e-2 relative, and the last step's adapter gradients within
+    5e-2 of each one's norm (bf16 noise; the kernels are the same, so the two should differ by
+    little more than the attention backward's atomics)."""
     device = torch.device("cuda")
     frames = VideoFrames(max_frames=FRAMES, size=SIZE, raw=True)
     results = []
@@ -260,6 +263,7 @@ def test_cuda_graph_training_follows_eager_training(micro_batch):
     (want_losses, want), (got_losses, got) = results
     for a, b in zip(want_losses, got_losses):
         assert abs(a - b) <= 2e-2 * abs(a), (want_losses, got_losses)
+    assert got.keys() == want.keys()
     for n in want:
         err = ((got[n] - want[n]).norm() / want[n].norm()).item()
-        assert err <= 2e-2, (n, err)
+        assert err <= 5e-2, (n, err)
