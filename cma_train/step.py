@@ -97,6 +97,9 @@ def record_cuda_graphs(forward, cfg, device, frames, words, local_batch):
             except torch.OutOfMemoryError as e:
                 raise torch.OutOfMemoryError(f"out of GPU memory recording the towers' CUDA graphs for {n} videos per "
                                              f"pass: pass a smaller --micro-batch, or leave out --cuda-graphs") from e
+            except RuntimeError as e:   # e.g. an operation a recording does not allow
+                raise RuntimeError(f"recording the towers' CUDA graphs for {n} videos per pass failed: {e}\n"
+                                   f"train without --cuda-graphs (and please report it)") from e
     return sizes
 
 

@@ -224,6 +224,24 @@ def test_the_trainer_records_the_shapes_its_steps_use(stand_in, capsys, micro_ba
     assert len(stand_in) == 2 * len(sizes)
 
 
+def test_a_failed_recording_says_to_train_without_graphs(monkeypatch):
+    """An error inside a recording (here the one CUDA gives for a call a capture forbids) stops the
+    set-up with the way out; out of memory, with the flags that help."""
+    model, cfg = _model()
+    graph_towers(model)
+    frames, forward = VideoFrames(max_frames=FRAMES, size=SIZE, raw=True), RetrievalForward(model)
+    error = RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    monkeypatch.setattr(cuda_graphs, "_record", lambda *a: (_ for _ in ()).throw(error))
+    with pytest.raises(RuntimeError, match="(?s)for 6 videos per pass failed: CUDA error: operation not permitted"
+                       ".*train without --cuda-graphs") as raised:
+        record_cuda_graphs(forward, cfg, torch.device("cpu"), frames, WORDS, local_batch=6)
+    assert raised.value.__cause__ is error
+    monkeypatch.setattr(cuda_graphs, "_record", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("no")))
+    with pytest.raises(torch.OutOfMemoryError, match="pass a smaller --micro-batch, or leave out --cuda-graphs"):
+        record_cuda_graphs(forward, cfg, torch.device("cpu"), frames, WORDS, local_batch=6)
+    assert all(not t.forward.graphs for t in (model.visual, model.transformer))
+
+
 def _train_steps(model, cfg, device, frames, steps, graphs):
     """Losses of `steps` AdamW steps on fresh batches of 4 videos, and the last step's adapter
     gradients."""
