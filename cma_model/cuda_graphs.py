@@ -17,8 +17,9 @@ once; so do calls without gradients or in eval mode (evaluation, inference).
 What a replay assumes, and how it is kept:
 - the inputs are copied into the recorded input buffers, the outputs are the recorded output
   buffers: the next replay of that shape overwrites them (a training step uses them before that);
-- a forward is followed by its backward before the next forward of the same shape: a second
-  forward would overwrite the activations the first one's backward reads. RuntimeError instead;
+- a forward is followed by its backward before the tower's next forward (of any shape: they
+  share memory): a second forward would overwrite the activations the first one's backward
+  reads. RuntimeError instead;
 - the tower's parameters stay the same tensors in the same memory (optimizers update them in
   place): checked at every call, RuntimeError otherwise (record again: release_graphs, recording);
 - the cast copies of frozen parameters (frozen_block.cast_frozen) stay: the graphs hold them;
@@ -124,6 +125,7 @@ class GraphedForward:
         self.pool = None          # the memory pool every graph of this tower records into
         self.recording = False
         self.unrecorded = set()   # signatures said to run eager
+        self.pending = _nothing_pending   # weakly, the _Backward of the last replayed forward
 
     def __call__(self, *args, **kwargs):
         tower = self.tower
@@ -136,7 +138,18 @@ class GraphedForward:
         if recorded is None:
             self._say_unrecorded(tower, key, tensors)
             return type(tower).forward(tower, *args, **kwargs)
-        return recorded(tower, tensors)
+        pending = self.pending()
+        if pending is not None and not pending.ran:   # any shape: they share the pool
+            raise RuntimeError(f"CUDA graphs: {type(tower).__name__} was called twice with gradients before the "
+                               f"first call's backward; the second replay would overwrite the activations the "
+                               f"first one's backward reads (run backward in between, or call it without graphs)")
+        out = recorded(tower, tensors)
+        node = next((t.grad_fn for t in _tensors(out) if t.grad_fn is not None), None)
+        if node is not None:
+            pending = _Backward()
+            node.register_hook(pending)
+            self.pending = weakref.ref(pending)
+        return out
 
     def _say_unrecorded(self, tower, key, tensors):
         if self.graphs and key not in self.unrecorded:
@@ -194,25 +207,13 @@ class _Recorded:
         self.params = list(tower.parameters())
         self.addresses = [p.data_ptr() for p in self.params]
         self.kept_casts = frozen_block.kept_casts(self.params)   # their memory must stay theirs
-        self.pending = _nothing_pending   # weakly, the _Backward of the last forward
 
     def __call__(self, tower, tensors):
         if [p.data_ptr() for p in self.params] != self.addresses:   # 30 us for ViT-B/32's 296 (list(parameters()): 360)
             raise RuntimeError(f"CUDA graphs: a parameter of {type(tower).__name__} moved to other memory after its "
                                f"graphs were recorded; record them again (cma_model.cuda_graphs.release_graphs, "
                                f"then recording)")
-        pending = self.pending()
-        if pending is not None and not pending.ran:
-            raise RuntimeError(f"CUDA graphs: {type(tower).__name__} was called twice with gradients before the "
-                               f"first call's backward; the second replay would overwrite the activations the "
-                               f"first one's backward reads (run backward in between, or call it without graphs)")
-        out = self.call(*tensors)
-        node = next((t.grad_fn for t in _tensors(out) if t.grad_fn is not None), None)
-        if node is not None:
-            pending = _Backward()
-            node.register_hook(pending)
-            self.pending = weakref.ref(pending)
-        return out
+        return self.call(*tensors)
 
 
 class _Backward:

@@ -128,21 +128,24 @@ def test_calls_of_another_kind_run_eager_and_a_new_shape_is_said_once(stand_in, 
 
 
 def test_a_second_forward_before_backward_is_refused(stand_in):
-    """A forward's activations live in the graph's memory until its backward: replaying the same
-    graph again in between would overwrite them, so it raises; forward, backward, forward runs."""
+    """A forward's activations live in the graphs' memory until its backward: replaying the tower
+    again in between (the same shape, or another one recorded into the same memory pool) would
+    overwrite them, so it raises; forward, backward, forward runs, and so does a forward after
+    one whose outputs were dropped (no backward will come)."""
     model, _ = _model()
     graph_towers(model)
-    tokens = _batch(2, seed=1)["tokens"]
+    short, long = _batch(2, seed=1)["tokens"], _batch(3, seed=1)["tokens"]
     with recording(model):
-        encode_text(model, tokens)
-    first = encode_text(model, tokens)
-    with pytest.raises(RuntimeError, match="called twice with gradients before the first call's backward"):
-        encode_text(model, tokens)
-    first.sum().backward()
-    encode_text(model, tokens).sum().backward()
-    del first
-    encode_text(model, tokens)   # a forward whose outputs are gone (no backward will come) does not block
-    encode_text(model, tokens)
+        encode_text(model, short).sum().backward()
+        encode_text(model, long).sum().backward()
+    for other in (short, long):
+        first = encode_text(model, short)
+        with pytest.raises(RuntimeError, match="called twice with gradients before the first call's backward"):
+            encode_text(model, other)
+        first.sum().backward()
+    encode_text(model, long).sum().backward()
+    encode_text(model, short)   # dropped at once
+    encode_text(model, long)
 
 
 def test_a_parameter_moved_after_recording_is_refused_until_recorded_again(stand_in):
