@@ -28,7 +28,8 @@ CUDA graphs). Results are written after every variant ("complete": false until t
 cut short keeps what it measured. Then the time to bring one batch of frames to the device, which
 the variants leave out: fp32 from pageable memory vs uint8 from pinned memory normalised there
 (what `cma train` does). Last, 50 steps with reference and with fused adapters from the same
-start on the same batches: the two loss curves must agree within bf16 (fp16) noise.
+start on the same batches: the two loss curves must agree within bf16 (fp16) noise; and 50 with
+fused adapters replayed as CUDA graphs, against the fused curve.
 
 --compile MODE [MODE ...] adds, per mode, fused adapters on towers compiled with torch.compile
 (`cma train --compile MODE`): fused_compile-MODE, and fused_recompute_compile-MODE (`--compile MODE
@@ -271,18 +272,24 @@ def encode_ms(model, frames, setup):
 
 
 def loss_curves(base, frames, tokens, setup):
-    """Reference vs fused adapters from the same initial weights on the same batches."""
+    """Reference vs fused adapters from the same initial weights on the same batches, and fused
+    adapters on towers replayed as CUDA graphs (on a GPU; the CPU runs them eager) vs fused."""
     ref, _, _ = make_variant(base, "ref_adapters")
     fused = set_adapter_backend(copy.deepcopy(ref), "auto")
     if setup.autocasts():
         store_frozen_linears(fused, setup.dtype)
+    graphed = graph_towers(copy.deepcopy(fused))
     curves = []
-    for model in (ref, fused):
+    for model in (ref, fused, graphed):
         opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        step, _ = step_fn(model, opt, frames, tokens, False, setup)
+        step, forward = step_fn(model, opt, frames, tokens, False, setup)
+        if model is graphed:
+            record_graphs(model, forward, setup)
         curves.append([step().item() for _ in range(setup.curve_steps)])
-    rel = max(abs(a - b) / abs(a) for a, b in zip(*curves))
-    return {"reference": curves[0], "fused": curves[1], "max_rel_diff": rel}
+    rel = max(abs(a - b) / abs(a) for a, b in zip(*curves[:2]))
+    rel_graphs = max(abs(a - b) / abs(a) for a, b in zip(*curves[1:]))
+    return {"reference": curves[0], "fused": curves[1], "fused_graphs": curves[2], "max_rel_diff": rel,
+            "graphs_max_rel_diff": rel_graphs}
 
 
 def batch_to_device_ms(setup):
@@ -453,7 +460,7 @@ def main(argv=None, prog=None):
         n = 8 if not args.smoke else setup.videos
         curves = loss_curves(make_model(args.archs[0], setup), frames[: n * setup.frames], tokens[:n], setup)
         print(f"loss curves, reference vs fused adapters, {setup.curve_steps} steps: max relative difference "
-              f"{curves['max_rel_diff']:.2e}")
+              f"{curves['max_rel_diff']:.2e}; fused with CUDA graphs vs without: {curves['graphs_max_rel_diff']:.2e}")
         info["loss_curves"] = curves
     info.update(complete=True, top_kernels=kernels)
     path = write_results(args.out, stem, info, rows)

@@ -550,6 +550,8 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     fused = [r for r in rows if r["variant"].startswith("fused")]
     assert all(("encode_vs_plain" in r) != r["variant"].endswith("_graphs") for r in fused)   # graphs encode eager
     assert ("loss curves" in out) != bool(extra)
+    if not extra:   # on the CPU the graphed towers run eager: the fused curve again
+        assert len(results["loss_curves"]["fused_graphs"]) == 3 and results["loss_curves"]["graphs_max_rel_diff"] < 1e-6
     with open(stem.with_suffix(".csv")) as f:
         assert [r["variant"] for r in csv.DictReader(f)] == variants
     assert stem.with_suffix(".png").exists()
