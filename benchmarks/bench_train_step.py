@@ -19,17 +19,19 @@ they are fused_adapters' own); fused_recompute adds `--recompute-mlp`, fused_rec
 (under graphs recomputing costs only its GPU time; eager, it also adds launches to a step the
 host already holds up).
 
-Per variant: median step time over the timed steps, peak memory, the activations autograd keeps
-(saved_GiB, measured with saved-tensor hooks), videos/s, ratios to full fine-tuning, and from one
-profiled step its top CUDA kernels and gpu_busy_pct: the time any kernel ran over the step time
-(well under 100: the GPU waits for launches, and CUDA graphs, `--compile reduce-overhead`, would
-pay; under them, cudagraph_skips counts the graphs inductor declined to record, which ran without
-CUDA graphs). Results are written after every variant ("complete": false until the end), so a run
-cut short keeps what it measured. Then the time to bring one batch of frames to the device, which
-the variants leave out: fp32 from pageable memory vs uint8 from pinned memory normalised there
-(what `cma train` does). Last, 50 steps with reference and with fused adapters from the same
-start on the same batches: the two loss curves must agree within bf16 (fp16) noise; and 50 with
-fused adapters replayed as CUDA graphs, against the fused curve.
+Per variant: median step time over the timed steps, peak memory (peak_GiB, allocated; with graphs,
+what their recording allocated, which their memory pool keeps; reserved_GiB, what the caching
+allocator held), the activations autograd keeps (saved_GiB, measured with saved-tensor hooks),
+videos/s, ratios to full fine-tuning, and from one profiled step its top CUDA kernels and
+gpu_busy_pct: the time any kernel ran over the step time (well under 100: the GPU waits for
+launches, and CUDA graphs, `--compile reduce-overhead`, would pay; under them, cudagraph_skips
+counts the graphs inductor declined to record, which ran without CUDA graphs). Results are written
+after every variant ("complete": false until the end), so a run cut short keeps what it measured.
+Then the time to bring one batch of frames to the device, which the variants leave out: fp32 from
+pageable memory vs uint8 from pinned memory normalised there (what `cma train` does). Last, 50 steps
+with reference and with fused adapters from the same start on the same batches: the two loss curves
+must agree within bf16 (fp16) noise; and 50 with fused adapters replayed as CUDA graphs, against the
+fused curve.
 
 --compile MODE [MODE ...] adds, per mode, fused adapters on towers compiled with torch.compile
 (`cma train --compile MODE`): fused_compile-MODE, and fused_recompute_compile-MODE (`--compile MODE
@@ -424,16 +426,18 @@ def main(argv=None, prog=None):
             model, optimizer, need_grad = make_variant(base, name, setup.dtype if setup.autocasts() else None,
                                                        setup.device)
             step, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
-            if name.endswith("_graphs"):
-                record_graphs(model, forward, setup)
             if setup.device.type == "cuda":
                 gc.collect()   # what an earlier variant left must not count in this one's peak
                 torch.cuda.reset_peak_memory_stats()
+            if name.endswith("_graphs"):   # after the reset: a replay allocates nothing, the recording's peak
+                record_graphs(model, forward, setup)   # is the memory the graphs keep
             skips = counters["inductor"]["cudagraph_skips"]
             ms = time_steps(step, setup, steps=args.steps)
-            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if setup.device.type == "cuda" else 0.0
+            cuda = setup.device.type == "cuda"
+            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
+            reserved = torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else 0.0   # what the process held
             kernels[f"{arch}/{name}"], busy = profile_step(step, setup)
-            row = {"arch": arch, "variant": name, "step_ms": ms, "peak_GiB": peak,
+            row = {"arch": arch, "variant": name, "step_ms": ms, "peak_GiB": peak, "reserved_GiB": reserved,
                    "videos_per_s": setup.videos / ms * 1e3}
             if setup.device.type == "cuda":
                 row["gpu_busy_pct"] = 100 * busy / ms
@@ -451,9 +455,9 @@ def main(argv=None, prog=None):
             del model, optimizer, step, forward
             if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
-    print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "saved_GiB", "videos_per_s", "gpu_busy_pct",
-                       "cudagraph_skips", "step_vs_full", "step_vs_floor", "mem_vs_full", "encode_384_frames_ms",
-                       "encode_vs_plain"])
+    print_table(rows, ["arch", "variant", "step_ms", "peak_GiB", "reserved_GiB", "saved_GiB", "videos_per_s",
+                       "gpu_busy_pct", "cudagraph_skips", "step_vs_full", "step_vs_floor", "mem_vs_full",
+                       "encode_384_frames_ms", "encode_vs_plain"])
     copy_ms = info["batch_to_device_ms"] = batch_to_device_ms(setup)
     print("frames of one batch to the device, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in copy_ms.items()))
     if args.curves:
