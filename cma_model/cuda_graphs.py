@@ -78,7 +78,9 @@ def _graphed_towers(model):
 def recording(model):
     """Within it, a training call of the graphed towers (graph_towers) whose shapes were not
     recorded yet records its graphs (a few eager calls first, then the recording: a second or so
-    per tower on a GPU). No other thread may use CUDA meanwhile."""
+    per tower on a GPU). No other thread may use CUDA meanwhile. The eager calls' memory stays
+    cached while the recording takes its own, about twice a step's activations for a moment; on
+    leaving, the cache goes back to the GPU (torch.cuda.empty_cache), the graphs keep theirs."""
     towers = _graphed_towers(model)
     for tower in towers:
         tower.recording = True
@@ -87,6 +89,8 @@ def recording(model):
     finally:
         for tower in towers:
             tower.recording = False
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
 
 def release_graphs(model):
