@@ -114,6 +114,22 @@ def frame_index(frame):
 TINY_TRAIN_CLIP = SMOKE_CLIP   # the e2e benchmark's smoke model: 32x32 images, the real tokenizer's vocabulary
 
 
+
+def tiny_train_model(device="cpu", **config):
+    """TINY_TRAIN_CLIP built as `cma train` builds it (random weights, adapters in both towers),
+    the adapters drawn from N(0, 0.1) so that no gradient is degenerate: (model, its TrainConfig
+    with `config` on top of the defaults)."""
+    from cma_train.backbone import build_model
+    from cma_train.config import TrainConfig
+    cfg = TrainConfig(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", **config)
+    torch.manual_seed(0)
+    model, _, _ = build_model(cfg, torch.device(device))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    return model, cfg
+
 def fake_free_space(monkeypatch, total, free):
     """Every file system as shutil.disk_usage reports it (/dev/shm for loader_workers, a cache's
     folder for prepare_cache): `total` and `free` bytes. loader_workers' once-only notes are

@@ -6,14 +6,13 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda
+from conftest import gpu_check, requires_cuda, tiny_train_model
 
 import cma_model.cuda_graphs as cuda_graphs
 from cma_model import frozen_block
 from cma_model.cuda_graphs import graph_towers, recording, release_graphs
 from cma_model.data import VideoFrames
 from cma_model.retrieval import RetrievalForward, compile_towers, encode_text
-from cma_train.backbone import build_model
 from cma_train.config import TrainConfig
 from cma_train.step import record_cuda_graphs, train_step
 
@@ -21,14 +20,7 @@ FRAMES, SIZE, WORDS = 3, 32, 12
 
 
 def _model(device="cpu", precision="fp32"):
-    cfg = TrainConfig(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", pooling="meanP", max_words=WORDS,
-                      max_frames=FRAMES, precision=precision)
-    torch.manual_seed(0)
-    model, _, _ = build_model(cfg, torch.device(device))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
+    model, cfg = tiny_train_model(device, pooling="meanP", max_words=WORDS, max_frames=FRAMES, precision=precision)
     return model.train(), cfg
 
 

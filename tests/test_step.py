@@ -7,11 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_TRAIN_CLIP, gpu_check, requires_cuda
+from conftest import gpu_check, requires_cuda, tiny_train_model
 
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import RetrievalForward, encode_text
-from cma_train.backbone import build_model
 from cma_train.config import TrainConfig
 from cma_train.step import train_step, uneven_chunks_recompile
 
@@ -28,14 +27,7 @@ def _batch():
 
 
 def _model(device="cpu"):
-    cfg = TrainConfig(model="tiny", model_config=TINY_TRAIN_CLIP, pretrained="none", pooling="softmax", max_words=12)
-    torch.manual_seed(0)
-    model, _, _ = build_model(cfg, torch.device(device))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    return model, cfg
+    return tiny_train_model(device, pooling="softmax", max_words=12)
 
 
 def _grads(model):
