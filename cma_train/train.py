@@ -222,6 +222,9 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         _restore(ckpt, latest, cfg, model, optimizer, scheduler, schedule, scaler)
         step, skipped = ckpt["step"], dict(ckpt["skipped"])
         best, evaluated_step = ckpt.get("best"), ckpt.get("evaluated_step", -1)
+    if cfg.cuda_graphs:   # after the adapters are restored, before any loader starts and any log is opened
+        graph_towers(model)
+        record_cuda_graphs(forward, cfg, device, frames, dataset.tokens.shape[1], local_batch)
 
     written = None   # (step, evaluated_step) of the last checkpoint written: the state it holds
     written_at = time.monotonic()   # when (or when the run began): --save-every-min counts from there
@@ -279,9 +282,6 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         drop_records_after(log_path, step, evaluated_step)
     log = open(log_path, "a" if cfg.resume else "w") if rank == 0 else None
     writer = _tensorboard(cfg) if rank == 0 else None
-    if cfg.cuda_graphs:   # after the adapters are restored, before any loader starts
-        graph_towers(model)
-        record_cuda_graphs(forward, cfg, device, frames, dataset.tokens.shape[1], local_batch)
     seen = set_up.done(resumed_from)   # the set-up's end: the first collective follows
     if cfg.resume:
         _check_one_checkpoint(latest, seen, rank)
