@@ -708,20 +708,20 @@ def test_cuda_graphs_on_the_cpu_are_refused_before_anything_is_built(tmp_path):
 @requires_cuda
 def test_training_with_cuda_graphs_follows_eager_training(tmp_path, monkeypatch, capsys):
     """`cma train --cuda-graphs`: the graphs are recorded before the loader starts, then every step
-    replays them while the loader's workers and pin-memory thread run, with an evaluation (eager,
-    in eval mode) after each epoch. Against the same run without graphs: each of the 6 steps
+    replays them while the loader's worker and pin-memory thread run, with an evaluation (eager,
+    in eval mode) after each epoch. Against the same run without graphs: each of the 4 steps
     replayed both towers (plus the recording's own call), none ran eager, and the losses agree
     within bf16 noise (2e-2 relative: the same kernels run)."""
     import cma_model.cuda_graphs as cuda_graphs
     jsonl, cache = write_frame_cache_set(tmp_path / "data")
     replays, replay = [], cuda_graphs._Recorded.__call__
     monkeypatch.setattr(cuda_graphs._Recorded, "__call__", lambda self, *a: replays.append(1) or replay(self, *a))
-    kw = dict(batch_size=4, epochs=3, lr=3e-3, eval_split="test", eval_every=1, device="cuda", workers=2)
+    kw = dict(batch_size=4, epochs=2, lr=3e-3, eval_split="test", eval_every=1, device="cuda", workers=1)
     graphs = train(tiny_config(jsonl, cache, tmp_path / "graphs", cuda_graphs=True, **kw))
-    assert len(replays) == 2 * (1 + 6)
+    assert len(replays) == 2 * (1 + 4)
     assert "note: CUDA graphs" not in capsys.readouterr().err
     eager = train(tiny_config(jsonl, cache, tmp_path / "eager", **kw))
-    assert len(graphs["losses"]) == len(eager["losses"]) == 6
+    assert len(graphs["losses"]) == len(eager["losses"]) == 4
     for step, (a, b) in enumerate(zip(eager["losses"], graphs["losses"])):
         assert abs(a - b) <= 2e-2 * abs(a), (step, a, b)
     assert graphs["eval"]["num_videos"] == 8
