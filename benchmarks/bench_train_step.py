@@ -427,7 +427,8 @@ def main(argv=None, prog=None):
                                                        setup.device)
             step, forward = step_fn(model, optimizer, frames, tokens, need_grad, setup)
             if setup.device.type == "cuda":
-                gc.collect()   # what an earlier variant left must not count in this one's peak
+                gc.collect()   # what an earlier variant left must not count in this one's peak (its graphs: a cycle)
+                torch.cuda.empty_cache()   # nor in what the allocator holds (reserved_GiB)
                 torch.cuda.reset_peak_memory_stats()
             if name.endswith("_graphs"):   # after the reset: a replay allocates nothing, the recording's peak
                 record_graphs(model, forward, setup)   # is the memory the graphs keep
