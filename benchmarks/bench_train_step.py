@@ -26,7 +26,9 @@ videos/s, ratios to full fine-tuning, and from one profiled step its top CUDA ke
 gpu_busy_pct: the time any kernel ran over the step time (well under 100: the GPU waits for
 launches, and CUDA graphs, `--compile reduce-overhead`, would pay; under them, cudagraph_skips
 counts the graphs inductor declined to record, which ran without CUDA graphs). Results are written
-after every variant ("complete": false until the end), so a run cut short keeps what it measured.
+after every variant ("complete": false until the end), so a run cut short keeps what it measured;
+a *_graphs variant whose graphs fail to record or replay is said and listed under "failed", and
+the other variants run.
 Then the time to bring one batch of frames to the device, which the variants leave out: fp32 from
 pageable memory vs uint8 from pinned memory normalised there (what `cma train` does). Last, 50 steps
 with reference and with fused adapters from the same start on the same batches: the two loss curves
@@ -281,17 +283,26 @@ def loss_curves(base, frames, tokens, setup):
     if setup.autocasts():
         store_frozen_linears(fused, setup.dtype)
     graphed = graph_towers(copy.deepcopy(fused))
-    curves = []
-    for model in (ref, fused, graphed):
+    curves = {}
+    for name, model in (("reference", ref), ("fused", fused), ("fused_graphs", graphed)):
         opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         step, forward = step_fn(model, opt, frames, tokens, False, setup)
-        if model is graphed:
-            record_graphs(model, forward, setup)
-        curves.append([step().item() for _ in range(setup.curve_steps)])
-    rel = max(abs(a - b) / abs(a) for a, b in zip(*curves[:2]))
-    rel_graphs = max(abs(a - b) / abs(a) for a, b in zip(*curves[1:]))
-    return {"reference": curves[0], "fused": curves[1], "fused_graphs": curves[2], "max_rel_diff": rel,
-            "graphs_max_rel_diff": rel_graphs}
+        try:
+            if model is graphed:
+                record_graphs(model, forward, setup)
+            curves[name] = [step().item() for _ in range(setup.curve_steps)]
+        except RuntimeError as e:   # as in the timed variants: said, the other curves kept
+            if model is not graphed:
+                raise
+            curves["fused_graphs_error"] = f"{type(e).__name__}: {e}"[:600]
+    curves["max_rel_diff"] = _max_rel_diff(curves["reference"], curves["fused"])
+    if "fused_graphs" in curves:
+        curves["graphs_max_rel_diff"] = _max_rel_diff(curves["fused"], curves["fused_graphs"])
+    return curves
+
+
+def _max_rel_diff(want, got):
+    return max(abs(a - b) / abs(a) for a, b in zip(want, got))
 
 
 def batch_to_device_ms(setup):
@@ -329,10 +340,10 @@ PANELS = (("step_ms", "step time (ms)"), ("peak_GiB", "peak memory (GiB)"), ("sa
 def plot(rows, path, panels=PANELS):
     """One bar chart per (row key, title) in panels: architectures on the x axis, a bar per variant."""
     archs = sorted({r["arch"] for r in rows})
-    variants = [r["variant"] for r in rows if r["arch"] == archs[0]]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))   # in order; one that failed on an arch: 0 there
     value = {(r["arch"], r["variant"]): r for r in rows}
-    bar_chart(path, [(title, title, archs, {v: [value[a, v].get(key, 0.0) for a in archs] for v in variants}, False)
-                     for key, title in panels])
+    bar_chart(path, [(title, title, archs, {v: [value.get((a, v), {}).get(key, 0.0) for a in archs] for v in variants},
+                      False) for key, title in panels])
 
 
 def kept_activations(args, setup):
@@ -419,7 +430,7 @@ def main(argv=None, prog=None):
     stem += f"_words{setup.words}" if setup.words != 77 and not args.smoke else ""
     stem = f"{stem}_{slug(info['device'])}_{info['date']}"
     frames, tokens = setup.batch()
-    rows, kernels = [], {}
+    rows, kernels, failed = [], {}, {}   # failed: "arch/variant" -> the error of a *_graphs variant
     for arch in args.archs:
         base = make_model(arch, setup, device="cpu")   # each variant's copy goes to the GPU, the base stays
         for name in args.variants + compiled_variants(args.variants, args.compile):
@@ -430,10 +441,20 @@ def main(argv=None, prog=None):
                 gc.collect()   # what an earlier variant left must not count in this one's peak (its graphs: a cycle)
                 torch.cuda.empty_cache()   # nor in what the allocator holds (reserved_GiB)
                 torch.cuda.reset_peak_memory_stats()
-            if name.endswith("_graphs"):   # after the reset: a replay allocates nothing, the recording's peak
-                record_graphs(model, forward, setup)   # is the memory the graphs keep
             skips = counters["inductor"]["cudagraph_skips"]
-            ms = time_steps(step, setup, steps=args.steps)
+            try:
+                if name.endswith("_graphs"):   # after the reset: a replay allocates nothing, the recording's peak
+                    record_graphs(model, forward, setup)   # is the memory the graphs keep
+                ms = time_steps(step, setup, steps=args.steps)
+            except RuntimeError as e:   # graphs that would not record or replay: said, and the other variants run
+                if not name.endswith("_graphs"):
+                    raise
+                failed[f"{arch}/{name}"] = f"{type(e).__name__}: {e}"[:600]
+                print(f"{arch} {name}: FAILED, {failed[f'{arch}/{name}']}", flush=True)
+                write_results(args.out, stem, {**info, "complete": False, "failed": failed, "top_kernels": kernels},
+                              rows)
+                del model, optimizer, step, forward
+                continue
             cuda = setup.device.type == "cuda"
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
             reserved = torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else 0.0   # what the process held
@@ -452,7 +473,7 @@ def main(argv=None, prog=None):
             rows.append(row)
             print(f"{arch} {name}: {ms:.1f} ms/step, {peak:.2f} GiB peak", flush=True)
             add_ratios(rows)   # written after every variant: a run cut short by a time limit keeps what it measured
-            write_results(args.out, stem, {**info, "complete": False, "top_kernels": kernels}, rows)
+            write_results(args.out, stem, {**info, "complete": False, "failed": failed, "top_kernels": kernels}, rows)
             del model, optimizer, step, forward
             if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -464,10 +485,12 @@ def main(argv=None, prog=None):
     if args.curves:
         n = 8 if not args.smoke else setup.videos
         curves = loss_curves(make_model(args.archs[0], setup), frames[: n * setup.frames], tokens[:n], setup)
+        graphs = (f"{curves['graphs_max_rel_diff']:.2e}" if "graphs_max_rel_diff" in curves
+                  else f"FAILED, {curves['fused_graphs_error']}")
         print(f"loss curves, reference vs fused adapters, {setup.curve_steps} steps: max relative difference "
-              f"{curves['max_rel_diff']:.2e}; fused with CUDA graphs vs without: {curves['graphs_max_rel_diff']:.2e}")
+              f"{curves['max_rel_diff']:.2e}; fused with CUDA graphs vs without: {graphs}")
         info["loss_curves"] = curves
-    info.update(complete=True, top_kernels=kernels)
+    info.update(complete=True, failed=failed, top_kernels=kernels)
     path = write_results(args.out, stem, info, rows)
     plot(rows, path + ".png")
     print(f"wrote {path}.json, .csv, .png")

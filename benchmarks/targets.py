@@ -115,6 +115,8 @@ def main(argv=None, prog=None, results=os.path.join(os.path.dirname(os.path.absp
               + ("" if data.get("complete", True) else " (cut short)"))
         if data.get("skipped"):
             print(f"  not measured (time budget): {', '.join(data['skipped'])}")
+        for variant, error in data.get("failed", {}).items():
+            print(f"  FAILED {variant}: {error}")
         if "loss_curves" in data:
             curves = data["loss_curves"]
             graphs = (f"; fused with CUDA graphs vs without: {curves['graphs_max_rel_diff']:.2e}"

@@ -557,6 +557,28 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     assert stem.with_suffix(".png").exists()
 
 
+def test_e2e_bench_measures_the_other_variants_when_graphs_fail(tmp_path, monkeypatch, capsys):
+    """A *_graphs variant whose recording fails (here the error CUDA gives for a call a capture
+    forbids) is said and kept in the results under "failed"; every other variant and the other
+    loss curves are measured, and the run completes."""
+    from cma_benchmarks import bench_train_step
+
+    def fail(model, forward, setup):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    monkeypatch.setattr(bench_train_step, "record_graphs", fail)
+    assert main(["bench", "--e2e", "--smoke", "--variants", "full", "fused_adapters", "fused_graphs",
+                 "fused_recompute_graphs", "--out", str(tmp_path)]) == 0
+    results = json.loads(next(tmp_path.glob("train_step_smoke_*.json")).read_text())
+    assert results["complete"] and [r["variant"] for r in results["rows"]] == ["full", "fused_adapters"]
+    assert sorted(results["failed"]) == ["smoke/fused_graphs", "smoke/fused_recompute_graphs"]
+    assert all("operation not permitted" in e for e in results["failed"].values())
+    curves = results["loss_curves"]
+    assert "fused_graphs" not in curves and "operation not permitted" in curves["fused_graphs_error"]
+    assert 0 <= curves["max_rel_diff"] < 1e-2
+    out = capsys.readouterr().out
+    assert "smoke fused_graphs: FAILED, RuntimeError: CUDA error" in out and "vs without: FAILED" in out
+
+
 def test_e2e_bench_in_fp16_scales_the_loss_and_keeps_its_results_apart(tmp_path, monkeypatch):
     """--precision fp16 (what auto picks on a GPU without bf16): every step scales its loss, as `cma
     train` does; the results go to their own file (targets.py reads the bf16 runs); the reference
