@@ -223,8 +223,12 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         step, skipped = ckpt["step"], dict(ckpt["skipped"])
         best, evaluated_step = ckpt.get("best"), ckpt.get("evaluated_step", -1)
     if cfg.cuda_graphs:   # after the adapters are restored, before any loader starts and any log is opened
+        started = time.perf_counter()
         graph_towers(model)
-        record_cuda_graphs(forward, cfg, device, frames, dataset.tokens.shape[1], local_batch)
+        sizes = record_cuda_graphs(forward, cfg, device, frames, dataset.tokens.shape[1], local_batch)
+        if rank == 0:
+            print(f"recorded the towers' CUDA graphs for {' and '.join(map(str, sizes))} videos per pass in "
+                  f"{time.perf_counter() - started:.1f} s")
 
     written = None   # (step, evaluated_step) of the last checkpoint written: the state it holds
     written_at = time.monotonic()   # when (or when the run began): --save-every-min counts from there
