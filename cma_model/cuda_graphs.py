@@ -20,8 +20,9 @@ What a replay assumes, and how it is kept:
 - a forward is followed by its backward before the tower's next forward (of any shape: they
   share memory): a second forward would overwrite the activations the first one's backward
   reads. RuntimeError instead;
-- the tower's parameters stay the same tensors in the same memory (optimizers update them in
-  place): checked at every call, RuntimeError otherwise (record again: release_graphs, recording);
+- the tower's parameters stay in the same memory (optimizers update them in place): checked at
+  every call, RuntimeError otherwise (record again: release_graphs, recording). Parameters or
+  blocks replaced by new ones are not seen: record again after changing the model;
 - the cast copies of frozen parameters (frozen_block.cast_frozen) stay: the graphs hold them;
 - a tower's graphs share one memory pool, in the order they are replayed (each forward, then its
   backward): the activations of one shape reuse the memory of another's;
