@@ -17,7 +17,8 @@ fused_graphs adds `--cuda-graphs` (each tower's forward and backward replayed as
 cma_model.cuda_graphs; no activations counted: the graphs keep them out of autograd's sight, and
 they are fused_adapters' own); fused_recompute adds `--recompute-mlp`, fused_recompute_graphs both
 (under graphs recomputing costs only its GPU time; eager, it also adds launches to a step the
-host already holds up).
+host already holds up). floor_lean_graphs is floor_lean replayed as graphs: fused_graphs over it
+is the adapters' own cost once the host is out of the way (what the kernels of #3 can still win).
 
 Per variant: median step time over the timed steps, peak memory (peak_GiB, allocated; with graphs,
 what their recording allocated, which their memory pool keeps; reserved_GiB, what the caching
@@ -75,7 +76,7 @@ from cma_train.backbone import autocast_dtype
 
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_graphs", "fused_recompute",
-            "fused_recompute_graphs")
+            "fused_recompute_graphs", "floor_lean_graphs")
 SMOKE_CLIP = {"embed_dim": 32, "quick_gelu": True,
               "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
@@ -165,14 +166,14 @@ def _variant(model, name):
         return frozen_floor(model)
     backend = "reference" if name == "ref_adapters" else "auto"
     add_cross_modal_adapters(model, CrossModalAdapterConfig(8, 16), backend=backend)
-    if name == "floor_lean":
+    if name.endswith("_graphs"):
+        graph_towers(model)   # recorded by record_graphs, on the variant's batch
+    if name.startswith("floor_lean"):
         for block in [m for m in model.modules() if hasattr(m, "adapter_attn")]:
             block.adapter_attn, block.adapter_mlp = ResidualAdd(), ResidualAdd()
         return frozen_floor(model)
     if name.startswith("fused_recompute"):
         set_mlp_recompute(model)
-    if name.endswith("_graphs"):
-        graph_towers(model)   # recorded by record_graphs, on the variant's batch
     if "_compile-" in name:
         compile_towers(model, name.split("_compile-", 1)[1])
     params = [p for p in model.parameters() if p.requires_grad]

@@ -12,7 +12,7 @@
 # run takes about GPU_CHECK_BUDGET_S, a little more where the first sections hit their limits.
 # GPU_CHECK_SKIP="e2e compiled" leaves out the end-to-end step and the compiled towers (a rerun
 # for the kernel benchmarks); "adapter quick_gelu tune" the kernel benchmarks. GPU_CHECK_TESTS_S
-# (default 150) and GPU_CHECK_E2E_S (default 170: 8 variants) limit the CUDA tests and the end-to-end step.
+# (default 150) and GPU_CHECK_E2E_S (default 170: 9 variants) limit the CUDA tests and the end-to-end step.
 # Each test's outcome: $OUT/gpu_tests.log.
 # On a machine without a package index, first put open_clip and decord (wheels or unpacked) on
 # PYTHONPATH.

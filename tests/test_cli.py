@@ -544,7 +544,7 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     assert results["words"] == (8 if extra else 16)   # the smoke model's context is 16
     assert variants == (["full", "fused_compile-default"] if extra else
                         ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_graphs",
-                         "fused_recompute", "fused_recompute_graphs"])
+                         "fused_recompute", "fused_recompute_graphs", "floor_lean_graphs"])
     assert all(r["step_ms"] > 0 for r in rows) and rows[0]["step_vs_full"] == 1.0
     assert all(r["saved_GiB"] > 0 for r in rows if "compile" not in r["variant"] and "graphs" not in r["variant"])
     fused = [r for r in rows if r["variant"].startswith("fused")]
