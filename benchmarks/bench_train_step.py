@@ -27,14 +27,13 @@ videos/s, ratios to full fine-tuning, and from one profiled step its top CUDA ke
 gpu_busy_pct: the time any kernel ran over the step time (well under 100: the GPU waits for
 launches, and CUDA graphs, `--compile reduce-overhead`, would pay; under them, cudagraph_skips
 counts the graphs inductor declined to record, which ran without CUDA graphs). Results are written
-after every variant ("complete": false until the end), so a run cut short keeps what it measured;
-a *_graphs variant whose graphs fail to record or replay is said and listed under "failed", and
-the other variants run.
-Then the time to bring one batch of frames to the device, which the variants leave out: fp32 from
-pageable memory vs uint8 from pinned memory normalised there (what `cma train` does). Last, 50 steps
-with reference and with fused adapters from the same start on the same batches: the two loss curves
-must agree within bf16 (fp16) noise; and 50 with fused adapters replayed as CUDA graphs, against the
-fused curve.
+after every variant ("complete": false until the end), so a run cut short keeps what it measured; a
+*_graphs variant whose graphs fail to record or replay is said and listed under "failed", and the
+other variants run. Then the time to bring one batch of frames to the device, which the variants
+leave out: fp32 from pageable memory vs uint8 from pinned memory normalised there (what `cma train`
+does). Last, 50 steps with reference and with fused adapters from the same start on the same
+batches: the two loss curves must agree within bf16 (fp16) noise; and 50 with fused adapters
+replayed as CUDA graphs, against the fused curve.
 
 --compile MODE [MODE ...] adds, per mode, fused adapters on towers compiled with torch.compile
 (`cma train --compile MODE`): fused_compile-MODE, and fused_recompute_compile-MODE (`--compile MODE
