@@ -115,9 +115,11 @@ class Setup:
             torch.cuda.synchronize()
 
 
-def make_model(arch, setup, device=None):
-    """open_clip model `arch` ("smoke": the tiny SMOKE_CLIP) with random weights, on `device`
-    (default setup.device)."""
+def make_model(arch, setup, device=None, seed=0):
+    """open_clip model `arch` ("smoke": the tiny SMOKE_CLIP) with random weights drawn from `seed`
+    (every run the same model, whatever ran before in the process), on `device` (default
+    setup.device)."""
+    torch.manual_seed(seed)
     model = open_clip.model.CLIP(**SMOKE_CLIP) if arch == "smoke" else open_clip.create_model(arch)
     return model.to(device or setup.device)
 
