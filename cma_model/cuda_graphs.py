@@ -96,9 +96,10 @@ def recording(model):
 
 def release_graphs(model):
     """Drop every graph the towers recorded, and the memory they hold: the towers run eager until
-    graphs are recorded again. Returns how many (forward + backward pairs) were dropped."""
+    graphs are recorded again. Returns how many (forward + backward pairs) were dropped: 0 for a
+    model whose towers are not graphed."""
     dropped = 0
-    for tower in _graphed_towers(model):
+    for tower in filter(None, (graphed(model.visual), graphed(text_transformer(model)))):
         dropped += len(tower.graphs)
         tower.graphs.clear()
         tower.pool = None

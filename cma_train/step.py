@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cma_model.cuda_graphs import graphed, recording, release_graphs
+from cma_model.cuda_graphs import recording, release_graphs
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import gather_with_grad
 from cma_train.backbone import autocast_dtype
@@ -202,7 +202,7 @@ def step_within_memory(forward, logit_scale, batch, cfg, device, to_input, world
                 raise
         # here, past the except block, the failed step's tensors are free (its traceback held them)
         forward.zero_grad(set_to_none=True)   # what the failed step's backward had added
-        graphs = graphed(forward.model.visual) is not None and release_graphs(forward.model)   # and their memory
+        graphs = release_graphs(forward.model)   # and the memory the towers' CUDA graphs held, if any
         torch.cuda.empty_cache()
         cfg.micro_batch = per_pass // 2   # the checkpoint keeps it: a resumed run starts there
         if world == 1 or dist.get_rank() == 0:
