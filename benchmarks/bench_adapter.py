@@ -5,6 +5,9 @@ memory floor (bytes that must move / measured device copy bandwidth).
 
 Forward is `residual + adapter(h)`; fwd+bwd adds the gradients of h, the residual and all six
 weights. Floor bytes: forward reads x and h and writes out; backward reads dy and h and writes dh.
+Each call is timed twice on a GPU: as called (`*_ms`: what a model's eager step pays, the host's
+launch time included wherever the host is the slower side) and replayed as a CUDA graph
+(`*_gpu_ms`: the GPU's time alone, what a step recorded as graphs pays, `cma train --cuda-graphs`).
 On CPU only the eager reference runs (small shapes): the fused and compiled numbers need CUDA.
 --smoke runs the GPU code path on the CPU instead (tiny shapes, the kernels in Triton's
 interpreter, TRITON_INTERPRET=1): no meaningful numbers, but the script is known to work.
@@ -24,11 +27,11 @@ import time
 import torch
 
 try:
-    from cma_benchmarks.common import (bar_chart, copy_bandwidth_gbps, fresh_compile, print_table, run_info, slug,
-                                       time_ms, write_results)
+    from cma_benchmarks.common import (bar_chart, copy_bandwidth_gbps, fresh_compile, graph_ms, print_table,
+                                       run_info, slug, time_ms, write_results)
 except ImportError:   # run from a checkout that is not pip-installed
-    from common import (bar_chart, copy_bandwidth_gbps, fresh_compile, print_table, run_info, slug, time_ms,
-                        write_results)
+    from common import (bar_chart, copy_bandwidth_gbps, fresh_compile, graph_ms, print_table, run_info, slug,
+                        time_ms, write_results)
 from cma_kernels import MAX_RANK, adapter_reference, fused_adapter
 from cma_train.backbone import autocast_dtype
 
@@ -63,10 +66,17 @@ def bench_shape(N, D, dtype, device, r, ds, variants, bandwidth, compile_backend
     dy = torch.randn(N, D, dtype=dtype, device=device)
     row = {"N": N, "D": D, "dtype": str(dtype).replace("torch.", ""), "r": r, "d_s": ds}
     for name, fn in variants.items():
-        with torch.no_grad():
-            row[f"{name}_fwd_ms"] = time_ms(lambda: fn(h, *weights, residual=x), device)
-        row[f"{name}_fwdbwd_ms"] = time_ms(
-            lambda: torch.autograd.grad(fn(h, *weights, residual=x), inputs, dy), device)
+        def forward(fn=fn):
+            with torch.no_grad():
+                return fn(h, *weights, residual=x)
+
+        def forward_backward(fn=fn):
+            return torch.autograd.grad(fn(h, *weights, residual=x), inputs, dy)
+
+        for kind, call in (("fwd", forward), ("fwdbwd", forward_backward)):
+            row[f"{name}_{kind}_ms"] = time_ms(call, device)
+            if device.type == "cuda":   # the same call replayed as a CUDA graph: without the host's time
+                row[f"{name}_{kind}_gpu_ms"] = graph_ms(call, device)
     nbytes = N * D * dtype.itemsize
     row["floor_fwd_ms"] = 3 * nbytes / (bandwidth * 1e9) * 1e3
     row["floor_fwdbwd_ms"] = 6 * nbytes / (bandwidth * 1e9) * 1e3
@@ -80,7 +90,10 @@ def plot(rows, variants, path):
     groups = [f"{r['dtype']}\n{r['N']}x{r['D']}" for r in rows]
     panels = []
     for kind, title in (("fwd", "forward"), ("fwdbwd", "forward + backward")):
-        series = {v: [r[f"{v}_{kind}_ms"] for r in rows] for v in [*variants, "floor"]}
+        series = {v: [r[f"{v}_{kind}_ms"] for r in rows] for v in variants}
+        if all(r.get(f"fused_{kind}_gpu_ms") for r in rows):   # CUDA: the fused op's GPU time alone too
+            series["fused (graph replay)"] = [r[f"fused_{kind}_gpu_ms"] for r in rows]
+        series["floor"] = [r[f"floor_{kind}_ms"] for r in rows]
         panels.append((title, "ms (median)", groups, series, True))
     bar_chart(path, panels)
 
@@ -160,6 +173,8 @@ def _main(argv, prog):
                                                              for v in names) + " ms fwd+bwd", flush=True)
             write_results(args.out, stem, {**info, "complete": False}, rows)   # a run cut short keeps its rows
     cols = ["dtype", "N", "D"] + [f"{v}_{k}_ms" for k in ("fwd", "fwdbwd") for v in names + ["floor"]]
+    if device.type == "cuda":
+        cols += [f"{v}_{k}_gpu_ms" for k in ("fwd", "fwdbwd") for v in names]
     if "fused" in variants:
         cols += ["fused_fwd_pct_of_copy_bw", "fused_fwdbwd_pct_of_copy_bw"]
     print_table(rows, cols)

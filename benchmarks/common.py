@@ -19,6 +19,34 @@ def time_ms(fn, device, warmup=5, reps=20):
     return interleaved_ms({"fn": fn}, reps, warmup)["fn"]
 
 
+def graph_ms(fn, device):
+    """Median milliseconds of fn() recorded once as a CUDA graph and replayed, L2 flushed between
+    replays as in time_ms: the GPU's time alone. time_ms times the host too, wherever launching fn's
+    kernels takes the host longer than the GPU takes to run them (a small op's autograd call).
+    None off CUDA, and, with the reason printed, where fn cannot be recorded."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
+    side = torch.cuda.Stream()   # warm-up off the default stream, as recording needs (autograd, allocator)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # errors of fn itself (a launch out of resources) are the caller's
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:   # a call that a recording forbids: no GPU-only time, the rest still runs
+        print(f"  cannot record as a CUDA graph: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}")
+        torch.cuda.synchronize()
+        return None
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    del graph
+    torch.cuda.empty_cache()   # the recording's own memory pool, not to be held through the next shapes
+    return ms
+
+
 def interleaved_ms(fns, reps, warmup=1, statistic=statistics.median):
     """Median (or `statistic`) wall-clock ms of each function in {name: fn}, timed in turn, so a
     change in the machine's speed hits them all alike."""

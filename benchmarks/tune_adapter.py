@@ -3,8 +3,9 @@
     python benchmarks/tune_adapter.py [--out benchmarks/results]
 
 Prints the forward's and the backward's medians per configuration (bf16, or fp16 on a GPU without
-it; r=8, d_s=16) and writes them to tune_<device>_<date>.json. Copy a winner into FWD_CONFIG /
-BWD_CONFIG in cma_kernels/adapter_op.py only after it wins at every benchmarked shape.
+it; r=8, d_s=16), each launch replayed as a CUDA graph (the kernel's time alone, which is what a
+launch configuration changes), and writes them to tune_<device>_<date>.json. Copy a winner into
+FWD_CONFIG / BWD_CONFIG in cma_kernels/adapter_op.py only after it wins at every benchmarked shape.
 
 Order: the current configuration, then the candidates in BWD_FIRST (backward), then the rest of
 the space, nearest to the current configuration first. --budget-s stops sweeping when the time is
@@ -21,10 +22,10 @@ import torch
 
 try:
     from cma_benchmarks.bench_adapter import make_inputs
-    from cma_benchmarks.common import copy_bandwidth_gbps, run_info, slug, time_ms, write_results
+    from cma_benchmarks.common import copy_bandwidth_gbps, graph_ms, run_info, slug, time_ms, write_results
 except ImportError:
     from bench_adapter import make_inputs
-    from common import copy_bandwidth_gbps, run_info, slug, time_ms, write_results
+    from common import copy_bandwidth_gbps, graph_ms, run_info, slug, time_ms, write_results
 import cma_kernels.adapter_op as fa
 from cma_train.backbone import autocast_dtype
 
@@ -54,8 +55,10 @@ def search_order(space, current, first=()):
 
 def sweep(space, target, fn, device, deadline=float("inf"), limit=None, first=()):
     """Time fn under each configuration of space (written into the config dict target) in
-    search_order; stops at the deadline (time.monotonic()) or after limit configs."""
+    search_order; stops at the deadline (time.monotonic()) or after limit configs. On a GPU each
+    launch is timed replayed as a CUDA graph (graph_ms: the kernel's time, not the host's)."""
     default = dict(target)
+    timer = graph_ms if device.type == "cuda" else time_ms
     rows = []
     configs = search_order(space, tuple(default.get(k) for k in space), first)
     for values in configs[:limit]:
@@ -64,9 +67,11 @@ def sweep(space, target, fn, device, deadline=float("inf"), limit=None, first=()
             break
         target.update(zip(space, values))
         try:
-            ms = time_ms(fn, device)
+            ms = timer(fn, device)
         except Exception as e:   # out of resources for this block shape: skip it
             print(f"  skip {dict(zip(space, values))}: {type(e).__name__}")
+            continue
+        if ms is None:   # graph_ms could not record it (and said why)
             continue
         rows.append({**dict(zip(space, values)), "ms": ms})
     target.clear()
@@ -95,7 +100,7 @@ def main(argv=None):
         print("Tuning the kernels' launch configurations needs CUDA (--smoke checks the script on the CPU).")
         return None
     deadline = time.monotonic() + args.budget_s if args.budget_s is not None else float("inf")
-    info = {**run_info(device), "smoke": args.smoke}
+    info = {**run_info(device), "smoke": args.smoke, "timed": "CUDA graph replay" if device.type == "cuda" else "wall"}
     bandwidth = copy_bandwidth_gbps(device)
     stem = f"tune{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
     out = []

@@ -10,7 +10,8 @@ import sys
 import open_clip
 import pytest
 import torch
-from conftest import TINY_TRAIN_CLIP, requires_decord, write_frame_cache_set, write_openai_style_clip
+from conftest import (TINY_TRAIN_CLIP, gpu_check, requires_cuda, requires_decord, write_frame_cache_set,
+                      write_openai_style_clip)
 
 from cma_train.cli import main
 from cma_train.config import TrainConfig
@@ -759,6 +760,31 @@ def test_adapter_bench_and_tuner_smoke_run_the_gpu_code_path_on_cpu(tmp_path, ca
     assert out[0]["ms"] > 0 and next(tmp_path.glob("tune_smoke_*.json")).exists()
     assert tune_adapter.main(["--smoke", "--budget-s", "0", "--out", str(tmp_path)]) == []
     assert "time is up" in capsys.readouterr().out
+
+
+@requires_cuda
+@gpu_check
+def test_graph_ms_times_the_recorded_work_without_the_host():
+    """The op benchmarks' GPU-only time: the replays run the recorded work (a counter advances at
+    each), 200 tiny kernels, which the host launches slower than the GPU runs them, time shorter
+    replayed than as called, and a 1 GiB copy, where the GPU is the slower side, the same either way."""
+    from cma_benchmarks.common import graph_ms, time_ms
+    device = torch.device("cuda")
+    counter, x = torch.zeros((), dtype=torch.int64, device=device), torch.randn(1024, device=device)
+
+    def tiny_kernels():
+        counter.add_(1)
+        for _ in range(200):
+            x.mul_(1.0)
+
+    replayed = graph_ms(tiny_kernels, device)
+    assert counter.item() >= 3 + 7   # 3 warm-up calls, then at least do_bench's 5 estimates and 2 more replays
+    called = time_ms(tiny_kernels, device)
+    assert 0 < replayed < 0.8 * called, (replayed, called)
+    src, dst = torch.randn(2 ** 28, device=device), torch.empty(2 ** 28, device=device)
+    replayed, called = graph_ms(lambda: dst.copy_(src), device), time_ms(lambda: dst.copy_(src), device)
+    assert 0.85 < replayed / called < 1.15, (replayed, called)
+    assert torch.equal(dst, src)
 
 
 @pytest.mark.parametrize("bench", ["bench_adapter", "bench_quick_gelu"])

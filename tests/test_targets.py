@@ -94,6 +94,22 @@ def test_shapes_a_time_budget_skipped_keep_never_slower_unmet(tmp_path, capsys):
     assert table["fused fwd ms, bf16 153600x768"] == "yes"
 
 
+def test_the_op_targets_are_judged_on_the_gpu_time_alone_too(tmp_path, capsys):
+    """A fwd+bwd bound missed as called (the host's launch time) but met replayed as a CUDA graph:
+    both rows, each judged on its own time; rows without the replayed time get no such row."""
+    rows = _adapter_rows(random.Random(5), fast=False)
+    slow = next(r for r in rows if (r["dtype"], r["N"], r["D"]) == ("bfloat16", 19200, 768))
+    slow["fused_fwdbwd_gpu_ms"] = 0.1 * random.uniform(0.5, 0.99)   # bound 0.10 ms
+    slow["fused_fwd_gpu_ms"] = slow["fused_fwd_ms"]                  # as called, the bound missed
+    write_results(tmp_path, "adapter_nvidia-test-gpu_2026-02-01", _info("2026-02-01"), rows)
+    assert targets.main(["--results", str(tmp_path), "--device", DEVICE]) == 0
+    table = _table(capsys.readouterr().out)
+    assert table["fused fwdbwd ms, bf16 19200x768"] == "NO"
+    assert table["fused fwdbwd ms, bf16 19200x768, GPU alone"] == "yes"
+    assert table["fused fwd ms, bf16 19200x768, GPU alone"] == table["fused fwd ms, bf16 19200x768"] == "NO"
+    assert not any("153600x768, GPU alone" in what for what in table)
+
+
 def test_targets_without_results_or_device(tmp_path, capsys, monkeypatch):
     assert targets.main(["--results", str(tmp_path), "--device", DEVICE]) == 1
     assert "no results for NVIDIA Test GPU" in capsys.readouterr().out
