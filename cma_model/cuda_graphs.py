@@ -79,9 +79,9 @@ def _graphed_towers(model):
 def recording(model):
     """Within it, a training call of the graphed towers (graph_towers) whose shapes were not
     recorded yet records its graphs (a few eager calls first, then the recording: a second or so
-    per tower on a GPU). No other thread may use CUDA meanwhile. The eager calls' memory stays
-    cached while the recording takes its own, about twice a step's activations for a moment; on
-    leaving, the cache goes back to the GPU (torch.cuda.empty_cache), the graphs keep theirs."""
+    per tower on a GPU). No other thread may use CUDA meanwhile. The eager calls give their memory
+    back (torch.cuda.empty_cache) before the recording takes its own: about a step's activations,
+    which the graphs keep."""
     towers = _graphed_towers(model)
     for tower in towers:
         tower.recording = True
@@ -231,6 +231,9 @@ class _Backward:
         self.ran = True
 
 
+WARM_UP_CALLS = 3   # eager forward + backward calls before a recording (make_graphed_callables' default)
+
+
 def _record(call, samples, graphed_forward):
     """torch.cuda.make_graphed_callables(call, samples) on the samples' GPU, into the tower's memory
     pool (made at its first recording). Returns the graphed call."""
@@ -243,7 +246,28 @@ def _record(call, samples, graphed_forward):
     cast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                           cache_enabled=False)
     with torch.cuda.device(device), cast:
-        return torch.cuda.make_graphed_callables(call, samples, allow_unused_input=True, pool=graphed_forward.pool)
+        _warm_up(call, samples)
+        return torch.cuda.make_graphed_callables(call, samples, num_warmup_iters=0, allow_unused_input=True,
+                                                 pool=graphed_forward.pool)
+
+
+def _warm_up(call, samples):
+    """make_graphed_callables' warm-up (eager calls on a side stream: lazy initialisation, Triton's
+    compiling, before anything is recorded), done here so that its memory goes back to the GPU
+    before the recording takes its own: within make_graphed_callables the warm-up's activations
+    stay cached while the recording allocates a second set from its pool."""
+    inputs = [t for t in (*samples, *call.parameters()) if t.requires_grad]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARM_UP_CALLS):
+            outputs = [t for t in _tensors(call(*samples)) if t.requires_grad]
+            if outputs:
+                torch.autograd.grad(outputs, inputs, [torch.empty_like(t) for t in outputs], allow_unused=True)
+            del outputs
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
 
 
 def _nothing_pending():
