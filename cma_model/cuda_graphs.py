@@ -6,26 +6,31 @@ nvidia-h200_2026-11-30: 62.6 ms per step, 35.5 of them busy). A CUDA graph repla
 sequence of kernels for the cost of one launch. graph_towers() makes each tower's training call
 (gradients on, tower in training mode) replay two graphs recorded by
 torch.cuda.make_graphed_callables: its forward, and its backward with the adapters' weight
-gradients. The fused Triton kernels are recorded as they are; nothing is compiled.
+gradients; a call without gradients in training mode (the pass of --micro-batch that embeds the
+whole batch) replays a forward graph of its own. The fused Triton kernels are recorded as they
+are; nothing is compiled.
 
 Graphs are recorded only inside `recording(model)`, from calls of the shapes the training step will
 make: a recording breaks if another thread uses CUDA meanwhile (a DataLoader's pin-memory thread),
 so `cma train` records before its loader starts (cma_train.step.record_cuda_graphs). Afterwards a
 training call of shapes, dtypes or autocast state not recorded runs the tower's own forward, said
-once; so do calls without gradients or in eval mode (evaluation, inference).
+once; so do calls in eval mode (evaluation, inference), and calls without gradients not recorded
+(not said).
 
 What a replay assumes, and how it is kept:
 - the inputs are copied into the recorded input buffers, the outputs are the recorded output
-  buffers: the next replay of that shape overwrites them (a training step uses them before that);
-- a forward is followed by its backward before the tower's next forward (of any shape: they
-  share memory): a second forward would overwrite the activations the first one's backward
+  buffers: the next replay of that shape overwrites them (a training step uses them before that;
+  a call without gradients gets copies);
+- a forward is followed by its backward before the tower's next call (of any shape, with or
+  without gradients: they share memory): that call would overwrite the activations the backward
   reads. RuntimeError instead;
 - the tower's parameters stay in the same memory (optimizers update them in place): checked at
   every call, RuntimeError otherwise (record again: release_graphs, recording). Parameters or
   blocks replaced by new ones are not seen: record again after changing the model;
 - the cast copies of frozen parameters (frozen_block.cast_frozen) stay: the graphs hold them;
-- a tower's graphs share one memory pool, in the order they are replayed (each forward, then its
-  backward): the activations of one shape reuse the memory of another's;
+- a tower's graphs share one memory pool, recorded in the order they are replayed (those without
+  gradients, then each forward and its backward): the activations of one shape reuse the memory
+  of another's;
 - gradients arrive in the recorded gradient buffers: autograd keeps the first one as .grad, so
   zero them with set_to_none=True each step (cma_train.step copies them out under --micro-batch).
 """
@@ -35,6 +40,7 @@ import weakref
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from cma_model import frozen_block
 
@@ -107,23 +113,22 @@ def release_graphs(model):
 
 
 def replays_fixed_shapes(tower) -> bool:
-    """Whether `tower` wants one input shape per call: it is compiled, or this is a training call
-    and it replays (or records) CUDA graphs. cma_model.retrieval.encode_frames then feeds it every
-    frame slot, padded ones included."""
+    """Whether `tower` wants one input shape per call: it is compiled, or this call (training mode,
+    with or without gradients) replays or records CUDA graphs. cma_model.retrieval.encode_frames
+    then feeds it every frame slot, padded ones included."""
     if getattr(tower, "_compiled_call_impl", None) is not None:
         return True
     forward = graphed(tower)
-    return forward is not None and bool(forward.graphs or forward.recording) and _training_call(tower)
-
-
-def _training_call(tower):
-    return tower.training and torch.is_grad_enabled()
+    if forward is None or not tower.training:
+        return False
+    grad = torch.is_grad_enabled()
+    return forward.recording or any(key[0] == ("grad", grad) for key in forward.graphs)
 
 
 class GraphedForward:
-    """tower.forward under graph_towers: training calls replay the graphs recorded for their
-    signature (tensor shapes, dtypes, devices, requires_grad, the other arguments, the autocast
-    state); other calls run type(tower).forward."""
+    """tower.forward under graph_towers: calls in training mode replay the graphs recorded for their
+    signature (gradients on or off; tensor shapes, dtypes, devices, requires_grad; the other
+    arguments; the autocast state); other calls run type(tower).forward."""
 
     def __init__(self, tower):
         self.tower = tower
@@ -135,22 +140,26 @@ class GraphedForward:
 
     def __call__(self, *args, **kwargs):
         tower = self.tower
-        if not _training_call(tower):
+        if not tower.training:
             return type(tower).forward(tower, *args, **kwargs)
+        grad = torch.is_grad_enabled()
         key, template, tensors = _signature(args, kwargs)
         recorded = self.graphs.get(key) if key is not None else None
         if recorded is None and key is not None and self.recording:
-            recorded = self.graphs[key] = _Recorded(tower, template, tensors, self)
+            recorded = self.graphs[key] = (_Recorded if grad else _RecordedForward)(tower, template, tensors, self)
         if recorded is None:
-            self._say_unrecorded(tower, key, tensors)
+            if grad:   # a training step of a kind not recorded (without gradients: another use, not said)
+                self._say_unrecorded(tower, key, tensors)
             return type(tower).forward(tower, *args, **kwargs)
         pending = self.pending()
-        if pending is not None and not pending.ran:   # any shape: they share the pool
-            raise RuntimeError(f"CUDA graphs: {type(tower).__name__} was called twice with gradients before the "
-                               f"first call's backward; the second replay would overwrite the activations the "
-                               f"first one's backward reads (run backward in between, or call it without graphs)")
+        if pending is not None and not pending.ran:   # any shape, with or without gradients: they share the pool
+            call = ("twice with gradients before the first call's" if grad
+                    else "without gradients before the last call's")
+            raise RuntimeError(f"CUDA graphs: {type(tower).__name__} was called {call} backward; the replay would "
+                               f"overwrite the activations that backward reads (run backward in between, or call it "
+                               f"without graphs)")
         out = recorded(tower, tensors)
-        node = next((t.grad_fn for t in _tensors(out) if t.grad_fn is not None), None)
+        node = next((t.grad_fn for t in _tensors(out) if t.grad_fn is not None), None) if grad else None
         if node is not None:
             pending = _Backward()
             node.register_hook(pending)
@@ -177,6 +186,7 @@ def _signature(args, kwargs):
         else:
             key.append((name, value))
             template.append((name, value))
+    key.insert(0, ("grad", torch.is_grad_enabled()))   # first: replays_fixed_shapes looks for it
     key.append(("autocast", torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
     try:
         hash(tuple(key))
@@ -210,16 +220,41 @@ class _Recorded:
     def __init__(self, tower, template, tensors, graphed_forward):
         samples = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)   # the input buffers
         self.call = _record(_Call(tower, template), samples, graphed_forward)
+        self.hold(tower)
+
+    def __call__(self, tower, tensors):
+        self.check(tower)
+        return self.call(*tensors)
+
+    def hold(self, tower):
+        """After the recording: the parameters' addresses it read, and the frozen casts it read."""
         self.params = list(tower.parameters())
         self.addresses = [p.data_ptr() for p in self.params]
         self.kept_casts = frozen_block.kept_casts(self.params)   # their memory must stay theirs
 
-    def __call__(self, tower, tensors):
+    def check(self, tower):
         if [p.data_ptr() for p in self.params] != self.addresses:   # 30 us for ViT-B/32's 296 (list(parameters()): 360)
             raise RuntimeError(f"CUDA graphs: a parameter of {type(tower).__name__} moved to other memory after its "
                                f"graphs were recorded; record them again (cma_model.cuda_graphs.release_graphs, "
                                f"then recording)")
-        return self.call(*tensors)
+
+
+class _RecordedForward(_Recorded):
+    """One signature's forward graph for calls without gradients (the no-gradient pass of
+    --micro-batch): the inputs are copied into its input buffers, and the caller gets copies of its
+    output buffers (a pass over several chunks keeps every chunk's outputs)."""
+
+    def __init__(self, tower, template, tensors, graphed_forward):
+        self.inputs = tuple(t.detach().clone() for t in tensors)
+        self.replay, self.outputs = _record_forward(_Call(tower, template), self.inputs, graphed_forward)
+        self.hold(tower)
+
+    def __call__(self, tower, tensors):
+        self.check(tower)
+        for buffer, t in zip(self.inputs, tensors):
+            buffer.copy_(t)
+        self.replay()
+        return tree_map(torch.clone, self.outputs)
 
 
 class _Backward:
@@ -235,20 +270,38 @@ WARM_UP_CALLS = 3   # eager forward + backward calls before a recording (make_gr
 
 
 def _record(call, samples, graphed_forward):
-    """torch.cuda.make_graphed_callables(call, samples) on the samples' GPU, into the tower's memory
-    pool (made at its first recording). Returns the graphed call."""
-    device = next((t.device for t in samples if t.is_cuda), None)
+    """torch.cuda.make_graphed_callables(call, samples) into the tower's memory pool. Returns the
+    graphed call."""
+    with _recording_setup(samples, graphed_forward) as pool:
+        _warm_up(call, samples)
+        return torch.cuda.make_graphed_callables(call, samples, num_warmup_iters=0, allow_unused_input=True, pool=pool)
+
+
+def _record_forward(call, inputs, graphed_forward):
+    """A CUDA graph of call(*inputs) without gradients, into the tower's memory pool: (replay, the
+    outputs it writes)."""
+    with _recording_setup(inputs, graphed_forward) as pool, torch.no_grad():
+        _warm_up(call, inputs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = call(*inputs)
+    return graph.replay, outputs
+
+
+@contextlib.contextmanager
+def _recording_setup(tensors, graphed_forward):
+    """Within it: the tensors' GPU current, and the call's autocast without its cast cache (it would
+    keep casts made outside the recording: make_graphed_callables refuses it). Yields the tower's
+    memory pool, made at its first recording."""
+    device = next((t.device for t in tensors if t.is_cuda), None)
     if device is None:
         raise ValueError("CUDA graphs record calls on CUDA tensors; this call has none")
     if graphed_forward.pool is None:
         graphed_forward.pool = torch.cuda.graph_pool_handle()
-    # autocast's cast cache would keep casts made outside the recording: make_graphed_callables refuses it
     cast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                           cache_enabled=False)
     with torch.cuda.device(device), cast:
-        _warm_up(call, samples)
-        return torch.cuda.make_graphed_callables(call, samples, num_warmup_iters=0, allow_unused_input=True,
-                                                 pool=graphed_forward.pool)
+        yield graphed_forward.pool
 
 
 def _warm_up(call, samples):

@@ -12,6 +12,7 @@ of GPU memory (step_within_memory; DEVELOPERS.md, "The training step under torch
 time (gradient caching), with the same loss and gradients.
 """
 import contextlib
+import itertools
 import sys
 
 import torch
@@ -81,19 +82,22 @@ def train_step(forward, logit_scale, batch, cfg, device, to_input=None, scaler=N
 def record_cuda_graphs(forward, cfg, device, frames, words, local_batch):
     """Record the towers' CUDA graphs (cma_model.cuda_graphs.graph_towers first) for every shape
     train_step calls them with: the local batch, or its micro-batch chunks (the last one may be
-    smaller). Runs the towers on blank frames of `frames` (the run's VideoFrames) and `words`
-    tokens per caption, under the step's autocast, before the loader starts: a recording breaks
-    where another thread uses CUDA. Leaves no gradients. Returns the chunk sizes recorded."""
+    smaller), these both without gradients (the pass that embeds the whole batch) and with. Runs
+    the towers on blank frames of `frames` (the run's VideoFrames) and `words` tokens per caption,
+    under the step's autocast, before the loader starts: a recording breaks where another thread
+    uses CUDA. Leaves no gradients. Returns the chunk sizes recorded."""
     chunk = min(cfg.micro_batch or local_batch, local_batch)
     sizes = sorted({chunk, local_batch % chunk} - {0}, reverse=True)   # train_step's order: whole chunks first
+    passes = [False, True] if chunk < local_batch else [True]   # gradients off, then on: train_step's order
     dtype = autocast_dtype(cfg.precision, device)
     forward.train()
     with recording(forward.model), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for n in sizes:
+        for grad, n in itertools.product(passes, sizes):
             blank, mask = frames.example_batch(n)
             tokens = torch.zeros(n, words, dtype=torch.long, device=device)
             try:
-                forward(frames.to_model_input(blank, device), mask.to(device), tokens)
+                with torch.set_grad_enabled(grad):
+                    forward(frames.to_model_input(blank, device), mask.to(device), tokens)
             except torch.OutOfMemoryError as e:
                 raise torch.OutOfMemoryError(f"out of GPU memory recording the towers' CUDA graphs for {n} videos per "
                                              f"pass: pass a smaller --micro-batch, or leave out --cuda-graphs") from e

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import gpu_check, requires_cuda, tiny_train_model
+from torch.utils._pytree import tree_leaves
 
 import cma_model.cuda_graphs as cuda_graphs
 from cma_model import frozen_block
@@ -36,17 +37,34 @@ def _batch(n, seed, device="cpu"):
             "tokens": torch.randint(1, 49000, (n, WORDS), generator=g).to(device)}
 
 
+class Recordings(list):
+    """(tower class, sample tensors) of each recording with gradients; .no_grad: those without."""
+    no_grad: list
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
     """The recording without a GPU: make_graphed_callables' place taken by the call itself (run
-    once, as its warm-up does), each recording listed as (tower class, its sample tensors)."""
-    recorded = []
+    once, as its warm-up does); a graph without gradients by a replay that runs the call on its
+    input buffers and writes the results into its output buffers, as a CUDA graph does."""
+    recorded = Recordings()
+    recorded.no_grad = []
 
     def record(call, samples, graphed_forward):
         recorded.append((type(call.tower).__name__, samples))
         call(*samples)   # make_graphed_callables' warm-up: eager calls on the samples before the recording
         return call
+
+    def record_forward(call, inputs, graphed_forward):
+        recorded.no_grad.append((type(call.tower).__name__, inputs))
+        outputs = call(*inputs)
+
+        def replay():
+            for buffer, result in zip(tree_leaves(outputs), tree_leaves(call(*inputs))):
+                buffer.copy_(result)
+        return replay, outputs
     monkeypatch.setattr(cuda_graphs, "_record", record)
+    monkeypatch.setattr(cuda_graphs, "_record_forward", record_forward)
     return recorded
 
 
@@ -211,13 +229,62 @@ def test_the_trainer_records_the_shapes_its_steps_use(stand_in, capsys, micro_ba
     forward = RetrievalForward(model)
     assert record_cuda_graphs(forward, cfg, torch.device("cpu"), frames, WORDS, local_batch=6) == sizes
     assert len(stand_in) == 2 * len(sizes)
+    chunked = 0 < micro_batch < 6   # the no-gradient pass over the chunks: recorded too
+    assert [len(inputs[0]) for tower, inputs in stand_in.no_grad if tower == "VisionTransformer"] == \
+        ([n * FRAMES for n in sizes] if chunked else [])
     assert all(p.grad is None for p in model.parameters())
     capsys.readouterr()
     for seed in (1, 2):
         model.zero_grad(set_to_none=True)
         train_step(forward, model.logit_scale, _batch(6, seed), cfg, torch.device("cpu"), frames.to_model_input)
     assert "note: CUDA graphs" not in capsys.readouterr().err
-    assert len(stand_in) == 2 * len(sizes)
+    assert len(stand_in) == 2 * len(sizes) and len(stand_in.no_grad) == (2 * len(sizes) if chunked else 0)
+
+
+def test_the_no_gradient_pass_of_micro_batches_replays_its_own_graphs(stand_in):
+    """--micro-batch 2 over 5 videos (chunks 2, 2, 1): the pass that embeds the whole batch without
+    gradients replays graphs of its own, fed each chunk's inputs and giving each chunk its own
+    outputs (a later replay of the same shape must not change an earlier chunk's), so the loss and
+    the adapter gradients are the unwrapped model's; such a call before the backward of a replayed
+    call with gradients raises (it would overwrite that call's activations)."""
+    plain, cfg = _model()
+    cfg.micro_batch = 2
+    model = graph_towers(copy.deepcopy(plain))
+    frames = VideoFrames(max_frames=FRAMES, size=SIZE, raw=True)
+    forward = RetrievalForward(model)
+    record_cuda_graphs(forward, cfg, torch.device("cpu"), frames, WORDS, local_batch=5)
+    assert len(stand_in.no_grad) == 4   # 2 shapes x 2 towers
+    replays = []
+    for tower in (model.visual, model.transformer):
+        for recorded in tower.forward.graphs.values():
+            if isinstance(recorded, cuda_graphs._RecordedForward):
+                replay = recorded.replay
+                recorded.replay = lambda replay=replay: replays.append(1) or replay()
+    for seed in (1, 2):
+        batch = _batch(5, seed)
+        losses = []
+        for m in (plain, model):
+            m.zero_grad(set_to_none=True)
+            losses.append(train_step(RetrievalForward(m), m.logit_scale, batch, cfg, torch.device("cpu"),
+                                     frames.to_model_input))
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+        want, got = _grads(plain), _grads(model)
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert len(replays) == 2 * 3 * 2   # steps x chunks x towers
+    with torch.no_grad():   # the tower itself, twice at one recorded shape: the first outputs stay its own
+        images = [torch.randn(2 * FRAMES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(i)) for i in (4, 5)]
+        outputs = [model.visual(x) for x in images]
+        for x, out in zip(images, outputs):
+            torch.testing.assert_close(out, plain.visual(x), rtol=1e-5, atol=1e-6)
+    assert len(replays) == 2 * 3 * 2 + 2
+    b = _batch(2, seed=3)
+    first = forward(frames.to_model_input(b["frames"], "cpu"), b["mask"], b["tokens"])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="without gradients before the last call's backward"):
+        forward(frames.to_model_input(b["frames"], "cpu"), b["mask"], b["tokens"])
+    (first[0].sum() + first[1].sum()).backward()
+    with torch.no_grad():
+        forward(frames.to_model_input(b["frames"], "cpu"), b["mask"], b["tokens"])
 
 
 def test_a_failed_recording_says_to_train_without_graphs(monkeypatch):
@@ -261,8 +328,8 @@ def _train_steps(model, cfg, device, frames, steps, graphs):
 @pytest.mark.parametrize("micro_batch", [0, 3])
 def test_cuda_graph_training_follows_eager_training(micro_batch):
     """Real CUDA graphs (fused adapters, bf16 autocast) against the same model eager: 4 AdamW steps
-    on fresh batches, whole and in micro-batches of 3 + 1 (two recorded shapes sharing one memory
-    pool): the same losses within 2e-2 relative, and the last step's adapter gradients within
+    on fresh batches, whole and in micro-batches of 3 + 1 (two shapes, each recorded with and
+    without gradients, sharing one memory pool): the same losses within 2e-2 relative, and the last step's adapter gradients within
     5e-2 of each one's norm (bf16 noise; the kernels are the same, so the two should differ by
     little more than the attention backward's atomics)."""
     device = torch.device("cuda")
@@ -273,7 +340,8 @@ def test_cuda_graph_training_follows_eager_training(micro_batch):
         cfg.micro_batch = micro_batch
         results.append(_train_steps(model, cfg, device, frames, steps=4, graphs=graphs))
         if graphs:
-            assert all(len(t.forward.graphs) == (2 if micro_batch else 1) for t in (model.visual, model.transformer))
+            assert all(len(t.forward.graphs) == (4 if micro_batch else 1)   # 3 + 1, with and without gradients
+                       for t in (model.visual, model.transformer))
     (want_losses, want), (got_losses, got) = results
     for a, b in zip(want_losses, got_losses):
         assert abs(a - b) <= 2e-2 * abs(a), (want_losses, got_losses)
