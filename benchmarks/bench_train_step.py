@@ -244,21 +244,33 @@ def time_steps(step, setup, warmup=5, steps=20):
     return statistics.median(times)
 
 
-def profile_step(step, setup, n=8):
+def profile_step(step, setup, n=8, ops=False):
     """One profiled step: (its top n kernels by device time, or CPU ops on the CPU; ms the GPU was
-    busy, the union of every kernel's interval, 0.0 on the CPU). Busy time over the unprofiled
-    step time says how much of the step the GPU idles, waiting for launches (what CUDA graphs cure)."""
+    busy, the union of every kernel's interval, 0.0 on the CPU; with ops=True the top n aten ops by
+    the time of the kernels each launched itself (CPU: their own time), with their input shapes,
+    else None). Busy time over the unprofiled step time says how much of the step the GPU idles,
+    waiting for launches (what CUDA graphs cure); the ops name the op behind a kernel whose name
+    does not (the H200 profile's non-vectorised elementwise_kernel: 6 of ViT-B/16's 104 busy ms)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = setup.device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CUDA] * cuda + [ProfilerActivity.CPU] * (ops or not cuda)
+    with profile(activities=activities, record_shapes=ops) as prof:
         step()
         setup.sync()
+    device = DeviceType.CUDA if cuda else DeviceType.CPU
     key = "device_time_total" if cuda else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:n]
-    kernels = [{"kernel": e.key[:80], "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in events]
+    events = sorted((e for e in prof.key_averages() if e.device_type == device), key=lambda e: getattr(e, key, 0),
+                    reverse=True)[:n]
+    kernels = [{"kernel": e.key[:160], "ms": getattr(e, key, 0) / 1e3, "calls": e.count} for e in events]
     busy = union_ms([(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA])
-    return kernels, busy
+    if not ops:
+        return kernels, busy, None
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.device_type == DeviceType.CPU),
+                    key=lambda e: getattr(e, key, 0), reverse=True)[:n]
+    return kernels, busy, [{"op": e.key, "shapes": str(e.input_shapes)[:200], "ms": getattr(e, key, 0) / 1e3,
+                            "calls": e.count} for e in events]
 
 
 def union_ms(intervals_us):
@@ -432,7 +444,11 @@ def main(argv=None, prog=None):
     stem += f"_words{setup.words}" if setup.words != 77 and not args.smoke else ""
     stem = f"{stem}_{slug(info['device'])}_{info['date']}"
     frames, tokens = setup.batch()
-    rows, kernels, failed = [], {}, {}   # failed: "arch/variant" -> the error of a *_graphs variant
+    rows, kernels, ops, failed = [], {}, {}, {}   # failed: "arch/variant" -> the error of a *_graphs variant
+
+    def so_far():   # what a run cut short by a time limit keeps
+        return {**info, "complete": False, "failed": failed, "top_kernels": kernels, "top_ops": ops}
+
     for arch in args.archs:
         base = make_model(arch, setup, device="cpu")   # each variant's copy goes to the GPU, the base stays
         for name in args.variants + compiled_variants(args.variants, args.compile):
@@ -453,14 +469,15 @@ def main(argv=None, prog=None):
                     raise
                 failed[f"{arch}/{name}"] = f"{type(e).__name__}: {e}"[:600]
                 print(f"{arch} {name}: FAILED, {failed[f'{arch}/{name}']}", flush=True)
-                write_results(args.out, stem, {**info, "complete": False, "failed": failed, "top_kernels": kernels},
-                              rows)
+                write_results(args.out, stem, so_far(), rows)
                 del model, optimizer, step, forward
                 continue
             cuda = setup.device.type == "cuda"
             peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
             reserved = torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else 0.0   # what the process held
-            kernels[f"{arch}/{name}"], busy = profile_step(step, setup)
+            kernels[f"{arch}/{name}"], busy, top_ops = profile_step(step, setup, ops=name == "fused_adapters")
+            if top_ops:   # the default path's ops behind its kernels
+                ops[f"{arch}/{name}"] = top_ops
             row = {"arch": arch, "variant": name, "step_ms": ms, "peak_GiB": peak, "reserved_GiB": reserved,
                    "videos_per_s": setup.videos / ms * 1e3}
             if setup.device.type == "cuda":
@@ -475,7 +492,7 @@ def main(argv=None, prog=None):
             rows.append(row)
             print(f"{arch} {name}: {ms:.1f} ms/step, {peak:.2f} GiB peak", flush=True)
             add_ratios(rows)   # written after every variant: a run cut short by a time limit keeps what it measured
-            write_results(args.out, stem, {**info, "complete": False, "failed": failed, "top_kernels": kernels}, rows)
+            write_results(args.out, stem, so_far(), rows)
             del model, optimizer, step, forward
             if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -492,7 +509,7 @@ def main(argv=None, prog=None):
         print(f"loss curves, reference vs fused adapters, {setup.curve_steps} steps: max relative difference "
               f"{curves['max_rel_diff']:.2e}; fused with CUDA graphs vs without: {graphs}")
         info["loss_curves"] = curves
-    info.update(complete=True, failed=failed, top_kernels=kernels)
+    info.update(complete=True, failed=failed, top_kernels=kernels, top_ops=ops)
     path = write_results(args.out, stem, info, rows)
     plot(rows, path + ".png")
     print(f"wrote {path}.json, .csv, .png")

@@ -551,6 +551,11 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     fused = [r for r in rows if r["variant"].startswith("fused")]
     assert all(("encode_vs_plain" in r) != r["variant"].endswith("_graphs") for r in fused)   # graphs encode eager
     assert ("loss curves" in out) != bool(extra)
+    top_ops = results["top_ops"]   # the default path's ops with their input shapes (on the CPU: their CPU time)
+    assert list(top_ops) == ([] if extra else ["smoke/fused_adapters"])
+    assert all(o["ms"] > 0 and o["calls"] > 0 for ops in top_ops.values() for o in ops)
+    fused_ops = top_ops.get("smoke/fused_adapters", [])
+    assert extra or any(o["op"].startswith("aten::") and o["shapes"].startswith("[[") for o in fused_ops)
     if not extra:   # on the CPU the graphed towers run eager: the fused curve again
         assert len(results["loss_curves"]["fused_graphs"]) == 3 and results["loss_curves"]["graphs_max_rel_diff"] < 1e-6
     with open(stem.with_suffix(".csv")) as f:

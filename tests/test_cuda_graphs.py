@@ -329,9 +329,9 @@ def _train_steps(model, cfg, device, frames, steps, graphs):
 def test_cuda_graph_training_follows_eager_training(micro_batch):
     """Real CUDA graphs (fused adapters, bf16 autocast) against the same model eager: 4 AdamW steps
     on fresh batches, whole and in micro-batches of 3 + 1 (two shapes, each recorded with and
-    without gradients, sharing one memory pool): the same losses within 2e-2 relative, and the last step's adapter gradients within
-    5e-2 of each one's norm (bf16 noise; the kernels are the same, so the two should differ by
-    little more than the attention backward's atomics)."""
+    without gradients, sharing one memory pool): the same losses within 2e-2 relative, and the last
+    step's adapter gradients within 5e-2 of each one's norm (bf16 noise; the kernels are the same,
+    so the two should differ by little more than the attention backward's atomics)."""
     device = torch.device("cuda")
     frames = VideoFrames(max_frames=FRAMES, size=SIZE, raw=True)
     results = []
