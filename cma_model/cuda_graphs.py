@@ -177,7 +177,7 @@ class GraphedForward:
 def _signature(args, kwargs):
     """(key, template, tensors) of a call: the key to look its graphs up by (None where an argument
     cannot be hashed), the arguments with _TENSOR for each tensor, and the tensors in order."""
-    key, template, tensors = [], [], []
+    key, template, tensors = [("grad", torch.is_grad_enabled())], [], []   # first: replays_fixed_shapes reads it
     for name, value in [(None, a) for a in args] + sorted(kwargs.items()):
         if isinstance(value, torch.Tensor):
             key.append((name, tuple(value.shape), value.dtype, value.device, value.requires_grad))
@@ -186,7 +186,6 @@ def _signature(args, kwargs):
         else:
             key.append((name, value))
             template.append((name, value))
-    key.insert(0, ("grad", torch.is_grad_enabled()))   # first: replays_fixed_shapes looks for it
     key.append(("autocast", torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")))
     try:
         hash(tuple(key))
