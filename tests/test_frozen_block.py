@@ -149,6 +149,41 @@ def test_self_attention_backward_copies_the_qkv_gradient_once(dtype, batch_first
     assert copies.ops == ["aten.stack.default"]   # its values: test_lean_block_is_open_clip_block
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_frozen_projection_backward_reads_the_qkv_gradients_in_place(batch_first, masked):
+    """A frozen block (the adapters' case): the input's gradient through the lean attention is
+    open_clip's (float64), made by three matmuls from SDPA's q, k, v gradients, with no tensor of
+    the packed projection's size [B, L, 3 D] made in backward (autograd's stack of them)."""
+    block = _block(batch_first=batch_first).requires_grad_(False)
+    shape = (3, 7, 64) if batch_first else (7, 3, 64)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    mask = _causal(7, torch.float64) if masked else None
+    grad_out = torch.randn(shape, dtype=torch.float64)
+    want = torch.autograd.grad(block(x, attn_mask=mask), x, grad_out)[0]
+    out = _lean(block, x, mask, recompute=False)
+    with _NewTensorsOfSize(3 * 7 * 3 * 64) as copies:
+        got = torch.autograd.grad(out, x, grad_out)[0]
+    assert copies.ops == []
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_frozen_projection_backward_under_autocast_gives_the_inputs_dtype():
+    """Under bf16 autocast an fp32 input (the text tower's residual stream) gets an fp32 gradient,
+    the bf16 matmuls' result within bf16 rounding of the float64 one (3e-2 of its norm)."""
+    block = _block()
+    x = torch.randn(3, 7, 64, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 7, 64, dtype=torch.float64)
+    want = torch.autograd.grad(frozen_block.self_attention(block.attn, x), x, grad_out)[0]
+    attn = copy.deepcopy(block.attn).float().requires_grad_(False)
+    x32 = x.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = frozen_block.self_attention(attn, x32)
+    got = torch.autograd.grad(out, x32, grad_out.to(out.dtype))[0]
+    assert got.dtype == torch.float32
+    assert ((got.double() - want).norm() / want.norm()).item() < 3e-2
+
+
 def test_adapted_model_lean_path_matches_reference_path():
     """Whole small CLIP with adapters: the lean frozen block ("auto": PyTorch adapters on the CPU,
     lean block) against open_clip's own block ("reference"): embeddings and adapter gradients."""
