@@ -184,6 +184,27 @@ def test_frozen_projection_backward_under_autocast_gives_the_inputs_dtype():
     assert ((got.double() - want).norm() / want.norm()).item() < 3e-2
 
 
+@gpu_check
+@requires_cuda
+def test_frozen_projection_reads_sdpa_gradients_in_place_on_cuda():
+    """On CUDA (flash attention under bf16 autocast) a frozen projection's backward copies none of
+    q, k, v's gradients: SDPA leaves them [B, L, H, hd] in memory, so the matmuls read views (a
+    copy would show as a clone). The input gradient is the float64 one within bf16 rounding (3e-2
+    of its norm)."""
+    attn = _block(width=256, heads=4).attn.requires_grad_(False)   # head width 64: flash attention
+    x = torch.randn(4, 50, 256, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(4, 50, 256, dtype=torch.float64)
+    want = torch.autograd.grad(frozen_block.self_attention(attn, x), x, grad_out)[0]
+    attn = attn.float().cuda()
+    x_cuda = x.detach().to("cuda", torch.bfloat16).requires_grad_()   # the vision tower's residual stream
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = frozen_block.self_attention(attn, x_cuda)
+    with _NewTensorsOfSize(4 * 50 * 256) as made:
+        got = torch.autograd.grad(out, x_cuda, grad_out.to("cuda", out.dtype))[0]
+    assert made.ops and all("attention_backward" in op or op == "aten.mm.default" for op in made.ops), made.ops
+    assert ((got.double().cpu() - want).norm() / want.norm()).item() < 3e-2
+
+
 def test_adapted_model_lean_path_matches_reference_path():
     """Whole small CLIP with adapters: the lean frozen block ("auto": PyTorch adapters on the CPU,
     lean block) against open_clip's own block ("reference"): embeddings and adapter gradients."""
