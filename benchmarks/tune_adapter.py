@@ -31,13 +31,20 @@ from cma_train.backbone import autocast_dtype
 
 FWD_SPACE = dict(BLOCK_N=[16, 32, 64, 128], BLOCK_D=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 3, 4])
 BWD_SPACE = dict(BLOCK_N=[32, 64, 128], BLOCK_D=[64, 128], num_warps=[4, 8], num_stages=[2, 3],
-                 PROGRAMS_PER_SM=[1, 2, 4])
-# Timed right after the current backward configuration, ahead of its neighbours: 128-row tiles
-# halve the per-row cost of the fp32 weight-gradient partials each tile reads and writes back.
-# tests/sm90_compile.py, bf16 r=8: 216 registers, no spill, 78 KB shared (with 4 warps it spills),
-# so one program per SM: 75 programs on 132 SMs at N = 19200, 120 at 153600 (whole tiles per
-# program, rounded up). The sweep decides.
-BWD_FIRST = [dict(BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=2, PROGRAMS_PER_SM=1)]
+                 PROGRAMS_PER_SM=[1, 2, 4], SPLIT=[False, True])
+# Timed right after the current backward configuration, ahead of its neighbours. Every one-launch
+# configuration keeps at most 12 warps on an SM (tests/sm90_compile.py, bf16 r=8: 148 to 226
+# registers per thread), and the H200 profile had it at 4x its memory floor: latency, not bytes.
+# - the fastest at N = 19200 on the H200 (0.129 ms against the current 0.192), not timed at 153600;
+# - SPLIT, the backward in two launches (two more reads of h and dy, more warps per SM: the first
+#   kernel 48 to 83 registers, 20 to 32 warps; the second 122 to 144, 12 to 16);
+# - 128-row tiles: half the per-row cost of the fp32 weight-gradient partials, one program per SM.
+# The sweep decides.
+BWD_FIRST = [dict(BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=2, PROGRAMS_PER_SM=4, SPLIT=False),
+             dict(BLOCK_N=32, BLOCK_D=64, num_warps=4, num_stages=3, PROGRAMS_PER_SM=4, SPLIT=True),
+             dict(BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=2, PROGRAMS_PER_SM=4, SPLIT=True),
+             dict(BLOCK_N=32, BLOCK_D=64, num_warps=8, num_stages=2, PROGRAMS_PER_SM=4, SPLIT=True),
+             dict(BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=2, PROGRAMS_PER_SM=1, SPLIT=False)]
 
 
 def search_order(space, current, first=()):

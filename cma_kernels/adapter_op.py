@@ -12,7 +12,9 @@ da = dy . W_up, then sweeps D again writing dh = dy + (da * act'(z)) . W_down an
 tile's weight-gradient products into ITS OWN fp32 partials (no atomics; its first tile writes
 them, so no zero-fill). All six partials of a program sit in one row of a [programs, grads]
 buffer, summed over programs by ONE torch reduction afterwards: the same inputs give
-bit-identical gradients, and the six gradients are views of that sum.
+bit-identical gradients, and the six gradients are views of that sum. Launch configuration SPLIT
+(a candidate the tuner times) does the same in two launches: a and dz per row tile, then one
+program per (row group, D chunk) with its weight-gradient products in registers.
 The residual's gradient is dy itself. Where h needs no gradient (each tower's first attention
 adapter: its h comes from frozen layers over the input), dh is neither computed nor written.
 
@@ -44,8 +46,10 @@ MAX_RANK = 64   # r up to this runs fused; larger bottlenecks use the reference 
 # serves every GPU: the 16-bit forward at r = 64 takes 64-wide D chunks, as its 128-wide ones need
 # 140 KB of shared memory (the fp32 weight tiles, pipelined), more than the 99 KB of an A10, L4 or
 # RTX 4090; sm90_compile.py checks that each configuration fits A100, sm_86/89 and T4 too.
+# SPLIT=True runs the backward in two launches instead (_launch_backward_split): a candidate the
+# tuner times, not the default until a GPU has measured it faster.
 FWD_CONFIG = dict(BLOCK_N=32, BLOCK_D=128, num_warps=4, num_stages=3)
-BWD_CONFIG = dict(BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=2, PROGRAMS_PER_SM=2)
+BWD_CONFIG = dict(BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=2, PROGRAMS_PER_SM=2, SPLIT=False)
 _CONFIGS = {   # (fp32 inputs, r > 32) -> (forward, backward)
     (False, False): (FWD_CONFIG, BWD_CONFIG),
     (False, True): (dict(FWD_CONFIG, BLOCK_D=64), dict(BWD_CONFIG, num_warps=8, PROGRAMS_PER_SM=1)),
@@ -183,6 +187,31 @@ def _adapter_fwd_kernel(
 
 
 @triton.jit
+def _bottleneck_grads(dy_ptr, h_ptr, w_down_ptr, b_down, w_up_unique_ptr, w_up_shared_ptr, rows, row_mask, ranks,
+                      rank_mask, D, D_UNIQUE, stride_dy, stride_h, R: tl.constexpr, R_PAD: tl.constexpr,
+                      ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One row tile's bottleneck, recomputed from h, and its gradient, one sweep over D: (a, dz),
+    [BLOCK_N, R_PAD] fp32 each: a = act(z), z = h . W_down^T + b_down; dz = (dy . W_up) * act'(z),
+    zero on masked rows (dy is zero there; a is not)."""
+    dtype = h_ptr.dtype.element_ty
+    z = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    da = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < D
+        mask = row_mask[:, None] & col_mask[None, :]
+        h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(dtype)
+        w_down_t = tl.load(w_down_ptr + ranks[None, :] * D + cols[:, None],
+                           mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
+        w_up = _load_w_up(w_up_unique_ptr, w_up_shared_ptr, cols, col_mask, ranks, rank_mask, D_UNIQUE, R)
+        z = tl.dot(h, w_down_t.to(dtype), z, input_precision=DOT_PRECISION)
+        da = tl.dot(dy, w_up.to(dtype), da, input_precision=DOT_PRECISION)
+    z += b_down[None, :]
+    return _activation(z, ACT), da * _activation_grad(z, ACT)
+
+
+@triton.jit
 def _adapter_bwd_kernel(
     dy_ptr,             # [N, D] row stride stride_dy, unit column stride
     h_ptr,              # [N, D] row stride stride_h, unit column stride
@@ -215,23 +244,10 @@ def _adapter_bwd_kernel(
         row_mask = rows < N
         rows = rows.to(tl.int64)
 
-        # sweep 1: z = h . W_down^T and da = dy . W_up, both [BLOCK_N, R_PAD] fp32
-        z = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-        da = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            col_mask = cols < D
-            mask = row_mask[:, None] & col_mask[None, :]
-            h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
-            dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(dtype)
-            w_down_t = tl.load(w_down_ptr + ranks[None, :] * D + cols[:, None],
-                               mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
-            w_up = _load_w_up(w_up_unique_ptr, w_up_shared_ptr, cols, col_mask, ranks, rank_mask, D_UNIQUE, R)
-            z = tl.dot(h, w_down_t.to(dtype), z, input_precision=DOT_PRECISION)
-            da = tl.dot(dy, w_up.to(dtype), da, input_precision=DOT_PRECISION)
-        z += b_down[None, :]
-        a = _activation(z, ACT)
-        dz = da * _activation_grad(z, ACT)     # zero on masked rows, since dy is zero there
+        # sweep 1: the bottleneck a and its gradient dz, [BLOCK_N, R_PAD] fp32
+        a, dz = _bottleneck_grads(dy_ptr, h_ptr, w_down_ptr, b_down, w_up_unique_ptr, w_up_shared_ptr, rows, row_mask,
+                                  ranks, rank_mask, D, D_UNIQUE, stride_dy, stride_h, R, R_PAD, ACT, DOT_PRECISION,
+                                  BLOCK_N, BLOCK_D)
         db_down += tl.sum(dz, axis=0)
         a = tl.where(row_mask[:, None], a, 0.0).to(dtype)
         dz = dz.to(dtype)
@@ -266,6 +282,93 @@ def _adapter_bwd_kernel(
                      mask=col_mask)
 
     tl.store(db_down_part_ptr + ranks, db_down, mask=rank_mask)
+
+
+# The backward in two launches (launch configuration SPLIT): each a plain streaming kernel with
+# fewer registers, so more programs share an SM, for two more reads of h and dy (they come back
+# from memory, not from cache). Same dots on the same values as _adapter_bwd_kernel; the weight
+# gradients are summed over tokens in another order (deterministic too).
+@triton.jit
+def _adapter_bwd_bottleneck_kernel(
+    dy_ptr,             # [N, D] row stride stride_dy, unit column stride
+    h_ptr,              # [N, D] row stride stride_h, unit column stride
+    w_down_ptr,         # [R, D] contiguous
+    b_down_ptr,         # [R]
+    w_up_unique_ptr,    # [D - DS, R] contiguous
+    w_up_shared_ptr,    # [DS, R] contiguous
+    a_ptr,              # [N, R] fp32 out: act(z)
+    dz_ptr,             # [N, R] fp32 out: dz
+    N, D, DS, stride_dy, stride_h,
+    R: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    rows = rows.to(tl.int64)
+    ranks = tl.arange(0, R_PAD)
+    rank_mask = ranks < R
+    b_down = tl.load(b_down_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
+    a, dz = _bottleneck_grads(dy_ptr, h_ptr, w_down_ptr, b_down, w_up_unique_ptr, w_up_shared_ptr, rows, row_mask,
+                              ranks, rank_mask, D, D - DS, stride_dy, stride_h, R, R_PAD, ACT, DOT_PRECISION,
+                              BLOCK_N, BLOCK_D)
+    mask = row_mask[:, None] & rank_mask[None, :]
+    tl.store(a_ptr + rows[:, None] * R + ranks[None, :], a, mask=mask)
+    tl.store(dz_ptr + rows[:, None] * R + ranks[None, :], dz, mask=mask)
+
+
+@triton.jit
+def _adapter_bwd_stream_kernel(
+    dy_ptr,             # [N, D] row stride stride_dy, unit column stride
+    h_ptr,              # [N, D] row stride stride_h, unit column stride
+    dh_ptr,             # [N, D] contiguous; unused unless NEED_DH
+    w_down_ptr,         # [R, D] contiguous
+    a_ptr,              # [N, R] fp32: act(z), from _adapter_bwd_bottleneck_kernel
+    dz_ptr,             # [N, R] fp32: dz, from _adapter_bwd_bottleneck_kernel
+    grads_part_ptr,     # [G, stride_part] fp32: per row group, its partial gradients laid out as grads_flat
+    N, D, stride_part, stride_dy, stride_h, TILES_PER_GROUP,
+    R: tl.constexpr, R_PAD: tl.constexpr, NEED_DH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (g, c): the D chunk c of row group g's tiles: dh = dy + dz . W_down there, and the
+    weight-gradient products over its rows, accumulated in registers, written once into row g's
+    partials (db_down by the chunk-0 programs)."""
+    dtype = h_ptr.dtype.element_ty
+    group, chunk = tl.program_id(0), tl.program_id(1)
+    ranks = tl.arange(0, R_PAD)
+    rank_mask = ranks < R
+    cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    w_down = tl.load(w_down_ptr + ranks[:, None] * D + cols[None, :], mask=rank_mask[:, None] & col_mask[None, :],
+                     other=0.0).to(dtype)
+    dw_up = tl.zeros((BLOCK_D, R_PAD), dtype=tl.float32)
+    dw_down = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
+    db_up = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db_down = tl.zeros((R_PAD,), dtype=tl.float32)
+    first_tile = group * TILES_PER_GROUP
+    for tile in range(first_tile, first_tile + TILES_PER_GROUP):
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        rows = rows.to(tl.int64)
+        small = row_mask[:, None] & rank_mask[None, :]
+        a = tl.load(a_ptr + rows[:, None] * R + ranks[None, :], mask=small, other=0.0).to(dtype)
+        dz = tl.load(dz_ptr + rows[:, None] * R + ranks[None, :], mask=small, other=0.0)
+        db_down += tl.sum(dz, axis=0)
+        dz = dz.to(dtype)
+        mask = row_mask[:, None] & col_mask[None, :]
+        h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+        if NEED_DH:
+            dh = dy.to(tl.float32) + tl.dot(dz, w_down, input_precision=DOT_PRECISION)
+            tl.store(dh_ptr + rows[:, None] * D + cols[None, :], dh, mask=mask)
+        dw_up = tl.dot(tl.trans(dy.to(dtype)), a, dw_up, input_precision=DOT_PRECISION)
+        dw_down = tl.dot(tl.trans(dz), h, dw_down, input_precision=DOT_PRECISION)
+        db_up += tl.sum(dy.to(tl.float32), axis=0)
+
+    part = grads_part_ptr + group.to(tl.int64) * stride_part   # [dW_down R x D | db_down R | dW_up D x R | db_up D]
+    tl.store(part + ranks[:, None] * D + cols[None, :], dw_down, mask=rank_mask[:, None] & col_mask[None, :])
+    tl.store(part + R * D + ranks, db_down, mask=rank_mask & (chunk == 0))
+    tl.store(part + R * D + R + cols[:, None] * R + ranks[None, :], dw_up, mask=col_mask[:, None] & rank_mask[None, :])
+    tl.store(part + 2 * R * D + R + cols, db_up, mask=col_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,6 +523,8 @@ def _launch_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
     D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
     N = h.numel() // D if D else 0
     cfg = launch_configs(h.dtype, r, h.device)[1]
+    if cfg.get("SPLIT") and N > 0:
+        return _launch_backward_split(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation, need_dh, cfg)
     num_tiles = _cdiv(N, cfg["BLOCK_N"])
     tiles_per_program = max(1, _cdiv(num_tiles, _num_programs_cap(h.device, cfg["PROGRAMS_PER_SM"])))
     P = max(1, _cdiv(num_tiles, tiles_per_program))
@@ -440,6 +545,33 @@ def _launch_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
             DOT_PRECISION=_dot_precision(h.dtype, h.device), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
+    return dh, grads_part[:, :grads].sum(0)
+
+
+def _launch_backward_split(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation, need_dh, cfg):
+    """_launch_backward in two launches (cfg["SPLIT"]): the bottleneck a and dz per row tile, then
+    one program per (row group, D chunk). N > 0."""
+    D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
+    N = h.numel() // D
+    block_n, block_d = cfg["BLOCK_N"], cfg["BLOCK_D"]
+    num_tiles, chunks = _cdiv(N, block_n), _cdiv(D, block_d)
+    tiles_per_group = max(1, _cdiv(num_tiles, max(1, _num_programs_cap(h.device, cfg["PROGRAMS_PER_SM"]) // chunks)))
+    groups = _cdiv(num_tiles, tiles_per_group)   # every group has a tile: each writes all of its partials
+    grads = 2 * r * D + r + D
+    stride_part = _cdiv(grads, 16) * 16
+    grads_part = torch.empty((groups, stride_part), dtype=torch.float32, device=h.device)
+    a, dz = torch.empty((2, N, r), dtype=torch.float32, device=h.device)
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_dh else None
+    (h2, stride_h), (dy2, stride_dy) = _rows(h), _rows(dy)
+    w_down = w_down.contiguous()
+    common = dict(R=r, R_PAD=_rank_pad(r), DOT_PRECISION=_dot_precision(h.dtype, h.device), BLOCK_N=block_n,
+                  BLOCK_D=block_d, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _adapter_bwd_bottleneck_kernel[(num_tiles,)](
+        dy2, h2, w_down, b_down.contiguous(), _real(w_up_unique, w_up_shared), _real(w_up_shared, w_up_unique),
+        a, dz, N, D, ds, stride_dy, stride_h, ACT=ACTIVATIONS.index(activation), **common)
+    _adapter_bwd_stream_kernel[(groups, chunks)](
+        dy2, h2, dh if need_dh else h2, w_down, a, dz, grads_part, N, D, stride_part, stride_dy, stride_h,
+        tiles_per_group, NEED_DH=need_dh, **common)
     return dh, grads_part[:, :grads].sum(0)
 
 

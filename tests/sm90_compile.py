@@ -126,6 +126,23 @@ def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32", arch=90, fp32
     return out
 
 
+def compile_split(dtype, r, arch=90):
+    """Compile the two kernels of the backward's SPLIT candidate with the tiles of its launch
+    configuration for (dtype, r); returns [(registers, stack, shared, accesses)] per kernel."""
+    _, cfg = op.launch_configs(DTYPES[dtype], r)
+    w = {n: "*fp32" for n in ("w_down_ptr", "b_down_ptr", "w_up_unique_ptr", "w_up_shared_ptr")}
+    tiles = dict(R=r, R_PAD=max(16, triton.next_power_of_2(r)), DOT_PRECISION="tf32" if dtype != "fp32" else "ieee",
+                 BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"])
+    small = {"a_ptr": "*fp32", "dz_ptr": "*fp32"}
+    kernels = [(op._adapter_bwd_bottleneck_kernel, {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", **w, **small},
+                {"N", "D", "DS", "stride_dy", "stride_h"}, dict(tiles, ACT=0)),
+               (op._adapter_bwd_stream_kernel, {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}",
+                                                 "w_down_ptr": "*fp32", **small, "grads_part_ptr": "*fp32"},
+                {"N", "D", "stride_part", "stride_dy", "stride_h", "TILES_PER_GROUP"}, dict(tiles, NEED_DH=True))]
+    return [compile_sm90(kernel, pointers, ints, constexprs, cfg["num_warps"], cfg["num_stages"], arch)
+            for kernel, pointers, ints, constexprs in kernels]
+
+
 def compile_quick_gelu(dtype):
     """Compile the quick_gelu forward and backward kernels for one storage dtype."""
     for kernel, pointers in ((qg._quick_gelu_fwd_kernel, ("z_ptr", "y_ptr")),
@@ -147,6 +164,10 @@ def main(argv):
               f"bytes / shared bytes / 128-bit global accesses: "
               + ", ".join(f"{kind} {regs} / {stack} / {shared} / {wide_share(acc):.0%}"
                           for kind, (regs, stack, shared, acc) in (("fwd", fwd), ("bwd", bwd))), flush=True)
+    for dtype, r in (("bf16", 8), ("bf16", 64)):
+        (k1, _, s1, _), (k2, _, s2, _) = compile_split(dtype, r)
+        print(f"{dtype} r={r} backward SPLIT (a tuner candidate): registers / shared bytes: bottleneck {k1} / {s1}, "
+              f"stream {k2} / {s2}", flush=True)
     for dtype in ("bf16", "fp16", "fp32"):
         compile_quick_gelu(dtype)
     print("quick_gelu bf16/fp16/fp32 compiled")

@@ -106,6 +106,44 @@ def test_every_gpu_launch_configuration_in_the_interpreter(fp32_inputs, wide_r, 
     check_against_float64(*make_case(257, 96, 64 if wide_r else 8, 16, dtype))
 
 
+@pytest.fixture
+def split_backward(monkeypatch):
+    """The backward in two launches (launch configuration SPLIT, a candidate the GPU sweep times),
+    with tiles small enough for several row tiles, row groups and D chunks per call."""
+    configs = adapter_op.launch_configs
+
+    def split(dtype, r, device):
+        forward, backward = configs(dtype, r, device)
+        return forward, dict(backward, SPLIT=True, BLOCK_N=32, BLOCK_D=64)
+    monkeypatch.setattr(adapter_op, "launch_configs", split)
+
+
+@pytest.mark.parametrize("N,D,r,ds,dtype", [(257, 96, 8, 16, torch.float32), (7, 64, 4, 0, torch.float32),
+                                            (257, 96, 16, 96, torch.float16), (1, 768, 8, 16, torch.float32),
+                                            (300, 512, 4, 16, torch.float16)])
+@pytest.mark.parametrize("residual", [True, False])
+def test_split_backward_every_gradient(N, D, r, ds, dtype, residual, split_backward):
+    check_against_float64(*make_case(N, D, r, ds, dtype), residual=residual)
+
+
+def test_split_backward_is_the_one_launch_backward_and_deterministic(split_backward):
+    """The same dots on the same values: dh bit-identical to the one-launch backward's, the weight
+    gradients (summed over tokens in another order) within fp32 rounding; run twice, bit-identical;
+    without dh, the same weight gradients."""
+    h, x, weights = make_case(700, 96, 8, 16, torch.float32)
+    dy = torch.randn(700, 96, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    args = (dy, h, *weights[:3], weights[4])
+    split, again, without_dh = adapter_backward(*args), adapter_backward(*args), adapter_backward(*args, need_dh=False)
+    forward, backward = adapter_op.launch_configs(torch.float32, 8, h.device)
+    with pytest.MonkeyPatch.context() as m:   # the same tiles, in one launch
+        m.setattr(adapter_op, "launch_configs", lambda *_: (forward, dict(backward, SPLIT=False)))
+        one_launch = adapter_backward(*args)
+    assert torch.equal(split[0], one_launch[0]) and without_dh[0] is None
+    for a, b, c, d in zip(split[1:], again[1:], without_dh[1:], one_launch[1:]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+        assert_matches(a, d.double(), torch.float32, "weight gradient")   # fp32 sums in another order
+
+
 @pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
 def test_activations(activation):
     check_against_float64(*make_case(33, 64, 8, 16, torch.float32), activation=activation)
@@ -413,6 +451,15 @@ def test_compiles_without_graph_breaks():
 @gpu_check
 def test_cuda_bf16_matches_float64(N, D, r, ds):
     check_against_float64(*make_case(N, D, r, ds, torch.bfloat16))
+
+
+@gpu_check
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [8, 64])
+def test_cuda_split_backward_matches_float64(r, dtype, split_backward):
+    """The two-launch backward (a tuner candidate) compiled by Triton for the GPU."""
+    check_against_float64(*make_case(4099, 768, r, 16, dtype))
 
 
 @gpu_check
