@@ -40,7 +40,7 @@ import weakref
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_map_only
 
 from cma_model import frozen_block
 
@@ -253,7 +253,7 @@ class _RecordedForward(_Recorded):
         for buffer, t in zip(self.inputs, tensors):
             buffer.copy_(t)
         self.replay()
-        return tree_map(torch.clone, self.outputs)
+        return tree_map_only(torch.Tensor, torch.clone, self.outputs)
 
 
 class _Backward:
