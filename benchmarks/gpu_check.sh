@@ -12,7 +12,7 @@
 # run takes about GPU_CHECK_BUDGET_S, a little more where the first sections hit their limits.
 # GPU_CHECK_SKIP names sections to leave out: "cases tests host e2e compiled" makes a second call
 # in the same lease go straight to the kernel benchmarks; "adapter quick_gelu tune" leaves those
-# out. GPU_CHECK_TESTS_S (default 150) and GPU_CHECK_E2E_S (default 170: 9 variants) limit the
+# out. GPU_CHECK_TESTS_S (default 180) and GPU_CHECK_E2E_S (default 170: 9 variants) limit the
 # CUDA tests and the end-to-end step.
 # Each test's outcome: $OUT/gpu_tests.log.
 # On a machine without a package index, first put open_clip and decord (wheels or unpacked) on
@@ -44,7 +44,7 @@ if [[ $skip != *" tests "* ]]; then
     echo "== CUDA tests"
     # every test's outcome goes to its own log (kept even when the time limit cuts pytest off), the
     # quick whole-path tests first, the compile-heavy kernel grid last; --durations sizes the next run
-    timeout "${GPU_CHECK_TESTS_S:-150}" python -m pytest -v -p no:cacheprovider --maxfail=5 --durations=12 -m gpu_check \
+    timeout "${GPU_CHECK_TESTS_S:-180}" python -m pytest -v -p no:cacheprovider --maxfail=5 --durations=12 -m gpu_check \
         -k "not micro_batches_under_cuda_graphs" tests/test_train.py tests/test_step.py tests/test_cuda_graphs.py \
         tests/test_frozen_block.py tests/test_quick_gelu.py tests/test_cli.py tests/test_adapter_op.py \
         > "$tests_log" 2>&1
