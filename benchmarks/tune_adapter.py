@@ -33,8 +33,9 @@ FWD_SPACE = dict(BLOCK_N=[16, 32, 64, 128], BLOCK_D=[64, 128, 256], num_warps=[4
 BWD_SPACE = dict(BLOCK_N=[32, 64, 128], BLOCK_D=[64, 128], num_warps=[4, 8], num_stages=[2, 3],
                  PROGRAMS_PER_SM=[1, 2, 4], SPLIT=[False, True])
 # Timed right after the current backward configuration, ahead of its neighbours. Every one-launch
-# configuration keeps at most 12 warps on an SM (tests/sm90_compile.py, bf16 r=8: 148 to 226
-# registers per thread), and the H200 profile had it at 4x its memory floor: latency, not bytes.
+# configuration keeps at most 12 warps on an SM (each compiled with tests/sm90_compile.py's
+# compile_sm90, bf16 r=8: 148 to 255 registers per thread), and the H200 profile had it at 4x its
+# memory floor: latency, not bytes.
 # - the fastest at N = 19200 on the H200 (0.129 ms against the current 0.192), not timed at 153600;
 # - SPLIT, the backward in two launches (two more reads of h and dy, more warps per SM: the first
 #   kernel 48 to 83 registers, 20 to 32 warps; the second 122 to 144, 12 to 16);
