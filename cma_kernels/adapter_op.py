@@ -19,9 +19,14 @@ The residual's gradient is dy itself. Where h needs no gradient (each tower's fi
 adapter: its h comes from frozen layers over the input), dh is neither computed nor written.
 
 r < 16 is padded to 16 with masked zero rows so tl.dot sees K >= 16 on the GPU (REFERENCE.md
-section 7). fp32 inputs use IEEE dots by default, as fp32 PyTorch does; with
-torch.set_float32_matmul_precision("high") three TF32 tensor-core dots each (FP32_DOT_PRECISION).
-16-bit inputs use tensor cores with fp32 accumulation.
+section 7). 16-bit inputs use tensor cores with fp32 accumulation. fp32 inputs follow
+torch.set_float32_matmul_precision as PyTorch's matmuls do (FP32_DOT_PRECISION): at the default
+"highest", IEEE fp32, and for r <= 16 (launch configuration FMA) not through tl.dot at all: its
+IEEE lowering reads each operand from shared memory per multiply-add, where the H200 ran the fp32
+op slower than eager PyTorch. The FMA kernels multiply broadcast tiles instead, [R_PAD, rows, D
+chunk], r to the next power of two without the padding to 16, and sum the products in registers:
+over D once per tile, over rows once per program (the backward runs in two launches there).
+"high" runs three TF32 tensor-core dots each.
 """
 import functools
 import os
@@ -47,7 +52,8 @@ MAX_RANK = 64   # r up to this runs fused; larger bottlenecks use the reference 
 # 140 KB of shared memory (the fp32 weight tiles, pipelined), more than the 99 KB of an A10, L4 or
 # RTX 4090; sm90_compile.py checks that each configuration fits A100, sm_86/89 and T4 too.
 # SPLIT=True runs the backward in two launches instead (_launch_backward_split): a candidate the
-# tuner times, not the default until a GPU has measured it faster.
+# tuner times, not the default until a GPU has measured it faster. fp32 at r <= 16 takes
+# FP32_FMA_CONFIGS (below) at the default matmul precision.
 FWD_CONFIG = dict(BLOCK_N=32, BLOCK_D=128, num_warps=4, num_stages=3)
 BWD_CONFIG = dict(BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=2, PROGRAMS_PER_SM=2, SPLIT=False)
 _CONFIGS = {   # (fp32 inputs, r > 32) -> (forward, backward)
@@ -56,6 +62,19 @@ _CONFIGS = {   # (fp32 inputs, r > 32) -> (forward, backward)
     (True, False): (FWD_CONFIG, dict(BLOCK_N=32, BLOCK_D=32, num_warps=8, num_stages=2, PROGRAMS_PER_SM=1)),
     (True, True): (dict(FWD_CONFIG, BLOCK_D=64),
                    dict(BLOCK_N=16, BLOCK_D=32, num_warps=8, num_stages=2, PROGRAMS_PER_SM=1)),
+}
+# fp32 inputs with r <= 16 at the default "highest" matmul precision: FMA (the module docstring),
+# the backward in two launches. Keyed by r <= 8: the products summed in registers take r per value
+# of h a thread holds, so r = 16 gets half the values per thread (tests/sm90_compile.py, triton 3.6:
+# 80 to 128 registers, no spill). Chosen from the compiled code without a GPU: against the tl.dot
+# kernels they replace, about a fifth of the shared-memory traffic per value of h and fewer
+# instructions. Not measured yet: FMA_MAX_RANK = 0 restores the tl.dot kernels.
+FMA_MAX_RANK = 16
+FP32_FMA_CONFIGS = {
+    True: (dict(BLOCK_N=16, BLOCK_D=64, num_warps=4, num_stages=2, FMA=True),
+           dict(BLOCK_N=4, BLOCK_D=128, num_warps=2, num_stages=2, PROGRAMS_PER_SM=4, SPLIT=True, FMA=True)),
+    False: (dict(BLOCK_N=16, BLOCK_D=64, num_warps=8, num_stages=2, FMA=True),
+            dict(BLOCK_N=2, BLOCK_D=128, num_warps=4, num_stages=2, PROGRAMS_PER_SM=2, SPLIT=True, FMA=True)),
 }
 
 
@@ -72,6 +91,8 @@ def launch_configs(dtype: torch.dtype, r: int, device: torch.device = torch.devi
     (on the CPU, the interpreter's)."""
     if device.type == "cpu":
         return INTERPRETER_CONFIGS
+    if dtype == torch.float32 and r <= FMA_MAX_RANK and _dot_precision(dtype, device) == "ieee":
+        return FP32_FMA_CONFIGS[r <= 8]
     return _CONFIGS[dtype == torch.float32, r > 32]
 
 
@@ -133,6 +154,17 @@ def _load_w_up(w_up_unique_ptr, w_up_shared_ptr, cols, col_mask, ranks, rank_mas
 
 
 @triton.jit
+def _rank_product(small, w, FMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """small [BLOCK_N, R_PAD] . w [R_PAD, BLOCK_D] -> [BLOCK_N, BLOCK_D] fp32 (a product over the
+    bottleneck's r): tl.dot, or with FMA fp32 products summed over r inside each thread."""
+    if FMA:
+        product = tl.sum(tl.trans(small)[:, :, None] * w[:, None, :], axis=0)
+    else:
+        product = tl.dot(small, w, input_precision=DOT_PRECISION)
+    return product
+
+
+@triton.jit
 def _adapter_fwd_kernel(
     h_ptr,              # [N, D] row stride stride_h, unit column stride
     residual_ptr,       # [N, D] row stride stride_res; unused unless HAS_RESIDUAL
@@ -145,7 +177,7 @@ def _adapter_fwd_kernel(
     b_up_shared_ptr,    # [DS]
     N, D, DS, stride_h, stride_res,
     R: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     dtype = h_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -156,15 +188,27 @@ def _adapter_fwd_kernel(
     D_UNIQUE = D - DS
 
     # z = h . W_down^T, accumulated over D chunks in fp32: [BLOCK_N, R_PAD]
-    z = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_mask = cols < D
-        h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :],
-                    mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        w_down_t = tl.load(w_down_ptr + ranks[None, :] * D + cols[:, None],
-                           mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
-        z = tl.dot(h, w_down_t.to(dtype), z, input_precision=DOT_PRECISION)
+    if FMA:   # every chunk's products summed in registers, then over D once
+        z_parts = tl.zeros((R_PAD, BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            w_down = tl.load(w_down_ptr + ranks[:, None] * D + cols[None, :],
+                             mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+            z_parts += w_down.to(dtype)[:, None, :] * h[None, :, :]
+        z = tl.trans(tl.sum(z_parts, axis=2))
+    else:
+        z = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            w_down_t = tl.load(w_down_ptr + ranks[None, :] * D + cols[:, None],
+                               mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
+            z = tl.dot(h, w_down_t.to(dtype), z, input_precision=DOT_PRECISION)
     z += tl.load(b_down_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)[None, :]
     a = _activation(z, ACT).to(dtype)
 
@@ -177,7 +221,7 @@ def _adapter_fwd_kernel(
         is_shared = cols >= D_UNIQUE
         b_up = (tl.load(b_up_unique_ptr + cols, mask=col_mask & ~is_shared, other=0.0)
                 + tl.load(b_up_shared_ptr + (cols - D_UNIQUE), mask=col_mask & is_shared, other=0.0))
-        y = tl.dot(a, tl.trans(w_up.to(dtype)), input_precision=DOT_PRECISION)
+        y = _rank_product(a, tl.trans(w_up.to(dtype)), FMA, DOT_PRECISION)
         h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
         y += h.to(tl.float32) + b_up.to(tl.float32)[None, :]
         if HAS_RESIDUAL:
@@ -189,24 +233,37 @@ def _adapter_fwd_kernel(
 @triton.jit
 def _bottleneck_grads(dy_ptr, h_ptr, w_down_ptr, b_down, w_up_unique_ptr, w_up_shared_ptr, rows, row_mask, ranks,
                       rank_mask, D, D_UNIQUE, stride_dy, stride_h, R: tl.constexpr, R_PAD: tl.constexpr,
-                      ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, FMA: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     """One row tile's bottleneck, recomputed from h, and its gradient, one sweep over D: (a, dz),
     [BLOCK_N, R_PAD] fp32 each: a = act(z), z = h . W_down^T + b_down; dz = (dy . W_up) * act'(z),
     zero on masked rows (dy is zero there; a is not)."""
     dtype = h_ptr.dtype.element_ty
-    z = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    da = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    if FMA:   # as the forward's: products summed in registers, then over D once
+        z_parts = tl.zeros((R_PAD, BLOCK_N, BLOCK_D), dtype=tl.float32)
+        da_parts = tl.zeros((R_PAD, BLOCK_N, BLOCK_D), dtype=tl.float32)
+    else:
+        z = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        da = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_mask = cols < D
         mask = row_mask[:, None] & col_mask[None, :]
         h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(dtype)
-        w_down_t = tl.load(w_down_ptr + ranks[None, :] * D + cols[:, None],
-                           mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
         w_up = _load_w_up(w_up_unique_ptr, w_up_shared_ptr, cols, col_mask, ranks, rank_mask, D_UNIQUE, R)
-        z = tl.dot(h, w_down_t.to(dtype), z, input_precision=DOT_PRECISION)
-        da = tl.dot(dy, w_up.to(dtype), da, input_precision=DOT_PRECISION)
+        if FMA:
+            w_down = tl.load(w_down_ptr + ranks[:, None] * D + cols[None, :],
+                             mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+            z_parts += w_down.to(dtype)[:, None, :] * h[None, :, :]
+            da_parts += tl.trans(w_up.to(dtype))[:, None, :] * dy[None, :, :]
+        else:
+            w_down_t = tl.load(w_down_ptr + ranks[None, :] * D + cols[:, None],
+                               mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
+            z = tl.dot(h, w_down_t.to(dtype), z, input_precision=DOT_PRECISION)
+            da = tl.dot(dy, w_up.to(dtype), da, input_precision=DOT_PRECISION)
+    if FMA:
+        z, da = tl.trans(tl.sum(z_parts, axis=2)), tl.trans(tl.sum(da_parts, axis=2))
     z += b_down[None, :]
     return _activation(z, ACT), da * _activation_grad(z, ACT)
 
@@ -247,7 +304,7 @@ def _adapter_bwd_kernel(
         # sweep 1: the bottleneck a and its gradient dz, [BLOCK_N, R_PAD] fp32
         a, dz = _bottleneck_grads(dy_ptr, h_ptr, w_down_ptr, b_down, w_up_unique_ptr, w_up_shared_ptr, rows, row_mask,
                                   ranks, rank_mask, D, D_UNIQUE, stride_dy, stride_h, R, R_PAD, ACT, DOT_PRECISION,
-                                  BLOCK_N, BLOCK_D)
+                                  False, BLOCK_N, BLOCK_D)
         db_down += tl.sum(dz, axis=0)
         a = tl.where(row_mask[:, None], a, 0.0).to(dtype)
         dz = dz.to(dtype)
@@ -299,7 +356,7 @@ def _adapter_bwd_bottleneck_kernel(
     a_ptr,              # [N, R] fp32 out: act(z)
     dz_ptr,             # [N, R] fp32 out: dz
     N, D, DS, stride_dy, stride_h,
-    R: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    R: tl.constexpr, R_PAD: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, FMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -309,7 +366,7 @@ def _adapter_bwd_bottleneck_kernel(
     rank_mask = ranks < R
     b_down = tl.load(b_down_ptr + ranks, mask=rank_mask, other=0.0).to(tl.float32)
     a, dz = _bottleneck_grads(dy_ptr, h_ptr, w_down_ptr, b_down, w_up_unique_ptr, w_up_shared_ptr, rows, row_mask,
-                              ranks, rank_mask, D, D - DS, stride_dy, stride_h, R, R_PAD, ACT, DOT_PRECISION,
+                              ranks, rank_mask, D, D - DS, stride_dy, stride_h, R, R_PAD, ACT, DOT_PRECISION, FMA,
                               BLOCK_N, BLOCK_D)
     mask = row_mask[:, None] & rank_mask[None, :]
     tl.store(a_ptr + rows[:, None] * R + ranks[None, :], a, mask=mask)
@@ -326,7 +383,7 @@ def _adapter_bwd_stream_kernel(
     dz_ptr,             # [N, R] fp32: dz, from _adapter_bwd_bottleneck_kernel
     grads_part_ptr,     # [G, stride_part] fp32: per row group, its partial gradients laid out as grads_flat
     N, D, stride_part, stride_dy, stride_h, TILES_PER_GROUP,
-    R: tl.constexpr, R_PAD: tl.constexpr, NEED_DH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    R: tl.constexpr, R_PAD: tl.constexpr, NEED_DH: tl.constexpr, DOT_PRECISION: tl.constexpr, FMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (g, c): the D chunk c of row group g's tiles: dh = dy + dz . W_down there, and the
@@ -340,7 +397,10 @@ def _adapter_bwd_stream_kernel(
     col_mask = cols < D
     w_down = tl.load(w_down_ptr + ranks[:, None] * D + cols[None, :], mask=rank_mask[:, None] & col_mask[None, :],
                      other=0.0).to(dtype)
-    dw_up = tl.zeros((BLOCK_D, R_PAD), dtype=tl.float32)
+    if FMA:
+        dw_up_t = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
+    else:
+        dw_up = tl.zeros((BLOCK_D, R_PAD), dtype=tl.float32)
     dw_down = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
     db_up = tl.zeros((BLOCK_D,), dtype=tl.float32)
     db_down = tl.zeros((R_PAD,), dtype=tl.float32)
@@ -358,11 +418,17 @@ def _adapter_bwd_stream_kernel(
         h = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
         if NEED_DH:
-            dh = dy.to(tl.float32) + tl.dot(dz, w_down, input_precision=DOT_PRECISION)
+            dh = dy.to(tl.float32) + _rank_product(dz, w_down, FMA, DOT_PRECISION)
             tl.store(dh_ptr + rows[:, None] * D + cols[None, :], dh, mask=mask)
-        dw_up = tl.dot(tl.trans(dy.to(dtype)), a, dw_up, input_precision=DOT_PRECISION)
-        dw_down = tl.dot(tl.trans(dz), h, dw_down, input_precision=DOT_PRECISION)
+        if FMA:   # [BLOCK_N, R_PAD, BLOCK_D] products summed over the rows (axis 0: not made a tl.dot)
+            dw_up_t += tl.sum(a[:, :, None] * dy.to(dtype)[:, None, :], axis=0)
+            dw_down += tl.sum(dz[:, :, None] * h[:, None, :], axis=0)
+        else:
+            dw_up = tl.dot(tl.trans(dy.to(dtype)), a, dw_up, input_precision=DOT_PRECISION)
+            dw_down = tl.dot(tl.trans(dz), h, dw_down, input_precision=DOT_PRECISION)
         db_up += tl.sum(dy.to(tl.float32), axis=0)
+    if FMA:
+        dw_up = tl.trans(dw_up_t)
 
     part = grads_part_ptr + group.to(tl.int64) * stride_part   # [dW_down R x D | db_down R | dW_up D x R | db_up D]
     tl.store(part + ranks[:, None] * D + cols[None, :], dw_down, mask=rank_mask[:, None] & col_mask[None, :])
@@ -382,8 +448,13 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _rank_pad(rank: int) -> int:
-    return max(16, 1 << (rank - 1).bit_length())
+def _rank_pad(rank: int, fma: bool = False) -> int:
+    """The bottleneck's tile width: r to a power of two, at least 16 where tl.dot takes it."""
+    return 1 << (rank - 1).bit_length() if fma else max(16, 1 << (rank - 1).bit_length())
+
+
+def _fma(cfg: dict, dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and cfg.get("FMA", False)
 
 
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -481,13 +552,14 @@ def adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_
     h2, stride_h = _rows(h)
     res2, stride_res = _rows(residual) if residual is not None else (h2, stride_h)
     cfg = launch_configs(h.dtype, r, h.device)[0]
+    fma = _fma(cfg, h.dtype)
     _adapter_fwd_kernel[(_cdiv(N, cfg["BLOCK_N"]),)](
         h2, res2, out, w_down.contiguous(), b_down.contiguous(),
         _real(w_up_unique, w_up_shared), _real(b_up_unique, b_up_shared),
         _real(w_up_shared, w_up_unique), _real(b_up_shared, b_up_unique),
         N, D, ds, stride_h, stride_res,
-        R=r, R_PAD=_rank_pad(r), ACT=ACTIVATIONS.index(activation), HAS_RESIDUAL=residual is not None,
-        DOT_PRECISION=_dot_precision(h.dtype, h.device), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        R=r, R_PAD=_rank_pad(r, fma), ACT=ACTIVATIONS.index(activation), HAS_RESIDUAL=residual is not None,
+        DOT_PRECISION=_dot_precision(h.dtype, h.device), FMA=fma, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -523,7 +595,7 @@ def _launch_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
     D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
     N = h.numel() // D if D else 0
     cfg = launch_configs(h.dtype, r, h.device)[1]
-    if cfg.get("SPLIT") and N > 0:
+    if (cfg.get("SPLIT") or _fma(cfg, h.dtype)) and N > 0:
         return _launch_backward_split(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation, need_dh, cfg)
     num_tiles = _cdiv(N, cfg["BLOCK_N"])
     tiles_per_program = max(1, _cdiv(num_tiles, _num_programs_cap(h.device, cfg["PROGRAMS_PER_SM"])))
@@ -549,8 +621,8 @@ def _launch_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
 
 
 def _launch_backward_split(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation, need_dh, cfg):
-    """_launch_backward in two launches (cfg["SPLIT"]): the bottleneck a and dz per row tile, then
-    one program per (row group, D chunk). N > 0."""
+    """_launch_backward in two launches (cfg["SPLIT"], or "FMA" with fp32 inputs): the bottleneck a
+    and dz per row tile, then one program per (row group, D chunk). N > 0."""
     D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
     N = h.numel() // D
     block_n, block_d = cfg["BLOCK_N"], cfg["BLOCK_D"]
@@ -564,8 +636,9 @@ def _launch_backward_split(dy, h, w_down, b_down, w_up_unique, w_up_shared, acti
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_dh else None
     (h2, stride_h), (dy2, stride_dy) = _rows(h), _rows(dy)
     w_down = w_down.contiguous()
-    common = dict(R=r, R_PAD=_rank_pad(r), DOT_PRECISION=_dot_precision(h.dtype, h.device), BLOCK_N=block_n,
-                  BLOCK_D=block_d, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    fma = _fma(cfg, h.dtype)
+    common = dict(R=r, R_PAD=_rank_pad(r, fma), DOT_PRECISION=_dot_precision(h.dtype, h.device), FMA=fma,
+                  BLOCK_N=block_n, BLOCK_D=block_d, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _adapter_bwd_bottleneck_kernel[(num_tiles,)](
         dy2, h2, w_down, b_down.contiguous(), _real(w_up_unique, w_up_shared), _real(w_up_shared, w_up_unique),
         a, dz, N, D, ds, stride_dy, stride_h, ACT=ACTIVATIONS.index(activation), **common)

@@ -16,7 +16,9 @@ instructions 128 bits wide: the sign of h, dy or out moved in narrow pieces (a l
 a layout change), where a 64 x 64 bf16 tile takes 32 scalar loads per thread instead of 4. The
 share counts instructions in the SASS, not bytes moved; the few narrow ones load biases and
 weights or update the backward's weight-gradient partials (at r = 1 and in fp32 those are most
-of the count, so these are not checked).
+of the count, so these are not checked). A kernel whose fp32 products must be IEEE fails on any
+tensor-core instruction in its PTX: Triton turns some broadcast products summed over an axis into
+TF32 dots on its own.
 Run in a process WITHOUT TRITON_INTERPRET:
     python tests/sm90_compile.py [--all]
 """
@@ -76,13 +78,17 @@ def wide_share(accesses):
 def compile_sm90(kernel, pointers, ints, constexprs, num_warps, num_stages=3, arch=90):
     """Compile one kernel for sm_90 (or sm_`arch`) as a launch would specialise it; returns
     (registers, stack bytes, shared bytes, global accesses), refusing more shared memory than the
-    architecture has, or, on sm_90, spills over MAX_STACK_BYTES. Other architectures: shared bytes
-    only (None for the rest)."""
+    architecture has, or, on sm_90, spills over MAX_STACK_BYTES, or a tensor-core instruction in a
+    kernel whose fp32 products must be IEEE (DOT_PRECISION "ieee"): Triton turns a broadcast
+    product summed over its middle axis into a TF32 tl.dot on its own. Other architectures: shared
+    bytes only (None for the rest)."""
     aligned = {a for a in kernel.arg_names if a in pointers or a in DIVISIBLE_BY_16 & set(ints)}
     attrs = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=kernel, signature=signature(kernel, pointers, ints), constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
+    if constexprs.get("DOT_PRECISION") == "ieee" and re.search(r"\b(mma|wgmma)\.", compiled.asm["ptx"]):
+        raise RuntimeError(f"{kernel.__name__} {constexprs}: its IEEE fp32 products run on tensor cores")
     if compiled.metadata.shared > SHARED_BYTES[arch]:
         raise RuntimeError(f"{kernel.__name__} {constexprs} needs {compiled.metadata.shared} bytes of shared memory, "
                            f"sm_{arch} has {SHARED_BYTES[arch]}")
@@ -96,49 +102,69 @@ def compile_sm90(kernel, pointers, ints, constexprs, num_warps, num_stages=3, ar
 
 def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32", arch=90, fp32_precision="ieee"):
     """Compile forward and backward, each with its launch configuration (op.launch_configs), for one
-    (activation dtype, r, activation, dh or not) for sm_`arch`; returns [(registers, stack, shared,
-    accesses)] per kernel, refusing (on sm_90) a 16-bit pair at r >= 4 whose share of 128-bit
-    global accesses is under MIN_WIDE_SHARE. fp32_precision: the fp32 dots' input_precision
-    (op.FP32_DOT_PRECISION's values)."""
-    r_pad = max(16, triton.next_power_of_2(r))
+    (activation dtype, r, activation, dh or not) for sm_`arch`; returns [(kernel, (registers, stack,
+    shared, accesses))] per kernel ("fwd", "bwd" or the two of a backward in two launches), refusing
+    (on sm_90) a 16-bit kernel at r >= 4 whose share of 128-bit global accesses is under
+    MIN_WIDE_SHARE. fp32_precision: the fp32 dots' input_precision (op.FP32_DOT_PRECISION's values)."""
     precision = fp32_precision if dtype == "fp32" else "tf32"
-    fwd_cfg, bwd_cfg = op.launch_configs(DTYPES[dtype], r)
+    fwd_cfg, bwd_cfg = configs(dtype, r, precision)
+    fma = op._fma(fwd_cfg, DTYPES[dtype])
     w = {n: f"*{weight_dtype}" for n in ("w_down_ptr", "b_down_ptr", "w_up_unique_ptr", "b_up_unique_ptr",
                                          "w_up_shared_ptr", "b_up_shared_ptr")}
-    fwd = (op._adapter_fwd_kernel,
-           {"h_ptr": f"*{dtype}", "residual_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", **w},
-           {"N", "D", "DS", "stride_h", "stride_res"},
-           dict(R=r, R_PAD=r_pad, ACT=act, HAS_RESIDUAL=True, DOT_PRECISION=precision,
-                BLOCK_N=fwd_cfg["BLOCK_N"], BLOCK_D=fwd_cfg["BLOCK_D"]), fwd_cfg)
-    bwd = (op._adapter_bwd_kernel,
-           {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}", **w, "grads_part_ptr": "*fp32"},
-           {"N", "D", "DS", "stride_part", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
-           dict(R=r, R_PAD=r_pad, ACT=act, NEED_DH=need_dh, DOT_PRECISION=precision,
-                BLOCK_N=bwd_cfg["BLOCK_N"], BLOCK_D=bwd_cfg["BLOCK_D"]), bwd_cfg)
-    out = [compile_sm90(kernel, pointers, ints, constexprs, cfg["num_warps"], cfg["num_stages"], arch)
-           for kernel, pointers, ints, constexprs, cfg in (fwd, bwd)]
-    for (kernel, *_), (*_, accesses) in zip((fwd, bwd), out):
-        if arch != 90:
-            break
-        if dtype != "fp32" and r >= 4 and wide_share(accesses) < MIN_WIDE_SHARE:
-            raise RuntimeError(f"{kernel.__name__} {dtype} r={r}: only {wide_share(accesses):.0%} of its global "
+    fwd = compile_sm90(op._adapter_fwd_kernel,
+                       {"h_ptr": f"*{dtype}", "residual_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", **w},
+                       {"N", "D", "DS", "stride_h", "stride_res"},
+                       dict(R=r, R_PAD=op._rank_pad(r, fma), ACT=act, HAS_RESIDUAL=True, DOT_PRECISION=precision,
+                            FMA=fma, BLOCK_N=fwd_cfg["BLOCK_N"], BLOCK_D=fwd_cfg["BLOCK_D"]),
+                       fwd_cfg["num_warps"], fwd_cfg["num_stages"], arch)
+    if bwd_cfg.get("SPLIT") or fma:
+        bottleneck, stream = compile_split(dtype, r, arch, act, need_dh, precision, bwd_cfg)
+        out = [("fwd", fwd), ("bwd bottleneck", bottleneck), ("bwd stream", stream)]
+    else:
+        bwd = compile_sm90(op._adapter_bwd_kernel,
+                           {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}", **w,
+                            "grads_part_ptr": "*fp32"},
+                           {"N", "D", "DS", "stride_part", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
+                           dict(R=r, R_PAD=op._rank_pad(r), ACT=act, NEED_DH=need_dh, DOT_PRECISION=precision,
+                                BLOCK_N=bwd_cfg["BLOCK_N"], BLOCK_D=bwd_cfg["BLOCK_D"]),
+                           bwd_cfg["num_warps"], bwd_cfg["num_stages"], arch)
+        out = [("fwd", fwd), ("bwd", bwd)]
+    for kernel, (*_, accesses) in out:
+        if arch == 90 and dtype != "fp32" and r >= 4 and wide_share(accesses) < MIN_WIDE_SHARE:
+            raise RuntimeError(f"{kernel} {dtype} r={r}: only {wide_share(accesses):.0%} of its global "
                                f"memory instructions are 128-bit: {dict(accesses)}")
     return out
 
 
-def compile_split(dtype, r, arch=90):
-    """Compile the two kernels of the backward's SPLIT candidate with the tiles of its launch
-    configuration for (dtype, r); returns [(registers, stack, shared, accesses)] per kernel."""
-    _, cfg = op.launch_configs(DTYPES[dtype], r)
+def configs(dtype, r, precision="ieee"):
+    """op.launch_configs on an sm_90 GPU, for fp32 inputs under the matmul precision giving
+    `precision` (the launchers' device queries answered as that GPU would, without one)."""
+    before = torch.get_float32_matmul_precision(), op._capability_major, op._index
+    torch.set_float32_matmul_precision({v: k for k, v in op.FP32_DOT_PRECISION.items()}[precision])
+    op._capability_major, op._index = (lambda index: 9), (lambda device: 0)
+    try:
+        return op.launch_configs(DTYPES[dtype], r)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        op._capability_major, op._index = before[1:]
+
+
+def compile_split(dtype, r, arch=90, act=0, need_dh=True, precision=None, cfg=None):
+    """Compile the two kernels of the backward in two launches (SPLIT, and the fp32 FMA kernels'
+    backward) with the tiles of cfg (by default that of the launch configuration for (dtype, r),
+    made SPLIT); returns [(registers, stack, shared, accesses)] per kernel."""
+    precision = precision or ("tf32" if dtype != "fp32" else "ieee")
+    cfg = cfg or configs(dtype, r, precision)[1]
+    fma = op._fma(cfg, DTYPES[dtype])
     w = {n: "*fp32" for n in ("w_down_ptr", "b_down_ptr", "w_up_unique_ptr", "w_up_shared_ptr")}
-    tiles = dict(R=r, R_PAD=max(16, triton.next_power_of_2(r)), DOT_PRECISION="tf32" if dtype != "fp32" else "ieee",
+    tiles = dict(R=r, R_PAD=op._rank_pad(r, fma), DOT_PRECISION=precision, FMA=fma,
                  BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"])
     small = {"a_ptr": "*fp32", "dz_ptr": "*fp32"}
     kernels = [(op._adapter_bwd_bottleneck_kernel, {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", **w, **small},
-                {"N", "D", "DS", "stride_dy", "stride_h"}, dict(tiles, ACT=0)),
+                {"N", "D", "DS", "stride_dy", "stride_h"}, dict(tiles, ACT=act)),
                (op._adapter_bwd_stream_kernel, {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}",
                                                  "w_down_ptr": "*fp32", **small, "grads_part_ptr": "*fp32"},
-                {"N", "D", "stride_part", "stride_dy", "stride_h", "TILES_PER_GROUP"}, dict(tiles, NEED_DH=True))]
+                {"N", "D", "stride_part", "stride_dy", "stride_h", "TILES_PER_GROUP"}, dict(tiles, NEED_DH=need_dh))]
     return [compile_sm90(kernel, pointers, ints, constexprs, cfg["num_warps"], cfg["num_stages"], arch)
             for kernel, pointers, ints, constexprs in kernels]
 
@@ -154,16 +180,17 @@ def main(argv):
     cases = list(itertools.product(["bf16", "fp16", "fp32"], [1, 4, 8, 16, 32, 64], [0], [True])) \
         + [("bf16", 8, 1, True), ("bf16", 8, 0, False)] if "--all" in argv else \
         [("bf16", 8, 0, True), ("bf16", 8, 0, False), ("bf16", 4, 1, True), ("fp16", 16, 0, True),
-         ("fp32", 8, 0, True), ("bf16", 64, 0, True), ("fp32", 64, 0, True)]
+         ("fp32", 8, 0, True), ("fp32", 8, 1, False), ("fp32", 16, 0, True), ("bf16", 64, 0, True),
+         ("fp32", 64, 0, True)]
     cases = [(*case, "ieee") for case in cases] + [("fp32", r, 0, True, precision) for r in (8, 64)
                                                    for precision in ("tf32x3", "tf32")]
     for dtype, r, act, need_dh, precision in cases:
-        fwd, bwd = compile_pair(dtype, r, act, need_dh, fp32_precision=precision)
+        kernels = compile_pair(dtype, r, act, need_dh, fp32_precision=precision)
         print(f"{dtype}{'' if dtype != 'fp32' else ' ' + precision} r={r} {('quick_gelu', 'gelu')[act]} "
               f"{'dh' if need_dh else 'no dh'}: registers / stack "
               f"bytes / shared bytes / 128-bit global accesses: "
               + ", ".join(f"{kind} {regs} / {stack} / {shared} / {wide_share(acc):.0%}"
-                          for kind, (regs, stack, shared, acc) in (("fwd", fwd), ("bwd", bwd))), flush=True)
+                          for kind, (regs, stack, shared, acc) in kernels), flush=True)
     for dtype, r in (("bf16", 8), ("bf16", 64)):
         (k1, _, s1, _), (k2, _, s2, _) = compile_split(dtype, r)
         print(f"{dtype} r={r} backward SPLIT (a tuner candidate): registers / shared bytes: bottleneck {k1} / {s1}, "
@@ -178,7 +205,8 @@ def main(argv):
     for arch in (86, 75):
         dtypes = ["bf16" if arch >= 80 else "fp16", "fp32"] + (["fp16"] if "--all" in argv and arch >= 80 else [])
         for dtype, r in itertools.product(dtypes, [1, 4, 8, 16, 32, 64] if "--all" in argv else [32, 64]):
-            most[arch] = max(most[arch], *(shared for _, _, shared, _ in compile_pair(dtype, r, 0, True, arch=arch)))
+            most[arch] = max(most[arch], *(shared for _, (_, _, shared, _) in compile_pair(dtype, r, 0, True,
+                                                                                           arch=arch)))
     print("shared memory fits: " + ", ".join(f"sm_{arch} needs at most {n} of {SHARED_BYTES[arch]} bytes"
                                              for arch, n in most.items()))
 

@@ -107,14 +107,58 @@ def test_every_gpu_launch_configuration_in_the_interpreter(fp32_inputs, wide_r, 
 
 
 @pytest.fixture
+def fma_kernels(monkeypatch):
+    """fp32 inputs take the FMA kernels with the GPU's tiles (FP32_FMA_CONFIGS): several row tiles,
+    row groups and D chunks per call."""
+    monkeypatch.setattr(adapter_op, "launch_configs", lambda dtype, r, device: adapter_op.FP32_FMA_CONFIGS[r <= 8])
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU every fp32 test at r <= 16 runs these kernels")
+@pytest.mark.parametrize("N,D,r,ds,residual", [(257, 96, 8, 16, True), (7, 64, 4, 0, False), (300, 768, 16, 16, True),
+                                               (1, 512, 1, 512, True), (65, 96, 3, 96, False),
+                                               (130, 768, 8, 0, False)])
+def test_fp32_fma_kernels_every_gradient(N, D, r, ds, residual, fma_kernels):
+    check_against_float64(*make_case(N, D, r, ds, torch.float32), residual=residual)
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU every fp32 test at r <= 16 runs these kernels")
+def test_fp32_fma_kernels_gelu_and_deterministic(fma_kernels):
+    """gelu; the weight gradients bit-identical run to run, and the same without dh."""
+    check_against_float64(*make_case(40, 96, 16, 16, torch.float32), activation="gelu")
+    h, x, weights = make_case(300, 96, 8, 16, torch.float32)
+    dy = torch.randn(300, 96, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    args = (dy, h, *weights[:3], weights[4])
+    first, again, without_dh = adapter_backward(*args), adapter_backward(*args), adapter_backward(*args, need_dh=False)
+    assert torch.equal(first[0], again[0]) and without_dh[0] is None
+    for a, b, c in zip(first[1:], again[1:], without_dh[1:]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype,r,precision,fma", [(torch.float32, 8, "highest", True),
+                                                   (torch.float32, 16, "highest", True),
+                                                   (torch.float32, 32, "highest", False),
+                                                   (torch.float32, 8, "high", False),
+                                                   (torch.bfloat16, 8, "highest", False)])
+def test_fp32_takes_the_fma_kernels_where_its_products_are_ieee(dtype, r, precision, fma, monkeypatch):
+    """On a GPU: fp32 at r <= 16 under the default "highest" matmul precision; not where TF32 dots
+    are allowed ("high"), for 16-bit inputs or for wider bottlenecks."""
+    monkeypatch.setattr(adapter_op, "_capability_major", lambda index: 9)   # as an H100 answers
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+    forward, backward = adapter_op.launch_configs(dtype, r, torch.device("cuda", 0))
+    assert forward.get("FMA", False) == backward.get("FMA", False) == fma
+    assert adapter_op._fma(forward, dtype) == fma
+
+
+@pytest.fixture
 def split_backward(monkeypatch):
     """The backward in two launches (launch configuration SPLIT, a candidate the GPU sweep times),
-    with tiles small enough for several row tiles, row groups and D chunks per call."""
+    with tiles small enough for several row tiles, row groups and D chunks per call; its products
+    through tl.dot (not FMA, which fp32 would take on a GPU)."""
     configs = adapter_op.launch_configs
 
     def split(dtype, r, device):
         forward, backward = configs(dtype, r, device)
-        return forward, dict(backward, SPLIT=True, BLOCK_N=32, BLOCK_D=64)
+        return forward, dict(backward, SPLIT=True, FMA=False, BLOCK_N=32, BLOCK_D=64)
     monkeypatch.setattr(adapter_op, "launch_configs", split)
 
 
