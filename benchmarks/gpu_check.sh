@@ -5,8 +5,9 @@
 # faulted); then, while GPU_CHECK_BUDGET_S (default 555 s) lasts, what decides a default: a test of
 # --micro-batch under CUDA graphs and the step with compiled towers (reduce-overhead, then default);
 # then the kernel benchmarks: the adapter op (also fp32 at matmul precision "high"), quick_gelu, a
-# launch-config sweep. Results go to benchmarks/results/, packed after every section (a run cut off
-# keeps what it measured); last, the issues' targets against the results (benchmarks/targets.py).
+# launch-config sweep (bf16, then fp32). Results go to benchmarks/results/, packed after every
+# section (a run cut off keeps what it measured); last, the issues' targets against the results
+# (benchmarks/targets.py).
 # On an H200 at daa4c97 the sections up to the end-to-end step took 245 s (the tests 69 s, the step
 # for both architectures with loss curves under its 90 s limit); the budget caps the rest, so a
 # run takes about GPU_CHECK_BUDGET_S, a little more where the first sections hit their limits.
@@ -110,10 +111,16 @@ if [[ $skip != *" quick_gelu "* ]] && [ "$(left)" -gt 35 ]; then
     pack
 fi
 if [[ $skip != *" tune "* ]] && [ "$(left)" -gt 40 ]; then
-    echo "== launch-config sweep ($(left) s left)"
-    timeout "$(left)" python benchmarks/tune_adapter.py --budget-s "$(( $(left) - 12 ))" --out benchmarks/results 2>&1 \
-        | grep -v "^  skip" | tail -30
+    echo "== launch-config sweep ($(left) s left; two thirds for bf16, then the fp32 kernels)"
+    sweep_s=$(( ($(left) - 24) * 2 / 3 ))
+    timeout "$(( sweep_s + 12 ))" python benchmarks/tune_adapter.py --budget-s "$sweep_s" --out benchmarks/results \
+        2>&1 | grep -v "^  skip" | tail -30
     pack
+    if [ "$(left)" -gt 30 ]; then
+        timeout "$(left)" python benchmarks/tune_adapter.py --dtype fp32 --budget-s "$(( $(left) - 12 ))" \
+            --out benchmarks/results 2>&1 | grep -v "^  skip" | tail -14
+        pack
+    fi
 fi
 echo "== targets of issues #3 and #6 against what was measured"
 timeout 15 python benchmarks/targets.py

@@ -6,6 +6,8 @@ Prints the forward's and the backward's medians per configuration (bf16, or fp16
 it; r=8, d_s=16), each launch replayed as a CUDA graph (the kernel's time alone, which is what a
 launch configuration changes), and writes them to tune_<device>_<date>.json. Copy a winner into
 FWD_CONFIG / BWD_CONFIG in cma_kernels/adapter_op.py only after it wins at every benchmarked shape.
+--dtype fp32 sweeps the fp32 kernels instead (FP32_FMA_CONFIGS at r=8, their own tile space: the
+products kept in registers grow with the values of h per thread) into tune_fp32_<device>_<date>.json.
 
 Order: the current configuration, then the candidates in BWD_FIRST (backward), then the rest of
 the space, nearest to the current configuration first. --budget-s stops sweeping when the time is
@@ -41,6 +43,10 @@ BWD_SPACE = dict(BLOCK_N=[32, 64, 128], BLOCK_D=[64, 128], num_warps=[4, 8], num
 #   kernel 48 to 83 registers, 20 to 32 warps; the second 122 to 144, 12 to 16);
 # - 128-row tiles: half the per-row cost of the fp32 weight-gradient partials, one program per SM.
 # The sweep decides.
+# the FMA kernels' (fp32): fewer values of h per thread, and the backward always in two launches
+FMA_FWD_SPACE = dict(BLOCK_N=[8, 16, 32], BLOCK_D=[32, 64, 128], num_warps=[2, 4, 8], num_stages=[2])
+FMA_BWD_SPACE = dict(BLOCK_N=[2, 4, 8], BLOCK_D=[64, 128, 256], num_warps=[1, 2, 4, 8], num_stages=[2],
+                     PROGRAMS_PER_SM=[2, 4, 8])
 BWD_FIRST = [dict(BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=2, PROGRAMS_PER_SM=4, SPLIT=False),
              dict(BLOCK_N=32, BLOCK_D=64, num_warps=4, num_stages=3, PROGRAMS_PER_SM=4, SPLIT=True),
              dict(BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=2, PROGRAMS_PER_SM=4, SPLIT=True),
@@ -93,6 +99,8 @@ def main(argv=None):
     p.add_argument("--N", type=int, nargs="+", default=[19200, 153600])
     p.add_argument("--D", type=int, default=768)
     p.add_argument("--budget-s", type=float, default=None, help="stop sweeping after this many seconds")
+    p.add_argument("--dtype", choices=["auto", "fp32"], default="auto",
+                   help="auto: bf16 (fp16 on a GPU without it); fp32: the fp32 kernels (default auto)")
     p.add_argument("--smoke", action="store_true", help="two configurations on the CPU (TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
     if min(args.N) < 1 or args.D < 16:
@@ -103,18 +111,21 @@ def main(argv=None):
         device, dtype, args.N, args.D, limit = torch.device("cpu"), torch.float32, [64], 64, 2
     elif torch.cuda.is_available():
         device, limit = torch.device("cuda"), None
-        dtype = autocast_dtype("auto", device)   # bf16; fp16 on a GPU without it (T4)
+        dtype = autocast_dtype("auto", device) if args.dtype == "auto" else torch.float32   # auto: fp16 on a T4
     else:
         print("Tuning the kernels' launch configurations needs CUDA (--smoke checks the script on the CPU).")
         return None
     deadline = time.monotonic() + args.budget_s if args.budget_s is not None else float("inf")
     info = {**run_info(device), "smoke": args.smoke, "timed": "CUDA graph replay" if device.type == "cuda" else "wall"}
     bandwidth = copy_bandwidth_gbps(device)
-    stem = f"tune{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
+    kinds = ("_fp32" if args.dtype == "fp32" else "") + ("_smoke" if args.smoke else "")
+    stem = f"tune{kinds}_{slug(info['device'])}_{info['date']}"
     out = []
     # the dicts the launchers read for these inputs (on the CPU, the interpreter's): each sweep
     # writes its configurations into them and puts them back
     fwd_config, bwd_config = fa.launch_configs(dtype, 8, device)
+    fwd_space, bwd_space, bwd_first = ((FMA_FWD_SPACE, FMA_BWD_SPACE, ()) if fa._fma(fwd_config, dtype)
+                                       else (FWD_SPACE, BWD_SPACE, BWD_FIRST))
     for i, N in enumerate(args.N):
         h, x, w = make_inputs(N, args.D, 8, 16, dtype, device)
         dy = torch.randn_like(h)
@@ -122,11 +133,11 @@ def main(argv=None):
         # the budget is shared out: this shape's two sweeps may use their part of what is left
         share = (deadline - time.monotonic()) / (2 * (len(args.N) - i))
         with torch.no_grad():
-            fwd = sweep(FWD_SPACE, fwd_config, lambda: fa.adapter_forward(h, *w, residual=x), device,
+            fwd = sweep(fwd_space, fwd_config, lambda: fa.adapter_forward(h, *w, residual=x), device,
                         time.monotonic() + share, limit)
         share = (deadline - time.monotonic()) / (2 * (len(args.N) - i) - 1)
-        bwd = sweep(BWD_SPACE, bwd_config, lambda: fa.adapter_backward(dy, h, w[0], w[1], w[2], w[4]), device,
-                    time.monotonic() + share, limit, BWD_FIRST)
+        bwd = sweep(bwd_space, bwd_config, lambda: fa.adapter_backward(dy, h, w[0], w[1], w[2], w[4]), device,
+                    time.monotonic() + share, limit, bwd_first)
         for kind, rows, floor_ms in (("fwd", fwd, 3 * floor), ("bwd", bwd, 3 * floor)):
             print(f"N={N} D={args.D} {kind}: floor {floor_ms:.4f} ms; best 3:")
             for r in rows[:3]:

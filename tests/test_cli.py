@@ -767,6 +767,33 @@ def test_adapter_bench_and_tuner_smoke_run_the_gpu_code_path_on_cpu(tmp_path, ca
     assert "time is up" in capsys.readouterr().out
 
 
+def test_tuner_sweeps_the_fp32_kernels_in_their_own_space(tmp_path, monkeypatch):
+    """--dtype fp32 where fp32 takes the FMA kernels: the sweep starts at their configuration, takes
+    the rest from FMA_FWD_SPACE / FMA_BWD_SPACE, launches the FMA kernels with it (in the
+    interpreter here, the GPU's tiles handed in) and writes tune_fp32_*."""
+    import cma_kernels.adapter_op as adapter_op
+    from cma_benchmarks import tune_adapter
+    if torch.cuda.is_available():
+        pytest.skip("the smoke runs are for machines without a GPU")
+    configs = tuple(dict(c) for c in adapter_op.FP32_FMA_CONFIGS[True])   # the tuner edits them in place
+    launched = []
+
+    def fma_configs(dtype, r, device):
+        launched.append(dict(configs[1]))
+        return configs
+    monkeypatch.setattr(adapter_op, "launch_configs", fma_configs)
+    out = tune_adapter.main(["--smoke", "--dtype", "fp32", "--out", str(tmp_path)])
+    fwd = [r for r in out if r["kind"] == "fwd"]
+    bwd = [r for r in out if r["kind"] == "bwd"]
+    assert len(fwd) == len(bwd) == 2 and next(tmp_path.glob("tune_fp32_smoke_*.json")).exists()
+    for rows, space, current in ((fwd, tune_adapter.FMA_FWD_SPACE, configs[0]),
+                                 (bwd, tune_adapter.FMA_BWD_SPACE, configs[1])):
+        assert {tuple(current[k] for k in space)} < {tuple(r[k] for k in space) for r in rows}
+        assert all(r[k] in space[k] for r in rows for k in space)
+    assert {(c["BLOCK_N"], c["BLOCK_D"]) for c in launched[1:]} == {(r["BLOCK_N"], r["BLOCK_D"]) for r in bwd}
+    assert configs == adapter_op.FP32_FMA_CONFIGS[True]   # put back after the sweep
+
+
 @requires_cuda
 @gpu_check
 def test_graph_ms_times_the_recorded_work_without_the_host():
