@@ -55,7 +55,7 @@ MAX_RANK = 64   # r up to this runs fused; larger bottlenecks use the reference 
 # tuner times, not the default until a GPU has measured it faster. fp32 at r <= 16 takes
 # FP32_FMA_CONFIGS (below) at the default matmul precision.
 FWD_CONFIG = dict(BLOCK_N=32, BLOCK_D=128, num_warps=4, num_stages=3)
-BWD_CONFIG = dict(BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=2, PROGRAMS_PER_SM=2, SPLIT=False)
+BWD_CONFIG = dict(BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=2, PROGRAMS_PER_SM=2, SPLIT=False, FMA=False)
 _CONFIGS = {   # (fp32 inputs, r > 32) -> (forward, backward)
     (False, False): (FWD_CONFIG, BWD_CONFIG),
     (False, True): (dict(FWD_CONFIG, BLOCK_D=64), dict(BWD_CONFIG, num_warps=8, PROGRAMS_PER_SM=1)),
@@ -158,7 +158,7 @@ def _rank_product(small, w, FMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """small [BLOCK_N, R_PAD] . w [R_PAD, BLOCK_D] -> [BLOCK_N, BLOCK_D] fp32 (a product over the
     bottleneck's r): tl.dot, or with FMA fp32 products summed over r inside each thread."""
     if FMA:
-        product = tl.sum(tl.trans(small)[:, :, None] * w[:, None, :], axis=0)
+        product = tl.sum(tl.trans(small).to(tl.float32)[:, :, None] * w.to(tl.float32)[:, None, :], axis=0)
     else:
         product = tl.dot(small, w, input_precision=DOT_PRECISION)
     return product
@@ -197,7 +197,7 @@ def _adapter_fwd_kernel(
                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             w_down = tl.load(w_down_ptr + ranks[:, None] * D + cols[None, :],
                              mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-            z_parts += w_down.to(dtype)[:, None, :] * h[None, :, :]
+            z_parts += w_down.to(dtype).to(tl.float32)[:, None, :] * h.to(tl.float32)[None, :, :]
         z = tl.trans(tl.sum(z_parts, axis=2))
     else:
         z = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
@@ -255,8 +255,8 @@ def _bottleneck_grads(dy_ptr, h_ptr, w_down_ptr, b_down, w_up_unique_ptr, w_up_s
         if FMA:
             w_down = tl.load(w_down_ptr + ranks[:, None] * D + cols[None, :],
                              mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-            z_parts += w_down.to(dtype)[:, None, :] * h[None, :, :]
-            da_parts += tl.trans(w_up.to(dtype))[:, None, :] * dy[None, :, :]
+            z_parts += w_down.to(dtype).to(tl.float32)[:, None, :] * h.to(tl.float32)[None, :, :]
+            da_parts += tl.trans(w_up.to(dtype)).to(tl.float32)[:, None, :] * dy.to(tl.float32)[None, :, :]
         else:
             w_down_t = tl.load(w_down_ptr + ranks[None, :] * D + cols[:, None],
                                mask=rank_mask[None, :] & col_mask[:, None], other=0.0)
@@ -421,8 +421,8 @@ def _adapter_bwd_stream_kernel(
             dh = dy.to(tl.float32) + _rank_product(dz, w_down, FMA, DOT_PRECISION)
             tl.store(dh_ptr + rows[:, None] * D + cols[None, :], dh, mask=mask)
         if FMA:   # [BLOCK_N, R_PAD, BLOCK_D] products summed over the rows (axis 0: not made a tl.dot)
-            dw_up_t += tl.sum(a[:, :, None] * dy.to(dtype)[:, None, :], axis=0)
-            dw_down += tl.sum(dz[:, :, None] * h[:, None, :], axis=0)
+            dw_up_t += tl.sum(a.to(tl.float32)[:, :, None] * dy.to(dtype).to(tl.float32)[:, None, :], axis=0)
+            dw_down += tl.sum(dz.to(tl.float32)[:, :, None] * h.to(tl.float32)[:, None, :], axis=0)
         else:
             dw_up = tl.dot(tl.trans(dy.to(dtype)), a, dw_up, input_precision=DOT_PRECISION)
             dw_down = tl.dot(tl.trans(dz), h, dw_down, input_precision=DOT_PRECISION)
@@ -454,7 +454,9 @@ def _rank_pad(rank: int, fma: bool = False) -> int:
 
 
 def _fma(cfg: dict, dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and cfg.get("FMA", False)
+    """Whether the launch configuration takes the FMA kernels: fp32 at r <= 16 (FP32_FMA_CONFIGS);
+    16-bit inputs where the tuner tries them (their products in fp32, as tensor cores make them)."""
+    return cfg.get("FMA", False)
 
 
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -38,6 +38,9 @@ from triton.compiler import ASTSource
 import cma_kernels.adapter_op as op
 import cma_kernels.quick_gelu as qg
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from tune_adapter import BWD_FIRST  # noqa: E402  (the tuner's candidates, benchmarks/ as a plain folder)
+
 # Shared memory per block (the opt-in maximum) of each architecture the kernels must launch on.
 # A100 (sm_80, 163 KB) gets the code of sm_86 with more memory: what fits sm_86 fits it.
 SHARED_BYTES = {90: 227 * 1024,   # H100, H200; B200 (sm_100) the same
@@ -195,6 +198,10 @@ def main(argv):
         (k1, _, s1, _), (k2, _, s2, _) = compile_split(dtype, r)
         print(f"{dtype} r={r} backward SPLIT (a tuner candidate): registers / shared bytes: bottleneck {k1} / {s1}, "
               f"stream {k2} / {s2}", flush=True)
+    for cfg in (c for c in BWD_FIRST if c["FMA"]):
+        (k1, _, s1, _), (k2, _, s2, _) = compile_split("bf16", 8, cfg=cfg)
+        print(f"bf16 r=8 backward FMA, {cfg['BLOCK_N']} x {cfg['BLOCK_D']} tiles, {cfg['num_warps']} warps (a tuner "
+              f"candidate): registers / shared bytes: bottleneck {k1} / {s1}, stream {k2} / {s2}", flush=True)
     for dtype in ("bf16", "fp16", "fp32"):
         compile_quick_gelu(dtype)
     print("quick_gelu bf16/fp16/fp32 compiled")

@@ -108,17 +108,23 @@ def test_every_gpu_launch_configuration_in_the_interpreter(fp32_inputs, wide_r, 
 
 @pytest.fixture
 def fma_kernels(monkeypatch):
-    """fp32 inputs take the FMA kernels with the GPU's tiles (FP32_FMA_CONFIGS): several row tiles,
-    row groups and D chunks per call."""
+    """Inputs of every dtype take the FMA kernels with the GPU's fp32 tiles (FP32_FMA_CONFIGS):
+    several row tiles, row groups and D chunks per call."""
     monkeypatch.setattr(adapter_op, "launch_configs", lambda dtype, r, device: adapter_op.FP32_FMA_CONFIGS[r <= 8])
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU every fp32 test at r <= 16 runs these kernels")
-@pytest.mark.parametrize("N,D,r,ds,residual", [(257, 96, 8, 16, True), (7, 64, 4, 0, False), (300, 768, 16, 16, True),
-                                               (1, 512, 1, 512, True), (65, 96, 3, 96, False),
-                                               (130, 768, 8, 0, False)])
-def test_fp32_fma_kernels_every_gradient(N, D, r, ds, residual, fma_kernels):
-    check_against_float64(*make_case(N, D, r, ds, torch.float32), residual=residual)
+@pytest.mark.parametrize("N,D,r,ds,residual,dtype", [(257, 96, 8, 16, True, torch.float32),
+                                                     (7, 64, 4, 0, False, torch.float32),
+                                                     (300, 768, 16, 16, True, torch.float32),
+                                                     (1, 512, 1, 512, True, torch.float32),
+                                                     (65, 96, 3, 96, False, torch.float32),
+                                                     (130, 768, 8, 0, False, torch.float32),
+                                                     (257, 96, 8, 16, True, torch.float16),
+                                                     (70, 512, 16, 0, False, torch.float16)])
+def test_fma_kernels_every_gradient(N, D, r, ds, residual, dtype, fma_kernels):
+    """fp32 (their default) and fp16 (a tuner candidate for 16-bit inputs: products in fp32)."""
+    check_against_float64(*make_case(N, D, r, ds, dtype), residual=residual)
 
 
 @pytest.mark.skipif(CUDA, reason="on a GPU every fp32 test at r <= 16 runs these kernels")
@@ -504,6 +510,14 @@ def test_cuda_bf16_matches_float64(N, D, r, ds):
 def test_cuda_split_backward_matches_float64(r, dtype, split_backward):
     """The two-launch backward (a tuner candidate) compiled by Triton for the GPU."""
     check_against_float64(*make_case(4099, 768, r, 16, dtype))
+
+
+@gpu_check
+@requires_cuda
+@pytest.mark.parametrize("r", [8, 16])
+def test_cuda_bf16_fma_backward_matches_float64(r, fma_kernels):
+    """The FMA kernels for bf16 inputs (a tuner candidate, BWD_FIRST) compiled for the GPU."""
+    check_against_float64(*make_case(4099, 768, r, 16, torch.bfloat16))
 
 
 @gpu_check
