@@ -25,8 +25,9 @@ torch.set_float32_matmul_precision as PyTorch's matmuls do (FP32_DOT_PRECISION):
 IEEE lowering reads each operand from shared memory per multiply-add, where the H200 ran the fp32
 op slower than eager PyTorch. The FMA kernels multiply broadcast tiles instead, [R_PAD, rows, D
 chunk], r to the next power of two without the padding to 16, and sum the products in registers:
-over D once per tile, over rows once per program (the backward runs in two launches there).
-"high" runs three TF32 tensor-core dots each.
+over D once per tile, over rows inside each thread (the backward runs in two launches there).
+"high" runs three TF32 tensor-core dots each. 16-bit inputs may take the FMA kernels too (products
+in fp32): a backward candidate the tuner times.
 """
 import functools
 import os
