@@ -40,14 +40,15 @@ FMA_BWD_SPACE = dict(BLOCK_N=[2, 4, 8], BLOCK_D=[64, 128, 256], num_warps=[1, 2,
                      PROGRAMS_PER_SM=[2, 4, 8])
 # Timed right after the current backward configuration, ahead of its neighbours (not all of them
 # points of BWD_SPACE). Every one-launch configuration keeps at most 12 warps on an SM (each
-# compiled with tests/sm90_compile.py's compile_sm90, bf16 r=8: 148 to 255 registers per thread),
-# and the H200 profile had it at 4x its memory floor: latency, not bytes.
+# compiled with tests/sm90_compile.py's compile_sm90, bf16 r=8: 148 to 255 registers per thread;
+# these ranges were compiled with fp32 weight pointers, the FMA ones with bf16 as launched), and
+# the H200 profile had it at 4x its memory floor: latency, not bytes.
 # - the fastest at N = 19200 on the H200 (0.129 ms against the current 0.192), not timed at 153600;
 # - SPLIT, the backward in two launches (two more reads of h and dy, more warps per SM: the first
 #   kernel 48 to 83 registers, 20 to 32 warps; the second 122 to 144, 12 to 16);
 # - 128-row tiles: half the per-row cost of the fp32 weight-gradient partials, one program per SM;
 # - the FMA kernels (fp32's default at r <= 16) on bf16 inputs, products in fp32: two launches,
-#   no tl.dot, 4 rows per tile (tests/sm90_compile.py, bf16 r=8: 156 to 228 registers, no
+#   no tl.dot, 4 rows per tile (tests/sm90_compile.py, bf16 r=8: 128 to 212 registers, no
 #   spill; the stream kernel's weight gradients summed over rows inside each thread).
 # The sweep decides.
 BWD_FIRST = [dict(BLOCK_N=64, BLOCK_D=64, num_warps=8, num_stages=2, PROGRAMS_PER_SM=4, SPLIT=False, FMA=False),

@@ -1,24 +1,26 @@
-"""Compile the fused adapter and quick_gelu kernels for sm_90 (H100/H200) on a machine without a GPU,
-and report what each needs: registers and local memory per thread (spills), shared memory, and
-how many of its global loads and stores are 128 bits wide. Then compile the adapter kernels for
-the GPUs with less shared memory per block (sm_86 for A100, A10, RTX 30xx, L4, RTX 40xx; sm_75
-for T4) and check that each fits there: one that does not fails at its first launch on such a GPU (Triton's
-OutOfResources), and Triton's shared-memory use differs from one architecture to the next.
+"""Compile the fused adapter and quick_gelu kernels for sm_90 (H100/H200) on a machine without a
+GPU, and report what each needs: registers and local memory per thread (spills), shared memory,
+and how many of its global loads and stores are 128 bits wide. Then compile the adapter kernels
+for the GPUs with less shared memory per block (sm_86 for A100, A10, RTX 30xx, L4, RTX 40xx;
+sm_75 for T4) and check that each fits there: one that does not fails at its first launch on such
+a GPU (Triton's OutOfResources), and Triton's shared-memory use differs from one architecture to
+the next.
 
 Triton lowers to PTX and runs its bundled ptxas without a device, which catches what the CPU
 interpreter lets through (tl.dot shape rules, dtype mixes, shared-memory overflow). The kernels are
-specialised as a launch specialises them (16-byte aligned pointers; sizes and row strides that
-are multiples of 16, as D, d_s and N are in every model's shapes), so the registers are those the
-GPU will run with. A kernel that spills more than MAX_STACK_BYTES per thread to local memory
-fails: in these memory-bound kernels spills add their own memory traffic. So does a 16-bit
-kernel at r >= 4 (every r issue #3 lists) with under MIN_WIDE_SHARE of its global memory
-instructions 128 bits wide: the sign of h, dy or out moved in narrow pieces (a lost alignment or
-a layout change), where a 64 x 64 bf16 tile takes 32 scalar loads per thread instead of 4. The
-share counts instructions in the SASS, not bytes moved; the few narrow ones load biases and
-weights or update the backward's weight-gradient partials (at r = 1 and in fp32 those are most
-of the count, so these are not checked). A kernel whose fp32 products must be IEEE fails on any
-tensor-core instruction in its PTX: Triton turns some broadcast products summed over an axis into
-TF32 dots on its own.
+specialised as a launch specialises them (16-byte aligned pointers; sizes and row strides that are
+multiples of 16, as D, d_s and N are in every model's shapes), so the registers are those the GPU
+will run with; the forward with fp32 weights (autocast's masters), the backward with its weights in
+h's dtype, as adapter_backward_flat hands them over. A kernel that spills more than MAX_STACK_BYTES
+per thread to local memory fails: in these memory-bound kernels spills add their own memory traffic.
+So does a 16-bit kernel at r >= 4 (every r issue #3 lists) with under MIN_WIDE_SHARE of its global
+memory instructions 128 bits wide: the sign of h, dy or out moved in narrow pieces (a lost alignment
+or a layout change), where a 64 x 64 bf16 tile takes 32 scalar loads per thread instead of 4. The
+share counts instructions in the SASS, not bytes moved; the few narrow ones load biases and weights
+or update the backward's weight-gradient partials (at r = 1 and in fp32 those are most of the count,
+so these are not checked). A kernel whose fp32 products must be IEEE fails on any tensor-core
+instruction in its PTX: Triton turns some broadcast products summed over an axis into TF32 dots on
+its own.
 Run in a process WITHOUT TRITON_INTERPRET:
     python tests/sm90_compile.py [--all]
 """
@@ -47,7 +49,7 @@ SHARED_BYTES = {90: 227 * 1024,   # H100, H200; B200 (sm_100) the same
                 86: 99 * 1024,    # A10, A40, RTX 30xx; sm_89 (L4, L40S, RTX 40xx) the same
                 75: 64 * 1024}    # T4: fp16 and fp32 (cma_train picks fp16 there, no bf16)
 MAX_STACK_BYTES = 32   # a value or two; the configurations this replaced spilled 344 to 3944 bytes
-MIN_WIDE_SHARE = 0.85  # 16-bit, r >= 4: 0.92 to 0.98 with the configurations of November 2026
+MIN_WIDE_SHARE = 0.8   # 16-bit, r >= 4: 0.82 (the backward at r = 4: 8-byte weight rows) to 0.96
 DIVISIBLE_BY_16 = {"N", "D", "DS", "stride_h", "stride_res", "stride_dy", "stride_part", "n"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -108,7 +110,9 @@ def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32", arch=90, fp32
     (activation dtype, r, activation, dh or not) for sm_`arch`; returns [(kernel, (registers, stack,
     shared, accesses))] per kernel ("fwd", "bwd" or the two of a backward in two launches), refusing
     (on sm_90) a 16-bit kernel at r >= 4 whose share of 128-bit global accesses is under
-    MIN_WIDE_SHARE. fp32_precision: the fp32 dots' input_precision (op.FP32_DOT_PRECISION's values)."""
+    MIN_WIDE_SHARE. fp32_precision: the fp32 dots' input_precision (op.FP32_DOT_PRECISION's values).
+    weight_dtype: the forward's weights (fp32 masters under autocast); the backward gets them in
+    h's dtype, as adapter_backward_flat hands them over."""
     precision = fp32_precision if dtype == "fp32" else "tf32"
     fwd_cfg, bwd_cfg = configs(dtype, r, precision)
     fma = op._fma(fwd_cfg, DTYPES[dtype])
@@ -125,8 +129,8 @@ def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32", arch=90, fp32
         out = [("fwd", fwd), ("bwd bottleneck", bottleneck), ("bwd stream", stream)]
     else:
         bwd = compile_sm90(op._adapter_bwd_kernel,
-                           {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}", **w,
-                            "grads_part_ptr": "*fp32"},
+                           {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}",
+                            **{n: f"*{dtype}" for n in w}, "grads_part_ptr": "*fp32"},
                            {"N", "D", "DS", "stride_part", "stride_dy", "stride_h", "TILES_PER_PROGRAM"},
                            dict(R=r, R_PAD=op._rank_pad(r), ACT=act, NEED_DH=need_dh, DOT_PRECISION=precision,
                                 BLOCK_N=bwd_cfg["BLOCK_N"], BLOCK_D=bwd_cfg["BLOCK_D"]),
@@ -159,14 +163,14 @@ def compile_split(dtype, r, arch=90, act=0, need_dh=True, precision=None, cfg=No
     precision = precision or ("tf32" if dtype != "fp32" else "ieee")
     cfg = cfg or configs(dtype, r, precision)[1]
     fma = op._fma(cfg, DTYPES[dtype])
-    w = {n: "*fp32" for n in ("w_down_ptr", "b_down_ptr", "w_up_unique_ptr", "w_up_shared_ptr")}
+    w = {n: f"*{dtype}" for n in ("w_down_ptr", "b_down_ptr", "w_up_unique_ptr", "w_up_shared_ptr")}
     tiles = dict(R=r, R_PAD=op._rank_pad(r, fma), DOT_PRECISION=precision, FMA=fma,
                  BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"])
     small = {"a_ptr": "*fp32", "dz_ptr": "*fp32"}
     kernels = [(op._adapter_bwd_bottleneck_kernel, {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", **w, **small},
                 {"N", "D", "DS", "stride_dy", "stride_h"}, dict(tiles, ACT=act)),
                (op._adapter_bwd_stream_kernel, {"dy_ptr": f"*{dtype}", "h_ptr": f"*{dtype}", "dh_ptr": f"*{dtype}",
-                                                 "w_down_ptr": "*fp32", **small, "grads_part_ptr": "*fp32"},
+                                                 "w_down_ptr": f"*{dtype}", **small, "grads_part_ptr": "*fp32"},
                 {"N", "D", "stride_part", "stride_dy", "stride_h", "TILES_PER_GROUP"}, dict(tiles, NEED_DH=need_dh))]
     return [compile_sm90(kernel, pointers, ints, constexprs, cfg["num_warps"], cfg["num_stages"], arch)
             for kernel, pointers, ints, constexprs in kernels]
