@@ -7,7 +7,8 @@ it; r=8, d_s=16), each launch replayed as a CUDA graph (the kernel's time alone,
 launch configuration changes), and writes them to tune_<device>_<date>.json. Copy a winner into
 FWD_CONFIG / BWD_CONFIG in cma_kernels/adapter_op.py only after it wins at every benchmarked shape.
 --dtype fp32 sweeps the fp32 kernels instead (FP32_FMA_CONFIGS at r=8, their own tile space: the
-products kept in registers grow with the values of h per thread) into tune_fp32_<device>_<date>.json.
+products kept in registers grow with the values of h per thread), into
+tune_fp32_<device>_<date>.json.
 
 Order: the current configuration, then the candidates in BWD_FIRST (backward), then the rest of
 the space, nearest to the current configuration first. --budget-s stops sweeping when the time is

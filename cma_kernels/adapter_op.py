@@ -67,9 +67,9 @@ _CONFIGS = {   # (fp32 inputs, r > 32) -> (forward, backward)
 # fp32 inputs with r <= 16 at the default "highest" matmul precision: FMA (the module docstring),
 # the backward in two launches. Keyed by r <= 8: the products summed in registers take r per value
 # of h a thread holds, so r = 16 gets half the values per thread (tests/sm90_compile.py, triton 3.6:
-# 80 to 128 registers, no spill). Chosen from the compiled code without a GPU: against the tl.dot
-# kernels they replace, about a fifth of the shared-memory traffic per value of h and fewer
-# instructions. Not measured yet: FMA_MAX_RANK = 0 restores the tl.dot kernels.
+# 124 to 244 registers at r = 8 and 16, no spill). Chosen from the compiled code without a GPU:
+# against the tl.dot kernels they replace, about a fifth of the shared-memory traffic per value of h
+# and fewer instructions. Not measured yet: FMA_MAX_RANK = 0 restores the tl.dot kernels.
 FMA_MAX_RANK = 16
 FP32_FMA_CONFIGS = {
     True: (dict(BLOCK_N=16, BLOCK_D=64, num_warps=4, num_stages=2, FMA=True),
@@ -89,7 +89,8 @@ INTERPRETER_CONFIGS = (dict(BLOCK_N=128, BLOCK_D=256, num_warps=4, num_stages=1)
 
 def launch_configs(dtype: torch.dtype, r: int, device: torch.device = torch.device("cuda")) -> tuple[dict, dict]:
     """(forward, backward) launch configuration for inputs h of this dtype and bottleneck width r
-    (on the CPU, the interpreter's)."""
+    (on the CPU, the interpreter's; fp32 at r <= 16 under matmul precision "highest": the FMA
+    kernels')."""
     if device.type == "cpu":
         return INTERPRETER_CONFIGS
     if dtype == torch.float32 and r <= FMA_MAX_RANK and _dot_precision(dtype, device) == "ieee":
