@@ -19,6 +19,9 @@ prints its table, writes its plot and lists the shapes it skipped.
 --matmul-precision sets torch.set_float32_matmul_precision for the run: fp32 matmuls of eager and
 compiled PyTorch and the fused kernels' fp32 dots alike ("high": TF32 in cuBLAS, three TF32 dots
 each in the fused kernels). Its results go to adapter_fp32-<precision>_<device>_<date>.
+--fp32-kernels tl-dot runs fp32 through the tl.dot kernels (adapter_op.FMA_MAX_RANK = 0) instead
+of the FMA kernels the default precision takes at r <= 16, to compare the two in one session; its
+results go to adapter_fp32-tl-dot_<device>_<date>.
 """
 import argparse
 import os
@@ -32,6 +35,7 @@ try:
 except ImportError:   # run from a checkout that is not pip-installed
     from common import (bar_chart, copy_bandwidth_gbps, fresh_compile, graph_ms, print_table, run_info, slug,
                         time_ms, write_results)
+import cma_kernels.adapter_op as adapter_op
 from cma_kernels import MAX_RANK, adapter_reference, fused_adapter
 from cma_train.backbone import autocast_dtype
 
@@ -100,12 +104,13 @@ def plot(rows, variants, path):
 
 def main(argv=None, prog=None):
     """Run the benchmark (arguments as the module docstring says); returns the result rows. The
-    process's fp32 matmul precision is as before afterwards."""
-    before = torch.get_float32_matmul_precision()
+    process's fp32 matmul precision and fp32 kernels are as before afterwards."""
+    before = torch.get_float32_matmul_precision(), adapter_op.FMA_MAX_RANK
     try:
         return _main(argv, prog)
     finally:
-        torch.set_float32_matmul_precision(before)
+        torch.set_float32_matmul_precision(before[0])
+        adapter_op.FMA_MAX_RANK = before[1]
 
 
 def _main(argv, prog):
@@ -120,6 +125,8 @@ def _main(argv, prog):
                    "TRITON_INTERPRET=1): exercises the script only")
     p.add_argument("--matmul-precision", choices=["highest", "high", "medium"],
                    help="torch.set_float32_matmul_precision for the run (default: PyTorch's, highest)")
+    p.add_argument("--fp32-kernels", choices=["default", "tl-dot"], default="default",
+                   help="tl-dot: fp32 through the tl.dot kernels, not the FMA kernels (default: default)")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, help="(default: bf16 fp32 on a GPU of compute capability "
                    "8.0+, fp16 fp32 below; fp32 on the CPU and with --smoke)")
     args = p.parse_args(argv)
@@ -141,7 +148,10 @@ def _main(argv, prog):
                 f"8.0+ has it); benchmark fp16 instead (the default here)")
     if args.matmul_precision:
         torch.set_float32_matmul_precision(args.matmul_precision)
-    info = {**run_info(device), "smoke": args.smoke, "fp32_matmul_precision": torch.get_float32_matmul_precision()}
+    if args.fp32_kernels == "tl-dot":
+        adapter_op.FMA_MAX_RANK = 0
+    info = {**run_info(device), "smoke": args.smoke, "fp32_matmul_precision": torch.get_float32_matmul_precision(),
+            "fp32_kernels": args.fp32_kernels}
     bandwidth = copy_bandwidth_gbps(device)
     info["copy_GBps"] = bandwidth
     if args.smoke or device.type == "cuda":
@@ -160,6 +170,7 @@ def _main(argv, prog):
           f"fp32 matmul precision {info['fp32_matmul_precision']}")
 
     precision = f"_fp32-{args.matmul_precision}" if args.matmul_precision not in (None, "highest") else ""
+    precision += "_fp32-tl-dot" if args.fp32_kernels == "tl-dot" else ""
     stem = f"adapter{precision}{'_smoke' if args.smoke else ''}_{slug(info['device'])}_{info['date']}"
     rows, skipped = [], []
     deadline = time.monotonic() + args.budget_s if args.budget_s is not None else float("inf")

@@ -4,10 +4,10 @@
 # benchmark (if it fails, the fused step again with CUDA_LAUNCH_BLOCKING=1, to name the kernel that
 # faulted); then, while GPU_CHECK_BUDGET_S (default 555 s) lasts, what decides a default: a test of
 # --micro-batch under CUDA graphs and the step with compiled towers (reduce-overhead, then default);
-# then the kernel benchmarks: the adapter op (also fp32 at matmul precision "high"), quick_gelu, a
-# launch-config sweep (bf16, then fp32). Results go to benchmarks/results/, packed after every
-# section (a run cut off keeps what it measured); last, the issues' targets against the results
-# (benchmarks/targets.py).
+# then the kernel benchmarks: the adapter op (also fp32 at matmul precision "high", and fp32 through
+# the tl.dot kernels), quick_gelu, a launch-config sweep (bf16, then fp32). Results go to
+# benchmarks/results/, packed after every section (a run cut off keeps what it measured); last, the
+# issues' targets against the results (benchmarks/targets.py).
 # On an H200 at daa4c97 the sections up to the end-to-end step took 245 s (the tests 69 s, the step
 # for both architectures with loss curves under its 90 s limit); the budget caps the rest, so a
 # run takes about GPU_CHECK_BUDGET_S, a little more where the first sections hit their limits.
@@ -102,6 +102,12 @@ fi
 if [[ $skip != *" adapter "* ]] && [ "$(left)" -gt 45 ]; then
     echo "== adapter benchmark, fp32 under torch.set_float32_matmul_precision('high') (fused: tf32x3 dots)"
     timeout 60 python benchmarks/bench_adapter.py --quick --dtypes fp32 --matmul-precision high --budget-s 30 \
+        --out benchmarks/results 2>&1 | tail -6
+    pack
+fi
+if [[ $skip != *" adapter "* ]] && [ "$(left)" -gt 45 ]; then
+    echo "== adapter benchmark, fp32 through the tl.dot kernels (against the FMA kernels' fp32 rows above)"
+    timeout 60 python benchmarks/bench_adapter.py --quick --dtypes fp32 --fp32-kernels tl-dot --budget-s 30 \
         --out benchmarks/results 2>&1 | tail -6
     pack
 fi

@@ -644,6 +644,23 @@ def test_adapter_bench_runs_fp32_at_the_matmul_precision_asked_for(tmp_path, mon
     assert data["fp32_matmul_precision"] == "high" and set(seen) == {"tf32x3"}
 
 
+def test_adapter_bench_runs_fp32_through_the_tl_dot_kernels_when_asked(tmp_path, monkeypatch):
+    """--fp32-kernels tl-dot: every launch of the run sees FMA_MAX_RANK = 0 (on a GPU, fp32 then
+    takes the tl.dot kernels), its results file says so and is named apart, and FMA_MAX_RANK is
+    as before afterwards."""
+    if torch.cuda.is_available():
+        pytest.skip("the smoke runs are for machines without a GPU")
+    import cma_kernels.adapter_op as adapter_op
+    seen, launch_configs = [], adapter_op.launch_configs
+    monkeypatch.setattr(adapter_op, "launch_configs",
+                        lambda *args: seen.append(adapter_op.FMA_MAX_RANK) or launch_configs(*args))
+    before = adapter_op.FMA_MAX_RANK
+    assert main(["bench", "--smoke", "--dtypes", "fp32", "--fp32-kernels", "tl-dot", "--out", str(tmp_path)]) == 0
+    assert adapter_op.FMA_MAX_RANK == before > 0 and seen and set(seen) == {0}
+    data = json.loads(next(tmp_path.glob("adapter_fp32-tl-dot_smoke_*.json")).read_text())
+    assert data["fp32_kernels"] == "tl-dot"
+
+
 def test_e2e_bench_compiles_each_fused_variant_it_runs(monkeypatch):
     """--compile MODE adds fused_compile-MODE, and its --recompute-mlp twin only where the run has
     fused_recompute; a variant's name sets recompute and the mode, hyphens in the mode included."""
