@@ -131,7 +131,7 @@ def main(argv=None):
     # the dicts the launchers read for these inputs (on the CPU, the interpreter's): each sweep
     # writes its configurations into them and puts them back
     fwd_config, bwd_config = fa.launch_configs(dtype, 8, device)
-    fwd_space, bwd_space, bwd_first = ((FMA_FWD_SPACE, FMA_BWD_SPACE, ()) if fa._fma(fwd_config, dtype)
+    fwd_space, bwd_space, bwd_first = ((FMA_FWD_SPACE, FMA_BWD_SPACE, ()) if fa._fma(fwd_config)
                                        else (FWD_SPACE, BWD_SPACE, BWD_FIRST))
     for i, N in enumerate(args.N):
         h, x, w = make_inputs(N, args.D, 8, 16, dtype, device)

@@ -455,7 +455,7 @@ def _rank_pad(rank: int, fma: bool = False) -> int:
     return 1 << (rank - 1).bit_length() if fma else max(16, 1 << (rank - 1).bit_length())
 
 
-def _fma(cfg: dict, dtype: torch.dtype) -> bool:
+def _fma(cfg: dict) -> bool:
     """Whether the launch configuration takes the FMA kernels: fp32 at r <= 16 (FP32_FMA_CONFIGS);
     16-bit inputs where the tuner tries them (their products in fp32, as tensor cores make them)."""
     return cfg.get("FMA", False)
@@ -556,7 +556,7 @@ def adapter_forward(h, w_down, b_down, w_up_unique, b_up_unique, w_up_shared, b_
     h2, stride_h = _rows(h)
     res2, stride_res = _rows(residual) if residual is not None else (h2, stride_h)
     cfg = launch_configs(h.dtype, r, h.device)[0]
-    fma = _fma(cfg, h.dtype)
+    fma = _fma(cfg)
     _adapter_fwd_kernel[(_cdiv(N, cfg["BLOCK_N"]),)](
         h2, res2, out, w_down.contiguous(), b_down.contiguous(),
         _real(w_up_unique, w_up_shared), _real(b_up_unique, b_up_shared),
@@ -599,7 +599,7 @@ def _launch_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation
     D, r, ds = h.shape[-1], w_down.shape[0], w_up_shared.shape[0]
     N = h.numel() // D if D else 0
     cfg = launch_configs(h.dtype, r, h.device)[1]
-    if (cfg.get("SPLIT") or _fma(cfg, h.dtype)) and N > 0:
+    if (cfg.get("SPLIT") or _fma(cfg)) and N > 0:
         return _launch_backward_split(dy, h, w_down, b_down, w_up_unique, w_up_shared, activation, need_dh, cfg)
     num_tiles = _cdiv(N, cfg["BLOCK_N"])
     tiles_per_program = max(1, _cdiv(num_tiles, _num_programs_cap(h.device, cfg["PROGRAMS_PER_SM"])))
@@ -640,7 +640,7 @@ def _launch_backward_split(dy, h, w_down, b_down, w_up_unique, w_up_shared, acti
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_dh else None
     (h2, stride_h), (dy2, stride_dy) = _rows(h), _rows(dy)
     w_down = w_down.contiguous()
-    fma = _fma(cfg, h.dtype)
+    fma = _fma(cfg)
     common = dict(R=r, R_PAD=_rank_pad(r, fma), DOT_PRECISION=_dot_precision(h.dtype, h.device), FMA=fma,
                   BLOCK_N=block_n, BLOCK_D=block_d, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     _adapter_bwd_bottleneck_kernel[(num_tiles,)](

@@ -115,7 +115,7 @@ def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32", arch=90, fp32
     h's dtype, as adapter_backward_flat hands them over."""
     precision = fp32_precision if dtype == "fp32" else "tf32"
     fwd_cfg, bwd_cfg = configs(dtype, r, precision)
-    fma = op._fma(fwd_cfg, DTYPES[dtype])
+    fma = op._fma(fwd_cfg)
     w = {n: f"*{weight_dtype}" for n in ("w_down_ptr", "b_down_ptr", "w_up_unique_ptr", "b_up_unique_ptr",
                                          "w_up_shared_ptr", "b_up_shared_ptr")}
     fwd = compile_sm90(op._adapter_fwd_kernel,
@@ -124,7 +124,7 @@ def compile_pair(dtype, r, act, need_dh=True, weight_dtype="fp32", arch=90, fp32
                        dict(R=r, R_PAD=op._rank_pad(r, fma), ACT=act, HAS_RESIDUAL=True, DOT_PRECISION=precision,
                             FMA=fma, BLOCK_N=fwd_cfg["BLOCK_N"], BLOCK_D=fwd_cfg["BLOCK_D"]),
                        fwd_cfg["num_warps"], fwd_cfg["num_stages"], arch)
-    if bwd_cfg.get("SPLIT") or fma:
+    if bwd_cfg.get("SPLIT") or op._fma(bwd_cfg):   # the backward in two launches, as the launcher decides
         bottleneck, stream = compile_split(dtype, r, arch, act, need_dh, precision, bwd_cfg)
         out = [("fwd", fwd), ("bwd bottleneck", bottleneck), ("bwd stream", stream)]
     else:
@@ -162,7 +162,7 @@ def compile_split(dtype, r, arch=90, act=0, need_dh=True, precision=None, cfg=No
     made SPLIT); returns [(registers, stack, shared, accesses)] per kernel."""
     precision = precision or ("tf32" if dtype != "fp32" else "ieee")
     cfg = cfg or configs(dtype, r, precision)[1]
-    fma = op._fma(cfg, DTYPES[dtype])
+    fma = op._fma(cfg)
     w = {n: f"*{dtype}" for n in ("w_down_ptr", "b_down_ptr", "w_up_unique_ptr", "w_up_shared_ptr")}
     tiles = dict(R=r, R_PAD=op._rank_pad(r, fma), DOT_PRECISION=precision, FMA=fma,
                  BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"])

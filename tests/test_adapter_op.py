@@ -152,7 +152,7 @@ def test_fp32_takes_the_fma_kernels_where_its_products_are_ieee(dtype, r, precis
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
     forward, backward = adapter_op.launch_configs(dtype, r, torch.device("cuda", 0))
     assert forward.get("FMA", False) == backward.get("FMA", False) == fma
-    assert adapter_op._fma(forward, dtype) == fma
+    assert adapter_op._fma(forward) == fma
 
 
 @pytest.fixture
