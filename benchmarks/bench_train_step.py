@@ -12,7 +12,9 @@ The floor freezes everything and adds no adapters, but back-propagates through e
 inputs: what any adapter method must pay (stock open_clip blocks, as are full fine-tuning's and the
 reference adapters'). floor_lean is the same with cma's lean frozen blocks, so fused_adapters over
 floor_lean is the adapters' own cost. fused_adapters is what `cma train` runs by default (fused
-adapters, lean frozen blocks: cma_model.frozen_block, frozen linears stored in the autocast dtype);
+adapters, lean frozen blocks: cma_model.frozen_block, frozen linears stored in the autocast dtype,
+the attention adapter's input recomputed in backward); fused_keep_attn_h keeps that input instead
+(`--no-recompute-out-proj`: one [tokens, width] activation more per block, one matmul less);
 fused_graphs adds `--cuda-graphs` (each tower's forward and backward replayed as CUDA graphs,
 cma_model.cuda_graphs; no activations counted: the graphs keep them out of autograd's sight, and
 they are fused_adapters' own); fused_recompute adds `--recompute-mlp`, fused_recompute_graphs both
@@ -65,7 +67,7 @@ try:
     from cma_benchmarks.common import bar_chart, print_table, run_info, saved_activation_bytes, slug, write_results
 except ImportError:
     from common import bar_chart, print_table, run_info, saved_activation_bytes, slug, write_results
-from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_adapter_backend, set_mlp_recompute
+from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_adapter_backend, set_recompute
 from cma_kernels import fuses_by_default, normalize_frames
 from cma_model.cuda_graphs import graph_towers, recording
 from cma_model.frozen_block import store_frozen_linears
@@ -74,8 +76,8 @@ from cma_model.retrieval import COMPILE_MODES, CUDA_GRAPH_MODES, compile_towers,
 from cma_train.backbone import autocast_dtype
 
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_graphs", "fused_recompute",
-            "fused_recompute_graphs", "floor_lean_graphs")
+VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_keep_attn_h", "fused_graphs",
+            "fused_recompute", "fused_recompute_graphs", "floor_lean_graphs")
 SMOKE_CLIP = {"embed_dim": 32, "quick_gelu": True,
               "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}}
@@ -174,7 +176,9 @@ def _variant(model, name):
             block.adapter_attn, block.adapter_mlp = ResidualAdd(), ResidualAdd()
         return frozen_floor(model)
     if name.startswith("fused_recompute"):
-        set_mlp_recompute(model)
+        set_recompute(model, mlp=True)
+    if name == "fused_keep_attn_h":
+        set_recompute(model, out_proj=False)
     if "_compile-" in name:
         compile_towers(model, name.split("_compile-", 1)[1])
     params = [p for p in model.parameters() if p.requires_grad]

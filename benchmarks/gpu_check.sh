@@ -13,7 +13,7 @@
 # run takes about GPU_CHECK_BUDGET_S, a little more where the first sections hit their limits.
 # GPU_CHECK_SKIP names sections to leave out: "cases tests host e2e compiled" makes a second call
 # in the same lease go straight to the kernel benchmarks; "adapter quick_gelu tune" leaves those
-# out. GPU_CHECK_TESTS_S (default 180) and GPU_CHECK_E2E_S (default 180: 9 variants) limit the
+# out. GPU_CHECK_TESTS_S (default 180) and GPU_CHECK_E2E_S (default 180: 10 variants) limit the
 # CUDA tests and the end-to-end step.
 # Each test's outcome: $OUT/gpu_tests.log.
 # On a machine without a package index, first put open_clip and decord (wheels or unpacked) on

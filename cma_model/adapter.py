@@ -135,10 +135,20 @@ class _KeepsCastDtype:
 class AdaptedResidualAttentionBlock(_KeepsCastDtype, ResidualAttentionBlock):
     """open_clip ResidualAttentionBlock with an adapter on each sublayer (self-attention only).
     Unless the adapters run the "reference" backend, the frozen sublayers run lean
-    (cma_model.frozen_block); `recompute_mlp` (set_mlp_recompute) also recomputes the MLP's
-    hidden activation in backward instead of keeping it."""
+    (cma_model.frozen_block) and recompute the attention adapter's input in backward instead of
+    keeping it (`recompute_out_proj`); `recompute_mlp` also recomputes the MLP's hidden activation
+    (both set by set_recompute)."""
     recompute_mlp = False
+    recompute_out_proj = True
     lean_layout = False   # frozen_block.has_lean_layout, decided once by add_cross_modal_adapters
+
+    def _recomputes_out_proj(self) -> bool:
+        """Whether the attention adapter's input h = out_proj(attention) is recomputed in backward
+        (frozen_block.out_proj_adapter): where set, for batch-first attention without layer scale
+        and a cma adapter that has no dropout to draw in training."""
+        adapter = self.adapter_attn
+        return (self.recompute_out_proj and self.attn.batch_first and isinstance(self.ls_1, nn.Identity)
+                and isinstance(adapter, CrossModalAdapter) and not (self.training and adapter.config.dropout > 0))
 
     def forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
         if k_x is not None or v_x is not None:
@@ -148,8 +158,13 @@ class AdaptedResidualAttentionBlock(_KeepsCastDtype, ResidualAttentionBlock):
             x = self.adapter_attn(h, residual=q_x)
             return self.adapter_mlp(self.ls_2(self.mlp(self.ln_2(x))), residual=x)
         mask = attn_mask.to(q_x.dtype) if attn_mask is not None else None   # as open_clip's attention() does
-        h = self.ls_1(frozen_block.self_attention(self.attn, frozen_block.layer_norm(self.ln_1, q_x), mask))
-        x = self.adapter_attn(h, residual=q_x)
+        normed = frozen_block.layer_norm(self.ln_1, q_x)
+        if self._recomputes_out_proj():
+            heads = frozen_block.attention_heads(self.attn, normed, mask)
+            x = frozen_block.out_proj_adapter(self.attn.out_proj, heads, self.adapter_attn, residual=q_x)
+        else:
+            h = self.ls_1(frozen_block.self_attention(self.attn, normed, mask))
+            x = self.adapter_attn(h, residual=q_x)
         hidden = frozen_block.mlp(self, x, self.recompute_mlp, fused=self.adapter_mlp.uses_triton(x))
         return self.adapter_mlp(self.ls_2(hidden), residual=x)
 
@@ -251,7 +266,7 @@ def remove_cross_modal_adapters(model):
     plain = {adapted: block_type for block_type, adapted in _ADAPTED.items()}
     for block in [b for blocks in tower_blocks(model) for b in blocks if type(b) in plain]:
         del block.adapter_attn, block.adapter_mlp
-        for flag in ("lean_layout", "recompute_mlp"):   # set per block by add_cross_modal_adapters, set_mlp_recompute
+        for flag in ("lean_layout", "recompute_mlp", "recompute_out_proj"):   # add_cross_modal_adapters, set_recompute
             block.__dict__.pop(flag, None)
         block.__class__ = plain[type(block)]
     return model
@@ -282,15 +297,21 @@ def set_adapter_backend(model, backend):
     return model
 
 
-def set_mlp_recompute(model, recompute: bool = True):
-    """Recompute each adapted block's MLP hidden activation in backward instead of keeping it
-    (standard open_clip blocks on a non-reference backend): 4 fewer [N, D] activations per block
-    kept, one more c_fc matmul per block. Returns the model."""
+def set_recompute(model, mlp: bool = None, out_proj: bool = None):
+    """What each adapted open_clip block (on a non-reference backend) recomputes in backward instead
+    of keeping; None leaves a setting as it is. Returns the model.
+    - mlp (off by default): the MLP's hidden activation, 4 fewer [N, D] activations kept per block
+      for one more c_fc matmul per block;
+    - out_proj (on by default): the attention adapter's input, out_proj's output, 1 fewer for one
+      more [N, D] x [D, D] matmul per block."""
     blocks = [m for m in model.modules() if isinstance(m, AdaptedResidualAttentionBlock)]
     if not blocks:
         raise ValueError("the model has no adapted open_clip blocks; call add_cross_modal_adapters first")
     for b in blocks:
-        b.recompute_mlp = bool(recompute)
+        if mlp is not None:
+            b.recompute_mlp = bool(mlp)
+        if out_proj is not None:
+            b.recompute_out_proj = bool(out_proj)
     return model
 
 

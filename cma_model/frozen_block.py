@@ -18,11 +18,15 @@ in units of one bf16 [N, D] activation; N tokens, D width):
   (8 units). Here it keeps x only and recomputes the sigmoid in backward (4 units); where the
   adapters run fused, it is also one Triton launch each way instead of about ten elementwise
   passes over the [N, 4 D] hidden activation (cma_kernels.quick_gelu).
+- The attention adapter's input h (out_proj's output, 1 unit) is not kept: out_proj_adapter keeps
+  SDPA's output, which SDPA keeps anyway, and recomputes h in backward (one more [N, D] x [D, D]
+  matmul per block; the adapted block's `recompute_out_proj`, on by default).
 - recompute_mlp=True (optional): the MLP's hidden activation (LayerNorm, c_fc, act: 4 units) is
   not kept at all but recomputed in backward from the block's mid-point (already kept), at the
   cost of one more c_fc matmul per block. Measured on the CPU (`cma bench --e2e --memory-only`,
-  ViT-B/32, 8 videos, bf16 autocast), fused adapters with it keep 0.41x the activations of full
-  fine-tuning; without it 0.62x; stock frozen floor 0.69x, reference adapters 0.75x.
+  ViT-B/32, 8 videos, bf16 autocast), fused adapters keep 0.57x the activations of full
+  fine-tuning (0.62x keeping h), 0.36x with recompute_mlp too; stock frozen floor 0.69x,
+  reference adapters 0.75x.
 Frozen linears keep no inputs (their weights get no gradient), as in stock PyTorch. Under autocast
 they are cast to bf16 at every use, and the cast copy is kept for backward; store_frozen_linears
 keeps them in bf16 instead (bit-identical matmul inputs, no casts, no copies).
@@ -40,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from torch.utils.weak import WeakIdKeyDictionary
 
+from cma_kernels import adapter_backward, adapter_forward
 from cma_kernels.quick_gelu import fused_quick_gelu
 
 
@@ -141,15 +146,13 @@ class _FrozenQKV(torch.autograd.Function):
         return dx.view(given.shape[0], -1, width), None, None, None
 
 
-def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
-    """attn(x, x, x, need_weights=False)[0] as one SDPA call on views of the packed projection.
-    x: [B, L, D] if attn.batch_first else [L, B, D]; attn_mask: None, float [L, L] or
-    [B * heads, L, L] added to the scores, or bool with True = masked (nn.MultiheadAttention's
-    convention). Returns x's shape and dtype. A frozen projection's backward reads q, k and v's
+def attention_heads(attn: nn.MultiheadAttention, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """SDPA's output for batch-first x [B, L, D]: [B, H, L, hd] (laid out [B, L, H, hd] by CUDA's
+    flash and memory-efficient backends, so that merge_heads is a view), before attn.out_proj.
+    attn_mask: None, float [L, L] or [B * heads, L, L] added to the scores, or bool with True =
+    masked (nn.MultiheadAttention's convention). A frozen projection's backward reads q, k and v's
     gradients in place (_FrozenQKV); a trainable one's, as autograd does it (one copy of them)."""
-    if not attn.batch_first:
-        x = x.transpose(0, 1)
-    batch, length, width = x.shape
+    batch, length, _ = x.shape
     heads = attn.num_heads
     weight, bias = attn.in_proj_weight, attn.in_proj_bias
     if weight.requires_grad or (bias is not None and bias.requires_grad) or torch.compiler.is_compiling():
@@ -163,10 +166,90 @@ def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, attn_mask=None)
         if attn_mask.dim() == 3:
             attn_mask = attn_mask.view(batch, heads, length, length)
     with sdpa_kernel(SDPA_BACKENDS) if torch.compiler.is_compiling() else _no_cudnn_attention():
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=attn.dropout if attn.training else 0.0)
-    out = F.linear(out.transpose(1, 2).reshape(batch, length, width), attn.out_proj.weight, attn.out_proj.bias)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                              dropout_p=attn.dropout if attn.training else 0.0)
+
+
+def merge_heads(heads: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, hd] -> [B, L, H * hd]: a view where the heads are laid out [B, L, H, hd]."""
+    batch, n_heads, length, head_dim = heads.shape
+    return heads.transpose(1, 2).reshape(batch, length, n_heads * head_dim)
+
+
+def self_attention(attn: nn.MultiheadAttention, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """attn(x, x, x, need_weights=False)[0] as one SDPA call on views of the packed projection
+    (attention_heads), then attn.out_proj. x: [B, L, D] if attn.batch_first else [L, B, D]; returns
+    x's shape and dtype."""
+    if not attn.batch_first:
+        x = x.transpose(0, 1)
+    out = F.linear(merge_heads(attention_heads(attn, x, attn_mask)), attn.out_proj.weight, attn.out_proj.bias)
     return out if attn.batch_first else out.transpose(0, 1)
+
+
+def _adapter_params(adapter):
+    """The adapter's tensors in fused_adapter's order: w_down, b_down, w_up_unique, b_up_unique,
+    w_up_shared, b_up_shared."""
+    return (adapter.w_down, adapter.b_down, adapter.w_up_unique, adapter.b_up_unique,
+            adapter.shared.weight, adapter.shared.bias)
+
+
+class _OutProjAdapter(torch.autograd.Function):
+    """adapter(out_proj(merge_heads(heads)), residual) for a frozen out_proj, keeping for backward
+    SDPA's output `heads` (which SDPA keeps anyway) instead of the adapter's input h: backward
+    recomputes h (one more [N, D] x [D, D] matmul, on the inputs autocast gave forward's: the same
+    values, bit for bit), then runs the adapter's backward: the fused kernel, or autograd over the
+    reference adapter run again under forward's autocast state (no dropout: the caller's condition)."""
+
+    @staticmethod
+    def forward(ctx, heads, weight, bias, residual, adapter, *params):
+        h = F.linear(merge_heads(heads), weight, bias)
+        device = heads.device.type
+        ctx.adapter, ctx.fused, ctx.has_residual = adapter, adapter.uses_triton(h), residual is not None
+        ctx.h_dtype = h.dtype
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        ctx.save_for_backward(heads, weight, bias, *params)
+        if ctx.fused:
+            return adapter_forward(h, *params, residual, adapter.config.activation)
+        return adapter(h, residual=residual)
+
+    @staticmethod
+    def backward(ctx, dy):
+        heads, weight, bias, *params = ctx.saved_tensors
+        need_dheads, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
+        dtype = ctx.h_dtype   # autocast's casts by hand (an autocast context costs the host ~8 us)
+        h = F.linear(merge_heads(heads).to(dtype), cast_frozen(weight, dtype), cast_frozen(bias, dtype))
+        if ctx.fused:
+            w_down, b_down, w_up_unique, _, w_up_shared, _ = params
+            dh, *grads = adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared,
+                                          ctx.adapter.config.activation, need_dh=need_dheads)
+        else:
+            h = h.requires_grad_(need_dheads)
+            device, autocast_dtype, enabled = ctx.autocast
+            with torch.enable_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=enabled):
+                out = ctx.adapter(h)
+            needs = (need_dheads, *need_params)
+            wanted = [t for t, need in zip((h, *_adapter_params(ctx.adapter)), needs) if need]
+            got = iter(torch.autograd.grad(out, wanted, dy) if wanted else ())
+            dh, *grads = [next(got) if need else None for need in needs]
+        d_heads = None
+        if need_dheads:   # out_proj's input gradient, as autograd computes it: dh W in dh's dtype
+            batch, n_heads, length, head_dim = heads.shape
+            d_heads = (dh @ cast_frozen(weight, dh.dtype)).view(batch, length, n_heads, head_dim).transpose(1, 2)
+        return d_heads, None, None, dy if ctx.has_residual else None, None, *grads
+
+
+def out_proj_adapter(out_proj: nn.Linear, heads: torch.Tensor, adapter: nn.Module,
+                     residual: torch.Tensor = None) -> torch.Tensor:
+    """adapter(out_proj(merge_heads(heads)), residual=residual): heads [B, H, L, hd] (attention_heads),
+    residual [B, L, D] -> [B, L, D]. Where heads need a gradient (so SDPA keeps them) and out_proj
+    is frozen, it keeps them instead of the adapter's input h, one [N, D] activation fewer, and
+    recomputes h in backward (_OutProjAdapter); otherwise (each tower's first block, inference,
+    torch.compile's tracing) as written. adapter: a cma_model.CrossModalAdapter without dropout
+    in training."""
+    frozen = not out_proj.weight.requires_grad and not (out_proj.bias is not None and out_proj.bias.requires_grad)
+    if not (frozen and heads.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        return adapter(F.linear(merge_heads(heads), out_proj.weight, out_proj.bias), residual=residual)
+    return _OutProjAdapter.apply(heads, out_proj.weight, out_proj.bias, residual, adapter, *_adapter_params(adapter))
 
 
 class _QuickGELU(torch.autograd.Function):

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cma_kernels import describe_device, triton_runs_on
-from cma_model import adapter_state_dict, count_trainable_parameters, load_adapter_state_dict, set_mlp_recompute
+from cma_model import adapter_state_dict, count_trainable_parameters, load_adapter_state_dict, set_recompute
 from cma_model.cache import FrameCache, folder_lock
 from cma_model.cuda_graphs import graph_towers
 from cma_model.data import LOADER_TIMEOUT_S, CaptionVideoDataset, VideoFrames, batches, video_loader
@@ -190,8 +190,8 @@ def _train_in_folder(cfg, rank, world, device, dtype, latest, set_up):
         if split_ann is not None:
             check_video_sources(cache, split_ann, f"split {split!r}", say=rank == 0)
     model, tokenizer, image_size = build_model(cfg, device)
-    if cfg.recompute_mlp:
-        set_mlp_recompute(model)
+    if cfg.recompute_mlp or not cfg.recompute_out_proj:
+        set_recompute(model, mlp=cfg.recompute_mlp, out_proj=cfg.recompute_out_proj)
     if cfg.compile:
         compile_towers(model, cfg.compile)
     frames = video_frames(cfg, cache, image_size)

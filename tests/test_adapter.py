@@ -8,7 +8,7 @@ from conftest import clip_inputs, fake_gpu, small_clip
 
 from cma_model import (CrossModalAdapter, CrossModalAdapterConfig, adapter_modules, adapter_state_dict,
                        add_cross_modal_adapters, count_trainable_parameters, load_adapter_state_dict, pair_blocks,
-                       remove_cross_modal_adapters, set_mlp_recompute)
+                       remove_cross_modal_adapters, set_recompute)
 
 PAPER_COUNTS = {(8, 16): 519_168, (8, 8): 520_896, (16, 16): 1_008_000, (16, 64): 988_416, (16, 512): 805_632}
 
@@ -150,7 +150,7 @@ def test_removed_adapters_leave_open_clip_as_it_was_and_adapters_of_another_shap
     wide = _randomize_adapters(add_cross_modal_adapters(small_clip(custom_text=custom_text),
                                                         CrossModalAdapterConfig(reduction_dim=8, shared_dim=16)), 1)
     model = _randomize_adapters(add_cross_modal_adapters(plain, narrow, backend=backend), 0)
-    set_mlp_recompute(model)
+    set_recompute(model, mlp=True, out_proj=False)
     with torch.no_grad():
         assert not torch.allclose(model.encode_image(images), want[0], atol=1e-3)   # the adapters did something
     with pytest.raises(ValueError, match=r"remove_cross_modal_adapters\(model\) first replaces them"):
@@ -165,7 +165,8 @@ def test_removed_adapters_leave_open_clip_as_it_was_and_adapters_of_another_shap
     assert remove_cross_modal_adapters(model) is model   # nothing left to remove: as it is
 
     load_adapter_state_dict(model, adapter_state_dict(wide), backend=backend)
-    assert not any(block.recompute_mlp for block in model.modules() if hasattr(block, "adapter_mlp"))   # new: defaults
+    blocks = [block for block in model.modules() if hasattr(block, "adapter_mlp")]
+    assert not any(b.recompute_mlp for b in blocks) and all(b.recompute_out_proj for b in blocks)   # new: defaults
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images), wide.encode_image(images), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model.encode_text(texts), wide.encode_text(texts), rtol=1e-5, atol=1e-5)

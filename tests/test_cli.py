@@ -520,12 +520,15 @@ def test_gpu_busy_time_is_the_union_of_kernel_intervals():
 
 def test_e2e_memory_only_measures_what_each_variant_keeps(tmp_path, capsys):
     """`--memory-only` on the smoke model (quick_gelu, bf16 autocast on the CPU): the lean frozen
-    block keeps less than open_clip's block with the same adapters, and recompute less again."""
+    block keeps less than open_clip's block with the same adapters, the attention adapter's input
+    recomputed (the default) less than kept, and recompute of the MLP less again."""
     assert main(["bench", "--e2e", "--smoke", "--memory-only", "--out", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.glob("train_memory_smoke_*.json")).read_text())["rows"]
     kept = {r["variant"]: r["saved_GiB"] for r in rows}
-    assert list(kept) == ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_recompute"]
-    assert kept["full"] > kept["ref_adapters"] > kept["fused_adapters"] > kept["fused_recompute"] > 0
+    assert list(kept) == ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_keep_attn_h",
+                          "fused_recompute"]
+    assert kept["full"] > kept["ref_adapters"] > kept["fused_keep_attn_h"] > kept["fused_adapters"] > kept[
+        "fused_recompute"] > 0
     assert kept["floor"] > kept["floor_lean"]
     assert "saved_vs_full" in capsys.readouterr().out
 
@@ -544,8 +547,8 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     assert results["autocast"] == "bf16"   # --precision auto on the CPU: as on the GPUs that have bf16
     assert results["words"] == (8 if extra else 16)   # the smoke model's context is 16
     assert variants == (["full", "fused_compile-default"] if extra else
-                        ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_graphs",
-                         "fused_recompute", "fused_recompute_graphs", "floor_lean_graphs"])
+                        ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_keep_attn_h",
+                         "fused_graphs", "fused_recompute", "fused_recompute_graphs", "floor_lean_graphs"])
     assert all(r["step_ms"] > 0 for r in rows) and rows[0]["step_vs_full"] == 1.0
     assert all(r["saved_GiB"] > 0 for r in rows if "compile" not in r["variant"] and "graphs" not in r["variant"])
     fused = [r for r in rows if r["variant"].startswith("fused")]

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from cma_benchmarks.common import saved_activation_bytes
-from cma_model import add_cross_modal_adapters, adapter_modules, set_adapter_backend, set_mlp_recompute
+from cma_model import (CrossModalAdapterConfig, add_cross_modal_adapters, adapter_modules, set_adapter_backend,
+                       set_recompute)
 from cma_model import frozen_block
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -207,7 +208,8 @@ def test_frozen_projection_reads_sdpa_gradients_in_place_on_cuda():
 
 def test_adapted_model_lean_path_matches_reference_path():
     """Whole small CLIP with adapters: the lean frozen block ("auto": PyTorch adapters on the CPU,
-    lean block) against open_clip's own block ("reference"): embeddings and adapter gradients."""
+    lean block; attention adapter's input recomputed, kept, and with the MLP recomputed) against
+    open_clip's own block ("reference"): embeddings and adapter gradients."""
     lean = add_cross_modal_adapters(small_clip().double(), backend="auto")
     with torch.no_grad():
         for m in adapter_modules(lean):   # nonzero up-projections: the adapters change the output
@@ -216,7 +218,8 @@ def test_adapted_model_lean_path_matches_reference_path():
     ref = set_adapter_backend(copy.deepcopy(lean), "reference")
     images, texts = clip_inputs()
     outs = []
-    for model in (ref, lean, set_mlp_recompute(copy.deepcopy(lean))):
+    variants = [set_recompute(copy.deepcopy(lean), **kw) for kw in ({"out_proj": False}, {"mlp": True})]
+    for model in [ref, lean] + variants:
         model.train()
         feats = model.encode_image(images.double()), model.encode_text(texts)
         (feats[0].square().sum() + feats[1].sin().sum()).backward()
@@ -228,6 +231,102 @@ def test_adapted_model_lean_path_matches_reference_path():
         assert grads.keys() == ref_grads.keys() and len(grads) > 0
         for name in ref_grads:
             torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+
+
+def _adapted_clip(shared_dim, backend, dropout=0.0, text_width=48):
+    """small_clip (vision width 64) with adapters whose up-projections are not zero."""
+    model = add_cross_modal_adapters(small_clip(text_width=text_width),
+                                     CrossModalAdapterConfig(4, shared_dim, dropout=dropout), backend=backend)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)
+    return model.train()
+
+
+def _embed_and_backward(model, autocast=False, device="cpu"):
+    """(image and text embeddings, {name: gradient} of the adapter parameters)."""
+    images, texts = (t.to(device) for t in clip_inputs())
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        feats = model.encode_image(images).float(), model.encode_text(texts).float()
+    (feats[0].square().sum() + feats[1].sin().sum()).backward()
+    return feats, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])   # PyTorch adapters on the CPU; Triton's interpreter
+@pytest.mark.parametrize("shared_dim", [0, 16, 48])      # 48: the text tower's whole width is shared
+def test_recomputed_attention_adapter_input_trains_bit_identically(backend, shared_dim):
+    """recompute_out_proj (the default) against keeping out_proj's output, fp32: the same embeddings
+    and adapter gradients bit for bit (backward recomputes h with the same matmul on the same
+    inputs). Both towers, so: the first blocks, whose input needs no gradient, the text tower's
+    causal mask, and the up-projection shared between the towers."""
+    recomputed = _adapted_clip(shared_dim, backend)
+    kept = set_recompute(copy.deepcopy(recomputed), out_proj=False)
+    (feats, grads), (want_feats, want_grads) = _embed_and_backward(recomputed), _embed_and_backward(kept)
+    assert all(torch.equal(a, b) for a, b in zip(feats, want_feats))
+    assert grads.keys() == want_grads.keys() and len(grads) == 8 * 4 + 4 * 2   # shared: once per pair
+    for name in grads:
+        assert torch.equal(grads[name], want_grads[name]), name
+
+
+def test_recomputed_attention_adapter_input_under_cpu_autocast():
+    """Under bf16 autocast (PyTorch adapters, d_s = 0) the same embeddings and gradients bit for
+    bit. With shared tensors the shared gradients differ by bf16 rounding, and only they: kept,
+    both towers' gradients of autocast's one cached bf16 copy of the shared weight are summed in
+    bf16; recomputed, backward casts it afresh per tower and the sum is fp32 (2e-2 of the norm)."""
+    for shared_dim in (0, 16):
+        recomputed = _adapted_clip(shared_dim, "auto")
+        kept = set_recompute(copy.deepcopy(recomputed), out_proj=False)
+        (feats, grads), (want_feats, want_grads) = (_embed_and_backward(m, autocast=True) for m in (recomputed, kept))
+        assert all(torch.equal(a, b) for a, b in zip(feats, want_feats))
+        for name in grads:
+            if shared_dim and ".shared." in name:
+                assert (grads[name] - want_grads[name]).norm() <= 2e-2 * want_grads[name].norm(), name
+            else:
+                assert torch.equal(grads[name], want_grads[name]), name
+
+
+def test_recomputing_the_attention_adapter_input_keeps_one_activation_less_per_block():
+    """Measured with autograd's hooks (fp32, fused adapters in the interpreter: they keep h alone):
+    recomputing out_proj's output keeps exactly one [tokens, width] tensor less per adapted block
+    but each tower's first (there SDPA keeps nothing, so its output would cost what h does): the
+    second vision block's 2 x 17 tokens x 64, the second text block's 2 x 16 x 48. With dropout
+    in training (PyTorch adapters) nothing is recomputed (it would draw another mask) and as much
+    is kept as with recompute off."""
+    images, texts = clip_inputs()
+    one_per_block = 4 * (2 * 17 * 64 + 2 * 16 * 48)
+
+    def kept_bytes(model):
+        return saved_activation_bytes(lambda: (model.encode_image(images), model.encode_text(texts)),
+                                      model.parameters())[1]
+    for backend, dropout, less in (("triton", 0.0, one_per_block), ("auto", 0.1, 0)):
+        model = _adapted_clip(16, backend, dropout)
+        recomputed = kept_bytes(model)
+        assert kept_bytes(set_recompute(model, out_proj=False)) - recomputed == less, dropout
+
+
+@gpu_check
+@requires_cuda
+def test_recomputed_attention_adapter_input_on_cuda():
+    """As `cma train` runs on CUDA (fused adapters, bf16 autocast, frozen linears in bf16, flash
+    attention: head widths 32 and 16): the same embeddings and adapter gradients bit for bit as
+    keeping out_proj's output, and one bf16 [tokens, width] tensor less kept per block after each
+    tower's first (SDPA lays its output out [B, L, H, hd], so its merged view costs nothing)."""
+    recomputed = _adapted_clip(16, "auto", text_width=64).cuda()
+    frozen_block.store_frozen_linears(recomputed)
+    kept = set_recompute(copy.deepcopy(recomputed), out_proj=False)
+    (feats, grads), (want_feats, want_grads) = (_embed_and_backward(m, True, "cuda") for m in (recomputed, kept))
+    assert all(torch.equal(a, b) for a, b in zip(feats, want_feats)) and grads.keys() == want_grads.keys()
+    for name in grads:
+        assert torch.equal(grads[name], want_grads[name]), name
+    images, texts = (t.cuda() for t in clip_inputs())
+
+    def kept_bytes(model):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return saved_activation_bytes(lambda: (model.encode_image(images), model.encode_text(texts)),
+                                          model.parameters())[1]
+    assert kept_bytes(kept) - kept_bytes(recomputed) == 2 * (2 * 17 * 64 + 2 * 16 * 64)
 
 
 def _kept_bytes(run, block):

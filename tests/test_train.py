@@ -757,21 +757,37 @@ def test_fused_training_in_fp16_matches_reference(tmp_path):
         assert abs(a - b) <= 1e-3 * abs(a), (step, a, b)
 
 
-def test_mlp_recompute_trains_like_keeping_activations(video_set, tmp_path, monkeypatch):
-    """--recompute-mlp changes what backward keeps, not the math: the same losses within 1e-5
-    relative over 6 fp32 steps; every adapted block recomputes (4 blocks x 6 steps)."""
+def test_recompute_options_train_like_keeping_activations(video_set, tmp_path, monkeypatch):
+    """--recompute-mlp and --no-recompute-out-proj change what backward keeps, not the math: the
+    same losses within 1e-5 relative over 6 fp32 steps. By default each block but a tower's first
+    recomputes its attention adapter's input (2 of the 4 blocks x 6 steps), and with
+    --recompute-mlp every block its MLP (4 x 6); with --no-recompute-out-proj none recomputes."""
     from cma_model import frozen_block
-    calls, checkpoint = [], frozen_block.checkpoint
-    monkeypatch.setattr(frozen_block, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    calls = {"mlp": 0, "out_proj": 0}
+    checkpoint, apply = frozen_block.checkpoint, frozen_block._OutProjAdapter.apply
+
+    def counting(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+    monkeypatch.setattr(frozen_block, "checkpoint", counting("mlp", checkpoint))
+    monkeypatch.setattr(frozen_block._OutProjAdapter, "apply", counting("out_proj", apply))
     jsonl, cache = video_set
     common = dict(batch_size=4, epochs=3, max_steps=6, lr=3e-3)
-    kept = train(tiny_config(jsonl, cache, tmp_path / "kept", **common))["losses"]
-    assert not calls
-    recomputed = train(tiny_config(jsonl, cache, tmp_path / "recompute", recompute_mlp=True, **common))["losses"]
-    assert len(calls) == 4 * 6
-    assert len(kept) == len(recomputed) == 6 and kept[-1] != kept[0]
-    for step, (a, b) in enumerate(zip(kept, recomputed)):
-        assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
+    losses = {}
+    for name, options, want in [("default", {}, {"mlp": 0, "out_proj": 2 * 6}),
+                                ("recompute_mlp", {"recompute_mlp": True}, {"mlp": 4 * 6, "out_proj": 2 * 6}),
+                                ("keep_h", {"recompute_out_proj": False}, {"mlp": 0, "out_proj": 0})]:
+        calls.update(mlp=0, out_proj=0)
+        losses[name] = train(tiny_config(jsonl, cache, tmp_path / name, **options, **common))["losses"]
+        assert calls == want, name
+    kept = losses["default"]
+    assert len(kept) == 6 and kept[-1] != kept[0]
+    for name in ("recompute_mlp", "keep_h"):
+        assert len(losses[name]) == 6
+        for step, (a, b) in enumerate(zip(kept, losses[name])):
+            assert abs(a - b) <= 1e-5 * abs(a), (name, step, a, b)
 
 
 def test_out_of_gpu_memory_retries_the_step_with_half_the_videos_per_pass(video_set, tmp_path, monkeypatch, capsys):
