@@ -518,6 +518,27 @@ def test_gpu_busy_time_is_the_union_of_kernel_intervals():
     assert union_ms([]) == 0.0
 
 
+def test_step_peak_is_the_highest_rise_of_allocated_memory_on_the_cpu():
+    """The profiler's memory events, summed in time order: 4 MB, then 8 MB more (12 MB live, the
+    peak), the 4 MB freed, 2 MB more; the bytes a step holds count each storage once."""
+    from cma_benchmarks.bench_train_step import held_bytes, step_peak_bytes
+
+    def step():
+        first = torch.empty(1_000_000)
+        second = torch.empty(2_000_000)
+        del first
+        third = torch.empty(500_000)
+        return second, third
+    assert 12_000_000 <= step_peak_bytes(step, torch.device("cpu")) <= 12_000_000 + 64
+    model = torch.nn.Linear(10, 10)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 10)).sum().backward()
+    optimizer.step()
+    batch = torch.randn(7, 10)
+    # weight and bias, their two AdamW moments, AdamW's fp32 step count for each; the batch and a view of it once
+    assert held_bytes(model, optimizer, batch, batch[2:]) == 3 * 110 * 4 + 2 * 4 + 70 * 4
+
+
 def test_e2e_memory_only_measures_what_each_variant_keeps(tmp_path, capsys):
     """`--memory-only` on the smoke model (quick_gelu, bf16 autocast on the CPU): the lean frozen
     block keeps less than open_clip's block with the same adapters, the attention adapter's input
@@ -530,6 +551,8 @@ def test_e2e_memory_only_measures_what_each_variant_keeps(tmp_path, capsys):
     assert kept["full"] > kept["ref_adapters"] > kept["fused_keep_attn_h"] > kept["fused_adapters"] > kept[
         "fused_recompute"] > 0
     assert kept["floor"] > kept["floor_lean"]
+    peak = {r["variant"]: r["peak_est_GiB"] for r in rows}   # what the step holds, and more: activations, gradients
+    assert all(peak[v] > kept[v] for v in kept) and peak["full"] > peak["fused_adapters"] > peak["fused_recompute"]
     assert "saved_vs_full" in capsys.readouterr().out
 
 
