@@ -48,10 +48,11 @@ CPU included (bf16 autocast there too; CPU autocast keeps LayerNorm in bf16 wher
 in fp32, so the stock variants keep about 2 [tokens, width] activations per block more on a GPU),
 and estimates each variant's peak memory (peak_est_GiB): what a step holds before it starts
 (parameters, optimizer state, the batch) plus the highest rise of its allocations during one
-step, on the CPU from the profiler's memory events. Not a GPU measurement (PyTorch adapters run
-on the CPU, and the caching allocator's rounding is not counted), but close to one: for ViT-B/32
-full fine-tuning at 8 videos, scaled to 32, it gives 9.47 GiB, where the H200 measured 9.54.
---videos sets the batch.
+step, on the CPU from the profiler's memory events. Not a GPU measurement: the adapters run as
+PyTorch there (other temporaries than the fused kernels'), the caching allocator's rounding is not
+counted, and the stock variants miss CUDA autocast's fp32 LayerNorm copies, so their estimate is
+low and the ratios of the lean variants to full fine-tuning come out high. --videos sets the
+batch (the CPU's memory bounds it: ViT-B/32 at 32 videos did not fit in 24 GiB).
 
 --smoke runs every code path on the CPU with a tiny model and a tiny batch, under bf16 (or
 --precision fp16) autocast as on the GPU (no meaningful numbers; the tests use it so that a GPU
