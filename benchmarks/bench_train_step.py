@@ -73,9 +73,9 @@ try:
     from cma_benchmarks.common import bar_chart, print_table, run_info, saved_activation_bytes, slug, write_results
 except ImportError:
     from common import bar_chart, print_table, run_info, saved_activation_bytes, slug, write_results
-from cma_model import CrossModalAdapterConfig, add_cross_modal_adapters, set_adapter_backend, set_recompute
+from cma_model import (CrossModalAdapterConfig, add_cross_modal_adapters, frozen_block, set_adapter_backend,
+                       set_recompute)
 from cma_kernels import fuses_by_default, normalize_frames
-from cma_model import frozen_block
 from cma_model.cuda_graphs import graph_towers, recording
 from cma_model.losses import infonce, similarity
 from cma_model.retrieval import COMPILE_MODES, CUDA_GRAPH_MODES, compile_towers, encode_text
