@@ -13,8 +13,9 @@ inputs: what any adapter method must pay (stock open_clip blocks, as are full fi
 reference adapters'). floor_lean is the same with cma's lean frozen blocks, so fused_adapters over
 floor_lean is the adapters' own cost. fused_adapters is what `cma train` runs by default (fused
 adapters, lean frozen blocks: cma_model.frozen_block, frozen linears stored in the autocast dtype,
-the attention adapter's input recomputed in backward); fused_keep_attn_h keeps that input instead
-(`--no-recompute-out-proj`: one [tokens, width] activation more per block, one matmul less);
+the attention adapter's input and output recomputed in backward); fused_keep_attn_out keeps them
+(`--no-recompute-out-proj`: two [tokens, width] activations more per block, one matmul and one
+adapter forward less);
 fused_graphs adds `--cuda-graphs` (each tower's forward and backward replayed as CUDA graphs,
 cma_model.cuda_graphs; no activations counted: the graphs keep them out of autograd's sight, and
 they are fused_adapters' own); fused_recompute adds `--recompute-mlp`, fused_recompute_graphs both
@@ -82,7 +83,7 @@ from cma_model.retrieval import COMPILE_MODES, CUDA_GRAPH_MODES, compile_towers,
 from cma_train.backbone import autocast_dtype
 
 PRECISION_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_keep_attn_h", "fused_graphs",
+VARIANTS = ("full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_keep_attn_out", "fused_graphs",
             "fused_recompute", "fused_recompute_graphs", "floor_lean_graphs")
 SMOKE_CLIP = {"embed_dim": 32, "quick_gelu": True,
               "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
@@ -183,7 +184,7 @@ def _variant(model, name):
         return frozen_floor(model)
     if name.startswith("fused_recompute"):
         set_recompute(model, mlp=True)
-    if name == "fused_keep_attn_h":
+    if name == "fused_keep_attn_out":
         set_recompute(model, out_proj=False)
     if "_compile-" in name:
         compile_towers(model, name.split("_compile-", 1)[1])

@@ -135,17 +135,18 @@ class _KeepsCastDtype:
 class AdaptedResidualAttentionBlock(_KeepsCastDtype, ResidualAttentionBlock):
     """open_clip ResidualAttentionBlock with an adapter on each sublayer (self-attention only).
     Unless the adapters run the "reference" backend, the frozen sublayers run lean
-    (cma_model.frozen_block) and recompute the attention adapter's input in backward instead of
-    keeping it (`recompute_out_proj`); `recompute_mlp` also recomputes the MLP's hidden activation
-    (both set by set_recompute)."""
+    (cma_model.frozen_block) and recompute the attention adapter's input and output in backward
+    instead of keeping them (`recompute_out_proj`); `recompute_mlp` also recomputes the MLP's hidden
+    activation (both set by set_recompute)."""
     recompute_mlp = False
     recompute_out_proj = True
     lean_layout = False   # frozen_block.has_lean_layout, decided once by add_cross_modal_adapters
 
     def _recomputes_out_proj(self) -> bool:
-        """Whether the attention adapter's input h = out_proj(attention) is recomputed in backward
-        (frozen_block.out_proj_adapter): where set, for batch-first attention without layer scale
-        and a cma adapter that has no dropout to draw in training."""
+        """Whether the attention adapter's input h = out_proj(attention) and its output, the block's
+        mid-point, are recomputed in backward (frozen_block.out_proj_adapter): where set, for
+        batch-first attention without layer scale and a cma adapter that has no dropout to draw in
+        training."""
         adapter = self.adapter_attn
         return (self.recompute_out_proj and self.attn.batch_first and isinstance(self.ls_1, nn.Identity)
                 and isinstance(adapter, CrossModalAdapter) and not (self.training and adapter.config.dropout > 0))
@@ -161,11 +162,12 @@ class AdaptedResidualAttentionBlock(_KeepsCastDtype, ResidualAttentionBlock):
         normed = frozen_block.layer_norm(self.ln_1, q_x)
         if self._recomputes_out_proj():
             heads = frozen_block.attention_heads(self.attn, normed, mask)
-            x = frozen_block.out_proj_adapter(self.attn.out_proj, heads, self.adapter_attn, residual=q_x)
+            ln_2 = None if self.recompute_mlp else self.ln_2   # recompute_mlp's checkpoint keeps x
+            x, normed = frozen_block.out_proj_adapter(self.attn.out_proj, heads, self.adapter_attn, q_x, ln_2)
         else:
             h = self.ls_1(frozen_block.self_attention(self.attn, normed, mask))
-            x = self.adapter_attn(h, residual=q_x)
-        hidden = frozen_block.mlp(self, x, self.recompute_mlp, fused=self.adapter_mlp.uses_triton(x))
+            x, normed = self.adapter_attn(h, residual=q_x), None
+        hidden = frozen_block.mlp(self, x, self.recompute_mlp, fused=self.adapter_mlp.uses_triton(x), normed=normed)
         return self.adapter_mlp(self.ls_2(hidden), residual=x)
 
 
@@ -302,8 +304,9 @@ def set_recompute(model, mlp: bool = None, out_proj: bool = None):
     of keeping; None leaves a setting as it is. Returns the model.
     - mlp (off by default): the MLP's hidden activation, 4 fewer [N, D] activations kept per block
       for one more c_fc matmul per block;
-    - out_proj (on by default): the attention adapter's input, out_proj's output, 1 fewer for one
-      more [N, D] x [D, D] matmul per block."""
+    - out_proj (on by default): the attention adapter's input (out_proj's output) and output (the
+      block's mid-point), 2 fewer for one more [N, D] x [D, D] matmul and one more adapter forward
+      per block (1 fewer with mlp, whose recompute starts from the mid-point and so keeps it)."""
     blocks = [m for m in model.modules() if isinstance(m, AdaptedResidualAttentionBlock)]
     if not blocks:
         raise ValueError("the model has no adapted open_clip blocks; call add_cross_modal_adapters first")

@@ -18,9 +18,11 @@ in units of one bf16 [N, D] activation; N tokens, D width):
   (8 units). Here it keeps x only and recomputes the sigmoid in backward (4 units); where the
   adapters run fused, it is also one Triton launch each way instead of about ten elementwise
   passes over the [N, 4 D] hidden activation (cma_kernels.quick_gelu).
-- The attention adapter's input h (out_proj's output, 1 unit) is not kept: out_proj_adapter keeps
-  SDPA's output, which SDPA keeps anyway, and recomputes h in backward (one more [N, D] x [D, D]
-  matmul per block; the adapted block's `recompute_out_proj`, on by default).
+- Neither the attention adapter's input h (out_proj's output) nor its output, the block's
+  mid-point x (ln_2's input), is kept (2 units): out_proj_adapter keeps SDPA's output, which SDPA
+  keeps anyway, and the block's input, which ln_1 keeps, and recomputes h and x in backward (one
+  more [N, D] x [D, D] matmul and one more adapter forward per block; the adapted block's
+  `recompute_out_proj`, on by default; with recompute_mlp, whose checkpoint keeps x, h alone).
 - recompute_mlp=True (optional): the MLP's hidden activation (LayerNorm, c_fc, act: 4 units) is
   not kept at all but recomputed in backward from the block's mid-point (already kept), at the
   cost of one more c_fc matmul per block. Measured on the CPU (`cma bench --e2e --memory-only`,
@@ -194,62 +196,102 @@ def _adapter_params(adapter):
 
 
 class _OutProjAdapter(torch.autograd.Function):
-    """adapter(out_proj(merge_heads(heads)), residual) for a frozen out_proj, keeping for backward
-    SDPA's output `heads` (which SDPA keeps anyway) instead of the adapter's input h: backward
+    """x = adapter(out_proj(merge_heads(heads)), residual) for a frozen out_proj, and with a frozen
+    norm also norm(x): the block's mid-point and ln_2's output. For backward it keeps SDPA's output
+    `heads` (which SDPA keeps anyway) instead of the adapter's input h, and with a norm the block's
+    input `residual` (which ln_1 keeps anyway) and the norm's statistics instead of x. Backward
     recomputes h (one more [N, D] x [D, D] matmul, on the inputs autocast gave forward's: the same
-    values, bit for bit), then runs the adapter's backward: the fused kernel, or autograd over the
-    reference adapter run again under forward's autocast state (no dropout: the caller's condition)."""
+    values, bit for bit), with a norm x too (one more adapter forward), runs the norm's backward,
+    then the adapter's: the fused kernel, or autograd over the reference adapter run again under
+    forward's autocast state (no dropout: the caller's condition)."""
 
     @staticmethod
-    def forward(ctx, heads, weight, bias, residual, adapter, *params):
+    def forward(ctx, heads, weight, bias, residual, norm, adapter, *params):
         h = F.linear(merge_heads(heads), weight, bias)
         device = heads.device.type
         ctx.adapter, ctx.fused, ctx.has_residual = adapter, adapter.uses_triton(h), residual is not None
         ctx.h_dtype = h.dtype
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        ctx.save_for_backward(heads, weight, bias, *params)
         if ctx.fused:
-            return adapter_forward(h, *params, residual, adapter.config.activation)
-        return adapter(h, residual=residual)
+            x = adapter_forward(h, *params, residual, adapter.config.activation)
+        else:
+            x = adapter(h, residual=residual)
+        ctx.norm = None if norm is None else (norm.normalized_shape, norm.eps)
+        if norm is None:
+            ctx.save_for_backward(heads, weight, bias, None, None, None, None, None, *params)
+            return x, None
+        ln_weight, ln_bias = cast_frozen(norm.weight, x.dtype), cast_frozen(norm.bias, x.dtype)
+        with _no_autocast():   # as layer_norm() runs it: F.layer_norm is this op's first output
+            normed, mean, rstd = torch.native_layer_norm(x, norm.normalized_shape, ln_weight, ln_bias, norm.eps)
+        ctx.save_for_backward(heads, weight, bias, residual, ln_weight, ln_bias, mean, rstd, *params)
+        return x, normed
 
     @staticmethod
-    def backward(ctx, dy):
-        heads, weight, bias, *params = ctx.saved_tensors
-        need_dheads, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[5:]
+    def backward(ctx, dx, d_normed):
+        heads, weight, bias, residual, ln_weight, ln_bias, mean, rstd, *params = ctx.saved_tensors
+        need_dheads, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[6:]
         dtype = ctx.h_dtype   # autocast's casts by hand (an autocast context costs the host ~8 us)
         h = F.linear(merge_heads(heads).to(dtype), cast_frozen(weight, dtype), cast_frozen(bias, dtype))
+        residual = None if residual is None else residual.detach()
         if ctx.fused:
+            if ctx.norm is not None:
+                x = adapter_forward(h, *params, residual, ctx.adapter.config.activation)
+                dx = _add_norm_grad(dx, d_normed, x, ctx.norm, mean, rstd, ln_weight, ln_bias)
             w_down, b_down, w_up_unique, _, w_up_shared, _ = params
-            dh, *grads = adapter_backward(dy, h, w_down, b_down, w_up_unique, w_up_shared,
+            dh, *grads = adapter_backward(dx, h, w_down, b_down, w_up_unique, w_up_shared,
                                           ctx.adapter.config.activation, need_dh=need_dheads)
         else:
             h = h.requires_grad_(need_dheads)
             device, autocast_dtype, enabled = ctx.autocast
             with torch.enable_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=enabled):
-                out = ctx.adapter(h)
+                x = ctx.adapter(h, residual=residual)
+            if ctx.norm is not None:
+                dx = _add_norm_grad(dx, d_normed, x.detach(), ctx.norm, mean, rstd, ln_weight, ln_bias)
             needs = (need_dheads, *need_params)
             wanted = [t for t, need in zip((h, *_adapter_params(ctx.adapter)), needs) if need]
-            got = iter(torch.autograd.grad(out, wanted, dy) if wanted else ())
+            got = iter(torch.autograd.grad(x, wanted, dx) if wanted else ())
             dh, *grads = [next(got) if need else None for need in needs]
         d_heads = None
         if need_dheads:   # out_proj's input gradient, as autograd computes it: dh W in dh's dtype
             batch, n_heads, length, head_dim = heads.shape
             d_heads = (dh @ cast_frozen(weight, dh.dtype)).view(batch, length, n_heads, head_dim).transpose(1, 2)
-        return d_heads, None, None, dy if ctx.has_residual else None, None, *grads
+        return d_heads, None, None, dx if ctx.has_residual else None, None, None, *grads
 
 
-def out_proj_adapter(out_proj: nn.Linear, heads: torch.Tensor, adapter: nn.Module,
-                     residual: torch.Tensor = None) -> torch.Tensor:
-    """adapter(out_proj(merge_heads(heads)), residual=residual): heads [B, H, L, hd] (attention_heads),
-    residual [B, L, D] -> [B, L, D]. Where heads need a gradient (so SDPA keeps them) and out_proj
-    is frozen, it keeps them instead of the adapter's input h, one [N, D] activation fewer, and
-    recomputes h in backward (_OutProjAdapter); otherwise (each tower's first block, inference,
-    torch.compile's tracing) as written. adapter: a cma_model.CrossModalAdapter without dropout
-    in training."""
-    frozen = not out_proj.weight.requires_grad and not (out_proj.bias is not None and out_proj.bias.requires_grad)
-    if not (frozen and heads.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-        return adapter(F.linear(merge_heads(heads), out_proj.weight, out_proj.bias), residual=residual)
-    return _OutProjAdapter.apply(heads, out_proj.weight, out_proj.bias, residual, adapter, *_adapter_params(adapter))
+def _add_norm_grad(dx, d_normed, x, norm, mean, rstd, ln_weight, ln_bias):
+    """dx + the norm's input gradient from d_normed, as autograd sums them (either may be None)."""
+    if d_normed is None:
+        return dx
+    normalized_shape, _ = norm
+    d_x_norm = torch.ops.aten.native_layer_norm_backward(d_normed, x, normalized_shape, mean, rstd, ln_weight,
+                                                         ln_bias, [True, False, False])[0]
+    return d_x_norm if dx is None else dx + d_x_norm
+
+
+def _frozen(module: nn.Module) -> bool:
+    return not any(p.requires_grad for p in module.parameters())
+
+
+def out_proj_adapter(out_proj: nn.Linear, heads: torch.Tensor, adapter: nn.Module, residual: torch.Tensor = None,
+                     norm: nn.Module = None):
+    """(x, norm(x) or None) for x = adapter(out_proj(merge_heads(heads)), residual=residual): heads
+    [B, H, L, hd] (attention_heads), residual [B, L, D] -> [B, L, D] each; norm: the block's ln_2, or
+    None. Where heads need a gradient (so SDPA keeps them) and out_proj is frozen, it keeps them
+    instead of the adapter's input h, and recomputes h in backward; with a frozen plain LayerNorm
+    as `norm` it also keeps the residual (the block's input, which ln_1 keeps) instead of x, and
+    recomputes x: two [N, D] activations fewer (_OutProjAdapter). Otherwise (each tower's first
+    block, inference, torch.compile's tracing) as written. adapter: a cma_model.CrossModalAdapter
+    without dropout in training."""
+    recomputes = heads.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if not (recomputes and _frozen(out_proj)):
+        x = adapter(F.linear(merge_heads(heads), out_proj.weight, out_proj.bias), residual=residual)
+        return x, None if norm is None else layer_norm(norm, x)
+    if norm is not None and (type(norm) not in (nn.LayerNorm, LayerNorm) or not _frozen(norm)):
+        x, _ = _OutProjAdapter.apply(heads, out_proj.weight, out_proj.bias, residual, None, adapter,
+                                     *_adapter_params(adapter))
+        return x, layer_norm(norm, x)
+    return _OutProjAdapter.apply(heads, out_proj.weight, out_proj.bias, residual, norm, adapter,
+                                 *_adapter_params(adapter))
 
 
 class _QuickGELU(torch.autograd.Function):
@@ -278,20 +320,22 @@ def activation(act: nn.Module, z: torch.Tensor, fused: bool = False) -> torch.Te
     return _QuickGELU.apply(z)
 
 
-def _mlp_hidden(block, x, fused=False):
-    """act(c_fc(ln_2(x))): [..., D] -> [..., mlp_width]."""
-    hidden = F.linear(layer_norm(block.ln_2, x), block.mlp.c_fc.weight, block.mlp.c_fc.bias)
+def _mlp_hidden(block, x, fused=False, normed=None):
+    """act(c_fc(ln_2(x))): [..., D] -> [..., mlp_width]; normed: ln_2(x) where the caller has it."""
+    normed = layer_norm(block.ln_2, x) if normed is None else normed
+    hidden = F.linear(normed, block.mlp.c_fc.weight, block.mlp.c_fc.bias)
     return activation(block.mlp.gelu, hidden, fused)
 
 
-def mlp(block, x: torch.Tensor, recompute: bool = False, fused: bool = False) -> torch.Tensor:
+def mlp(block, x: torch.Tensor, recompute: bool = False, fused: bool = False, normed=None) -> torch.Tensor:
     """block.mlp(block.ln_2(x)), x [..., D] -> [..., D]; recompute=True keeps only x for backward
     and recomputes the hidden activation (ln_2, c_fc, act) there; fused=True runs quick_gelu as
-    one Triton launch each way (the adapters' device)."""
+    one Triton launch each way (the adapters' device); normed: ln_2(x) where the caller has it
+    (out_proj_adapter; not with recompute, whose checkpoint starts from x)."""
     if recompute and torch.is_grad_enabled() and x.requires_grad:
         hidden = checkpoint(_mlp_hidden, block, x, fused, use_reentrant=False, preserve_rng_state=False)
     else:
-        hidden = _mlp_hidden(block, x, fused)
+        hidden = _mlp_hidden(block, x, fused, normed)
     return F.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
 
 

@@ -34,9 +34,10 @@ HELP = {
                    "off by default until a GPU benchmark shows it pays",
     "recompute_mlp": "recompute each frozen block's MLP hidden activation in backward instead of keeping it: "
                      "4 fewer [tokens, width] activations per block, one more matmul per block",
-    "recompute_out_proj": "recompute each frozen block's attention output projection in backward instead of keeping "
-                          "it (the attention adapter's input): 1 fewer [tokens, width] activation per block, one more "
-                          "[tokens, width] x [width, width] matmul per block",
+    "recompute_out_proj": "recompute each frozen block's attention output projection and attention adapter in "
+                          "backward instead of keeping their outputs: 2 fewer [tokens, width] activations per block "
+                          "(1 with --recompute-mlp), one more [tokens, width] x [width, width] matmul and adapter "
+                          "per block",
     "dataset": "msrvtt, msvd, didemo, activitynet, vatex or jsonl",
     "root": "folder with the dataset's annotation files (jsonl: a folder of {split}.jsonl files, or one .jsonl file, "
             "which is then every split)",

@@ -97,7 +97,7 @@ class TrainConfig:
     backend: str = "auto"
     compile: str = ""             # torch.compile mode for the towers ("" = eager), see cma_model.retrieval
     recompute_mlp: bool = False   # recompute each block's MLP hidden activation in backward (less memory)
-    recompute_out_proj: bool = True   # recompute each attention adapter's input in backward (less memory)
+    recompute_out_proj: bool = True   # recompute each attention adapter's input and output in backward (less memory)
     cuda_graphs: bool = False     # replay the towers' training calls as CUDA graphs (cma_model.cuda_graphs)
     # data
     dataset: str = "msrvtt"

@@ -546,9 +546,9 @@ def test_e2e_memory_only_measures_what_each_variant_keeps(tmp_path, capsys):
     assert main(["bench", "--e2e", "--smoke", "--memory-only", "--out", str(tmp_path)]) == 0
     rows = json.loads(next(tmp_path.glob("train_memory_smoke_*.json")).read_text())["rows"]
     kept = {r["variant"]: r["saved_GiB"] for r in rows}
-    assert list(kept) == ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_keep_attn_h",
+    assert list(kept) == ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_keep_attn_out",
                           "fused_recompute"]
-    assert kept["full"] > kept["ref_adapters"] > kept["fused_keep_attn_h"] > kept["fused_adapters"] > kept[
+    assert kept["full"] > kept["ref_adapters"] > kept["fused_keep_attn_out"] > kept["fused_adapters"] > kept[
         "fused_recompute"] > 0
     assert kept["floor"] > kept["floor_lean"]
     peak = {r["variant"]: r["peak_est_GiB"] for r in rows}   # what the step holds, and more: activations, gradients
@@ -570,7 +570,7 @@ def test_e2e_bench_smoke_runs_every_code_path_on_cpu(tmp_path, capsys, extra):
     assert results["autocast"] == "bf16"   # --precision auto on the CPU: as on the GPUs that have bf16
     assert results["words"] == (8 if extra else 16)   # the smoke model's context is 16
     assert variants == (["full", "fused_compile-default"] if extra else
-                        ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_keep_attn_h",
+                        ["full", "floor", "floor_lean", "ref_adapters", "fused_adapters", "fused_keep_attn_out",
                          "fused_graphs", "fused_recompute", "fused_recompute_graphs", "floor_lean_graphs"])
     assert all(r["step_ms"] > 0 for r in rows) and rows[0]["step_vs_full"] == 1.0
     assert all(r["saved_GiB"] > 0 for r in rows if "compile" not in r["variant"] and "graphs" not in r["variant"])

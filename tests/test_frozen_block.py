@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from conftest import clip_inputs, gpu_check, requires_cuda, small_clip
-from open_clip.transformer import QuickGELU, ResidualAttentionBlock
+from open_clip.transformer import LayerNormFp32, QuickGELU, ResidualAttentionBlock
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -234,7 +235,8 @@ def test_adapted_model_lean_path_matches_reference_path():
 
 
 def _adapted_clip(shared_dim, backend, dropout=0.0, text_width=48):
-    """small_clip (vision width 64) with adapters whose up-projections are not zero."""
+    """small_clip (vision width 64) with adapters whose up-projections are not zero, and norms that
+    are not the identity."""
     model = add_cross_modal_adapters(small_clip(text_width=text_width),
                                      CrossModalAdapterConfig(4, shared_dim, dropout=dropout), backend=backend)
     torch.manual_seed(2)
@@ -242,6 +244,10 @@ def _adapted_clip(shared_dim, backend, dropout=0.0, text_width=48):
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.2)
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
     return model.train()
 
 
@@ -256,21 +262,24 @@ def _embed_and_backward(model, autocast=False, device="cpu"):
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])   # PyTorch adapters on the CPU; Triton's interpreter
 @pytest.mark.parametrize("shared_dim", [0, 16, 48])      # 48: the text tower's whole width is shared
-def test_recomputed_attention_adapter_input_trains_bit_identically(backend, shared_dim):
-    """recompute_out_proj (the default) against keeping out_proj's output, fp32: the same embeddings
-    and adapter gradients bit for bit (backward recomputes h with the same matmul on the same
-    inputs). Both towers, so: the first blocks, whose input needs no gradient, the text tower's
-    causal mask, and the up-projection shared between the towers."""
+def test_recomputed_attention_output_trains_bit_identically(backend, shared_dim):
+    """recompute_out_proj (the default) against keeping out_proj's output h and the block's
+    mid-point x, fp32: the same embeddings and adapter gradients bit for bit (backward recomputes h
+    and x with the same ops on the same inputs, and sums x's two gradients as autograd does). With
+    recompute_mlp (h alone recomputed) too. Both towers, so: the first blocks, whose input needs no
+    gradient, the text tower's causal mask, and the up-projection shared between the towers."""
     recomputed = _adapted_clip(shared_dim, backend)
     kept = set_recompute(copy.deepcopy(recomputed), out_proj=False)
-    (feats, grads), (want_feats, want_grads) = _embed_and_backward(recomputed), _embed_and_backward(kept)
-    assert all(torch.equal(a, b) for a, b in zip(feats, want_feats))
-    assert grads.keys() == want_grads.keys() and len(grads) == 8 * 4 + 4 * 2   # shared: once per pair
-    for name in grads:
-        assert torch.equal(grads[name], want_grads[name]), name
+    want_feats, want_grads = _embed_and_backward(kept)
+    for model in (recomputed, set_recompute(copy.deepcopy(recomputed), mlp=True)):
+        feats, grads = _embed_and_backward(model)
+        assert all(torch.equal(a, b) for a, b in zip(feats, want_feats))
+        assert grads.keys() == want_grads.keys() and len(grads) == 8 * 4 + 4 * 2   # shared: once per pair
+        for name in grads:
+            assert torch.equal(grads[name], want_grads[name]), name
 
 
-def test_recomputed_attention_adapter_input_under_cpu_autocast():
+def test_recomputed_attention_output_under_cpu_autocast():
     """Under bf16 autocast (PyTorch adapters, d_s = 0) the same embeddings and gradients bit for
     bit. With shared tensors the shared gradients differ by bf16 rounding, and only they: kept,
     both towers' gradients of autocast's one cached bf16 copy of the shared weight are summed in
@@ -287,32 +296,76 @@ def test_recomputed_attention_adapter_input_under_cpu_autocast():
                 assert torch.equal(grads[name], want_grads[name]), name
 
 
-def test_recomputing_the_attention_adapter_input_keeps_one_activation_less_per_block():
+def test_recomputing_the_attention_output_keeps_two_activations_less_per_block():
     """Measured with autograd's hooks (fp32, fused adapters in the interpreter: they keep h alone):
-    recomputing out_proj's output keeps exactly one [tokens, width] tensor less per adapted block
-    but each tower's first (there SDPA keeps nothing, so its output would cost what h does): the
-    second vision block's 2 x 17 tokens x 64, the second text block's 2 x 16 x 48. With dropout
-    in training (PyTorch adapters) nothing is recomputed (it would draw another mask) and as much
-    is kept as with recompute off."""
+    recomputing from out_proj on keeps exactly two [tokens, width] tensors less per adapted block
+    but each tower's first (there SDPA keeps nothing, so its output would cost what h does):
+    out_proj's output h and the block's mid-point x, in the second vision block 2 x 17 tokens x 64
+    each, in the second text block 2 x 16 x 48. With recompute_mlp, whose checkpoint starts from x
+    and so keeps it, h alone. With dropout in training (PyTorch adapters) nothing is recomputed (it
+    would draw another mask) and as much is kept as with recompute off."""
     images, texts = clip_inputs()
     one_per_block = 4 * (2 * 17 * 64 + 2 * 16 * 48)
 
     def kept_bytes(model):
         return saved_activation_bytes(lambda: (model.encode_image(images), model.encode_text(texts)),
                                       model.parameters())[1]
-    for backend, dropout, less in (("triton", 0.0, one_per_block), ("auto", 0.1, 0)):
-        model = _adapted_clip(16, backend, dropout)
+    for backend, dropout, recompute_mlp, less in (("triton", 0.0, False, 2 * one_per_block),
+                                                  ("triton", 0.0, True, one_per_block), ("auto", 0.1, False, 0)):
+        model = set_recompute(_adapted_clip(16, backend, dropout), mlp=recompute_mlp)
         recomputed = kept_bytes(model)
-        assert kept_bytes(set_recompute(model, out_proj=False)) - recomputed == less, dropout
+        assert kept_bytes(set_recompute(model, out_proj=False)) - recomputed == less, (dropout, recompute_mlp)
+
+
+@pytest.mark.parametrize("norm_kind", ["frozen", "trainable", "fp32"])
+def test_out_proj_adapter_matches_its_plain_composition(norm_kind):
+    """out_proj_adapter against x = adapter(out_proj(merge_heads(heads)), residual) and norm(x) as
+    written (PyTorch adapter, d_s = 16): both outputs and the gradients of heads, residual, the
+    adapter's tensors and a trainable norm's, bit for bit. A frozen plain LayerNorm is folded into
+    the recompute (fp32); a trainable one (fp32), or open_clip's LayerNormFp32 (bf16 activations
+    under CPU autocast, where it differs from a plain norm), runs after it as written."""
+    torch.manual_seed(3)
+    batch, n_heads, length, width = 2, 4, 5, 64
+    out_proj = nn.Linear(width, width).requires_grad_(False)
+    adapter = _adapted_clip(16, "auto").visual.transformer.resblocks[1].adapter_attn
+    norm = (LayerNormFp32 if norm_kind == "fp32" else nn.LayerNorm)(width)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+        norm.bias.normal_(0.0, 0.2)
+    norm.requires_grad_(norm_kind == "trainable")
+    dtype = torch.bfloat16 if norm_kind == "fp32" else torch.float32
+    heads = torch.randn(batch, n_heads, length, width // n_heads, dtype=dtype)
+    residual = torch.randn(batch, length, width, dtype=dtype)
+    weights = torch.randn(batch, length, width), torch.randn(batch, length, width)
+
+    def run(fn):
+        inputs = heads.clone().requires_grad_(), residual.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            x, normed = fn(*inputs)
+        assert x.dtype == normed.dtype == dtype
+        params = [p for p in (*adapter.parameters(), *norm.parameters()) if p.requires_grad]
+        grads = torch.autograd.grad((x * weights[0]).sum() + (normed.sin() * weights[1]).sum(), [*inputs, *params])
+        return x, normed, grads
+
+    def written(heads, residual):
+        x = adapter(F.linear(frozen_block.merge_heads(heads), out_proj.weight, out_proj.bias), residual=residual)
+        return x, norm(x)
+    got = run(lambda heads, residual: frozen_block.out_proj_adapter(out_proj, heads, adapter, residual, norm))
+    want = run(written)
+    assert len(got[2]) == 2 + 6 + 2 * (norm_kind == "trainable")
+    for a, b in zip((*got[:2], *got[2]), (*want[:2], *want[2])):
+        assert torch.equal(a, b)
 
 
 @gpu_check
 @requires_cuda
-def test_recomputed_attention_adapter_input_on_cuda():
+def test_recomputed_attention_output_on_cuda():
     """As `cma train` runs on CUDA (fused adapters, bf16 autocast, frozen linears in bf16, flash
     attention: head widths 32 and 16): the same embeddings and adapter gradients bit for bit as
-    keeping out_proj's output, and one bf16 [tokens, width] tensor less kept per block after each
-    tower's first (SDPA lays its output out [B, L, H, hd], so its merged view costs nothing)."""
+    keeping out_proj's output, and per block after each tower's first two [tokens, width] tensors
+    less kept (SDPA lays its output out [B, L, H, hd], so its merged view costs nothing): out_proj's
+    output h in bf16 and the block's mid-point in the residual stream's dtype, bf16 in the vision
+    tower (conv1's output under autocast), fp32 in the text tower (its embeddings)."""
     recomputed = _adapted_clip(16, "auto", text_width=64).cuda()
     frozen_block.store_frozen_linears(recomputed)
     kept = set_recompute(copy.deepcopy(recomputed), out_proj=False)
@@ -326,7 +379,8 @@ def test_recomputed_attention_adapter_input_on_cuda():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return saved_activation_bytes(lambda: (model.encode_image(images), model.encode_text(texts)),
                                           model.parameters())[1]
-    assert kept_bytes(kept) - kept_bytes(recomputed) == 2 * (2 * 17 * 64 + 2 * 16 * 64)
+    h_bytes, mid_bytes = 2 * (2 * 17 * 64 + 2 * 16 * 64), 2 * 2 * 17 * 64 + 4 * 2 * 16 * 64
+    assert kept_bytes(kept) - kept_bytes(recomputed) == h_bytes + mid_bytes
 
 
 def _kept_bytes(run, block):
